@@ -1,0 +1,50 @@
+"""Dask distributed clients: a LocalCluster sized to the machine, or an existing scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    """One single-threaded worker process per usable core (decode and compression hold the GIL)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator["distributed.Client"]:  # noqa: F821
+    """Yield a connected client; a LocalCluster we started is closed on exit.
+
+    ``scheduler`` (e.g. ``tcp://10.0.0.5:8786``) joins an existing cluster:
+    ``dask scheduler`` + ``dask worker``, dask-jobqueue on SLURM, or Kubernetes.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler and workers:
+        raise ValueError("give either workers (a local cluster) or a scheduler address, not both")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if scheduler:
+        logger.info("connecting to Dask scheduler %s", scheduler)
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+        return
+    n = workers or default_workers()
+    logger.info("starting a local Dask cluster with %d worker processes", n)
+    # Threads per worker = 1: pydicom parsing and numpy on 512x512 slices hold the GIL
+    # often enough that processes scale better than threads.
+    with LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster) as client:
+        yield client

@@ -1,0 +1,262 @@
+"""Reading one DICOM slice: header fields, and pixels as Hounsfield units.
+
+Two entry points, both raising :class:`~ichprep.errors.DicomReadError`
+subclasses (never a bare ``KeyError``/``AttributeError``) that name the file:
+
+* :func:`read_header` reads the header only (no pixel decode) for the scan.
+* :func:`read_slice` reads header and pixels and returns HU as float32.
+
+HU conversion (:func:`to_hu`) is a pure function of the stored pixels and
+four header values, including the RSNA 12-bit wrap-around fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+from .errors import (
+    DicomReadError,
+    InvalidHeaderError,
+    MissingTagError,
+    NoPixelDataError,
+    NotDicomError,
+    PixelDecodeError,
+    TruncatedFileError,
+    UnsupportedImageError,
+    UnsupportedTransferSyntaxError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Pixel data elements; any of them makes an image.
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """The header fields ichkit uses, one per scan row."""
+
+    image_id: str
+    path: str
+    study_uid: str
+    series_uid: str
+    patient_id: str | None
+    sop_uid: str | None
+    modality: str | None
+    z: float | None
+    instance_number: int | None
+    rows: int | None
+    cols: int | None
+    pixel_spacing_row: float | None
+    pixel_spacing_col: float | None
+    slope: float
+    intercept: float
+    bits_stored: int | None
+    pixel_representation: int | None
+    samples_per_pixel: int
+    n_frames: int
+    transfer_syntax: str | None
+    window_center: float | None
+    window_width: float | None
+    has_pixels: bool
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+    @property
+    def wrap12(self) -> bool:
+        return needs_wrap_fix(self.bits_stored, self.pixel_representation, self.intercept)
+
+
+def image_id_of(path: str | Path) -> str:
+    """The Kaggle image id is the file name without ``.dcm`` (not a header field)."""
+    name = Path(path).name
+    return name[: -len(".dcm")] if name.lower().endswith(".dcm") else name
+
+
+def first_value(value):
+    """First item of a multi-valued element (WindowCenter is sometimes ``[40, 40]``)."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _number(value, kind=float):
+    value = first_value(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    result = kind(value)
+    if kind is float and not math.isfinite(result):
+        raise ValueError(f"non-finite number {value!r}")
+    return result
+
+
+def _text(value) -> str | None:
+    value = first_value(value)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def needs_wrap_fix(bits_stored: int | None, pixel_representation: int | None, intercept: float) -> bool:
+    """True for the RSNA slices whose 12-bit unsigned values wrap around (intercept > -100)."""
+    return bits_stored == 12 and pixel_representation == 0 and intercept > -100
+
+
+def to_hu(
+    pixels: np.ndarray,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    bits_stored: int | None = None,
+    pixel_representation: int | None = None,
+) -> np.ndarray:
+    """Stored pixel values -> Hounsfield units (float32), same shape.
+
+    HU = x * slope + intercept, where for the RSNA wrap-around slices (12 bits
+    stored, unsigned, intercept > -100) ``x = (pixels + 1000) mod 4096`` and the
+    intercept becomes -1000: those files store HU modulo 4096.
+    """
+    if needs_wrap_fix(bits_stored, pixel_representation, intercept):
+        x = pixels.astype(np.int32) + 1000
+        x[x >= 4096] -= 4096
+        intercept = -1000.0
+        hu = x.astype(np.float32)
+    else:
+        hu = pixels.astype(np.float32)  # always a copy: the caller owns the result
+    if slope != 1:
+        hu *= np.float32(slope)
+    if intercept != 0:
+        hu += np.float32(intercept)
+    return hu
+
+
+def _open(path: str | Path, stop_before_pixels: bool) -> pydicom.Dataset:
+    """dcmread with every failure mapped to a DicomReadError naming the file."""
+    try:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            # No 128-byte preamble + "DICM": a raw dataset (seen in the wild) still
+            # reads with force=True; _header() then insists on the tags we need.
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError as exc:
+        raise NotDicomError(path, "is a directory") from exc
+    except PermissionError as exc:
+        raise DicomReadError(path, f"permission denied ({exc.strerror})") from exc
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
+    except InvalidDicomError as exc:
+        raise NotDicomError(path, str(exc)) from exc
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError, OSError) as exc:
+        raise InvalidHeaderError(path, f"header does not parse: {exc}") from exc
+
+
+def _header(ds: pydicom.Dataset, path: str | Path) -> SliceHeader:
+    """Pull the fields we use out of a dataset; pydicom parses values lazily, so errors surface here."""
+    try:
+        study_uid = _text(ds.get("StudyInstanceUID"))
+        if study_uid is None:
+            if len(ds) == 0 or "SOPClassUID" not in ds and "Modality" not in ds:
+                raise NotDicomError(path, "no DICOM data elements found")
+            raise MissingTagError(path, "StudyInstanceUID is missing; slices cannot be grouped into studies")
+        position = ds.get("ImagePositionPatient")
+        z = _number(position[2]) if position is not None and len(position) >= 3 else None
+        spacing = ds.get("PixelSpacing")
+        spacing = list(spacing) if isinstance(spacing, (MultiValue, list, tuple)) else [spacing, spacing]
+        slope = _number(ds.get("RescaleSlope"))
+        intercept = _number(ds.get("RescaleIntercept"))
+        return SliceHeader(
+            image_id=image_id_of(path),
+            path=str(path),
+            study_uid=study_uid,
+            series_uid=_text(ds.get("SeriesInstanceUID")) or study_uid,
+            patient_id=_text(ds.get("PatientID")),
+            sop_uid=_text(ds.get("SOPInstanceUID")),
+            modality=_text(ds.get("Modality")),
+            z=z,
+            instance_number=_number(ds.get("InstanceNumber"), int),
+            rows=_number(ds.get("Rows"), int),
+            cols=_number(ds.get("Columns"), int),
+            pixel_spacing_row=_number(spacing[0]) if len(spacing) > 0 else None,
+            pixel_spacing_col=_number(spacing[1]) if len(spacing) > 1 else None,
+            slope=1.0 if slope is None or slope == 0 else slope,
+            intercept=0.0 if intercept is None else intercept,
+            bits_stored=_number(ds.get("BitsStored"), int),
+            pixel_representation=_number(ds.get("PixelRepresentation"), int),
+            samples_per_pixel=_number(ds.get("SamplesPerPixel"), int) or 1,
+            n_frames=_number(ds.get("NumberOfFrames"), int) or 1,
+            transfer_syntax=_text(ds.file_meta.get("TransferSyntaxUID")) if ds.get("file_meta") is not None else None,
+            window_center=_number(ds.get("WindowCenter")),
+            window_width=_number(ds.get("WindowWidth")),
+            has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+        )
+    except DicomReadError:
+        raise
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError) as exc:
+        raise InvalidHeaderError(path, f"bad header value: {exc}") from exc
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Header fields of one file, without decoding pixels."""
+    return _header(_open(path, stop_before_pixels=True), path)
+
+
+def check_slice(header: SliceHeader) -> None:
+    """Raise unless the header describes one monochrome CT frame the cache can hold."""
+    path = header.path
+    if header.modality is not None and header.modality.upper() != "CT":
+        raise UnsupportedImageError(path, f"modality {header.modality!r} is not CT")
+    if not header.has_pixels:
+        raise NoPixelDataError(path, "the file has no PixelData element")
+    if header.samples_per_pixel != 1:
+        raise UnsupportedImageError(path, f"{header.samples_per_pixel} samples per pixel (colour); a CT slice has 1")
+    if header.n_frames != 1:
+        raise UnsupportedImageError(path, f"{header.n_frames} frames; a CT slice has 1")
+    if not header.rows or not header.cols:
+        raise MissingTagError(path, "Rows/Columns are missing or zero")
+
+
+def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
+    path = header.path
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        if "plugin" in str(exc).lower() or "decod" in str(exc).lower() or isinstance(exc, NotImplementedError):
+            raise UnsupportedTransferSyntaxError(
+                path, f"cannot decode transfer syntax {header.transfer_syntax}: {exc}"
+            ) from exc
+        raise PixelDecodeError(path, str(exc)) from exc
+    except (EOFError, struct.error) as exc:
+        raise TruncatedFileError(path, f"pixel data is truncated ({exc})") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
+        message = str(exc)
+        if "less than expected" in message or "truncat" in message or "insufficient" in message.lower():
+            raise TruncatedFileError(path, f"pixel data is truncated: {message}") from exc
+        raise PixelDecodeError(path, message) from exc
+    if pixels.shape != (header.rows, header.cols):
+        raise UnsupportedImageError(path, f"decoded pixels have shape {pixels.shape}, expected ({header.rows}, {header.cols})")
+    return pixels
+
+
+def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
+    """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice."""
+    ds = _open(path, stop_before_pixels=False)
+    header = _header(ds, path)
+    check_slice(header)
+    pixels = _decode(ds, header)
+    hu = to_hu(pixels, header.slope, header.intercept, header.bits_stored, header.pixel_representation)
+    return header, hu

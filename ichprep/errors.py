@@ -1,0 +1,68 @@
+"""Errors raised by ichprep.
+
+Every error subclasses :class:`IchprepError` and a built-in (``ValueError``,
+``FileNotFoundError``, ...) so callers can catch either the package's own
+type or the usual Python one.  Errors about one DICOM file carry the file
+and a short machine-readable ``reason`` that ends up in ``rejected.csv``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class IchprepError(Exception):
+    """Base class of every error ichprep raises on purpose."""
+
+
+class DicomReadError(IchprepError, ValueError):
+    """A DICOM file could not be read; ``reason`` says why in one word."""
+
+    reason = "unreadable"
+
+    def __init__(self, path: str | Path, detail: str):
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {self.reason}: {detail}")
+
+
+class NotDicomError(DicomReadError):
+    reason = "not_dicom"
+
+
+class TruncatedFileError(DicomReadError):
+    reason = "truncated"
+
+
+class MissingTagError(DicomReadError):
+    reason = "missing_tag"
+
+
+class InvalidHeaderError(DicomReadError):
+    reason = "bad_header"
+
+
+class NoPixelDataError(DicomReadError):
+    reason = "no_pixel_data"
+
+
+class UnsupportedImageError(DicomReadError):
+    """The pixels are not one monochrome frame (RGB, multi-frame, ...)."""
+
+    reason = "unsupported_image"
+
+
+class UnsupportedTransferSyntaxError(DicomReadError):
+    reason = "unsupported_syntax"
+
+
+class PixelDecodeError(DicomReadError):
+    reason = "pixel_decode"
+
+
+class LabelsError(IchprepError, ValueError):
+    """The label CSV is malformed; the message names the line."""
+
+
+class WindowSpecError(IchprepError, ValueError):
+    """A ``--window`` value is neither a preset name nor NAME:CENTER:WIDTH."""

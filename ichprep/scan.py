@@ -1,0 +1,198 @@
+"""Header scan: one row per DICOM file, read in parallel, in the order the cache is written.
+
+The scan never stops on a bad file: a file whose header cannot be read, or
+that is not a single-frame CT slice, stays in the table with ``status`` set
+to the reason (``not_dicom``, ``truncated``, ...) and the message in
+``error``; ``status == "ok"`` rows are the ones the converter writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+
+from .dicomio import SliceHeader, check_slice, image_id_of, read_header
+from .errors import DicomReadError
+from .labels import LABELS, read_labels
+
+logger = logging.getLogger(__name__)
+
+OK = "ok"
+_HEADER_COLUMNS = [f.name for f in fields(SliceHeader)]
+#: pandas dtypes of the scan table (nullable, so a table of failures keeps its schema).
+SCAN_DTYPES: dict[str, str] = {
+    **{name: "string" for name in ("image_id", "path", "study_uid", "series_uid", "patient_id", "sop_uid",
+                                   "modality", "transfer_syntax", "status", "error", "order_by")},
+    **{name: "Float64" for name in ("z", "pixel_spacing_row", "pixel_spacing_col", "slope", "intercept",
+                                    "window_center", "window_width")},
+    **{name: "Int64" for name in ("instance_number", "rows", "cols", "bits_stored", "pixel_representation",
+                                  "samples_per_pixel", "n_frames", "file_size")},
+    "has_pixels": "boolean",
+    **{name: "Int8" for name in LABELS},
+}
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    n_files: int
+    n_ok: int
+    n_studies: int
+    n_patients: int
+    n_labelled: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    labels_without_file: int = 0
+
+    @property
+    def n_rejected(self) -> int:
+        return self.n_files - self.n_ok
+
+
+def list_dicom_files(root: str | Path) -> list[str]:
+    """Every ``*.dcm`` file under ``root`` (recursive, sorted; symlinked folders are not followed, so loops cannot hang us)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {root} does not exist or is not a folder")
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs.sort()
+        found.extend(os.path.join(folder, f) for f in files if f.lower().endswith(".dcm"))
+    return sorted(found)
+
+
+def scan_file(path: str) -> dict:
+    """One scan row; errors become a status instead of an exception."""
+    try:
+        header = read_header(path)
+        check_slice(header)
+        row = header.to_row()
+        row.update(status=OK, error=None)
+    except DicomReadError as exc:
+        row = {"image_id": image_id_of(path), "path": str(path), "status": exc.reason, "error": exc.detail}
+        try:  # an otherwise readable header that we reject (e.g. MR) keeps its fields for the report
+            row = {**read_header(path).to_row(), **row}
+        except DicomReadError:
+            pass
+    except FileNotFoundError as exc:
+        row = {"image_id": image_id_of(path), "path": str(path), "status": "missing", "error": str(exc)}
+    try:
+        row["file_size"] = os.stat(path).st_size
+    except OSError:
+        row["file_size"] = None
+    return row
+
+
+def scan_files(paths: list[str]) -> pd.DataFrame:
+    """Scan a batch of files (one Dask task)."""
+    return to_frame([scan_file(p) for p in paths])
+
+
+def to_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for name, dtype in SCAN_DTYPES.items():
+        if name not in frame:
+            frame[name] = None
+    return frame[list(SCAN_DTYPES)].astype(SCAN_DTYPES)
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def order_slices(table: pd.DataFrame) -> pd.DataFrame:
+    """Readable slices grouped by study, each study by z ascending (ties by InstanceNumber, then id).
+
+    A study where any slice lacks ImagePositionPatient is ordered by
+    InstanceNumber instead, and its rows say so in ``order_by``.  Rows with a
+    non-ok status follow, by path.  The index is reset: row i is slot i.
+    """
+    table = table.copy()
+    ok = table["status"] == OK
+    good = table[ok]
+    all_z = good["z"].notna().groupby(good["study_uid"]).transform("all")
+    table.loc[ok, "order_by"] = all_z.map({True: "z", False: "instance_number"}).astype("string")
+    key = good["z"].where(all_z, good["instance_number"].astype("Float64"))
+    good = good.assign(_key=key)
+    good = good.sort_values(["study_uid", "_key", "instance_number", "image_id"], na_position="last", kind="stable")
+    good = table.loc[good.index]
+    bad = table[~ok].sort_values("path", kind="stable")
+    return pd.concat([good, bad]).reset_index(drop=True)
+
+
+def attach_labels(table: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd.DataFrame, int]:
+    """Fill the six label columns from a label table; returns the count of labelled ids with no file."""
+    if labels is None:
+        return table, 0
+    joined = labels.reindex(table["image_id"].astype(str))
+    for name in LABELS:
+        table[name] = joined[name].to_numpy()
+    table = table.astype({name: "Int8" for name in LABELS})
+    missing = int((~labels.index.isin(table["image_id"].astype(str))).sum())
+    return table, missing
+
+
+def summarize(table: pd.DataFrame, labels_without_file: int = 0) -> ScanSummary:
+    ok = table[table["status"] == OK]
+    rejected = Counter(table.loc[table["status"] != OK, "status"].astype(str))
+    return ScanSummary(
+        n_files=len(table),
+        n_ok=len(ok),
+        n_studies=int(ok["study_uid"].nunique()),
+        n_patients=int(ok["patient_id"].fillna(ok["study_uid"]).nunique()),
+        n_labelled=int(ok["any"].notna().sum()),
+        rejected=dict(sorted(rejected.items())),
+        labels_without_file=labels_without_file,
+    )
+
+
+def scan(
+    dicom_dir: str | Path,
+    labels_csv: str | Path | None = None,
+    client=None,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pd.DataFrame, ScanSummary]:
+    """Scan every DICOM under ``dicom_dir``; returns the ordered table and a summary.
+
+    With a Dask ``client`` the headers are read on its workers in batches of
+    ``batch_size`` files (retried if a worker dies); without one, in this process.
+    The label CSV is parsed first so a bad CSV fails before the long part.
+    """
+    labels = read_labels(labels_csv) if labels_csv is not None else None
+    paths = list_dicom_files(dicom_dir)
+    logger.info("scanning %d files under %s", len(paths), dicom_dir)
+    parts = []
+    if client is None:
+        for batch in _batches(paths, batch_size):
+            parts.append(scan_files(batch))
+            if progress:
+                progress(len(batch))
+    else:
+        from distributed import as_completed
+
+        batches = list(_batches(paths, batch_size))
+        futures = client.map(scan_files, batches, retries=3, pure=False)
+        sizes = {f.key: len(b) for f, b in zip(futures, batches)}
+        for future in as_completed(futures):
+            parts.append(future.result())
+            if progress:
+                progress(sizes[future.key])
+    table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
+    table, labels_without_file = attach_labels(table, labels)
+    table = order_slices(table)
+    return table, summarize(table, labels_without_file)
+
+
+def read_scan(path: str | Path) -> pd.DataFrame:
+    return to_frame(pd.read_parquet(path))
+
+
+def write_scan(table: pd.DataFrame, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(path, index=False)

@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import (
     DicomReadError,
@@ -140,15 +141,40 @@ def to_hu(
     return hu
 
 
-def _open(path: str | Path, stop_before_pixels: bool) -> pydicom.Dataset:
-    """dcmread with every failure mapped to a DicomReadError naming the file."""
+#: Little-endian tags of the pixel data elements, as they appear in the file.
+_PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+
+
+def _dcmread(fp, stop_before_pixels: bool) -> pydicom.Dataset:
     try:
-        try:
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-        except InvalidDicomError:
-            # No 128-byte preamble + "DICM": a raw dataset (seen in the wild) still
-            # reads with force=True; _header() then insists on the tags we need.
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # No 128-byte preamble + "DICM": a raw dataset (seen in the wild) still
+        # reads with force=True; _header() then insists on the tags we need.
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            # pydicom detected the encoding while parsing; record it so pixels can decode.
+            implicit, little = ds.original_encoding
+            if little:
+                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        return ds
+
+
+def _open(path: str | Path, stop_before_pixels: bool) -> tuple[pydicom.Dataset, bool]:
+    """dcmread with every failure mapped to a DicomReadError naming the file.
+
+    Returns the dataset and whether the file holds a pixel data element (a
+    header-only read stops just before it, so we peek at the next tag).
+    """
+    try:
+        with open(path, "rb") as fp:
+            ds = _dcmread(fp, stop_before_pixels)
+            if stop_before_pixels:
+                has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
+            else:
+                has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+            return ds, has_pixels
     except FileNotFoundError:
         raise
     except IsADirectoryError as exc:
@@ -163,11 +189,13 @@ def _open(path: str | Path, stop_before_pixels: bool) -> pydicom.Dataset:
         raise InvalidHeaderError(path, f"header does not parse: {exc}") from exc
 
 
-def _header(ds: pydicom.Dataset, path: str | Path) -> SliceHeader:
+def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHeader:
     """Pull the fields we use out of a dataset; pydicom parses values lazily, so errors surface here."""
     try:
         study_uid = _text(ds.get("StudyInstanceUID"))
         if study_uid is None:
+            if len(ds) == 0 and ds.get("file_meta") is not None and len(ds.file_meta):
+                raise TruncatedFileError(path, "file ends right after its file meta information")
             if len(ds) == 0 or "SOPClassUID" not in ds and "Modality" not in ds:
                 raise NotDicomError(path, "no DICOM data elements found")
             raise MissingTagError(path, "StudyInstanceUID is missing; slices cannot be grouped into studies")
@@ -200,11 +228,12 @@ def _header(ds: pydicom.Dataset, path: str | Path) -> SliceHeader:
             transfer_syntax=_text(ds.file_meta.get("TransferSyntaxUID")) if ds.get("file_meta") is not None else None,
             window_center=_number(ds.get("WindowCenter")),
             window_width=_number(ds.get("WindowWidth")),
-            has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+            has_pixels=has_pixels,
         )
     except DicomReadError:
         raise
-    except (EOFError, struct.error) as exc:
+    except (EOFError, struct.error, OSError) as exc:
+        # pydicom parses values lazily; a value cut off by the end of the file fails here.
         raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError) as exc:
         raise InvalidHeaderError(path, f"bad header value: {exc}") from exc
@@ -212,7 +241,7 @@ def _header(ds: pydicom.Dataset, path: str | Path) -> SliceHeader:
 
 def read_header(path: str | Path) -> SliceHeader:
     """Header fields of one file, without decoding pixels."""
-    return _header(_open(path, stop_before_pixels=True), path)
+    return _header(*_open(path, stop_before_pixels=True), path)
 
 
 def check_slice(header: SliceHeader) -> None:
@@ -254,8 +283,8 @@ def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
 
 def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
     """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice."""
-    ds = _open(path, stop_before_pixels=False)
-    header = _header(ds, path)
+    ds, has_pixels = _open(path, stop_before_pixels=False)
+    header = _header(ds, has_pixels, path)
     check_slice(header)
     pixels = _decode(ds, header)
     hu = to_hu(pixels, header.slope, header.intercept, header.bits_stored, header.pixel_representation)

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from conftest import pydicom_file
+from ichprep import errors
+from ichprep.dicomio import first_value, needs_wrap_fix, read_header, read_slice, to_hu
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm"])
+def test_hu_matches_pydicom_modality_lut(name):
+    path = pydicom_file(name)
+    header, hu = read_slice(path)
+    ds = pydicom.dcmread(path)
+    expected = apply_modality_lut(ds.pixel_array, ds)
+    assert hu.dtype == np.float32
+    assert hu.shape == (ds.Rows, ds.Columns)
+    np.testing.assert_array_equal(hu, expected.astype(np.float32))
+    assert header.study_uid == ds.StudyInstanceUID
+    assert header.z == pytest.approx(float(ds.ImagePositionPatient[2]))
+
+
+def test_jpeg2000_decodes_with_plugins():
+    header, hu = read_slice(pydicom_file("693_J2KI.dcm"))
+    assert header.transfer_syntax == "1.2.840.10008.1.2.4.91"
+    assert hu.shape == (512, 512)
+    assert hu.std() > 10  # real anatomy, not a blank frame
+
+
+def test_header_read_does_not_decode_pixels(monkeypatch):
+    path = pydicom_file("CT_small.dcm")
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("decoded pixels")))
+    header = read_header(path)
+    assert header.rows == 128 and header.cols == 128
+    assert header.has_pixels
+    assert header.image_id == "CT_small"
+
+
+def test_to_hu_slope_intercept():
+    pixels = np.array([[0, 1000], [2000, 24]], dtype=np.uint16)
+    hu = to_hu(pixels, slope=2.0, intercept=-1024.0, bits_stored=16, pixel_representation=0)
+    np.testing.assert_array_equal(hu, [[-1024, 976], [2976, -976]])
+
+
+def test_to_hu_wrap_around_fix():
+    # HU stored modulo 4096 in 12 unsigned bits with intercept 0: air -1000 is stored as 3096.
+    true_hu = np.array([[-1000, -5], [40, 1500]], dtype=np.int32)
+    stored = (true_hu % 4096).astype(np.uint16)
+    assert needs_wrap_fix(12, 0, 0.0)
+    hu = to_hu(stored, slope=1.0, intercept=0.0, bits_stored=12, pixel_representation=0)
+    np.testing.assert_array_equal(hu, true_hu)
+    # Without the quirk's signature (intercept -1024) the plain formula applies.
+    assert not needs_wrap_fix(12, 0, -1024.0)
+    assert not needs_wrap_fix(16, 0, 0.0)
+    assert not needs_wrap_fix(12, 1, 0.0)
+
+
+def _rewrite(tmp_path, name="quirk.dcm", **changes):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    pixels = changes.pop("pixels", None)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if pixels is not None:
+        ds.PixelData = pixels.tobytes()
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def test_wrap_around_slice_read_end_to_end(tmp_path):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    true_hu = np.clip(apply_modality_lut(ds.pixel_array, ds), -1000, 3095).astype(np.int32)
+    stored = (true_hu % 4096).astype(np.uint16)
+    path, _ = _rewrite(tmp_path, BitsStored=12, HighBit=11, PixelRepresentation=0, RescaleIntercept=0, pixels=stored)
+    header, hu = read_slice(path)
+    assert header.wrap12
+    np.testing.assert_array_equal(hu, true_hu)
+
+
+def test_multivalued_window_takes_first(tmp_path):
+    path, _ = _rewrite(tmp_path, WindowCenter=[36, 40], WindowWidth=[80, 120])
+    header = read_header(path)
+    assert header.window_center == 36 and header.window_width == 80
+    assert first_value(pydicom.dcmread(path).WindowCenter) == 36
+
+
+def test_truncated_pixel_data(tmp_path):
+    src = pydicom_file("CT_small.dcm")
+    path = tmp_path / "truncated.dcm"
+    data = src.read_bytes()
+    path.write_bytes(data[: len(data) - 5000])
+    assert read_header(path).study_uid  # the header still reads
+    with pytest.raises(errors.TruncatedFileError) as info:
+        read_slice(path)
+    assert info.value.reason == "truncated"
+    assert str(path) in str(info.value)
+
+
+def test_truncated_header(tmp_path):
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(pydicom_file("CT_small.dcm").read_bytes()[:300])
+    with pytest.raises(errors.DicomReadError) as info:
+        read_header(path)
+    assert info.value.reason in {"truncated", "missing_tag", "bad_header"}
+    assert str(path) in str(info.value)
+
+
+def test_not_dicom(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("this is a text file, not a DICOM\n" * 20)
+    with pytest.raises(errors.NotDicomError) as info:
+        read_header(path)
+    assert isinstance(info.value, ValueError)  # catchable as a built-in too
+    assert "not_dicom" in str(info.value) and str(path) in str(info.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    with pytest.raises(errors.DicomReadError):
+        read_header(path)
+
+
+def test_missing_pixel_data(tmp_path):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.PixelData
+    path = tmp_path / "nopixels.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert not read_header(path).has_pixels
+    with pytest.raises(errors.NoPixelDataError, match="no PixelData"):
+        read_slice(path)
+
+
+def test_non_ct_modality_rejected():
+    with pytest.raises(errors.UnsupportedImageError, match="modality 'MR'"):
+        read_slice(pydicom_file("MR_small.dcm"))
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_header(tmp_path / "nope.dcm")
+
+
+def test_no_preamble_still_reads(tmp_path):
+    # A raw dataset without the 128-byte preamble + DICM is still DICOM.
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.preamble = None
+    del ds.file_meta
+    path = tmp_path / "raw.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    header, hu = read_slice(path)
+    assert header.study_uid == ds.StudyInstanceUID and hu.shape == (128, 128)

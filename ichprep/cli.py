@@ -95,3 +95,101 @@ def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | 
     if summary.labels_without_file:
         click.echo(f"  {summary.labels_without_file} labelled ids have no file")
     click.echo(f"wrote {output}")
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+@main.command()
+@click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Kaggle label CSV (ID,Label).")
+@click.option("-o", "--output", "store", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Zarr store to write (a folder, e.g. cache.zarr).")
+@click.option("--scan", "scan_parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Use this `ichprep scan` table instead of scanning headers again.")
+@click.option("--size", type=click.IntRange(16, 2048), default=256, show_default=True,
+              help="Side of the square cached image, pixels.")
+@click.option("--window", "windows", multiple=True, metavar="NAME|NAME:CENTER:WIDTH",
+              help="A channel: preset brain, subdural, soft, bone, or a custom window. Repeat for each channel "
+                   "[default: brain, subdural, soft].")
+@click.option("--shard-slices", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Slices per shard file (the unit of writing and of streaming).")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc-lz4"]), default="zstd", show_default=True)
+@click.option("--compression-level", type=click.IntRange(1, 22), default=3, show_default=True)
+@cluster_options
+@click.option("--overwrite", is_flag=True, help="Replace a store made with other inputs or options.")
+@click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the manifest here, e.g. data_manifests/rsna-256.json.")
+def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_slices, compressor, compression_level,
+            workers, scheduler, overwrite, manifest_out) -> None:
+    """Convert every DICOM slice under DICOM_DIR into one sharded Zarr v3 store.
+
+    Rerunning the same command after an interruption resumes: completed shards
+    are verified and skipped.
+    """
+    from .cluster import dask_client
+    from .convert import convert as run_convert
+    from .manifest import write_manifest
+    from .scan import read_scan
+    from .spec import PreprocessSpec
+    from .windows import parse_windows
+
+    if workers and scheduler:
+        raise click.UsageError("give --workers or --scheduler, not both")
+    try:
+        spec = PreprocessSpec(windows=parse_windows(windows), size=size, shard_slices=shard_slices,
+                              compressor=compressor, compression_level=compression_level)
+        scan_table = read_scan(scan_parquet) if scan_parquet else None
+        with dask_client(workers, scheduler) as client:
+            if scan_table is None:
+                from .scan import list_dicom_files, scan as run_scan
+
+                with _bar(len(list_dicom_files(dicom_dir)), "file", "scan") as progress:
+                    scan_table, _ = run_scan(dicom_dir, labels_csv, client=client, progress=progress)
+            n = int((scan_table["status"] == "ok").sum())
+            with _bar(n, "slice", "convert") as progress:
+                summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
+                                      client=client, overwrite=overwrite, progress=progress)
+        if manifest_out:
+            write_manifest(store, summary.manifest, extra_copy=manifest_out)
+    except (IchprepError, OSError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {summary.store}")
+    click.echo(f"  slices written   {summary.n_slices} in {summary.n_studies} studies, {summary.n_shards} shards"
+               + (f" ({summary.shards_skipped} already done, verified and skipped)" if summary.shards_skipped else ""))
+    click.echo(f"  rejected         {summary.n_rejected}"
+               + "".join(f"\n    {reason}: {count}" for reason, count in summary.rejected.items()))
+    click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
+    click.echo(f"  size on disk     {_human(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
+               f"({_human(summary.source_bytes)})")
+    if summary.n_rejected:
+        click.echo(f"  rejected files are listed in {summary.store / 'rejected.csv'}")
+    if manifest_out:
+        click.echo(f"  manifest also written to {manifest_out}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Check against this manifest (e.g. data_manifests/NAME.json) instead of STORE/manifest.json.")
+def verify(store: Path, manifest_path: Path | None) -> None:
+    """Recompute every checksum of STORE and check its tables; exit 1 listing every problem."""
+    from .manifest import verify_store
+
+    try:
+        report = verify_store(store, manifest_path)
+    except IchprepError as exc:
+        _fail(exc)
+    if report.ok:
+        click.echo(f"OK: {report.files_checked} files, {_human(report.bytes_checked)} match the manifest")
+        return
+    click.echo(f"FAILED: {len(report.problems)} problem(s) in {store}", err=True)
+    for problem in report.problems:
+        click.echo(f"  {problem}", err=True)
+    raise SystemExit(1)

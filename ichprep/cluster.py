@@ -27,6 +27,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     """
     from distributed import Client, LocalCluster
 
+    # distributed logs every worker start/stop at INFO; keep our output readable unless asked (-vv).
+    if not logging.getLogger("ichprep").isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler and workers:
         raise ValueError("give either workers (a local cluster) or a scheduler address, not both")
     if workers is not None and workers < 1:

@@ -66,3 +66,15 @@ class LabelsError(IchprepError, ValueError):
 
 class WindowSpecError(IchprepError, ValueError):
     """A ``--window`` value is neither a preset name nor NAME:CENTER:WIDTH."""
+
+
+class StoreError(IchprepError, ValueError):
+    """A path is not an ichkit store, or the store is incomplete or inconsistent."""
+
+
+class StoreExistsError(IchprepError, FileExistsError):
+    """The output store exists and was made with other inputs or options."""
+
+
+class StoreLockedError(IchprepError, RuntimeError):
+    """Another converter is writing this store right now."""

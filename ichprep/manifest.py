@@ -1,0 +1,178 @@
+"""``manifest.json``: checksums of every file of a store, and ``verify``.
+
+The manifest holds the preprocessing spec, counts, a digest of the source
+file list and the sha256 + size of every shard file, of the Zarr metadata
+and of the tables.  It contains no timestamps or worker counts, so the same
+inputs and options give a byte-identical manifest.  A collaborator who
+receives a copy of a store runs ``ichprep verify STORE --manifest FILE``
+against the manifest published in ``data_manifests/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from .errors import StoreError
+from .scan import OK
+from .store import ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, open_store, sha256_file, write_json_atomic
+
+MANIFEST_FORMAT = "ichkit-manifest/1"
+_TABLES = ("zarr.json", f"{IMAGES}/zarr.json", SLICES, STUDIES, REJECTED)
+
+
+def _entry(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def source_digest(table: pd.DataFrame) -> str:
+    """sha256 over 'relative path<TAB>size' of every scanned file, in scan order."""
+    listing = "\n".join(f"{p}\t{s}" for p, s in zip(table["path"].astype(str), table["file_size"].fillna(-1)))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame) -> dict:
+    """Manifest of a finished store; ``table`` is the whole scan (paths relative to the DICOM folder)."""
+    files = {}
+    for result in sorted(shard_results, key=lambda r: r["index"]):
+        if result["sha256"] is not None:
+            files[f"{IMAGES}/c/{result['index']}/0/0/0"] = {"sha256": result["sha256"], "size": result["size"]}
+    for name in _TABLES:
+        files[name] = _entry(root / name)
+    attrs = json.loads((root / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    slices = pd.read_parquet(root / SLICES, columns=["ok", "patient_id", "study_uid"])
+    return {
+        "format": MANIFEST_FORMAT,
+        "spec": attrs,
+        "counts": {
+            "slices": len(slices),
+            "slices_ok": int(slices["ok"].sum()),
+            "pixel_failures": int((~slices["ok"]).sum()),
+            "header_failures": int((table["status"] != OK).sum()),
+            "studies": int(slices["study_uid"].nunique()),
+            "patients": int(slices["patient_id"].fillna(slices["study_uid"]).nunique()),
+            "shards": len(shard_results),
+            "store_bytes": sum(f["size"] for f in files.values()),
+        },
+        "source": {
+            "n_files": len(table),
+            "bytes": int(table["file_size"].fillna(0).sum()),
+            "sha256": source_digest(table),
+        },
+        "files": files,
+    }
+
+
+def write_manifest(root: Path, manifest: dict, extra_copy: str | Path | None = None) -> None:
+    write_json_atomic(root / MANIFEST, manifest)
+    if extra_copy is not None:
+        Path(extra_copy).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(extra_copy), manifest)
+
+
+def load_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"manifest {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"manifest {path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise StoreError(f"{path} is not an ichkit manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    kind: str  # missing | truncated | size | altered | unlisted | unsafe_path | table
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:10s} {self.path}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    root: Path
+    files_checked: int
+    bytes_checked: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _safe_relative(name: str) -> bool:
+    """Manifest paths must stay inside the store: relative, no '..', no backslashes."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+def _check_files(root: Path, files: dict) -> tuple[list[Problem], int, int]:
+    problems, checked, nbytes = [], 0, 0
+    for name, expected in sorted(files.items()):
+        if not _safe_relative(name):
+            problems.append(Problem(name, "unsafe_path", "manifest names a path outside the store; refusing"))
+            continue
+        path = root / name
+        if not path.is_file():
+            problems.append(Problem(name, "missing", "file not found"))
+            continue
+        size = path.stat().st_size
+        checked, nbytes = checked + 1, nbytes + size
+        if size < expected["size"]:
+            problems.append(Problem(name, "truncated", f"{size} bytes, expected {expected['size']}"))
+        elif size != expected["size"]:
+            problems.append(Problem(name, "size", f"{size} bytes, expected {expected['size']}"))
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(Problem(name, "altered", "sha256 differs from the manifest"))
+    shard_dir = root / IMAGES / "c"
+    if shard_dir.is_dir():
+        for path in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(root).as_posix()
+            if name not in files:
+                problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
+    return problems, checked, nbytes
+
+
+def _check_tables(root: Path, manifest: dict) -> list[Problem]:
+    try:
+        store = open_store(root)
+    except (StoreError, OSError, KeyError, ValueError) as exc:
+        return [Problem(str(root), "table", f"store does not open: {exc}")]
+    problems = []
+    slices, studies, n = store.slices, store.studies, store.images.shape[0]
+    if len(slices) != manifest["counts"]["slices"]:
+        problems.append(Problem(SLICES, "table", f"{len(slices)} rows, manifest says {manifest['counts']['slices']}"))
+    covered = (studies.sort_values("start")[["start", "stop"]]).to_numpy()
+    if len(covered) and (covered[0, 0] != 0 or covered[-1, 1] != n or (covered[1:, 0] != covered[:-1, 1]).any()):
+        problems.append(Problem(STUDIES, "table", "study ranges do not tile images[0:N] contiguously"))
+    for row in studies.itertuples():
+        run = slices.iloc[row.start : row.stop]
+        if (run["study_uid"] != row.study_uid).any():
+            problems.append(Problem(STUDIES, "table", f"study {row.study_uid} rows {row.start}:{row.stop} mix studies"))
+            break
+        by_z = run["order_by"].eq("z").all()
+        if by_z and not run["z"].is_monotonic_increasing:
+            problems.append(Problem(SLICES, "table", f"study {row.study_uid} is not sorted by z"))
+            break
+    return problems
+
+
+def verify_store(root: str | Path, manifest_path: str | Path | None = None) -> VerifyReport:
+    """Recompute every checksum of the manifest and check the tables against the array."""
+    root = Path(root)
+    manifest = load_manifest(manifest_path or root / MANIFEST)
+    problems, checked, nbytes = _check_files(root, manifest["files"])
+    if not any(p.kind in {"unsafe_path"} for p in problems) and all(
+        p.path not in (SLICES, STUDIES, "zarr.json", f"{IMAGES}/zarr.json") for p in problems
+    ):
+        problems += _check_tables(root, manifest)
+    return VerifyReport(root, checked, nbytes, problems)

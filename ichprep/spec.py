@@ -1,0 +1,119 @@
+"""The preprocessing spec: everything that decides the bytes of a cached slice.
+
+It is stored in the Zarr group's attributes (key ``ichkit``) so the trainer
+and ``predict`` apply exactly what the converter applied; nobody re-types
+window values.  Two specs are compatible when their :meth:`PreprocessSpec.key`
+matches (library versions are recorded but not compared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+
+from .windows import DEFAULT_WINDOWS, Window, preprocess
+
+FORMAT_VERSION = 1
+COMPRESSORS = ("zstd", "blosc-lz4")
+#: The steps from stored pixels to cached bytes, in order (recorded in the store).
+PIPELINE = (
+    "decode pixels (pydicom, all transfer syntaxes with pylibjpeg plugins)",
+    "to HU: x * RescaleSlope + RescaleIntercept, float32",
+    "pad non-square images to a centred square with -1000 HU (air)",
+    "resize HU to size x size with OpenCV INTER_AREA",
+    "window each channel: uint8 = clip(floor((hu - (center - width/2)) * 255 / width + 0.5), 0, 255)",
+)
+QUIRK_FIXES = (
+    "rsna_12bit_wraparound: BitsStored 12, PixelRepresentation 0, RescaleIntercept > -100 -> "
+    "x = pixels + 1000; x[x >= 4096] -= 4096; intercept = -1000",
+    "multi-valued WindowCenter/WindowWidth: first value (header windows are recorded, never used for channels)",
+    "slices ordered by ImagePositionPatient[2] within a study, InstanceNumber where a study lacks it",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("ichkit", "pydicom", "numpy", "opencv-python-headless", "zarr", "numcodecs"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    windows: tuple[Window, ...] = DEFAULT_WINDOWS
+    size: int = 256
+    shard_slices: int = 64
+    compressor: str = "zstd"
+    compression_level: int = 3
+    versions: dict = field(default_factory=library_versions, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ValueError("at least one window is needed")
+        if not 16 <= self.size <= 2048:
+            raise ValueError(f"size must be between 16 and 2048 pixels, got {self.size}")
+        if not 1 <= self.shard_slices <= 4096:
+            raise ValueError(f"shard_slices must be between 1 and 4096, got {self.shard_slices}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"unknown compressor {self.compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def apply(self, hu: np.ndarray) -> np.ndarray:
+        """HU image -> the (C, size, size) uint8 image this spec caches."""
+        return preprocess(hu, self.windows, self.size)
+
+    def key(self) -> dict:
+        """The fields that decide the image bytes a model sees."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "windows": [w.to_dict() for w in self.windows],
+            "size": self.size,
+            "interpolation": "INTER_AREA",
+            "pipeline": list(PIPELINE),
+            "quirk_fixes": list(QUIRK_FIXES),
+        }
+
+    def to_attrs(self) -> dict:
+        return {
+            **self.key(),
+            "layout": {
+                "array": "images",
+                "axes": ["slice", "channel", "y", "x"],
+                "chunk_slices": 1,
+                "shard_slices": self.shard_slices,
+                "compressor": self.compressor,
+                "compression_level": self.compression_level,
+            },
+            "versions": dict(self.versions),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "PreprocessSpec":
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"store format version {attrs.get('format_version')!r} is not {FORMAT_VERSION}; "
+                "reconvert with this ichkit version"
+            )
+        layout = attrs["layout"]
+        return cls(
+            windows=tuple(Window(**w) for w in attrs["windows"]),
+            size=int(attrs["size"]),
+            shard_slices=int(layout["shard_slices"]),
+            compressor=layout["compressor"],
+            compression_level=int(layout["compression_level"]),
+            versions=dict(attrs.get("versions", {})),
+        )
+
+    def describe_mismatch(self, other: "PreprocessSpec") -> str | None:
+        """None when compatible, else which fields differ (for error messages)."""
+        mine, theirs = self.key(), other.key()
+        diffs = [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
+        return "; ".join(diffs) or None

@@ -1,0 +1,144 @@
+"""The cache layout: one Zarr v3 group plus tables, a contract shared by ichprep and ichtrain.
+
+::
+
+    STORE/
+      zarr.json            group; attributes["ichkit"] = the preprocessing spec
+      images/              uint8 (N, C, H, W); chunk = 1 slice, shard = shard_slices slices
+      slices.parquet       row i describes images[i]
+      studies.parquet      one row per study: [start, stop) rows of images
+      rejected.csv         every file left out or zero-filled, with the reason
+      manifest.json        sha256 + size of every file above (written last)
+      .ichprep/            conversion state (run identity, per-shard completion markers, lock)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .errors import StoreError
+from .labels import LABELS
+from .spec import PreprocessSpec
+
+ATTRS_KEY = "ichkit"
+IMAGES = "images"
+SLICES = "slices.parquet"
+STUDIES = "studies.parquet"
+REJECTED = "rejected.csv"
+MANIFEST = "manifest.json"
+STATE = ".ichprep"
+
+#: Columns of slices.parquet, in order.
+SLICE_COLUMNS = ["image_id", "study_uid", "series_uid", "patient_id", "z", "instance_number", "order_by",
+                 *LABELS, "ok", "error", "path", "rows", "cols"]
+
+
+def compressor(spec: PreprocessSpec):
+    if spec.compressor == "zstd":
+        return ZstdCodec(level=spec.compression_level)
+    # Byte shuffle does nothing for uint8; lz4 at its default is the fast, larger option.
+    return BloscCodec(cname="lz4", clevel=spec.compression_level, shuffle="noshuffle")
+
+
+def create_images(root: Path, n_slices: int, spec: PreprocessSpec) -> zarr.Array:
+    group = zarr.open_group(str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()})
+    shape = (n_slices, spec.channels, spec.size, spec.size)
+    return group.create_array(
+        IMAGES,
+        shape=shape,
+        chunks=(1,) + shape[1:],
+        shards=(spec.shard_slices,) + shape[1:],
+        dtype="uint8",
+        fill_value=0,
+        compressors=compressor(spec),
+    )
+
+
+def shard_path(index: int) -> str:
+    """Relative path of shard ``index`` (default v3 chunk key encoding, '/' separator)."""
+    return f"{IMAGES}/c/{index}/0/0/0"
+
+
+def n_shards(n_slices: int, shard_slices: int) -> int:
+    return -(-n_slices // shard_slices)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write-then-rename, so a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
+    """One row per study: its contiguous run [start, stop) of slices and study-level label maxima."""
+    index = np.arange(len(slices))
+    frame = slices.assign(_i=index)
+    groups = frame.groupby("study_uid", sort=False)
+    studies = pd.DataFrame({
+        "study_uid": groups["study_uid"].first(),
+        "patient_id": groups["patient_id"].first(),
+        "start": groups["_i"].min(),
+        "stop": groups["_i"].max() + 1,
+        "n_slices": groups.size(),
+        "n_ok": groups["ok"].sum(),
+    }).reset_index(drop=True)
+    if not (studies["stop"] - studies["start"] == studies["n_slices"]).all():
+        raise StoreError("studies are not contiguous runs of slices; the slice order is broken")
+    maxima = groups[list(LABELS)].max().reset_index(drop=True)
+    return pd.concat([studies, maxima], axis=1).astype({"start": "int64", "stop": "int64", "n_slices": "int64",
+                                                        "n_ok": "int64", **{k: "Int8" for k in LABELS}})
+
+
+@dataclass(frozen=True)
+class Store:
+    """An opened, complete ichkit store (read side)."""
+
+    root: Path
+    spec: PreprocessSpec
+    images: zarr.Array
+    slices: pd.DataFrame
+    studies: pd.DataFrame
+
+    @property
+    def shard_slices(self) -> int:
+        return self.spec.shard_slices
+
+    @property
+    def n_shards(self) -> int:
+        return n_shards(len(self.slices), self.spec.shard_slices)
+
+
+def open_store(root: str | Path) -> Store:
+    root = Path(root)
+    if not (root / "zarr.json").is_file():
+        raise StoreError(f"{root} is not a Zarr store (no zarr.json); create one with `ichprep convert`")
+    group = zarr.open_group(str(root), mode="r")
+    attrs = group.attrs.asdict().get(ATTRS_KEY)
+    if attrs is None:
+        raise StoreError(f"{root} is a Zarr group but not an ichkit store (no '{ATTRS_KEY}' attribute)")
+    for name in (SLICES, STUDIES, MANIFEST):
+        if not (root / name).is_file():
+            raise StoreError(f"{root} is incomplete ({name} missing): rerun the same `ichprep convert` to finish it")
+    images = group[IMAGES]
+    slices = pd.read_parquet(root / SLICES)
+    if len(slices) != images.shape[0]:
+        raise StoreError(f"{root}: slices.parquet has {len(slices)} rows but images has {images.shape[0]} slices")
+    return Store(root, PreprocessSpec.from_attrs(attrs), images, slices, pd.read_parquet(root / STUDIES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,27 @@ def synth_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth2")
     generate(out, studies=2, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_dataset6(tmp_path_factory) -> Path:
+    """Six studies (~180 slices): enough shards for ordering, resume and scaling tests."""
+    from ichprep.synth import generate
+
+    out = tmp_path_factory.mktemp("synth6")
+    summary = generate(out, studies=6, seed=1)
+    # Which image ids carry which quirk, for tests that check each one (not read by ichprep).
+    (out / "quirks.json").write_text(json.dumps(summary.quirks))
+    return out
+
+
+@pytest.fixture(scope="session")
+def store6(synth_dataset6, tmp_path_factory) -> Path:
+    """The six-study dataset converted in-process with 16-slice shards (tests must not modify it)."""
+    from ichprep.convert import convert
+    from ichprep.spec import PreprocessSpec
+
+    root = tmp_path_factory.mktemp("store6") / "cache.zarr"
+    convert(synth_dataset6 / "stage_2_train", root, PreprocessSpec(shard_slices=16),
+            labels_csv=synth_dataset6 / "stage_2_train.csv")
+    return root

@@ -1,0 +1,231 @@
+"""ichprep.synth: layout, labels, headers, HU values, lesions and quirks of the synthetic RSNA dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID
+
+from ichprep import synth
+from ichprep.synth import LESION_CODE, SUBTYPES, generate, plan_dataset, slice_regions
+
+KAGGLE_ORDER = (*SUBTYPES, "any")
+
+
+@pytest.fixture(scope="module")
+def ds2(tmp_path_factory):
+    """``--studies 2 --seed 0``: summary, and image id -> (study plan, slice index)."""
+    seen = []
+    summary = generate(tmp_path_factory.mktemp("synth"), studies=2, seed=0, progress=seen.append)
+    plans, _ = plan_dataset(2, 0)
+    where = {image_id: (plan, z) for plan in plans for z, image_id in enumerate(plan.image_ids)}
+    return summary, where, seen
+
+
+def read_csv(path) -> dict[str, dict[str, int]]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "ID,Label"
+    rows = [line.split(",") for line in lines[1:]]
+    assert len(rows) % 6 == 0
+    labels = {}
+    for i in range(0, len(rows), 6):
+        image_id = rows[i][0].rsplit("_", 1)[0]
+        assert [r[0] for r in rows[i:i + 6]] == [f"{image_id}_{name}" for name in KAGGLE_ORDER]
+        assert image_id not in labels
+        labels[image_id] = {name: int(r[1]) for name, r in zip(KAGGLE_ORDER, rows[i:i + 6])}
+    return labels
+
+
+def to_hu(ds) -> np.ndarray:
+    """Reader's decode, with the community fix for the 12-bit wrap-around slices."""
+    px = ds.pixel_array.astype(np.float32)
+    intercept = float(ds.RescaleIntercept)
+    if ds.BitsStored == 12 and ds.PixelRepresentation == 0 and intercept > -100:
+        px += 1000
+        px[px >= 4096] -= 4096
+        intercept = -1000.0
+    return px * float(ds.RescaleSlope) + intercept
+
+
+def load(summary, image_id, **kw):
+    return pydicom.dcmread(summary.dicom_dir / f"{image_id}.dcm", **kw)
+
+
+def sha256s(root) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_csv(ds2):
+    summary, where, seen = ds2
+    files = sorted(p.name for p in summary.dicom_dir.iterdir())
+    assert all(re.fullmatch(r"ID_[0-9a-f]{9}\.dcm", f) for f in files)
+    assert len(files) == summary.n_slices == len(where) == sum(seen)
+    assert summary.labels_csv == summary.out_dir / "stage_2_train.csv"
+    assert summary.n_studies == 2 and summary.n_patients in (1, 2)
+    labels = read_csv(summary.labels_csv)
+    ids = {f[:-4] for f in files}
+    unlabelled = set(summary.quirks["unlabelled"])
+    assert unlabelled and unlabelled <= ids and summary.n_unlabelled == len(unlabelled)
+    assert set(labels) == ids - unlabelled
+    for row in labels.values():
+        assert set(row.values()) <= {0, 1}
+        assert row["any"] == max(row[s] for s in SUBTYPES)
+    assert summary.n_positive_slices == sum(row["any"] for row in labels.values()) > 0
+
+
+def test_same_seed_same_bytes_other_seed_differs(ds2, tmp_path):
+    summary, _, _ = ds2
+    generate(tmp_path / "again", studies=2, seed=0)
+    generate(tmp_path / "other", studies=2, seed=1)
+    first = sha256s(summary.out_dir)
+    assert sha256s(tmp_path / "again") == first
+    other = sha256s(tmp_path / "other")
+    assert set(other) != set(first) and set(other.values()).isdisjoint(first.values())
+
+
+def test_headers(ds2):
+    summary, where, _ = ds2
+    odd = set(summary.quirks["odd_size"])
+    studies = defaultdict(list)
+    for image_id in where:
+        ds = load(summary, image_id, stop_before_pixels=True)
+        raw = (summary.dicom_dir / f"{image_id}.dcm").read_bytes()
+        assert raw[128:132] == b"DICM"
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.file_meta.ImplementationClassUID):
+            assert UID(uid).is_valid
+        assert ds.Modality == "CT" and ds.PhotometricInterpretation == "MONOCHROME2" and ds.SamplesPerPixel == 1
+        assert ds.BitsAllocated == 16 and ds.RescaleSlope == 1
+        assert 0.4 <= float(ds.PixelSpacing[0]) <= 0.5 and list(ds.ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+        assert (ds.Rows, ds.Columns) != (512, 512) if image_id in odd else (ds.Rows, ds.Columns) == (512, 512)
+        studies[ds.StudyInstanceUID].append(ds)
+    assert len(studies) == 2
+    assert len({ds.SOPInstanceUID for group in studies.values() for ds in group}) == summary.n_slices
+    for group in studies.values():
+        assert 20 <= len(group) <= 40
+        assert len({ds.SeriesInstanceUID for ds in group}) == len({ds.PatientID for ds in group}) == 1
+        group.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+        assert np.allclose(np.diff([float(ds.ImagePositionPatient[2]) for ds in group]), 5.0)
+        numbers = [int(ds.InstanceNumber) for ds in group]
+        assert numbers in (list(range(1, len(group) + 1)), list(range(len(group), 0, -1)))
+
+
+def check_anatomy(hu, regions):
+    assert abs(np.median(hu[regions == synth.AIR]) + 1000) < 5
+    bone = hu[regions == synth.BONE]
+    assert bone.max() > 1200 and 700 < np.median(bone) < 1500
+    assert 25 <= np.median(hu[regions == synth.BRAIN]) <= 45
+
+
+def test_hu_of_every_storage_kind(ds2):
+    """Decoding a file gives back the rendered HU (rounded), for normal, wrap12, signed and odd-size slices."""
+    summary, where, _ = ds2
+    quirky = {name: ids[0] for name, ids in summary.quirks.items() if ids and name != "truncated_pixels"}
+    normal = next(i for i in where if not any(i in ids for ids in summary.quirks.values()))
+    for name, image_id in {"normal": normal, **quirky}.items():
+        plan, z = where[image_id]
+        ds = load(summary, image_id)
+        shape = (ds.Rows, ds.Columns)
+        hu, _ = synth.render_slice(plan.geometry, z, shape, synth._rng(0, 1, plan.index, z))
+        decoded = to_hu(ds)
+        # wrap12 holds HU >= -1000; unsigned storage with intercept -1024 holds HU >= -1024; signed holds all
+        lowest = -1000 if ds.BitsStored == 12 and ds.RescaleIntercept > -100 else -1024 - 32768 * ds.PixelRepresentation
+        assert np.array_equal(decoded, np.maximum(np.rint(hu), lowest)), name
+        check_anatomy(decoded, slice_regions(plan.geometry, z, shape))
+    wrap = load(summary, quirky["wrap12"])
+    assert wrap.BitsStored == 12 and wrap.PixelRepresentation == 0 and wrap.RescaleIntercept > -100
+    assert 3096 <= np.median(wrap.pixel_array[:50, :50]) < 3106      # air stored as -1000 mod 4096
+    signed = load(summary, quirky["signed"])
+    assert signed.PixelRepresentation == 1 and signed.RescaleIntercept == 0
+    assert signed.pixel_array.dtype == np.int16 and abs(np.median(signed.pixel_array[:50, :50]) + 1000) < 5
+    multi = load(summary, quirky["multiwindow"], stop_before_pixels=True)
+    assert len(multi.WindowCenter) == len(multi.WindowWidth) == 2
+
+
+def test_labels_follow_drawn_lesions_and_blood_is_visible(ds2):
+    summary, where, _ = ds2
+    labels = read_csv(summary.labels_csv)
+    positives = 0
+    for image_id, row in labels.items():
+        if image_id in summary.quirks["truncated_pixels"]:
+            continue
+        plan, z = where[image_id]
+        ds = load(summary, image_id)
+        regions = slice_regions(plan.geometry, z, (ds.Rows, ds.Columns))
+        hu = to_hu(ds)
+        for i, les in enumerate(plan.geometry.lesions):
+            lesion = regions == LESION_CODE + i
+            if lesion.sum() >= synth.MIN_LESION_PIXELS:
+                assert row[les.subtype] == 1
+                blood = hu[lesion]
+                assert 55 <= np.median(blood) <= 85 and np.mean((blood >= 50) & (blood <= 90)) > 0.9
+                positives += 1
+        drawn = {les.subtype for i, les in enumerate(plan.geometry.lesions)
+                 if (regions == LESION_CODE + i).sum() >= synth.MIN_LESION_PIXELS}
+        assert {s for s in SUBTYPES if row[s]} == drawn
+        if not (regions >= LESION_CODE).any():   # no blood-range blobs in brain without lesions
+            brain = cv2.erode((regions == synth.BRAIN).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            smooth = cv2.medianBlur(hu.astype(np.float32), 3)
+            assert np.count_nonzero((smooth[brain] >= 55) & (smooth[brain] <= 90)) <= 5
+    assert positives > 0
+
+
+def test_truncated_file(ds2):
+    summary, _, _ = ds2
+    (image_id,) = summary.quirks["truncated_pixels"]
+    header = load(summary, image_id, stop_before_pixels=True)
+    assert header.Rows == 512 and header.StudyInstanceUID
+    ds = load(summary, image_id)
+    with pytest.raises(ValueError):
+        ds.pixel_array
+
+
+def test_one_study_dataset_is_nearly_clean(tmp_path):
+    summary = generate(tmp_path, studies=1, seed=3)
+    assert {k for k, ids in summary.quirks.items() if ids} == {"truncated_pixels", "wrap12"}
+    assert summary.n_unlabelled == 0 and summary.n_positive_slices > 0
+
+
+def test_plan_statistics_and_independence():
+    plans, quirks = plan_dataset(300, 7)
+    with_lesions = [p for p in plans if p.geometry.lesions]
+    assert 0.3 <= len(with_lesions) / len(plans) <= 0.5
+    subtypes = Counter(les.subtype for p in with_lesions for les in p.geometry.lesions)
+    assert min(subtypes, key=subtypes.get) == "epidural" and len(subtypes) == 5
+    for p in with_lesions:
+        assert len({les.subtype for les in p.geometry.lesions}) == len(p.geometry.lesions)
+        assert all(3 <= les.last - les.first + 1 <= 10 for les in p.geometry.lesions)
+    studies_of = Counter(p.patient_id for p in plans)
+    assert set(studies_of.values()) == {1, 2} and 0.05 < sum(n == 2 for n in studies_of.values()) / len(studies_of) < 0.3
+    ids = [i for p in plans for i in p.image_ids]
+    assert len(set(ids)) == len(ids)
+    quirky = [i for name, q in quirks.items() if name != "reversed_instance_number" for i in q]
+    assert len(set(quirky)) == len(quirky) < 0.05 * len(ids)
+    assert quirks["reversed_instance_number"]
+    small, _ = plan_dataset(3, 7)   # study k does not depend on how many studies there are
+    assert [p.geometry for p in small] == [p.geometry for p in plans[:3]]
+    assert [p.image_ids for p in small] == [p.image_ids for p in plans[:3]]
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"studies": 0}, "studies must be an integer >= 1"),
+    ({"studies": 2.5}, "studies must be an integer >= 1"),
+    ({"studies": 1, "seed": -1}, "seed must be an integer >= 0"),
+])
+def test_bad_arguments(tmp_path, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        generate(tmp_path, **kwargs)
+
+
+def test_refuses_a_folder_with_dicom_files(ds2):
+    with pytest.raises(FileExistsError, match="already holds DICOM files"):
+        generate(ds2[0].out_dir, studies=1)

@@ -121,7 +121,8 @@ def _human(nbytes: float) -> str:
 @click.option("--shard-slices", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Slices per shard file (the unit of writing and of streaming).")
 @click.option("--compressor", type=click.Choice(["zstd", "blosc-lz4"]), default="zstd", show_default=True)
-@click.option("--compression-level", type=click.IntRange(1, 22), default=3, show_default=True)
+@click.option("--compression-level", type=click.IntRange(1, 22), default=1, show_default=True,
+              help="zstd level (1-22) or blosc clevel (1-9); 1 measured smallest-and-fastest on CT slices.")
 @cluster_options
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other inputs or options.")
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),

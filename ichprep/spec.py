@@ -49,7 +49,7 @@ class PreprocessSpec:
     size: int = 256
     shard_slices: int = 64
     compressor: str = "zstd"
-    compression_level: int = 3
+    compression_level: int = 1
     versions: dict = field(default_factory=library_versions, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +61,9 @@ class PreprocessSpec:
             raise ValueError(f"shard_slices must be between 1 and 4096, got {self.shard_slices}")
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"unknown compressor {self.compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+        top = 22 if self.compressor == "zstd" else 9
+        if not 1 <= self.compression_level <= top:
+            raise ValueError(f"{self.compressor} compression level must be 1..{top}, got {self.compression_level}")
 
     @property
     def channels(self) -> int:

@@ -194,3 +194,39 @@ def verify(store: Path, manifest_path: Path | None) -> None:
     for problem in report.problems:
         click.echo(f"  {problem}", err=True)
     raise SystemExit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def info(store: Path, as_json: bool) -> None:
+    """Spec, counts, label prevalence and size on disk of STORE."""
+    import json
+
+    from .report import format_info, store_info
+
+    try:
+        details = store_info(store)
+    except (IchprepError, ValueError) as exc:
+        _fail(exc)
+    click.echo(json.dumps(details, indent=2) if as_json else format_info(details))
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--study", default=None, metavar="UID", help="Show all slices of this StudyInstanceUID.")
+@click.option("--index", type=click.IntRange(min=0), default=None, help="Show the study of slice I, I highlighted.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
+@click.option("--max-slices", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Subsample longer studies evenly.")
+def show(store: Path, study: str | None, index: int | None, output: Path, max_slices: int) -> None:
+    """Write a montage of a study's cached slices (a panel per window, labels as captions)."""
+    from .report import save_montage
+
+    if (study is None) == (index is None):
+        raise click.UsageError("give exactly one of --study UID or --index I")
+    try:
+        path = save_montage(store, output, study=study, index=index, max_slices=max_slices)
+    except (IchprepError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {path}")

@@ -17,7 +17,7 @@ def invoke(*args):
 def test_help_lists_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("synth", "scan", "convert", "verify"):
+    for command in ("synth", "scan", "convert", "verify", "info", "show"):
         assert command in result.output
 
 
@@ -45,6 +45,16 @@ def test_synth_scan_convert_verify(tmp_path):
     assert [w["name"] for w in manifest["spec"]["windows"]] == ["brain", "stroke"]
 
     assert invoke("verify", store, "--manifest", manifest_copy).exit_code == 0
+    result = invoke("info", store)
+    assert result.exit_code == 0 and "stroke" in result.output and "64 x 64" in result.output
+    details = json.loads(invoke("info", store, "--json").output)
+    assert details["counts"]["slices"] == manifest["counts"]["slices"]
+    result = invoke("show", store, "--index", 0, "-o", tmp_path / "montage.png")
+    assert result.exit_code == 0 and (tmp_path / "montage.png").stat().st_size > 1000
+    result = invoke("show", store, "-o", tmp_path / "montage.png")
+    assert result.exit_code != 0 and "exactly one of --study UID or --index I" in result.output
+    result = invoke("show", store, "--study", "1.2.3", "-o", tmp_path / "montage.png")
+    assert result.exit_code != 0 and "no study '1.2.3'" in result.output
     (store / shard_path(0)).unlink()
     result = invoke("verify", store)
     assert result.exit_code == 1

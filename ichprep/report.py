@@ -1,0 +1,345 @@
+"""Looking at a store: ``ichprep info`` (spec, counts, label prevalence, sizes) and ``ichprep show`` (a PNG montage).
+
+Both only read: the store contract of :mod:`ichprep.store` plus ``manifest.json`` and ``rejected.csv``.
+The montage reads a study with one ``images[start:stop]`` call (studies are contiguous runs of slices in
+z order), because every zarr call costs about a millisecond and a per-slice loop would dominate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .labels import LABELS
+from .manifest import load_manifest
+from .store import ATTRS_KEY, MANIFEST, REJECTED, STATE, Store, open_store
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- info
+
+def _fraction(part: int, whole: int) -> float | None:
+    return part / whole if whole else None  # None, not NaN: the dict must stay valid JSON
+
+
+def store_info(root: str | Path) -> dict:
+    """Everything ``ichprep info`` shows, as plain JSON-serialisable Python values."""
+    root = Path(root)
+    store = open_store(root)
+    manifest = load_manifest(root / MANIFEST)
+    attrs = json.loads((root / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    slices, spec = store.slices, store.spec
+    ok = slices["ok"].to_numpy(bool)
+
+    # Prevalence over decoded slices that carry the label: zero-filled failures would count as
+    # negatives otherwise, and unlabelled files (test images, CSV gaps) are not negatives either.
+    prevalence = {}
+    for name in LABELS:
+        known = ok & slices[name].notna().to_numpy()
+        positive = int((slices.loc[known, name] == 1).sum())
+        prevalence[name] = {"positive": positive, "labelled": int(known.sum()),
+                            "fraction": _fraction(positive, int(known.sum()))}
+    # A study is positive when any of its labelled, decoded slices is; it counts once however many are.
+    labelled_any = slices.loc[ok & slices["any"].notna().to_numpy(), ["study_uid", "any"]]
+    per_study = labelled_any.groupby("study_uid")["any"].max()
+    studies_positive = int((per_study == 1).sum())
+
+    # Sizes from the files actually on disk (a copied store may differ from the manifest), leaving out
+    # the converter's private state; source bytes only exist in the manifest.
+    files = [p for p in root.rglob("*") if p.is_file() and STATE not in p.relative_to(root).parts]
+    store_bytes = sum(p.stat().st_size for p in files)
+    source_bytes = int(manifest["source"]["bytes"])
+    rejected = pd.read_csv(root / REJECTED, dtype=str)["reason"] if (root / REJECTED).is_file() else pd.Series()
+    return {
+        "store": str(root),
+        "spec": {
+            "windows": [w.to_dict() for w in spec.windows],
+            "size": spec.size,
+            "interpolation": attrs.get("interpolation", "unknown"),
+            "shard_slices": spec.shard_slices,
+            "compressor": spec.compressor,
+            "compression_level": spec.compression_level,
+        },
+        "counts": {
+            "slices": len(slices),
+            "ok": int(ok.sum()),
+            "pixel_failures": int((~ok).sum()),
+            "header_failures": int(manifest["counts"]["header_failures"]),
+            "studies": len(store.studies),
+            "patients": int(slices["patient_id"].fillna(slices["study_uid"]).nunique()),
+            "shards": store.n_shards,
+            "files": len(files),
+            "rejected": {str(k): int(v) for k, v in rejected.value_counts().sort_index().items()},
+        },
+        "labels": {
+            "slices": prevalence,
+            "unlabelled_slices": int(slices[list(LABELS)].isna().all(axis=1).sum()),
+            "studies_any": {"positive": studies_positive, "labelled": len(per_study),
+                            "fraction": _fraction(studies_positive, len(per_study))},
+        },
+        "size": {
+            "store_bytes": store_bytes,
+            "bytes_per_slice": store_bytes / len(slices) if len(slices) else None,
+            "source_bytes": source_bytes,
+            "source_files": int(manifest["source"]["n_files"]),
+            "ratio": _fraction(store_bytes, source_bytes),
+        },
+    }
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def format_info(info: dict) -> str:
+    """Render :func:`store_info` as the text table ``ichprep info`` prints."""
+    spec, counts, labels, size = info["spec"], info["counts"], info["labels"], info["size"]
+    rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
+    lines = [
+        f"ichkit store  {info['store']}",
+        "",
+        "Preprocessing",
+        f"  image size       {spec['size']} x {spec['size']} ({spec['interpolation']})",
+        f"  layout           {spec['shard_slices']} slices/shard, "
+        f"{spec['compressor']} level {spec['compression_level']}",
+        f"  {'window':<16} {'center':>8} {'width':>8}",
+        *(f"  {w['name']:<16} {w['center']:>8g} {w['width']:>8g}" for w in spec["windows"]),
+        "",
+        "Counts",
+        f"  slices           {counts['slices']} ({counts['ok']} ok, {counts['pixel_failures']} pixel failures)",
+        f"  header failures  {counts['header_failures']} (files left out)",
+        f"  rejected         {rejected}",
+        f"  studies          {counts['studies']}",
+        f"  patients         {counts['patients']}",
+        f"  shards           {counts['shards']}",
+        f"  files in store   {counts['files']}",
+        "",
+        f"Labels (ok slices; {labels['unlabelled_slices']} slices unlabelled)",
+        f"  {'label':<20} {'positive':>9} {'labelled':>9} {'fraction':>9}",
+    ]
+    rows = [(name, p) for name, p in labels["slices"].items()] + [("any (studies)", labels["studies_any"])]
+    lines += [f"  {name:<20} {p['positive']:>9} {p['labelled']:>9} {_pct(p['fraction']):>9}" for name, p in rows]
+    ratio = "n/a" if not size["ratio"] else f"{size['ratio']:.3f} ({1 / size['ratio']:.1f}x smaller)"
+    lines += [
+        "",
+        "Size",
+        f"  store            {_bytes(size['store_bytes'])} ({_bytes(size['bytes_per_slice'])} per slice)",
+        f"  source DICOM     {_bytes(size['source_bytes'])} ({size['source_files']} files)",
+        f"  store / source   {ratio}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- montage
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+GAP, CAPTION_W, TITLE_H, HEADER_H, LINE_H = 8, 240, 74, 44, 18
+BIG_PANEL, SMALL_PANEL, BIG_PANEL_ROWS = 256, 128, 12   # at most 12 rows get full-size panels
+# RGB colours (the image is RGB; save_montage converts to OpenCV's BGR).
+BG, TEXT, DIM = (20, 20, 24), (230, 230, 230), (150, 150, 160)
+POSITIVE, STRIPE, NEGATIVE = (255, 150, 40), (230, 45, 45), (140, 200, 140)
+FAILED, HIGHLIGHT = (235, 90, 210), (255, 220, 0)
+
+
+@dataclass(frozen=True)
+class MontageLayout:
+    """Pixel geometry: title, header row, then one row per slice (caption column + one panel per window)."""
+
+    n_rows: int
+    n_cols: int
+    panel: int
+
+    @property
+    def width(self) -> int:
+        return CAPTION_W + self.n_cols * (self.panel + GAP) + GAP
+
+    @property
+    def height(self) -> int:
+        return TITLE_H + HEADER_H + self.n_rows * (self.panel + GAP) + GAP
+
+    def panel_origin(self, row: int, col: int) -> tuple[int, int]:
+        """(y, x) of the top-left pixel of panel (row, col)."""
+        return TITLE_H + HEADER_H + GAP + row * (self.panel + GAP), CAPTION_W + GAP + col * (self.panel + GAP)
+
+
+def _text(canvas, text, x, y, color, scale=0.45, thickness=1, max_w=None) -> None:
+    """putText, shrinking then truncating with '...' so the text never runs out of its box."""
+    if max_w is not None:
+        while scale > 0.35 and cv2.getTextSize(text, FONT, scale, thickness)[0][0] > max_w:
+            scale -= 0.05
+        while len(text) > 4 and cv2.getTextSize(text, FONT, scale, thickness)[0][0] > max_w:
+            text = text[:-4] + "..."
+    cv2.putText(canvas, text, (int(x), int(y)), FONT, scale, color, thickness, cv2.LINE_AA)
+
+
+def _wrap(text: str, max_w: int, scale=0.45) -> list[str]:
+    """Break a comma-separated label list into lines that fit ``max_w`` pixels."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and cv2.getTextSize(trial, FONT, scale, 1)[0][0] <= max_w:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return lines
+
+
+def _status(row) -> tuple[list[tuple[str, tuple]], bool]:
+    """Caption lines (text, colour) for a slice's labels, and whether it is labelled positive.
+
+    A failed slice keeps its labels in the caption: a zero-filled positive is worth noticing.
+    """
+    values = [(name, row[name]) for name in LABELS]
+    positive = [name for name, v in values if not pd.isna(v) and v == 1]
+    if positive:
+        lines = [(", ".join(positive), POSITIVE)]
+    elif all(pd.isna(v) for _, v in values):
+        lines = [("unlabelled", DIM)]
+    else:
+        lines = [("negative", NEGATIVE)]
+    if not row["ok"]:
+        lines.insert(0, (f"NOT OK: {str(row['error']).split(':', 1)[0]}", FAILED))
+    return lines, bool(positive)
+
+
+def _unknown_study(store: Store, study: str) -> ValueError:
+    """A clear error, with the nearest UID(s) or the right option when the string is another kind of id."""
+    where = f"no study {study!r} among the {len(store.studies)} studies of {store.root}"
+    how = f"study UIDs are listed in {store.root / 'studies.parquet'} (column study_uid); `ichprep info` shows counts"
+    slices = store.slices
+    for column, hint in (("image_id", "that is an image id: use --index {i}"),
+                         ("series_uid", "that is a series UID (slice {i}): use --index {i}")):
+        hit = np.flatnonzero((slices[column] == study).fillna(False).to_numpy())
+        if len(hit):
+            return ValueError(f"{where}; {hint.format(i=int(hit[0]))}")
+    uids = store.studies["study_uid"].astype(str).tolist()
+    # Every RSNA UID shares a long root (1.2.826.0.1.3680043.8.498.), so only a match beyond it means anything.
+    shared = len(os.path.commonprefix(uids)) if len(uids) > 1 else 0
+    match = [len(os.path.commonprefix([u, study])) for u in uids]
+    best = max(match, default=0)
+    near = [u for u, m in zip(uids, match) if m == best][:3] if best > shared else []
+    return ValueError(f"{where}; " + (f"did you mean {' or '.join(near)}? " if near else "") + how)
+
+
+def _pick(n: int, max_slices: int, keep: int | None) -> np.ndarray:
+    """Evenly spaced rows of a study with more than ``max_slices`` slices, always including ``keep``."""
+    if n <= max_slices:
+        return np.arange(n)
+    pick = np.unique(np.linspace(0, n - 1, max_slices).round().astype(int))
+    if keep is not None and keep not in pick:
+        pick[np.abs(pick - keep).argmin()] = keep
+    return np.unique(pick)
+
+
+def _draw_row(canvas, layout: MontageLayout, r: int, i: int, row: dict, image: np.ndarray, selected: bool) -> None:
+    """Row ``r`` of the montage: caption of store slice ``i`` (its table ``row``), then its (C, H, W) ``image``."""
+    side = layout.panel
+    y, _ = layout.panel_origin(r, 0)
+    status, positive = _status(row)
+    if selected:  # framed in the gap around the row, so the panel pixels stay untouched
+        cv2.rectangle(canvas, (2, y - GAP // 2 - 1), (layout.width - 3, y + side + GAP // 2), HIGHLIGHT, 3)
+    if positive:  # a red bar down the row's left edge: positives stand out when scrolling a long study
+        canvas[y:y + side, 4:9] = STRIPE
+    z = "n/a" if pd.isna(row["z"]) else f"{row['z']:.1f}"
+    inst = "n/a" if pd.isna(row["instance_number"]) else str(row["instance_number"])
+    lines = [(f"#{i}" + ("  < selected" if selected else ""), HIGHLIGHT if selected else TEXT, 0.5),
+             (str(row["image_id"]), DIM, 0.4), (f"z {z}  inst {inst}", TEXT, 0.45)]
+    lines += [(line, colour, 0.45) for text, colour in status for line in _wrap(text, CAPTION_W - 24)]
+    for n, (text, colour, scale) in enumerate(lines):
+        if 16 + n * LINE_H <= side:  # never spill into the next row
+            _text(canvas, text, 16, y + 16 + n * LINE_H, colour, scale, max_w=CAPTION_W - 24)
+    for c, channel in enumerate(image):
+        if side != channel.shape[0]:  # INTER_AREA to shrink (no aliasing), nearest to enlarge (no blur)
+            channel = cv2.resize(channel, (side, side),
+                                 interpolation=cv2.INTER_AREA if side < channel.shape[0] else cv2.INTER_NEAREST)
+        py, px = layout.panel_origin(r, c)
+        canvas[py:py + side, px:px + side] = channel[..., None]
+        if not row["ok"]:  # zero-filled slot: cross it out so it is not mistaken for an empty slice
+            cv2.line(canvas, (px, py), (px + side - 1, py + side - 1), FAILED, 1)
+            cv2.line(canvas, (px + side - 1, py), (px, py + side - 1), FAILED, 1)
+
+
+def render_montage(root: str | Path, study: str | None = None, index: int | None = None, max_slices: int = 40,
+                   panel: int | None = None) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB picture of one study: a row per slice in z order, a column per window.
+
+    Give exactly one of ``study`` (a study UID) or ``index`` (a slice of the store: its study is shown
+    and that slice framed in yellow). ``panel`` is the panel side in pixels (default 256, or 128 when
+    more than 12 rows are drawn).
+    """
+    if (study is None) == (index is None):
+        raise ValueError("give exactly one of study (a study UID) or index (a slice index)")
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be at least 1, got {max_slices}")
+    if panel is not None and not 64 <= panel <= 1024:  # below 64 px the caption no longer fits a row
+        raise ValueError(f"panel must be between 64 and 1024 pixels, got {panel}")
+    store = open_store(root)
+    n = len(store.slices)
+    if index is not None:
+        index = operator.index(index)
+        if not 0 <= index < n:
+            raise ValueError(f"slice index {index} is out of range: {store.root} has {n} slices (0..{n - 1})")
+        hit = store.studies[(store.studies["start"] <= index) & (index < store.studies["stop"])]
+    else:
+        hit = store.studies[store.studies["study_uid"] == study]
+        if hit.empty:
+            raise _unknown_study(store, study)
+    info = hit.iloc[0]
+    start, stop = int(info["start"]), int(info["stop"])
+    pick = _pick(stop - start, max_slices, None if index is None else index - start)
+    stack = np.asarray(store.images[start:stop])[pick]  # the one read of this study
+    rows = store.slices.iloc[start + pick]
+
+    windows = store.spec.windows
+    side = panel or (BIG_PANEL if len(pick) <= BIG_PANEL_ROWS else SMALL_PANEL)
+    layout = MontageLayout(len(pick), len(windows), side)
+    canvas = np.empty((layout.height, layout.width, 3), np.uint8)
+    canvas[:] = BG
+
+    # Title: the study, how much of it is shown, and its study-level labels (studies.parquet maxima,
+    # worded like a slice caption).
+    study_labels, colour = _status({**info, "ok": True})[0][0]
+    _text(canvas, f"study {info['study_uid']}", 10, 22, TEXT, 0.5, max_w=layout.width - 20)
+    _text(canvas, f"patient {info['patient_id']}   slices {start}:{stop} ({stop - start}, showing {len(pick)})",
+          10, 44, DIM, max_w=layout.width - 20)
+    _text(canvas, f"study labels: {study_labels}", 10, 64, colour, max_w=layout.width - 20)
+    # Header row: the caption column's legend, then each window's name and HU range.
+    _text(canvas, "slice / z / instance / labels", 10, TITLE_H + 26, DIM, 0.4)
+    for col, window in enumerate(windows):
+        _, x = layout.panel_origin(0, col)
+        _text(canvas, window.name, x + 2, TITLE_H + 18, TEXT, 0.55, max_w=side - 4)
+        _text(canvas, f"c {window.center:g}  w {window.width:g}", x + 2, TITLE_H + 36, DIM, 0.4, max_w=side - 4)
+
+    for r, (k, row) in enumerate(zip(pick, rows.to_dict("records"))):
+        _draw_row(canvas, layout, r, start + int(k), row, stack[r], selected=start + int(k) == index)
+    return canvas
+
+
+def save_montage(root: str | Path, out_png: str | Path, study: str | None = None, index: int | None = None,
+                 max_slices: int = 40, panel: int | None = None) -> Path:
+    """Render :func:`render_montage` and write it as a PNG; returns the path written."""
+    image = render_montage(root, study=study, index=index, max_slices=max_slices, panel=panel)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write {out} (OpenCV needs a .png name and a writable folder)")
+    logger.info("wrote a %d x %d montage to %s", image.shape[1], image.shape[0], out)
+    return out

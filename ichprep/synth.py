@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -33,9 +34,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from .labels import LABELS, SUBTYPES
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["SUBTYPES", "SynthSummary", "StudyGeometry", "Lesion", "generate", "plan_dataset",
-           "render_slice", "slice_regions", "encode_hu"]
 
 MIN_LESION_PIXELS = 20            # a lesion with fewer pixels on a slice does not label it
 SLICE_MM = 5.0
@@ -123,6 +121,7 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
     length = int(min(rng.integers(3, 11), hi - lo + 1))
     first = int(rng.integers(lo, hi - length + 2))
     lateral = rng.choice([0.0, math.pi]) + rng.normal(0, 0.45)   # convexity lesions sit mostly laterally
+    # (all five entries are drawn, so every lesion consumes the same random numbers whatever its subtype)
     angle, extent, size = {
         "epidural": (lateral, rng.uniform(0.3, 0.5), rng.uniform(8, 15)),
         "subdural": (lateral, rng.uniform(0.6, 1.1), rng.uniform(4, 9)),
@@ -134,12 +133,12 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
                   float(rng.uniform(62, 78)))
 
 
-def _study_geometry(rng: np.random.Generator) -> StudyGeometry:
+def _study_geometry(rng: np.random.Generator, force_lesion: bool = False) -> StudyGeometry:
     n = int(rng.integers(20, 41))
     lateral = rng.uniform(64, 72)
     vent = (int(0.38 * n), int(0.70 * n))
     lesions: tuple[Lesion, ...] = ()
-    if rng.random() < 0.4:
+    if rng.random() < 0.4 or force_lesion:
         kinds = rng.choice(SUBTYPES, size=2 if rng.random() < 0.25 else 1, replace=False, p=SUBTYPE_WEIGHTS)
         lesions = tuple(_lesion(str(k), n, vent, rng) for k in kinds)
     return StudyGeometry(
@@ -160,7 +159,8 @@ def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
 
 def plan_dataset(studies: int, seed: int) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices."""
-    geoms = [_study_geometry(_rng(seed, 1, k)) for k in range(studies)]
+    # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
+    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0) for k in range(studies)]
     rng = _rng(seed, 0)
     # about 15% of patients have two studies
     patients, k = [], 0
@@ -237,79 +237,115 @@ def _taper(j: int, first: int, last: int) -> float:
     return 0.35 + 0.65 * math.sin(math.pi * (j - first + 0.5) / (last - first + 1))
 
 
-def _lesion_mask(les: Lesion, f: float, c: dict) -> np.ndarray:
-    if les.subtype in ("epidural", "subdural", "subarachnoid"):
-        dth = np.abs((c["theta"] - np.float32(les.angle) + np.float32(math.pi)) % np.float32(2 * math.pi)
-                     - np.float32(math.pi)) / np.float32(les.extent * (f if les.subtype == "subarachnoid" else 1))
-        inner = c["inner"]
-        if les.subtype == "subarachnoid":   # thin blood along the brain surface and down the sulci
-            return (dth < 1) & (((inner > 0.2) & (inner < 1.8)) | (c["sulci"] & (inner < 12 * f)))
-        profile = 1 - dth ** 2 if les.subtype == "epidural" else 1 - dth ** 4   # lens vs crescent
-        return (dth < 1) & (inner > -0.5) & (inner < les.size * f * profile)
-    if les.subtype == "intraparenchymal":
-        scale = les.extent * (c["A"] - 15)
-        uc, vc = scale * math.cos(les.angle), scale * math.sin(les.angle) * c["B"] / c["A"]
-        r = les.size * f
-        return ((c["u"] - uc) / r) ** 2 + ((c["v"] - vc) / (0.8 * r)) ** 2 < 1
-    if c["vent"] is None:   # intraventricular: the dependent (posterior) part of the ventricles fills with blood
-        return np.zeros(c["u"].shape, bool)
-    level = c["vent_v"] + c["vent_b"] * (1 - 2 * les.extent * f)
-    side = {0: c["u"] < 0, 1: c["u"] > 0, 2: True}[int(les.angle)]
-    return c["vent"] & (c["v"] > level) & side
+@dataclass
+class _Frame:
+    """What one slice's drawing steps share: the head's bounding box and its coordinates (all float32, mm)."""
+    win: tuple[slice, slice]
+    A: float                 # outer-skull semi-axes on this slice
+    B: float
+    u: np.ndarray            # lateral, AP, angle around the head
+    v: np.ndarray
+    theta: np.ndarray
+    depth: np.ndarray        # radial depth below the outer skull surface
+    inner: np.ndarray        # depth below the inner skull surface
+    sulci: np.ndarray | None = None
+    vent: np.ndarray | None = None
+    vent_level: tuple[float, float] = (0.0, 0.0)   # ventricles' AP center and semi-axis
 
 
-def _draw(geom: StudyGeometry, z: int, shape: tuple[int, int], codes: bool = False):
-    """Noise-free HU (float32), lesion pixel counts, and (if codes) a tissue code map."""
-    hu = np.full(shape, AIR_HU, np.float32)
-    tissue = np.zeros(shape, np.uint8) if codes else None
+def _frame(geom: StudyGeometry, z: int, shape: tuple[int, int]) -> _Frame:
     s = math.sqrt(max(0.25, 1 - (1.7 * ((z + 0.5) / geom.n_slices - 0.5)) ** 2))   # head narrows at top/bottom
     A, B = geom.axes[0] * s, geom.axes[1] * s
     # Only the head's bounding box needs drawing; the rest is air.
-    rows, cols = shape
-    half = (max(A, B) + SCALP_MM + 2) / geom.spacing
+    (rows, cols), half = shape, (max(A, B) + SCALP_MM + 2) / geom.spacing
     cr, cc = (rows - 1) / 2 + geom.center[1] / geom.spacing, (cols - 1) / 2 + geom.center[0] / geom.spacing
     win = (slice(max(0, int(cr - half)), min(rows, int(cr + half) + 2)),
            slice(max(0, int(cc - half)), min(cols, int(cc + half) + 2)))
-    u, v, rho, theta, ck, sk, deep = (g[win] for g in _grids(shape, geom.spacing, geom.center, geom.tilt, geom.sulci[0]))
+    u, v, rho, theta = (g[win] for g in _grids(shape, geom.spacing, geom.center, geom.tilt, geom.sulci[0])[:4])
     r = np.sqrt((u / np.float32(A)) ** 2 + (v / np.float32(B)) ** 2)
-    # Radial depth (mm) below the outer skull; oblique cuts near vertex and base show a thicker skull.
+    # Oblique cuts near the vertex and the skull base show a thicker skull: shrink depth there.
     depth = rho * (1 / np.maximum(r, np.float32(1e-3)) - 1) * np.float32(math.sqrt(s))
+    return _Frame(win, A, B, u, v, theta, depth, depth - np.float32(geom.skull_mm))
+
+
+def _draw_anatomy(geom: StudyGeometry, z: int, shape: tuple[int, int], fr: _Frame) -> np.ndarray:
+    """Noise-free HU inside the frame's window; sets fr.sulci and fr.vent."""
     lut = _depth_lut(geom.skull_mm)
-    w = lut[np.clip((depth - LUT_START) * (1 / LUT_STEP), 0, len(lut) - 1).astype(np.intp)]
-    inner = depth - np.float32(geom.skull_mm)
-    brain = inner > CSF_RIM_MM
-    phase = geom.sulci[1] + 0.9 * z
-    sulci = brain & (inner < 12) & (ck * math.cos(phase) - sk * math.sin(phase) > 0.9 + deep * inner)
-    sulci |= brain & (np.abs(u) < 0.9) & (np.abs(v) > 0.4 * B)    # interhemispheric fissure
-    w[sulci] = CSF_HU
-    c = {"theta": theta, "inner": inner, "sulci": sulci, "u": u, "v": v, "A": A, "B": B, "vent": None}
+    w = lut[np.clip((fr.depth - LUT_START) * (1 / LUT_STEP), 0, len(lut) - 1).astype(np.intp)]
+    ck, sk, deep = (g[fr.win] for g in _grids(shape, geom.spacing, geom.center, geom.tilt, geom.sulci[0])[4:])
+    brain, phase = fr.inner > CSF_RIM_MM, geom.sulci[1] + 0.9 * z     # sulci move a little from slice to slice
+    fr.sulci = brain & (fr.inner < 12) & (ck * math.cos(phase) - sk * math.sin(phase) > 0.9 + deep * fr.inner)
+    fr.sulci |= brain & (np.abs(fr.u) < 0.9) & (np.abs(fr.v) > 0.4 * fr.B)    # interhemispheric fissure
+    w[fr.sulci] = CSF_HU
     v0, v1 = geom.ventricles
-    if v0 <= z <= v1:   # paired lateral ventricles, diverging posteriorly
-        fv = _taper(z, v0, v1)
-        a, b, vc = geom.vent_axes[0] * fv, geom.vent_axes[1] * fv, -0.05 * B
-        dv = v - np.float32(vc)
-        c |= {"vent": ((np.abs(u) - (a + 1.0) - 0.2 * (dv + b)) / a) ** 2 + (dv / b) ** 2 < 1, "vent_v": vc, "vent_b": b}
-        w[c["vent"]] = CSF_HU
-    active = [(i, les) for i, les in enumerate(geom.lesions) if les.first <= z <= les.last]
-    masks = [(i, les, _lesion_mask(les, _taper(z, les.first, les.last), c) & (inner > -0.5)) for i, les in active]
-    for _, les, m in masks:   # edema: a hypodense rim around a parenchymal bleed
-        if les.subtype == "intraparenchymal":
-            w[cv2.dilate(m.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool) & brain & ~m] = EDEMA_HU
+    if v0 <= z <= v1:   # paired lateral ventricles, close together in front, diverging posteriorly
+        f = _taper(z, v0, v1)
+        a, b, vc = geom.vent_axes[0] * f, geom.vent_axes[1] * f, -0.05 * fr.B
+        dv = fr.v - np.float32(vc)
+        fr.vent = ((np.abs(fr.u) - (a + 1.0) - 0.2 * (dv + b)) / a) ** 2 + (dv / b) ** 2 < 1
+        fr.vent_level = (vc, b)
+        w[fr.vent] = CSF_HU
+    return w
+
+
+def _lesion_mask(les: Lesion, f: float, fr: _Frame) -> np.ndarray:
+    """Pixels of a lesion on a slice where its size factor is f."""
+    if les.subtype in ("epidural", "subdural", "subarachnoid"):
+        half_width = les.extent * (f if les.subtype == "subarachnoid" else 1)
+        dth = np.abs((fr.theta - np.float32(les.angle - math.pi)) % np.float32(2 * math.pi) - np.float32(math.pi))
+        dth *= np.float32(1 / half_width)   # 0 at the lesion's center angle, 1 at its ends
+        if les.subtype == "subarachnoid":   # thin blood along the brain surface and down the sulci
+            return (dth < 1) & (((fr.inner > 0.2) & (fr.inner < 1.8)) | (fr.sulci & (fr.inner < 12 * f)))
+        profile = 1 - dth ** 2 if les.subtype == "epidural" else 1 - dth ** 4   # biconvex lens vs crescent
+        return (dth < 1) & (fr.inner > -0.5) & (fr.inner < les.size * f * profile)
+    if les.subtype == "intraparenchymal":   # a rounded blob in the brain tissue
+        radial = les.extent * (fr.A - 15)
+        uc, vc, r = radial * math.cos(les.angle), radial * math.sin(les.angle) * fr.B / fr.A, les.size * f
+        return (((fr.u - uc) / r) ** 2 + ((fr.v - vc) / (0.8 * r)) ** 2 < 1) & (fr.inner > CSF_RIM_MM)
+    if fr.vent is None:   # intraventricular: the dependent (posterior) part of the ventricles fills with blood
+        return np.zeros(fr.u.shape, bool)
+    vc, b = fr.vent_level
+    side = {0: fr.u < 0, 1: fr.u > 0, 2: True}[int(les.angle)]
+    return fr.vent & (fr.v > vc + b * (1 - 2 * les.extent * f)) & side
+
+
+def _draw_lesions(geom: StudyGeometry, z: int, fr: _Frame, w: np.ndarray):
+    """Paint the lesions active on slice z into w; returns [(lesion index, mask)], edema mask, visible counts."""
+    masks = [(i, _lesion_mask(les, _taper(z, les.first, les.last), fr)) for i, les in enumerate(geom.lesions)
+             if les.first <= z <= les.last]
     counts, covered = {}, np.zeros(w.shape, bool)
-    for i, les, m in reversed(masks):   # later lesions overwrite earlier ones: count what stays visible
+    for i, m in reversed(masks):   # later lesions overwrite earlier ones: count what stays visible
         counts[i] = int(np.count_nonzero(m & ~covered))
         covered |= m
-    for _, les, m in masks:
-        w[m] = les.hu
-    hu[win] = w
-    if tissue is not None:
-        t = np.select([depth < -SCALP_MM, depth < 0, inner < 0, ~brain | sulci], [AIR, SCALP, BONE, CSF], BRAIN)
-        t[w == EDEMA_HU] = EDEMA
-        if c["vent"] is not None:
-            t[c["vent"]] = CSF
-        for i, les, m in masks:
+    edema = np.zeros(w.shape, bool)
+    for i, m in masks:   # a hypodense rim of edema around a parenchymal bleed
+        if geom.lesions[i].subtype == "intraparenchymal":
+            edema |= cv2.dilate(m.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool)
+    edema &= (fr.inner > CSF_RIM_MM) & ~covered
+    w[edema] = EDEMA_HU
+    for i, m in masks:
+        w[m] = geom.lesions[i].hu
+    return masks, edema, counts
+
+
+def _draw(geom: StudyGeometry, z: int, shape: tuple[int, int], codes: bool = False):
+    """Noise-free HU (float32), visible lesion pixel counts {lesion index: n}, and (if codes) a tissue code map."""
+    fr = _frame(geom, z, shape)
+    w = _draw_anatomy(geom, z, shape, fr)
+    masks, edema, counts = _draw_lesions(geom, z, fr, w)
+    hu = np.full(shape, AIR_HU, np.float32)
+    hu[fr.win] = w
+    tissue = None
+    if codes:
+        t = np.select([fr.depth < -SCALP_MM, fr.depth < 0, fr.inner < 0, (fr.inner <= CSF_RIM_MM) | fr.sulci],
+                      [AIR, SCALP, BONE, CSF], BRAIN).astype(np.uint8)
+        t[edema] = EDEMA
+        if fr.vent is not None:
+            t[fr.vent] = CSF
+        for i, m in masks:
             t[m] = LESION_CODE + i
-        tissue[win] = t
+        tissue = np.full(shape, AIR, np.uint8)
+        tissue[fr.win] = t
     return hu, counts, tissue
 
 
@@ -332,6 +368,7 @@ def render_slice(geom: StudyGeometry, z: int, shape: tuple[int, int],
 
 
 def slice_labels(pixels: dict[str, int]) -> dict[str, int]:
+    """Six Kaggle labels from visible lesion pixels per subtype; any = OR of the subtypes."""
     labels = {k: int(pixels[k] >= MIN_LESION_PIXELS) for k in SUBTYPES}
     return labels | {"any": max(labels.values())}
 
@@ -406,7 +443,8 @@ def _write_csv(path: Path, labels: dict[str, dict[str, int]]) -> None:
             f.writelines(f"{image_id}_{name},{labels[image_id][name]}\n" for name in LABELS)
 
 
-def generate(out_dir, studies: int, seed: int = 0, progress: Callable[[int], None] | None = None) -> SynthSummary:
+def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> SynthSummary:
     """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes."""
     if isinstance(studies, bool) or not isinstance(studies, (int, np.integer)) or studies < 1:
         raise ValueError(f"studies must be an integer >= 1, got {studies!r}")

@@ -20,11 +20,20 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
+	rm -rf $(DEMO)
 	$(BIN)/ichprep synth $(DEMO)/data --studies $(DEMO_STUDIES) --seed 0
-	$(BIN)/ichprep scan $(DEMO)/data/stage_2_train --labels $(DEMO)/data/stage_2_train.csv -o $(DEMO)/slices.parquet
+	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --labels $(DEMO)/data/stage_2_train.csv \
+		-o $(DEMO)/cache.zarr --manifest-out $(DEMO)/manifest.json
+	$(BIN)/ichprep verify $(DEMO)/cache.zarr
+	$(BIN)/ichprep info $(DEMO)/cache.zarr
+	$(BIN)/python -c "import pandas as pd; s = pd.read_parquet('$(DEMO)/cache.zarr/studies.parquet'); \
+		print(s.loc[s['any'] == 1, 'start'].iloc[0] + 10)" > $(DEMO)/.slice
+	$(BIN)/ichprep show $(DEMO)/cache.zarr --index $$(cat $(DEMO)/.slice) -o $(DEMO)/montage.png
 	@echo
-	@echo "demo done: synthetic DICOMs in $(DEMO)/data/stage_2_train, labels in $(DEMO)/data/stage_2_train.csv,"
-	@echo "header scan in $(DEMO)/slices.parquet"
+	@echo "demo done:"
+	@echo "  synthetic DICOMs     $(DEMO)/data/stage_2_train  (labels: $(DEMO)/data/stage_2_train.csv)"
+	@echo "  Zarr cache           $(DEMO)/cache.zarr  (manifest: $(DEMO)/manifest.json)"
+	@echo "  montage of a study   $(DEMO)/montage.png"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -39,12 +39,17 @@ def main(verbose: int) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--studies", type=click.IntRange(min=1), default=20, show_default=True, help="Number of studies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
-def synth(out_dir: Path, studies: int, seed: int) -> None:
+@click.option("--lesion-rate", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+              help="Chance that a study has hemorrhage (real archive ~0.41).")
+def synth(out_dir: Path, studies: int, seed: int, lesion_rate: float) -> None:
     """Write a synthetic RSNA-style dataset to OUT_DIR (stage_2_train/ + stage_2_train.csv)."""
     from .synth import generate
 
     with _bar(None, "slice", "synth") as progress:
-        summary = generate(out_dir, studies=studies, seed=seed, progress=progress)
+        try:
+            summary = generate(out_dir, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate)
+        except (ValueError, OSError) as exc:
+            _fail(exc)
     click.echo(
         f"wrote {summary.n_slices} slices of {summary.n_studies} studies ({summary.n_patients} patients, "
         f"{summary.n_positive_slices} positive slices) to {summary.dicom_dir}\nlabels: {summary.labels_csv}"

@@ -133,12 +133,12 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
                   float(rng.uniform(62, 78)))
 
 
-def _study_geometry(rng: np.random.Generator, force_lesion: bool = False) -> StudyGeometry:
+def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion_rate: float = 0.4) -> StudyGeometry:
     n = int(rng.integers(20, 41))
     lateral = rng.uniform(64, 72)
     vent = (int(0.38 * n), int(0.70 * n))
     lesions: tuple[Lesion, ...] = ()
-    if rng.random() < 0.4 or force_lesion:
+    if rng.random() < lesion_rate or force_lesion:
         kinds = rng.choice(SUBTYPES, size=2 if rng.random() < 0.25 else 1, replace=False, p=SUBTYPE_WEIGHTS)
         lesions = tuple(_lesion(str(k), n, vent, rng) for k in kinds)
     return StudyGeometry(
@@ -157,10 +157,13 @@ def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
     return counts
 
 
-def plan_dataset(studies: int, seed: int) -> tuple[list[StudyPlan], dict[str, list[str]]]:
-    """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices."""
+def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+    """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices.
+
+    ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41).
+    """
     # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
-    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0) for k in range(studies)]
+    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate) for k in range(studies)]
     rng = _rng(seed, 0)
     # about 15% of patients have two studies
     patients, k = [], 0
@@ -444,8 +447,14 @@ def _write_csv(path: Path, labels: dict[str, dict[str, int]]) -> None:
 
 
 def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> SynthSummary:
-    """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes."""
+             progress: Callable[[int], None] | None = None, lesion_rate: float = 0.4) -> SynthSummary:
+    """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes.
+
+    ``lesion_rate``: chance that a study has hemorrhage (0.4 as in the real archive; raise it for an
+    easier, positive-rich training set).
+    """
+    if not 0.0 <= lesion_rate <= 1.0:
+        raise ValueError(f"lesion_rate must be between 0 and 1, got {lesion_rate}")
     if isinstance(studies, bool) or not isinstance(studies, (int, np.integer)) or studies < 1:
         raise ValueError(f"studies must be an integer >= 1, got {studies!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -455,7 +464,7 @@ def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
     if dicom_dir.is_dir() and any(dicom_dir.glob("*.dcm")):
         raise FileExistsError(f"{dicom_dir} already holds DICOM files; synth writes into an empty folder only")
     dicom_dir.mkdir(parents=True, exist_ok=True)
-    plans, quirks = plan_dataset(int(studies), int(seed))
+    plans, quirks = plan_dataset(int(studies), int(seed), lesion_rate)
     quirk_of: dict[str, set[str]] = {}
     for name, ids in quirks.items():
         for image_id in ids:

@@ -1,0 +1,85 @@
+"""The training run's configuration: one frozen, validated dataclass, saved in every checkpoint."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ConfigError
+from .model import ARCHS
+
+TASKS = ("rsna", "binary", "subtypes")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("plateau", "cosine")
+BALANCES = ("hybrid", "none")
+SPLITS = ("patient", "study", "slice")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    store: str
+    out: str
+    task: str = "rsna"
+    arch: str = "resnet152"
+    pretrained: str | None = None
+    image_size: int = 224
+    context: int = 0
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    scheduler: str = "plateau"
+    balance: str = "hybrid"
+    pos_fraction: float = 0.5
+    val_fraction: float = 0.2
+    split_by: str = "patient"
+    slice_selection: str = "all"
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    resume: str | None = None
+    max_steps: int | None = None  # per epoch; for smoke runs and benchmarks
+    buffer_shards: int = 4
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("arch", self.arch, ARCHS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("balance", self.balance, BALANCES)
+        _choice("split_by", self.split_by, SPLITS)
+        _choice("device", self.device, DEVICES)
+        _choice("context", self.context, (0, 1))
+        if not re.fullmatch(r"all|middle:[1-9][0-9]*", self.slice_selection):
+            raise ConfigError(f"invalid slice selection {self.slice_selection!r}; use 'all' or 'middle:K' (K >= 1)")
+        for name, low in (("image_size", 16), ("epochs", 1), ("batch_size", 1), ("buffer_shards", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.pos_fraction < 1:
+            raise ConfigError(f"pos_fraction must be in (0, 1), got {self.pos_fraction}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, **overrides})

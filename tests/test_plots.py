@@ -1,0 +1,79 @@
+"""ichtrain.plots: PNGs are written, readable, sensibly sized, and no figure is left open."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from matplotlib._pylab_helpers import Gcf
+
+from ichprep.labels import LABELS
+from ichtrain.plots import plot_loss_curves, plot_roc_curves
+
+
+def _read_png(path):
+    assert path.is_file() and path.stat().st_size > 5_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} is not a readable image"
+    height, width = image.shape[:2]
+    assert 400 <= width <= 2000 and 300 <= height <= 2000
+    # not a blank canvas: a plot has plenty of non-white pixels
+    assert (image < 200).any(axis=2).mean() > 0.01
+    return image
+
+
+def _history(epochs):
+    return [
+        {"epoch": e, "train_loss": 0.3 / e + 0.05, "val_loss": 0.25 / e + 0.08, "val_weighted_log_loss": 0.2 / e + 0.07}
+        for e in range(1, epochs + 1)
+    ]
+
+
+def _case(n=500, seed=0):
+    rng = np.random.default_rng(seed)
+    sub = (rng.random((n, 5)) < 0.1).astype(float)
+    y = np.c_[sub, sub.max(axis=1)]
+    p = np.clip(0.5 * y + 0.6 * rng.random(y.shape), 0, 1)
+    return y, p
+
+
+def test_loss_curves(tmp_path):
+    out = plot_loss_curves(_history(8), tmp_path / "plots" / "loss.png")
+    assert out == tmp_path / "plots" / "loss.png"
+    _read_png(out)
+
+
+def test_loss_curves_one_epoch(tmp_path):
+    _read_png(plot_loss_curves(_history(1), tmp_path / "loss1.png"))
+
+
+def test_loss_curves_tolerate_missing_values(tmp_path):
+    history = [{"epoch": 1, "train_loss": 0.4}, {"epoch": 2, "train_loss": 0.3, "val_loss": None}]
+    _read_png(plot_loss_curves(history, tmp_path / "train_only.png"))
+    with pytest.raises(ValueError, match="empty"):
+        plot_loss_curves([], tmp_path / "none.png")
+
+
+def test_roc_curves(tmp_path):
+    y, p = _case()
+    out = plot_roc_curves(y, p, LABELS, tmp_path / "roc.png")
+    assert out == tmp_path / "roc.png"
+    _read_png(out)
+
+
+def test_roc_curves_skip_single_label_class(tmp_path):
+    y, p = _case()
+    y[:, 0] = 0  # no epidural positives
+    y[:10, 1] = np.nan  # missing labels are dropped, not plotted
+    _read_png(plot_roc_curves(y, p, LABELS, tmp_path / "roc_skip.png"))
+    _read_png(plot_roc_curves(y[:, 5], p[:, 5], ("any",), tmp_path / "roc_any.png"))
+
+
+def test_no_pyplot_figures_left_open(tmp_path):
+    before = Gcf.get_num_fig_managers()
+    y, p = _case()
+    for i in range(5):
+        plot_loss_curves(_history(3), tmp_path / f"l{i}.png")
+        plot_roc_curves(y, p, LABELS, tmp_path / f"r{i}.png")
+    assert Gcf.get_num_fig_managers() == before

@@ -1,0 +1,42 @@
+"""Checkpoints: plain tensors and Python values only, loaded with ``weights_only=True``.
+
+A checkpoint carries the model, optimizer, scheduler and scaler state, the
+epoch, RNG states, the run config and the store's preprocessing spec, so a
+run resumes exactly and ``predict`` knows what input the model expects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+REQUIRED = ("model", "config", "spec", "names", "epoch", "in_channels")
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write-then-rename: a crash mid-save leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely; a file that needs arbitrary code to unpickle is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        raise CheckpointError(
+            f"{path} cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
+            "it is damaged or contains pickled code, which ichtrain never runs"
+        ) from exc
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
+        raise CheckpointError(f"{path} is not an ichtrain checkpoint (needs keys {', '.join(REQUIRED)})")
+    return state

@@ -41,13 +41,17 @@ def main(verbose: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--lesion-rate", type=click.FloatRange(0, 1), default=0.4, show_default=True,
               help="Chance that a study has hemorrhage (real archive ~0.41).")
-def synth(out_dir: Path, studies: int, seed: int, lesion_rate: float) -> None:
+@click.option("--min-lesion-pixels", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Lesion cross-sections smaller than this (pixels at 512²) are neither drawn nor labelled; "
+                   "raise it (e.g. 600) for an easy set whose labels are all visible at low resolution.")
+def synth(out_dir: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pixels: int) -> None:
     """Write a synthetic RSNA-style dataset to OUT_DIR (stage_2_train/ + stage_2_train.csv)."""
     from .synth import generate
 
     with _bar(None, "slice", "synth") as progress:
         try:
-            summary = generate(out_dir, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate)
+            summary = generate(out_dir, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate,
+                               min_lesion_pixels=min_lesion_pixels)
         except (ValueError, OSError) as exc:
             _fail(exc)
     click.echo(

@@ -78,6 +78,7 @@ class StudyGeometry:
     vent_axes: tuple[float, float]    # ventricle semi-axes (lateral, AP), mm
     sulci: tuple[int, float]          # number of sulci around the head, phase
     lesions: tuple[Lesion, ...]
+    min_lesion_pixels: int = MIN_LESION_PIXELS   # smaller lesion cross-sections are neither drawn nor labelled
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
                   float(rng.uniform(62, 78)))
 
 
-def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion_rate: float = 0.4) -> StudyGeometry:
+def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion_rate: float = 0.4,
+                    min_lesion_pixels: int = MIN_LESION_PIXELS) -> StudyGeometry:
     n = int(rng.integers(20, 41))
     lateral = rng.uniform(64, 72)
     vent = (int(0.38 * n), int(0.70 * n))
@@ -146,7 +148,8 @@ def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion
         center=(float(rng.normal(0, 5)), float(rng.normal(0, 5))), tilt=float(rng.normal(0, 0.06)),
         axes=(float(lateral), float(lateral * rng.uniform(1.15, 1.28))), skull_mm=float(rng.uniform(5, 7.5)),
         ventricles=vent, vent_axes=(float(rng.uniform(4, 6.5)), float(rng.uniform(17, 25))),
-        sulci=(int(rng.integers(16, 26)), float(rng.uniform(0, 2 * math.pi))), lesions=lesions)
+        sulci=(int(rng.integers(16, 26)), float(rng.uniform(0, 2 * math.pi))), lesions=lesions,
+        min_lesion_pixels=min_lesion_pixels)
 
 
 def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
@@ -157,13 +160,15 @@ def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
     return counts
 
 
-def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4,
+                 min_lesion_pixels: int = MIN_LESION_PIXELS) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices.
 
     ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41).
     """
     # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
-    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate) for k in range(studies)]
+    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate,
+                             min_lesion_pixels=min_lesion_pixels) for k in range(studies)]
     rng = _rng(seed, 0)
     # about 15% of patients have two studies
     patients, k = [], 0
@@ -320,6 +325,14 @@ def _draw_lesions(geom: StudyGeometry, z: int, fr: _Frame, w: np.ndarray):
     for i, m in reversed(masks):   # later lesions overwrite earlier ones: count what stays visible
         counts[i] = int(np.count_nonzero(m & ~covered))
         covered |= m
+    # A sliver below the labelling threshold is not drawn either, so every drawn lesion is labelled.
+    small = {i for i, n in counts.items() if n < geom.min_lesion_pixels}
+    if small:
+        masks = [(i, m) for i, m in masks if i not in small]
+        counts = {i: (0 if i in small else n) for i, n in counts.items()}
+        covered = np.zeros(w.shape, bool)
+        for _, m in masks:
+            covered |= m
     edema = np.zeros(w.shape, bool)
     for i, m in masks:   # a hypodense rim of edema around a parenchymal bleed
         if geom.lesions[i].subtype == "intraparenchymal":
@@ -370,9 +383,9 @@ def render_slice(geom: StudyGeometry, z: int, shape: tuple[int, int],
     return hu, pixels
 
 
-def slice_labels(pixels: dict[str, int]) -> dict[str, int]:
+def slice_labels(pixels: dict[str, int], min_pixels: int = MIN_LESION_PIXELS) -> dict[str, int]:
     """Six Kaggle labels from visible lesion pixels per subtype; any = OR of the subtypes."""
-    labels = {k: int(pixels[k] >= MIN_LESION_PIXELS) for k in SUBTYPES}
+    labels = {k: int(pixels[k] >= min_pixels) for k in SUBTYPES}
     return labels | {"any": max(labels.values())}
 
 
@@ -434,7 +447,7 @@ def _write_study(seed: int, plan: StudyPlan, dicom_dir: Path, quirk_of: dict[str
         ds = _dataset(seed, plan, z, encode_hu(hu, storage), storage, quirks, wrap_intercept.get(image_id, 0))
         pydicom.dcmwrite(dicom_dir / f"{image_id}.dcm", ds, enforce_file_format=True)
         if "unlabelled" not in quirks:
-            labels[image_id] = slice_labels(pixels)
+            labels[image_id] = slice_labels(pixels, geom.min_lesion_pixels)
     return labels
 
 
@@ -447,12 +460,17 @@ def _write_csv(path: Path, labels: dict[str, dict[str, int]]) -> None:
 
 
 def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
-             progress: Callable[[int], None] | None = None, lesion_rate: float = 0.4) -> SynthSummary:
+             progress: Callable[[int], None] | None = None, lesion_rate: float = 0.4,
+             min_lesion_pixels: int = MIN_LESION_PIXELS) -> SynthSummary:
     """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes.
 
     ``lesion_rate``: chance that a study has hemorrhage (0.4 as in the real archive; raise it for an
-    easier, positive-rich training set).
+    easier, positive-rich training set). ``min_lesion_pixels``: a lesion covering fewer pixels (at 512²)
+    on a slice is neither drawn nor labelled there; raise it (e.g. 600) for a set whose every label is
+    visible at low resolution.
     """
+    if min_lesion_pixels < 1:
+        raise ValueError(f"min_lesion_pixels must be >= 1, got {min_lesion_pixels}")
     if not 0.0 <= lesion_rate <= 1.0:
         raise ValueError(f"lesion_rate must be between 0 and 1, got {lesion_rate}")
     if isinstance(studies, bool) or not isinstance(studies, (int, np.integer)) or studies < 1:
@@ -464,7 +482,7 @@ def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
     if dicom_dir.is_dir() and any(dicom_dir.glob("*.dcm")):
         raise FileExistsError(f"{dicom_dir} already holds DICOM files; synth writes into an empty folder only")
     dicom_dir.mkdir(parents=True, exist_ok=True)
-    plans, quirks = plan_dataset(int(studies), int(seed), lesion_rate)
+    plans, quirks = plan_dataset(int(studies), int(seed), lesion_rate, int(min_lesion_pixels))
     quirk_of: dict[str, set[str]] = {}
     for name, ids in quirks.items():
         for image_id in ids:

@@ -44,10 +44,12 @@ def _load_backbone(model: nn.Module, state: dict, path) -> None:
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith("fc."))
     wrong = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
-    if missing or wrong:
+    if missing or unexpected or wrong:
         detail = "; ".join(
             [f"missing {len(missing)} tensors (e.g. {missing[:3]})"] * bool(missing)
+            + [f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[:3]})"] * bool(unexpected)
             + [f"shape mismatch for {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3]]
         )
         raise CheckpointError(f"{path} does not fit this architecture: {detail}; is it a weights file of the same --arch?")

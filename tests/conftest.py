@@ -49,3 +49,30 @@ def store6(synth_dataset6, tmp_path_factory) -> Path:
     convert(synth_dataset6 / "stage_2_train", root, PreprocessSpec(shard_slices=16),
             labels_csv=synth_dataset6 / "stage_2_train.csv")
     return root
+
+
+@pytest.fixture(scope="session")
+def easy_store(tmp_path_factory) -> Path:
+    """An easy, positive-rich set (every labelled lesion visible at 64²) converted at 64² for CPU training."""
+    from ichprep.convert import convert
+    from ichprep.spec import PreprocessSpec
+    from ichprep.synth import generate
+
+    out = tmp_path_factory.mktemp("easy")
+    generate(out / "data", studies=30, seed=7, lesion_rate=0.9, min_lesion_pixels=800)
+    root = out / "cache.zarr"
+    convert(out / "data" / "stage_2_train", root, PreprocessSpec(size=64, shard_slices=32),
+            labels_csv=out / "data" / "stage_2_train.csv")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(easy_store, tmp_path_factory) -> Path:
+    """A one-epoch, few-step resnet18 run on the easy store (for evaluate/predict/resume tests)."""
+    from ichtrain.config import TrainConfig
+    from ichtrain.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=48, epochs=1, batch_size=8,
+                      workers=0, max_steps=3, device="cpu"))
+    return out

@@ -375,3 +375,49 @@ def test_stream_rejects_bad_inputs(store):
     start, stop = study_bounds(store.studies, n)
     with pytest.raises(DataError):
         ShardStream(store.root, all_ok(store), targets(store.slices, "rsna"), SHARD, stop, start)
+
+
+_DDP_SCRIPT = """
+import json, sys
+import numpy as np, torch, torch.distributed as dist
+from ichprep.store import open_store
+from ichtrain.data import ShardStream, targets
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+store = open_store(sys.argv[1])
+counts = store.slices["ok"].to_numpy(bool).astype(np.int64)
+stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), rank=rank, world_size=world, seed=5)
+stream.set_epoch(1)
+loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+slots = [int(s) for _, _, batch in loader for s in batch]
+everything = [None] * world
+dist.all_gather_object(everything, slots)
+if rank == 0:
+    json.dump({"slots": everything, "expected": int(counts.sum())}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_get_disjoint_shards_in_a_real_gloo_run(tmp_path, store):
+    """Two torchrun processes x two DataLoader workers each: no slot is seen twice, nothing but the tail is lost."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_stream.py"
+    script.write_text(_DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "slots.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+                             str(store.root), str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rank0, rank1 = data["slots"]
+    assert len(rank0) == len(rank1)
+    assert not set(rank0) & set(rank1)
+    assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)
+    assert data["expected"] - 2 < len(rank0) + len(rank1) <= data["expected"]

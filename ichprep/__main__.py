@@ -1,0 +1,5 @@
+"""python -m ichprep: the ichprep command line."""
+
+from .cli import main
+
+main()

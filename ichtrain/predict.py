@@ -27,10 +27,9 @@ from .config import TrainConfig
 from .data import ShardStream, select_slices, split_slices, targets, train_candidates
 from .engine import evaluate
 from .errors import ConfigError
-from .metrics import compute_metrics
 from .model import build_model
 from .plots import plot_roc_curves
-from .train import amp_dtype_for, check_spec, resolve_device, write_predictions
+from .train import amp_dtype_for, check_spec, resolve_device, run_metrics, write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
     counts[chosen] = 1
     dev = resolve_device(device)
     probs, truth, slots = _run(_load_model(state, dev), store, counts, y, cfg.context, dev, batch_size, workers)
-    metrics = compute_metrics(truth, probs, names, study_ids=store.slices["study_uid"].to_numpy()[slots])
+    metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.parquet", store, slots, probs, truth, names)

@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, split_slices, targets, train_candidates
 from .engine import evaluate, loss_weights, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
-from .metrics import compute_metrics, format_metrics
+from .metrics import compute_metrics, reference_table
 from .model import build_model
 from .plots import plot_loss_curves, plot_roc_curves
 
@@ -144,6 +144,15 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 # ---------------------------------------------------------------- outputs
 
+def run_metrics(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...], study_ids: np.ndarray,
+                task: str) -> dict:
+    """compute_metrics, plus the reference thesis's table (accuracy, recall, F1, ROC AUC) for --task binary."""
+    metrics = compute_metrics(truth, probs, names, study_ids=study_ids)
+    if task == "binary":
+        metrics["reference_table"] = reference_table(metrics)
+    return metrics
+
+
 def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
                       names: tuple[str, ...]) -> None:
     rows = store.slices.iloc[slots]
@@ -236,7 +245,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
                                 generator, amp_dtype, scaler, channels_last, cfg.max_steps, bar)
         probs, truth, slots = evaluate(net, _loader(val_stream, cfg, device), device, amp_dtype, channels_last)
         probs, truth, slots = (_gather(a, world) for a in (probs, truth, slots))
-        metrics = compute_metrics(truth, probs, names, study_ids=store.slices["study_uid"].to_numpy()[slots])
+        metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task)
         val_loss = metrics["weighted_log_loss"]
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)

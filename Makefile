@@ -21,19 +21,28 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/ichprep synth $(DEMO)/data --studies $(DEMO_STUDIES) --seed 0
-	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --labels $(DEMO)/data/stage_2_train.csv \
+	$(BIN)/ichprep synth $(DEMO)/data --studies $(DEMO_STUDIES) --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
+	$(BIN)/ichprep scan $(DEMO)/data/stage_2_train --labels $(DEMO)/data/stage_2_train.csv -o $(DEMO)/scan.parquet
+	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache.zarr --manifest-out $(DEMO)/manifest.json
 	$(BIN)/ichprep verify $(DEMO)/cache.zarr
 	$(BIN)/ichprep info $(DEMO)/cache.zarr
-	$(BIN)/python -c "import pandas as pd; s = pd.read_parquet('$(DEMO)/cache.zarr/studies.parquet'); \
-		print(s.loc[s['any'] == 1, 'start'].iloc[0] + 10)" > $(DEMO)/.slice
-	$(BIN)/ichprep show $(DEMO)/cache.zarr --index $$(cat $(DEMO)/.slice) -o $(DEMO)/montage.png
+	$(BIN)/ichprep show $(DEMO)/cache.zarr --index 30 -o $(DEMO)/montage.png
+	@echo "--- a 64x64 cache of the same slices, so a CPU can train on it in a minute"
+	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
+		-o $(DEMO)/cache64.zarr --size 64 --shard-slices 32
+	$(BIN)/ichtrain train $(DEMO)/cache64.zarr --out $(DEMO)/run --task binary --arch resnet18 --image-size 64 \
+		--epochs 5 --batch-size 32 --lr 3e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
+	$(BIN)/ichtrain evaluate $(DEMO)/run/best.pt --store $(DEMO)/cache64.zarr --out $(DEMO)/eval --workers 1
+	$(BIN)/ichtrain predict $(DEMO)/run/best.pt --dicom-dir $(DEMO)/data/stage_2_train -o $(DEMO)/submission.csv --workers 1
 	@echo
 	@echo "demo done:"
 	@echo "  synthetic DICOMs     $(DEMO)/data/stage_2_train  (labels: $(DEMO)/data/stage_2_train.csv)"
 	@echo "  Zarr cache           $(DEMO)/cache.zarr  (manifest: $(DEMO)/manifest.json)"
 	@echo "  montage of a study   $(DEMO)/montage.png"
+	@echo "  training run         $(DEMO)/run  (metrics.json, loss.png, roc.png, best.pt, last.pt)"
+	@echo "  evaluation           $(DEMO)/eval  (metrics.json, roc.png, predictions.parquet)"
+	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -78,3 +78,7 @@ class StoreExistsError(IchprepError, FileExistsError):
 
 class StoreLockedError(IchprepError, RuntimeError):
     """Another converter is writing this store right now."""
+
+
+class ScanTableError(IchprepError, ValueError):
+    """A file given as a scan table was not written by ``ichprep scan``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
-from .errors import DicomReadError
+from .errors import DicomReadError, ScanTableError
 from .labels import LABELS, read_labels
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,14 @@ def scan(
 
 
 def read_scan(path: str | Path) -> pd.DataFrame:
-    return to_frame(pd.read_parquet(path))
+    """A table written by ``ichprep scan`` (refuses other Parquet files, e.g. a store's slices.parquet)."""
+    frame = pd.read_parquet(path)
+    missing = [c for c in ("image_id", "path", "study_uid", "z", "instance_number", "status", "file_size")
+               if c not in frame.columns]
+    if missing:
+        raise ScanTableError(f"{path} is not an `ichprep scan` table (no column {', '.join(missing)}); "
+                             "make one with `ichprep scan DICOM_DIR -o slices.parquet`")
+    return to_frame(frame)
 
 
 def write_scan(table: pd.DataFrame, path: str | Path) -> None:

@@ -73,3 +73,10 @@ def test_bad_options_fail_with_clear_messages(tmp_path, synth_dataset):
     bad_csv.write_text("ID,Label\nID_12_any,1\nID_12_lung,0\n")
     result = invoke("scan", dicoms, "--labels", bad_csv, "-o", tmp_path / "x.parquet", "--workers", 1)
     assert result.exit_code != 0 and "malformed ID at line 3" in result.output
+
+
+def test_convert_refuses_a_table_that_is_not_a_scan(tmp_path, synth_dataset):
+    bogus = tmp_path / "bogus.parquet"
+    pd.DataFrame({"image_id": ["x"], "ok": [True]}).to_parquet(bogus)
+    result = invoke("convert", synth_dataset / "stage_2_train", "-o", tmp_path / "s.zarr", "--scan", bogus)
+    assert result.exit_code != 0 and "is not an `ichprep scan` table" in result.output

@@ -25,18 +25,23 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely; a file that needs arbitrary code to unpickle is refused."""
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(weights_only=True)`` on CPU; a file that needs arbitrary code to unpickle is refused."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         raise CheckpointError(
-            f"{path} cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
+            f"{what} {path} cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
             "it is damaged or contains pickled code, which ichtrain never runs"
         ) from exc
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load an ichtrain checkpoint safely and check it has what resuming and predicting need."""
+    state = safe_load(path)
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
         raise CheckpointError(f"{path} is not an ichtrain checkpoint (needs keys {', '.join(REQUIRED)})")
     return state

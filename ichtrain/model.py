@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .checkpoint import safe_load
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -22,16 +23,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 def load_state_dict(path: str | Path) -> dict:
     """A state dict from a local file; refuses pickles that need code to load."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError/RuntimeError/... depending on the file
-        raise CheckpointError(
-            f"{path} cannot be loaded safely with weights_only=True ({type(exc).__name__}: {exc}); "
-            "ichtrain only loads plain tensors, never pickled code"
-        ) from exc
+    state = safe_load(path, "weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an ichtrain checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

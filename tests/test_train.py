@@ -118,3 +118,16 @@ def test_ddp_two_process_gloo_run(easy_store, tmp_path):
     slices = open_store(easy_store).slices
     n_val = int(((split["split"] == "val") & slices["ok"] & slices["any"].notna()).sum())
     assert n_val - 2 < final["n_images"] <= n_val  # gathered from both ranks (fewer than 2 dropped for equal lengths)
+
+
+def test_checkpoint_with_code_in_it_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(CheckpointError, match="weights_only=True.*pickled code"):
+        load_checkpoint(path)

@@ -25,6 +25,14 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """torch's message minus its advice to retry with weights_only=False (exactly what we must not do)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(boilerplate)]
+    return " ".join(kept) or type(exc).__name__
+
+
 def safe_load(path: str | Path, what: str = "checkpoint"):
     """``torch.load(weights_only=True)`` on CPU; a file that needs arbitrary code to unpickle is refused."""
     path = Path(path)
@@ -33,8 +41,9 @@ def safe_load(path: str | Path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        reason = _unpickler_reason(exc)
         raise CheckpointError(
-            f"{what} {path} cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
+            f"{what} {path} cannot be loaded with weights_only=True ({type(exc).__name__}: {reason}); "
             "it is damaged or contains pickled code, which ichtrain never runs"
         ) from exc
 

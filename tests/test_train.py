@@ -129,5 +129,5 @@ def test_checkpoint_with_code_in_it_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(CheckpointError, match="weights_only=True.*pickled code"):
+    with pytest.raises(CheckpointError, match=r"weights_only=True.*(GLOBAL|operand).*pickled code"):
         load_checkpoint(path)

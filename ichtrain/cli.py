@@ -33,11 +33,12 @@ def _bar_factory(desc: str, total: int):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="Debug log output.")
 @click.version_option(package_name="ichkit")
 def main(verbose: int) -> None:
     """Train hemorrhage detectors from an ichprep Zarr cache."""
-    logging.basicConfig(level=logging.INFO - 10 * min(max(verbose - 1, 0), 1) if verbose else logging.INFO,
+    # INFO by default: the per-epoch log line is part of the output.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 

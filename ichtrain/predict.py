@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import ShardStream, select_slices, split_slices, targets, train_candidates
 from .engine import evaluate
 from .errors import ConfigError
+from .metrics import youden_thresholds
 from .model import build_model
 from .plots import plot_roc_curves
 from .train import amp_dtype_for, check_spec, resolve_device, run_metrics, write_predictions
@@ -70,7 +71,10 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
     counts[chosen] = 1
     dev = resolve_device(device)
     probs, truth, slots = _run(_load_model(state, dev), store, counts, y, cfg.context, dev, batch_size, workers)
-    metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task)
+    # Sensitivity/specificity "at Youden" use the thresholds chosen on the run's validation split,
+    # so numbers on other data are what a deployed threshold would give.
+    thresholds = youden_thresholds(state["metrics"]) if state.get("metrics") else None
+    metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task, thresholds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(out / "predictions.parquet", store, slots, probs, truth, names)

@@ -145,9 +145,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # ---------------------------------------------------------------- outputs
 
 def run_metrics(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...], study_ids: np.ndarray,
-                task: str) -> dict:
-    """compute_metrics, plus the reference thesis's table (accuracy, recall, F1, ROC AUC) for --task binary."""
-    metrics = compute_metrics(truth, probs, names, study_ids=study_ids)
+                task: str, thresholds: dict | None = None) -> dict:
+    """compute_metrics, plus the reference thesis's table (accuracy, recall, F1, ROC AUC) for --task binary.
+
+    ``thresholds`` (per class) replace the Youden thresholds of these data, e.g. the validation ones.
+    """
+    metrics = compute_metrics(truth, probs, names, study_ids=study_ids, thresholds=thresholds)
     if task == "binary":
         metrics["reference_table"] = reference_table(metrics)
     return metrics

@@ -58,6 +58,10 @@ def test_cli_evaluate_and_predict(tiny_run, easy_store, tmp_path):
     assert "weighted log loss" in result.output and "any" in result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(LABELS)
+    # Operating points come from the run's validation split, not re-tuned on the evaluated data.
+    val_thresholds = load_checkpoint(tiny_run / "best.pt")["metrics"]["per_class"]["any"]["at_youden"]["threshold"]
+    assert metrics["per_class"]["any"]["at_youden"]["source"] == "given"
+    assert metrics["per_class"]["any"]["at_youden"]["threshold"] == pytest.approx(val_thresholds)
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
 
     result = runner.invoke(main, ["predict", str(tiny_run / "best.pt"), "--store", str(easy_store), "-o",

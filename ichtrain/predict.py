@@ -129,6 +129,10 @@ def predict_store(checkpoint: str | Path, store_path: str | Path, out_csv: str |
     if extra:
         image_ids += extra
         full = np.vstack([full, np.tile(fallback, (len(extra), 1))])
+    no_pixels = store.slices.loc[~ok, "image_id"].astype(str).tolist() + extra
+    if no_pixels:
+        logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
+                       ", ".join(no_pixels))
     frame = _kaggle_rows(image_ids, _six_columns(full, names, prevalence))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")

@@ -178,10 +178,13 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
     click.echo(f"  size on disk     {_human(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
                f"({_human(summary.source_bytes)})")
-    if summary.n_rejected:
-        click.echo(f"  rejected files are listed in {summary.store / 'rejected.csv'}")
     if manifest_out:
         click.echo(f"  manifest also written to {manifest_out}")
+    if summary.n_rejected:
+        click.echo(f"completed with {summary.n_rejected} rejected (listed with reasons in "
+                   f"{summary.store / 'rejected.csv'})")
+    else:
+        click.echo("completed, nothing rejected")
 
 
 @main.command()

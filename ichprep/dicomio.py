@@ -14,29 +14,36 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import (
     DicomReadError,
+    EmptyFileError,
     InvalidHeaderError,
     MissingTagError,
     NoPixelDataError,
     NotDicomError,
     PixelDecodeError,
     TruncatedFileError,
+    UnreadableFileError,
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
 
 logger = logging.getLogger(__name__)
+
+#: What pydicom raises on malformed bytes while parsing values (found by fuzzing; see tests/test_hostile.py).
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError,
+                 NotImplementedError, RecursionError, MemoryError, BytesLengthException)
 
 #: Pixel data elements; any of them makes an image.
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -168,24 +175,30 @@ def _open(path: str | Path, stop_before_pixels: bool) -> tuple[pydicom.Dataset, 
     header-only read stops just before it, so we peek at the next tag).
     """
     try:
-        with open(path, "rb") as fp:
+        fp = open(path, "rb")
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError as exc:
+        raise NotDicomError(path, "is a directory") from exc
+    except OSError as exc:  # permission denied, symlink loop, I/O error, ...
+        raise UnreadableFileError(path, f"cannot open: {exc.strerror or exc}") from exc
+    try:
+        with fp:
+            if os.fstat(fp.fileno()).st_size == 0:
+                raise EmptyFileError(path, "the file has 0 bytes")
             ds = _dcmread(fp, stop_before_pixels)
             if stop_before_pixels:
                 has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
             else:
                 has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
             return ds, has_pixels
-    except FileNotFoundError:
+    except DicomReadError:
         raise
-    except IsADirectoryError as exc:
-        raise NotDicomError(path, "is a directory") from exc
-    except PermissionError as exc:
-        raise DicomReadError(path, f"permission denied ({exc.strerror})") from exc
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
     except InvalidDicomError as exc:
         raise NotDicomError(path, str(exc)) from exc
-    except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError, OSError) as exc:
+    except (*_PARSE_ERRORS, OSError) as exc:
         raise InvalidHeaderError(path, f"header does not parse: {exc}") from exc
 
 
@@ -198,6 +211,10 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
                 raise TruncatedFileError(path, "file ends right after its file meta information")
             if len(ds) == 0 or "SOPClassUID" not in ds and "Modality" not in ds:
                 raise NotDicomError(path, "no DICOM data elements found")
+            # Elements are stored in tag order: if the last one read comes before (0020,000D) and no
+            # pixel data follows, the file stopped early rather than lacking the tag.
+            if not has_pixels and max(ds.keys()) < 0x0020000D:
+                raise TruncatedFileError(path, f"file ends at element {max(ds.keys())}, before StudyInstanceUID")
             raise MissingTagError(path, "StudyInstanceUID is missing; slices cannot be grouped into studies")
         position = ds.get("ImagePositionPatient")
         z = _number(position[2]) if position is not None and len(position) >= 3 else None
@@ -235,7 +252,7 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
     except (EOFError, struct.error, OSError) as exc:
         # pydicom parses values lazily; a value cut off by the end of the file fails here.
         raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError) as exc:
+    except _PARSE_ERRORS as exc:
         raise InvalidHeaderError(path, f"bad header value: {exc}") from exc
 
 
@@ -271,7 +288,7 @@ def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
         raise PixelDecodeError(path, str(exc)) from exc
     except (EOFError, struct.error) as exc:
         raise TruncatedFileError(path, f"pixel data is truncated ({exc})") from exc
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as exc:
+    except (*_PARSE_ERRORS, OSError) as exc:
         message = str(exc)
         if "less than expected" in message or "truncat" in message or "insufficient" in message.lower():
             raise TruncatedFileError(path, f"pixel data is truncated: {message}") from exc

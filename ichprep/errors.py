@@ -30,6 +30,16 @@ class NotDicomError(DicomReadError):
     reason = "not_dicom"
 
 
+class EmptyFileError(DicomReadError):
+    reason = "empty_file"
+
+
+class UnreadableFileError(DicomReadError):
+    """The file exists but cannot be opened (permission denied, symlink loop, I/O error)."""
+
+    reason = "unreadable_file"
+
+
 class TruncatedFileError(DicomReadError):
     reason = "truncated"
 

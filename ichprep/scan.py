@@ -125,6 +125,24 @@ def order_slices(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([good, bad]).reset_index(drop=True)
 
 
+def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
+    """Two files with one SOPInstanceUID are one image: keep the first by path, flag the others.
+
+    (A copy left next to the original would otherwise be trained on twice and could straddle splits.)
+    """
+    ok = table.index[(table["status"] == OK) & table["sop_uid"].notna()]
+    rows = table.loc[ok].sort_values("path", kind="stable")
+    dup = rows["sop_uid"].duplicated(keep="first")
+    if dup.any():
+        kept = rows[~dup].set_index("sop_uid")["path"]
+        table = table.copy()
+        for index, sop in rows.loc[dup, "sop_uid"].items():
+            table.loc[index, "status"] = "duplicate"
+            table.loc[index, "error"] = f"same SOPInstanceUID {sop} as {kept[sop]} (kept)"
+        logger.warning("%d files repeat another file's SOPInstanceUID; they are left out", int(dup.sum()))
+    return table
+
+
 def attach_labels(table: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd.DataFrame, int]:
     """Fill the six label columns from a label table; returns the count of labelled ids with no file."""
     if labels is None:
@@ -185,7 +203,7 @@ def scan(
                 progress(sizes[future.key])
     table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
     table, labels_without_file = attach_labels(table, labels)
-    table = order_slices(table)
+    table = order_slices(flag_duplicates(table))
     return table, summarize(table, labels_without_file)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -15,11 +15,24 @@ from .errors import IchprepError
 logger = logging.getLogger("ichprep")
 
 
+def _new_bar(total: int | None, unit: str, desc: str) -> tqdm:
+    """A progress bar on stderr; silent when stderr is not a terminal."""
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, disable=None, file=sys.stderr)
+
+
 @contextmanager
 def _bar(total: int | None, unit: str, desc: str):
-    """A tqdm bar whose ``update`` is the library's ``progress`` callback; silent when not a terminal."""
-    with tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, disable=None, file=sys.stderr) as bar:
+    """A tqdm bar whose ``update`` is the library's ``progress`` callback."""
+    with _new_bar(total, unit, desc) as bar:
         yield bar.update
+
+
+@contextmanager
+def _bars():
+    """A ``progress(stage, total)`` factory for the library: one bar per stage, all closed on exit."""
+    units = {"scan": "file", "convert": "slice"}
+    with ExitStack() as stack:
+        yield lambda stage, total: stack.enter_context(_new_bar(total, units.get(stage, "item"), stage)).update
 
 
 def _fail(exc: Exception) -> None:
@@ -84,13 +97,12 @@ def cluster_options(command):
 def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | None, scheduler: str | None) -> None:
     """Read every DICOM header under DICOM_DIR in parallel and write one Parquet row per file."""
     from .cluster import dask_client
-    from .scan import list_dicom_files, scan as run_scan, write_scan
+    from .scan import scan as run_scan, write_scan
 
     if workers and scheduler:
         raise click.UsageError("give --workers or --scheduler, not both")
     try:
-        total = len(list_dicom_files(dicom_dir))
-        with dask_client(workers, scheduler) as client, _bar(total, "file", "scan") as progress:
+        with dask_client(workers, scheduler) as client, _bars() as progress:
             table, summary = run_scan(dicom_dir, labels_csv, client=client, progress=progress)
         write_scan(table, output)
     except (IchprepError, OSError) as exc:
@@ -156,16 +168,9 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
         spec = PreprocessSpec(windows=parse_windows(windows), size=size, shard_slices=shard_slices,
                               compressor=compressor, compression_level=compression_level)
         scan_table = read_scan(scan_parquet) if scan_parquet else None
-        with dask_client(workers, scheduler) as client:
-            if scan_table is None:
-                from .scan import list_dicom_files, scan as run_scan
-
-                with _bar(len(list_dicom_files(dicom_dir)), "file", "scan") as progress:
-                    scan_table, _ = run_scan(dicom_dir, labels_csv, client=client, progress=progress)
-            n = int((scan_table["status"] == "ok").sum())
-            with _bar(n, "slice", "convert") as progress:
-                summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
-                                      client=client, overwrite=overwrite, progress=progress)
+        with dask_client(workers, scheduler) as client, _bars() as progress:
+            summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
+                                  client=client, overwrite=overwrite, progress=progress)
         if manifest_out:
             write_manifest(store, summary.manifest, extra_copy=manifest_out)
     except (IchprepError, OSError, ValueError) as exc:

@@ -249,37 +249,41 @@ def convert(
     scan_table: pd.DataFrame | None = None,
     client=None,
     overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> ConvertSummary:
     """Convert every readable slice under ``dicom_dir`` into ``store``; see the module docstring.
 
     ``scan_table`` (from ``ichprep scan``) skips the header scan. ``client`` is a
     Dask client (None runs every shard in this process, for tests and small jobs).
+    ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
+    "convert": slices). The store's lock is taken first, so a second converter on the same
+    store stops at once instead of after its header scan.
     """
     started = time.perf_counter()
     dicom_dir, root = Path(dicom_dir), Path(store)
-    if scan_table is None:
-        table, _ = scan(dicom_dir, labels_csv, client=client)
-    else:
-        table = scan_table
-        if labels_csv is not None:
-            table, _ = attach_labels(table.copy(), read_labels(labels_csv))
-    table = table.assign(abs_path=table["path"].astype(str),
-                         path=[os.path.relpath(p, dicom_dir) for p in table["path"].astype(str)])
-    plan = table[table["status"] == OK].reset_index(drop=True)
-    header_failures = table[table["status"] != OK]
-    if plan.empty:
-        raise DicomReadError(dicom_dir, f"no readable CT slice among {len(table)} files; see the scan for reasons")
-
     root.mkdir(parents=True, exist_ok=True)
     with store_lock(root):
+        if scan_table is None:
+            table, _ = scan(dicom_dir, labels_csv, client=client, progress=progress)
+        else:
+            table = scan_table
+            if labels_csv is not None:
+                table, _ = attach_labels(table.copy(), read_labels(labels_csv))
+        table = table.assign(abs_path=table["path"].astype(str),
+                             path=[os.path.relpath(p, dicom_dir) for p in table["path"].astype(str)])
+        plan = table[table["status"] == OK].reset_index(drop=True)
+        header_failures = table[table["status"] != OK]
+        if plan.empty:
+            raise DicomReadError(dicom_dir, f"no readable CT slice among {len(table)} files; see the scan for reasons")
+
         identity = _identity(spec, plan)
         resuming = _prepare(root, identity, overwrite)
         if not resuming:
             create_images(root, len(plan), spec)
             (root / STATE / "shards").mkdir(parents=True, exist_ok=True)
             write_json_atomic(root / STATE / RUN_FILE, identity)
-        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, progress)
+        advance = progress("convert", len(plan)) if progress else None
+        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, advance)
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
         slices = plan.assign(ok=[i not in errors for i in range(len(plan))],

@@ -174,23 +174,26 @@ def scan(
     labels_csv: str | Path | None = None,
     client=None,
     batch_size: int = 256,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> tuple[pd.DataFrame, ScanSummary]:
     """Scan every DICOM under ``dicom_dir``; returns the ordered table and a summary.
 
     With a Dask ``client`` the headers are read on its workers in batches of
     ``batch_size`` files (retried if a worker dies); without one, in this process.
     The label CSV is parsed first so a bad CSV fails before the long part.
+    ``progress(stage, total)`` returns a callback given the number of files done (the CLI
+    turns it into a progress bar).
     """
     labels = read_labels(labels_csv) if labels_csv is not None else None
     paths = list_dicom_files(dicom_dir)
     logger.info("scanning %d files under %s", len(paths), dicom_dir)
+    advance = progress("scan", len(paths)) if progress else None
     parts = []
     if client is None:
         for batch in _batches(paths, batch_size):
             parts.append(scan_files(batch))
-            if progress:
-                progress(len(batch))
+            if advance:
+                advance(len(batch))
     else:
         from distributed import as_completed
 
@@ -199,8 +202,8 @@ def scan(
         sizes = {f.key: len(b) for f, b in zip(futures, batches)}
         for future in as_completed(futures):
             parts.append(future.result())
-            if progress:
-                progress(sizes[future.key])
+            if advance:
+                advance(sizes[future.key])
     table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
     table, labels_without_file = attach_labels(table, labels)
     table = order_slices(flag_duplicates(table))

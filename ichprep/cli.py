@@ -148,8 +148,12 @@ def _human(nbytes: float) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other inputs or options.")
 @click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the manifest here, e.g. data_manifests/rsna-256.json.")
+@click.option("--pseudonymize-key", envvar="ICHPREP_PSEUDONYMIZE_KEY", metavar="KEY", default=None,
+              help="Replace patient/study/series/image ids and file paths in the store by HMAC-SHA256 "
+                   "pseudonyms under KEY (>= 16 characters; also read from $ICHPREP_PSEUDONYMIZE_KEY, "
+                   "which keeps it out of the process list).")
 def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_slices, compressor, compression_level,
-            workers, scheduler, overwrite, manifest_out) -> None:
+            workers, scheduler, overwrite, manifest_out, pseudonymize_key) -> None:
     """Convert every DICOM slice under DICOM_DIR into one sharded Zarr v3 store.
 
     Rerunning the same command after an interruption resumes: completed shards
@@ -170,7 +174,8 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
         scan_table = read_scan(scan_parquet) if scan_parquet else None
         with dask_client(workers, scheduler) as client, _bars() as progress:
             summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
-                                  client=client, overwrite=overwrite, progress=progress)
+                                  client=client, overwrite=overwrite, progress=progress,
+                                  pseudonymize_key=pseudonymize_key)
         if manifest_out:
             write_manifest(store, summary.manifest, extra_copy=manifest_out)
     except (IchprepError, OSError, ValueError) as exc:

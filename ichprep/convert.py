@@ -36,6 +36,7 @@ from .dicomio import read_slice
 from .errors import DicomReadError, StoreExistsError, StoreLockedError
 from .labels import LABELS, read_labels
 from .manifest import build_manifest, write_manifest
+from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .spec import PreprocessSpec
 from .store import (
@@ -121,8 +122,8 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
             buffer[i] = spec.apply(hu)
         except DicomReadError as exc:
             errors.append([start + i, exc.reason, exc.detail])
-        except FileNotFoundError as exc:
-            errors.append([start + i, "missing", str(exc)])
+        except FileNotFoundError:
+            errors.append([start + i, "missing", "the file was removed after the header scan"])
     images = zarr.open_array(str(root / IMAGES), mode="r+")
     images[start : start + len(paths)] = buffer  # the one write of this shard
 
@@ -250,6 +251,7 @@ def convert(
     client=None,
     overwrite: bool = False,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    pseudonymize_key: str | None = None,
 ) -> ConvertSummary:
     """Convert every readable slice under ``dicom_dir`` into ``store``; see the module docstring.
 
@@ -257,10 +259,13 @@ def convert(
     Dask client (None runs every shard in this process, for tests and small jobs).
     ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
     "convert": slices). The store's lock is taken first, so a second converter on the same
-    store stops at once instead of after its header scan.
+    store stops at once instead of after its header scan. ``pseudonymize_key`` replaces every
+    identifier and path written to the store by a keyed hash (see :mod:`ichprep.privacy`).
     """
     started = time.perf_counter()
     dicom_dir, root = Path(dicom_dir), Path(store)
+    if pseudonymize_key is not None:
+        check_key(pseudonymize_key)  # before the long part
     root.mkdir(parents=True, exist_ok=True)
     with store_lock(root):
         if scan_table is None:
@@ -271,6 +276,9 @@ def convert(
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
         table = table.assign(abs_path=table["path"].astype(str),
                              path=[os.path.relpath(p, dicom_dir) for p in table["path"].astype(str)])
+        originals = {}
+        if pseudonymize_key is not None:
+            table, originals = pseudonymize_scan(table, pseudonymize_key)
         plan = table[table["status"] == OK].reset_index(drop=True)
         header_failures = table[table["status"] != OK]
         if plan.empty:
@@ -289,11 +297,13 @@ def convert(
         slices = plan.assign(ok=[i not in errors for i in range(len(plan))],
                              error=pd.array([errors.get(i) for i in range(len(plan))], dtype="string"))
         slices = slices[SLICE_COLUMNS]
+        if originals:  # decode errors can quote a path
+            slices = slices.assign(error=scrub(slices["error"], originals))
         slices.to_parquet(root / SLICES, index=False)
         build_studies(slices).to_parquet(root / STUDIES, index=False)
         rejected = _rejected_table(header_failures, slices)
         rejected.to_csv(root / REJECTED, index=False)
-        manifest = build_manifest(root, results, table)
+        manifest = build_manifest(root, results, table, pseudonymized=pseudonymize_key is not None)
         write_manifest(root, manifest)
 
     wall = time.perf_counter() - started

@@ -35,7 +35,7 @@ def source_digest(table: pd.DataFrame) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame) -> dict:
+def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame, pseudonymized: bool = False) -> dict:
     """Manifest of a finished store; ``table`` is the whole scan (paths relative to the DICOM folder)."""
     files = {}
     for result in sorted(shard_results, key=lambda r: r["index"]):
@@ -63,6 +63,7 @@ def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame) -
             "bytes": int(table["file_size"].fillna(0).sum()),
             "sha256": source_digest(table),
         },
+        "pseudonymized": pseudonymized,
         "files": files,
     }
 

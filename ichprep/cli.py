@@ -252,3 +252,26 @@ def show(store: Path, study: str | None, index: int | None, output: Path, max_sl
     except (IchprepError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--studies", "studies_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Only these studies: a text file with one StudyInstanceUID per line.")
+@click.option("--shard-slices", type=click.IntRange(1, 4096), default=None,
+              help="Re-shard to this many slices per shard [default: as the source].")
+@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
+def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int | None, overwrite: bool) -> None:
+    """Copy STORE, or a subset of its studies, to DEST as a store with its own manifest."""
+    from .export import export_store, read_study_list
+
+    try:
+        studies = read_study_list(studies_file) if studies_file else None
+        with _bar(None, "slice", "export") as progress:
+            summary = export_store(store, dest, studies, shard_slices, overwrite, progress)
+    except (IchprepError, OSError) as exc:
+        _fail(exc)
+    how = "copied byte for byte" if summary.copied_verbatim else f"re-sharded into {summary.n_shards} shards"
+    click.echo(f"exported {summary.n_studies} studies ({summary.n_slices} slices) to {dest}, {how}; "
+               f"check it with: ichprep verify {dest}")

@@ -35,13 +35,13 @@ import zarr
 from .dicomio import read_slice
 from .errors import DicomReadError, StoreExistsError, StoreLockedError
 from .labels import LABELS, read_labels
-from .manifest import build_manifest, write_manifest
+from .manifest import build_manifest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .spec import PreprocessSpec
 from .store import (
     IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, sha256_file,
-    shard_path, write_json_atomic,
+    shard_path, write_json_atomic, write_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -125,19 +125,7 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
         except FileNotFoundError:
             errors.append([start + i, "missing", "the file was removed after the header scan"])
     images = zarr.open_array(str(root / IMAGES), mode="r+")
-    images[start : start + len(paths)] = buffer  # the one write of this shard
-
-    shard = root / shard_path(index)
-    exists = shard.is_file()
-    done = {
-        "index": index,
-        "start": start,
-        "stop": start + len(paths),
-        "inputs": digest,
-        "sha256": sha256_file(shard) if exists else None,
-        "size": shard.stat().st_size if exists else 0,
-        "errors": errors,
-    }
+    done = {**write_shard(root, images, index, start, buffer), "inputs": digest, "errors": errors}
     write_json_atomic(_marker_path(root, index), done)
     return {**done, "skipped": False}
 
@@ -303,7 +291,8 @@ def convert(
         build_studies(slices).to_parquet(root / STUDIES, index=False)
         rejected = _rejected_table(header_failures, slices)
         rejected.to_csv(root / REJECTED, index=False)
-        manifest = build_manifest(root, results, table, pseudonymized=pseudonymize_key is not None)
+        manifest = build_manifest(root, results, source_summary(table), len(header_failures),
+                                  pseudonymized=pseudonymize_key is not None)
         write_manifest(root, manifest)
 
     wall = time.perf_counter() - started

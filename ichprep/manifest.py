@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from .errors import StoreError
-from .scan import OK
 from .store import ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, open_store, sha256_file, write_json_atomic
 
 MANIFEST_FORMAT = "ichkit-manifest/1"
@@ -35,8 +34,14 @@ def source_digest(table: pd.DataFrame) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame, pseudonymized: bool = False) -> dict:
-    """Manifest of a finished store; ``table`` is the whole scan (paths relative to the DICOM folder)."""
+def source_summary(table: pd.DataFrame) -> dict:
+    """The manifest's ``source`` block: file count, bytes and digest of the listing (path, file_size)."""
+    return {"n_files": len(table), "bytes": int(table["file_size"].fillna(0).sum()), "sha256": source_digest(table)}
+
+
+def build_manifest(root: Path, shard_results: list[dict], source: dict, header_failures: int,
+                   pseudonymized: bool = False) -> dict:
+    """Manifest of a finished store from its shard records; ``source`` from :func:`source_summary`."""
     files = {}
     for result in sorted(shard_results, key=lambda r: r["index"]):
         if result["sha256"] is not None:
@@ -52,17 +57,13 @@ def build_manifest(root: Path, shard_results: list[dict], table: pd.DataFrame, p
             "slices": len(slices),
             "slices_ok": int(slices["ok"].sum()),
             "pixel_failures": int((~slices["ok"]).sum()),
-            "header_failures": int((table["status"] != OK).sum()),
+            "header_failures": int(header_failures),
             "studies": int(slices["study_uid"].nunique()),
             "patients": int(slices["patient_id"].fillna(slices["study_uid"]).nunique()),
             "shards": len(shard_results),
             "store_bytes": sum(f["size"] for f in files.values()),
         },
-        "source": {
-            "n_files": len(table),
-            "bytes": int(table["file_size"].fillna(0).sum()),
-            "sha256": source_digest(table),
-        },
+        "source": source,
         "pseudonymized": pseudonymized,
         "files": files,
     }

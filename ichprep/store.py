@@ -39,7 +39,7 @@ STATE = ".ichprep"
 
 #: Columns of slices.parquet, in order.
 SLICE_COLUMNS = ["image_id", "study_uid", "series_uid", "patient_id", "z", "instance_number", "order_by",
-                 *LABELS, "ok", "error", "path", "rows", "cols"]
+                 *LABELS, "ok", "error", "path", "file_size", "rows", "cols"]
 
 
 def compressor(spec: PreprocessSpec):
@@ -66,6 +66,18 @@ def create_images(root: Path, n_slices: int, spec: PreprocessSpec) -> zarr.Array
 def shard_path(index: int) -> str:
     """Relative path of shard ``index`` (default v3 chunk key encoding, '/' separator)."""
     return f"{IMAGES}/c/{index}/0/0/0"
+
+
+def write_shard(root: Path, images: zarr.Array, index: int, start: int, buffer: np.ndarray) -> dict:
+    """Write shard ``index`` whole with one call (never a partial shard write) and record its checksum.
+
+    zarr writes no file for a shard that is all fill value (every slot zero-filled): sha256 None.
+    """
+    images[start : start + len(buffer)] = buffer
+    shard = root / shard_path(index)
+    exists = shard.is_file()
+    return {"index": index, "start": start, "stop": start + len(buffer),
+            "sha256": sha256_file(shard) if exists else None, "size": shard.stat().st_size if exists else 0}
 
 
 def n_shards(n_slices: int, shard_slices: int) -> int:

@@ -1,0 +1,109 @@
+"""``ichprep export``: a whole store, or a subset of its studies, as a new verifiable store.
+
+A whole-store export with the same shard size copies the files byte for byte
+(the manifest stays valid).  A subset, or a new ``--shard-slices``, is
+re-sharded: each destination shard is assembled from one range read per run
+of consecutive source slots and written whole, then gets its own manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import StoreExistsError, StoreError
+from .manifest import build_manifest, source_summary, write_manifest
+from .store import MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, open_store, write_shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    dest: Path
+    n_studies: int
+    n_slices: int
+    n_shards: int
+    copied_verbatim: bool
+
+
+def read_study_list(path: str | Path) -> list[str]:
+    """One StudyInstanceUID per line; blank lines and '#' comments ignored."""
+    lines = Path(path).read_text().splitlines()
+    studies = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not studies:
+        raise StoreError(f"{path} lists no study UIDs (one per line)")
+    return studies
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(position in slots, first slot, stop slot) of each run of consecutive slots: one read each."""
+    if len(slots) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(slots)]])
+    return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def _prepare_dest(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and any(dest.iterdir()):
+        if not overwrite:
+            raise StoreExistsError(f"{dest} exists and is not empty; use --overwrite to replace it")
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+def export_store(src: str | Path, dest: str | Path, studies: list[str] | None = None,
+                 shard_slices: int | None = None, overwrite: bool = False,
+                 progress: Callable[[int], None] | None = None) -> ExportSummary:
+    src, dest = Path(src), Path(dest)
+    store = open_store(src)
+    if dest.resolve() == src.resolve():
+        raise StoreError("export destination is the source store")
+    _prepare_dest(dest, overwrite)
+    spec = store.spec if shard_slices is None else replace(store.spec, shard_slices=shard_slices)
+
+    if studies is None and spec.shard_slices == store.spec.shard_slices:
+        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE))
+        return ExportSummary(dest, len(store.studies), len(store.slices), store.n_shards, copied_verbatim=True)
+
+    chosen = store.studies if studies is None else store.studies[store.studies["study_uid"].isin(studies)]
+    unknown = sorted(set(studies or []) - set(chosen["study_uid"]))
+    if unknown:
+        raise StoreError(f"{len(unknown)} studies are not in {src} (e.g. {unknown[:3]}); "
+                         "study UIDs are listed in studies.parquet")
+    chosen = chosen.sort_values("start")
+    slots = np.concatenate([np.arange(r.start, r.stop) for r in chosen.itertuples()])
+    slices = store.slices.iloc[slots].reset_index(drop=True)
+
+    images = create_images(dest, len(slots), spec)
+    results = []
+    for index, first in enumerate(range(0, len(slots), spec.shard_slices)):
+        part = slots[first : first + spec.shard_slices]
+        buffer = np.empty((len(part),) + store.images.shape[1:], dtype=np.uint8)
+        for at, a, b in _runs(part):
+            buffer[at : at + (b - a)] = store.images[a:b]
+        results.append(write_shard(dest, images, index, first, buffer))
+        if progress:
+            progress(len(part))
+
+    slices.to_parquet(dest / SLICES, index=False)
+    build_studies(slices).to_parquet(dest / STUDIES, index=False)
+    rejected = pd.read_csv(src / REJECTED, dtype=str)
+    rejected[rejected["image_id"].isin(set(slices["image_id"]))].to_csv(dest / REJECTED, index=False)
+    source_manifest = (src / MANIFEST).read_bytes()
+    # The source of an export is its parent store: the digest ties the copy to the exact parent.
+    source = {**source_summary(slices), "export_of": hashlib.sha256(source_manifest).hexdigest()}
+    pseudonymized = bool(json.loads(source_manifest).get("pseudonymized", False))
+    write_manifest(dest, build_manifest(dest, results, source, header_failures=0, pseudonymized=pseudonymized))
+    logger.info("exported %d studies (%d slices) from %s to %s", len(chosen), len(slices), src, dest)
+    return ExportSummary(dest, len(chosen), len(slices), len(results), copied_verbatim=False)

@@ -35,6 +35,27 @@ def _bars():
         yield lambda stage, total: stack.enter_context(_new_bar(total, units.get(stage, "item"), stage)).update
 
 
+class StoreParam(click.ParamType):
+    """A store: a local folder (checked to exist when ``exists``) or an fsspec URL such as s3://bucket/cache.zarr."""
+
+    name = "STORE"
+
+    def __init__(self, exists: bool = True):
+        self.exists = exists
+
+    def convert(self, value, param, ctx):
+        from .location import is_url
+
+        if is_url(value):
+            return str(value)
+        path = Path(value)
+        if self.exists and not path.is_dir():
+            self.fail(f"store {value!r} is not a folder (or an s3://... URL)", param, ctx)
+        if path.exists() and not path.is_dir():
+            self.fail(f"{value!r} is a file, not a store folder", param, ctx)
+        return str(path)
+
+
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc)) from exc
 
@@ -130,8 +151,8 @@ def _human(nbytes: float) -> str:
 @click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Kaggle label CSV (ID,Label).")
-@click.option("-o", "--output", "store", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Zarr store to write (a folder, e.g. cache.zarr).")
+@click.option("-o", "--output", "store", type=StoreParam(exists=False), required=True,
+              help="Zarr store to write: a folder (cache.zarr) or an object-store URL (s3://bucket/cache.zarr).")
 @click.option("--scan", "scan_parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Use this `ichprep scan` table instead of scanning headers again.")
 @click.option("--size", type=click.IntRange(16, 2048), default=256, show_default=True,
@@ -192,13 +213,13 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
         click.echo(f"  manifest also written to {manifest_out}")
     if summary.n_rejected:
         click.echo(f"completed with {summary.n_rejected} rejected (listed with reasons in "
-                   f"{summary.store / 'rejected.csv'})")
+                   f"{summary.store}/rejected.csv)")
     else:
         click.echo("completed, nothing rejected")
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=StoreParam())
 @click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Check against this manifest (e.g. data_manifests/NAME.json) instead of STORE/manifest.json.")
 def verify(store: Path, manifest_path: Path | None) -> None:
@@ -219,7 +240,7 @@ def verify(store: Path, manifest_path: Path | None) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=StoreParam())
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def info(store: Path, as_json: bool) -> None:
     """Spec, counts, label prevalence and size on disk of STORE."""
@@ -235,7 +256,7 @@ def info(store: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=StoreParam())
 @click.option("--study", default=None, metavar="UID", help="Show all slices of this StudyInstanceUID.")
 @click.option("--index", type=click.IntRange(min=0), default=None, help="Show the study of slice I, I highlighted.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
@@ -255,8 +276,8 @@ def show(store: Path, study: str | None, index: int | None, output: Path, max_sl
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store", type=StoreParam())
+@click.argument("dest", type=StoreParam(exists=False))
 @click.option("--studies", "studies_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Only these studies: a text file with one StudyInstanceUID per line.")
 @click.option("--shard-slices", type=click.IntRange(1, 4096), default=None,

@@ -15,44 +15,41 @@ so an interrupted run ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from .dicomio import read_slice
-from .errors import DicomReadError, StoreExistsError, StoreLockedError
+from .errors import DicomReadError, StoreExistsError
 from .labels import LABELS, read_labels
 from .manifest import build_manifest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .spec import PreprocessSpec
+from .location import Location, as_location
+from .lock import LOCK, store_lock
 from .store import (
-    IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, sha256_file,
-    shard_path, write_json_atomic, write_shard,
+    REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, open_images, shard_path,
+    write_shard,
 )
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-LOCK_FILE = "lock"
 
 
 @dataclass(frozen=True)
 class ConvertSummary:
-    store: Path
+    store: str
     n_slices: int
     n_studies: int
     n_shards: int
@@ -78,27 +75,26 @@ class ConvertSummary:
 
 # ---------------------------------------------------------------- one shard (runs on a worker)
 
-def _marker_path(root: Path, index: int) -> Path:
-    return root / STATE / "shards" / f"{index:06d}.json"
+def _marker(index: int) -> str:
+    return f"{STATE}/shards/{index:06d}.json"
 
 
 def _inputs_digest(start: int, paths: list[str]) -> str:
     return hashlib.sha256(json.dumps([start, paths]).encode()).hexdigest()
 
 
-def _completed(root: Path, index: int, digest: str) -> dict | None:
-    """The shard's marker if the shard file on disk is exactly what that marker recorded."""
-    marker = _marker_path(root, index)
+def _completed(root: Location, index: int, digest: str) -> dict | None:
+    """The shard's marker if the shard file in the store is exactly what that marker recorded."""
     try:
-        done = json.loads(marker.read_text())
+        done = root.read_json(_marker(index))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if done.get("inputs") != digest:
         return None
-    shard = root / shard_path(index)
+    shard = shard_path(index)
     if done["sha256"] is None:  # every slot failed: zarr writes no file for an all-fill shard
-        return done if not shard.exists() else None
-    if not shard.is_file() or shard.stat().st_size != done["size"] or sha256_file(shard) != done["sha256"]:
+        return done if not root.exists(shard) else None
+    if not root.isfile(shard) or root.size(shard) != done["size"] or root.sha256(shard) != done["sha256"]:
         return None
     return done
 
@@ -108,7 +104,7 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
 
     Pixel failures keep their slot (zero-filled) and are listed in ``errors``.
     """
-    root = Path(root)
+    root = Location(root)
     digest = _inputs_digest(start, paths)
     done = _completed(root, index, digest)
     if done is not None:
@@ -124,36 +120,12 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
             errors.append([start + i, exc.reason, exc.detail])
         except FileNotFoundError:
             errors.append([start + i, "missing", "the file was removed after the header scan"])
-    images = zarr.open_array(str(root / IMAGES), mode="r+")
-    done = {**write_shard(root, images, index, start, buffer), "inputs": digest, "errors": errors}
-    write_json_atomic(_marker_path(root, index), done)
+    done = {**write_shard(root, open_images(root, "r+"), index, start, buffer), "inputs": digest, "errors": errors}
+    root.write_json(_marker(index), done)
     return {**done, "skipped": False}
 
 
 # ---------------------------------------------------------------- the run
-
-@contextmanager
-def store_lock(root: Path) -> Iterator[None]:
-    """An exclusive flock on STORE/.ichprep/lock; released by the OS even on kill -9."""
-    state = root / STATE
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise StoreLockedError(
-                f"{root} is being written by another ichprep convert ({handle.read().strip() or 'unknown'}); "
-                "wait for it to finish, or stop it and rerun to resume"
-            ) from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
 
 def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
     """What must match for a rerun to resume instead of refusing."""
@@ -166,11 +138,11 @@ def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
     }
 
 
-def _prepare(root: Path, identity: dict, overwrite: bool) -> bool:
+def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
     """Make ``root`` ready for this run; True when resuming an earlier run of it."""
-    run_file = root / STATE / RUN_FILE
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
+    run_file = f"{STATE}/{RUN_FILE}"
+    if root.isfile(run_file):
+        previous = root.read_json(run_file)
         if previous == identity:
             logger.info("resuming the conversion in %s", root)
             return True
@@ -180,15 +152,14 @@ def _prepare(root: Path, identity: dict, overwrite: bool) -> bool:
                 f"{root} holds a conversion with other inputs or options (differs in: {', '.join(changed)}); "
                 "use --overwrite to replace it, or choose another output path"
             )
-    elif any(p.name != STATE for p in root.iterdir()) and not overwrite:
+    elif any(name != STATE for name in root.entries()) and not overwrite:
         raise StoreExistsError(f"{root} exists and is not an ichprep store in progress; use --overwrite to replace it")
-    for entry in root.iterdir():  # keep .ichprep/lock: we hold it
-        if entry.name == STATE:
-            for inner in entry.iterdir():
-                if inner.name != LOCK_FILE:
-                    shutil.rmtree(inner) if inner.is_dir() else inner.unlink()
-        else:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for name in root.entries():
+        if name != STATE:
+            root.remove(name)
+    for name in root.files(STATE):
+        if name != LOCK:  # we hold it
+            root.remove(name)
     return False
 
 
@@ -198,18 +169,18 @@ def _tasks(plan: pd.DataFrame, shard_slices: int) -> list[tuple[int, int, list[s
             for k, start in enumerate(range(0, len(paths), shard_slices))]
 
 
-def _run_tasks(root: Path, tasks, spec: PreprocessSpec, client, progress) -> list[dict]:
+def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress) -> list[dict]:
     results = []
     if client is None:
         for index, start, paths in tasks:
-            results.append(convert_shard(str(root), index, start, paths, spec))
+            results.append(convert_shard(root.url, index, start, paths, spec))
             if progress:
                 progress(len(paths))
         return results
     from distributed import as_completed
 
     futures = [
-        client.submit(convert_shard, str(root), index, start, paths, spec, key=f"ichprep-shard-{index}-{start}",
+        client.submit(convert_shard, root.url, index, start, paths, spec, key=f"ichprep-shard-{index}-{start}",
                       retries=3, pure=False)
         for index, start, paths in tasks
     ]
@@ -251,10 +222,10 @@ def convert(
     identifier and path written to the store by a keyed hash (see :mod:`ichprep.privacy`).
     """
     started = time.perf_counter()
-    dicom_dir, root = Path(dicom_dir), Path(store)
+    dicom_dir, root = Path(dicom_dir), as_location(store)
     if pseudonymize_key is not None:
         check_key(pseudonymize_key)  # before the long part
-    root.mkdir(parents=True, exist_ok=True)
+    root.makedirs()
     with store_lock(root):
         if scan_table is None:
             table, _ = scan(dicom_dir, labels_csv, client=client, progress=progress)
@@ -276,8 +247,8 @@ def convert(
         resuming = _prepare(root, identity, overwrite)
         if not resuming:
             create_images(root, len(plan), spec)
-            (root / STATE / "shards").mkdir(parents=True, exist_ok=True)
-            write_json_atomic(root / STATE / RUN_FILE, identity)
+            root.makedirs(f"{STATE}/shards")
+            root.write_json(f"{STATE}/{RUN_FILE}", identity)
         advance = progress("convert", len(plan)) if progress else None
         results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, advance)
 
@@ -287,17 +258,17 @@ def convert(
         slices = slices[SLICE_COLUMNS]
         if originals:  # decode errors can quote a path
             slices = slices.assign(error=scrub(slices["error"], originals))
-        slices.to_parquet(root / SLICES, index=False)
-        build_studies(slices).to_parquet(root / STUDIES, index=False)
+        root.write_parquet(SLICES, slices)
+        root.write_parquet(STUDIES, build_studies(slices))
         rejected = _rejected_table(header_failures, slices)
-        rejected.to_csv(root / REJECTED, index=False)
+        root.write_csv(REJECTED, rejected)
         manifest = build_manifest(root, results, source_summary(table), len(header_failures),
                                   pseudonymized=pseudonymize_key is not None)
         write_manifest(root, manifest)
 
     wall = time.perf_counter() - started
     return ConvertSummary(
-        store=root,
+        store=root.url,
         n_slices=int(slices["ok"].sum()),
         n_studies=int(slices["study_uid"].nunique()),
         n_shards=n_shards(len(plan), spec.shard_slices),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StoreExistsError, StoreError
+from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
 from .store import MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, open_store, write_shard
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExportSummary:
-    dest: Path
+    dest: str
     n_studies: int
     n_slices: int
     n_shards: int
@@ -54,27 +54,30 @@ def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def _prepare_dest(dest: Path, overwrite: bool) -> None:
-    if dest.exists() and any(dest.iterdir()):
+def _prepare_dest(dest: Location, overwrite: bool) -> None:
+    if dest.entries():
         if not overwrite:
             raise StoreExistsError(f"{dest} exists and is not empty; use --overwrite to replace it")
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+        for name in dest.entries():
+            dest.remove(name)
+    dest.makedirs()
 
 
-def export_store(src: str | Path, dest: str | Path, studies: list[str] | None = None,
+def export_store(src: str | Path | Location, dest: str | Path | Location, studies: list[str] | None = None,
                  shard_slices: int | None = None, overwrite: bool = False,
                  progress: Callable[[int], None] | None = None) -> ExportSummary:
-    src, dest = Path(src), Path(dest)
+    src, dest = as_location(src), as_location(dest)
     store = open_store(src)
-    if dest.resolve() == src.resolve():
+    if dest.url == src.url:
         raise StoreError("export destination is the source store")
     _prepare_dest(dest, overwrite)
     spec = store.spec if shard_slices is None else replace(store.spec, shard_slices=shard_slices)
 
     if studies is None and spec.shard_slices == store.spec.shard_slices:
-        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(STATE))
-        return ExportSummary(dest, len(store.studies), len(store.slices), store.n_shards, copied_verbatim=True)
+        for name in src.files():  # byte for byte, either way between folders and object stores
+            if not name.startswith(STATE + "/"):
+                dest.write_bytes(name, src.read_bytes(name))
+        return ExportSummary(dest.url, len(store.studies), len(store.slices), store.n_shards, copied_verbatim=True)
 
     chosen = store.studies if studies is None else store.studies[store.studies["study_uid"].isin(studies)]
     unknown = sorted(set(studies or []) - set(chosen["study_uid"]))
@@ -96,14 +99,15 @@ def export_store(src: str | Path, dest: str | Path, studies: list[str] | None = 
         if progress:
             progress(len(part))
 
-    slices.to_parquet(dest / SLICES, index=False)
-    build_studies(slices).to_parquet(dest / STUDIES, index=False)
-    rejected = pd.read_csv(src / REJECTED, dtype=str)
-    rejected[rejected["image_id"].isin(set(slices["image_id"]))].to_csv(dest / REJECTED, index=False)
-    source_manifest = (src / MANIFEST).read_bytes()
+    dest.write_parquet(SLICES, slices)
+    dest.write_parquet(STUDIES, build_studies(slices))
+    with src.open(REJECTED) as f:
+        rejected = pd.read_csv(f, dtype=str)
+    dest.write_csv(REJECTED, rejected[rejected["image_id"].isin(set(slices["image_id"]))])
+    source_manifest = src.read_bytes(MANIFEST)
     # The source of an export is its parent store: the digest ties the copy to the exact parent.
     source = {**source_summary(slices), "export_of": hashlib.sha256(source_manifest).hexdigest()}
     pseudonymized = bool(json.loads(source_manifest).get("pseudonymized", False))
     write_manifest(dest, build_manifest(dest, results, source, header_failures=0, pseudonymized=pseudonymized))
     logger.info("exported %d studies (%d slices) from %s to %s", len(chosen), len(slices), src, dest)
-    return ExportSummary(dest, len(chosen), len(slices), len(results), copied_verbatim=False)
+    return ExportSummary(dest.url, len(chosen), len(slices), len(results), copied_verbatim=False)

@@ -18,14 +18,15 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from .errors import StoreError
-from .store import ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, open_store, sha256_file, write_json_atomic
+from .location import Location, as_location, read_any
+from .store import ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, open_store, read_parquet
 
 MANIFEST_FORMAT = "ichkit-manifest/1"
 _TABLES = ("zarr.json", f"{IMAGES}/zarr.json", SLICES, STUDIES, REJECTED)
 
 
-def _entry(path: Path) -> dict:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+def _entry(root: Location, name: str) -> dict:
+    return {"sha256": root.sha256(name), "size": root.size(name)}
 
 
 def source_digest(table: pd.DataFrame) -> str:
@@ -39,7 +40,7 @@ def source_summary(table: pd.DataFrame) -> dict:
     return {"n_files": len(table), "bytes": int(table["file_size"].fillna(0).sum()), "sha256": source_digest(table)}
 
 
-def build_manifest(root: Path, shard_results: list[dict], source: dict, header_failures: int,
+def build_manifest(root: Location, shard_results: list[dict], source: dict, header_failures: int,
                    pseudonymized: bool = False) -> dict:
     """Manifest of a finished store from its shard records; ``source`` from :func:`source_summary`."""
     files = {}
@@ -47,9 +48,9 @@ def build_manifest(root: Path, shard_results: list[dict], source: dict, header_f
         if result["sha256"] is not None:
             files[f"{IMAGES}/c/{result['index']}/0/0/0"] = {"sha256": result["sha256"], "size": result["size"]}
     for name in _TABLES:
-        files[name] = _entry(root / name)
-    attrs = json.loads((root / "zarr.json").read_text())["attributes"][ATTRS_KEY]
-    slices = pd.read_parquet(root / SLICES, columns=["ok", "patient_id", "study_uid"])
+        files[name] = _entry(root, name)
+    attrs = root.read_json("zarr.json")["attributes"][ATTRS_KEY]
+    slices = read_parquet(root, SLICES, columns=["ok", "patient_id", "study_uid"])
     return {
         "format": MANIFEST_FORMAT,
         "spec": attrs,
@@ -69,17 +70,19 @@ def build_manifest(root: Path, shard_results: list[dict], source: dict, header_f
     }
 
 
-def write_manifest(root: Path, manifest: dict, extra_copy: str | Path | None = None) -> None:
-    write_json_atomic(root / MANIFEST, manifest)
+def write_manifest(root: str | Path | Location, manifest: dict, extra_copy: str | Path | None = None) -> None:
+    as_location(root).write_json(MANIFEST, manifest)
     if extra_copy is not None:
-        Path(extra_copy).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(extra_copy), manifest)
+        extra = Path(extra_copy).absolute()
+        Location(extra.parent).write_json(extra.name, manifest)
 
 
-def load_manifest(path: str | Path) -> dict:
-    path = Path(path)
+def load_manifest(path: str | Path, root: Location | None = None) -> dict:
+    """A manifest file, or (``path`` None) the store's own ``manifest.json``."""
+    if path is None:
+        path = root.child_url(MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_any(path))
     except FileNotFoundError:
         raise StoreError(f"manifest {path} does not exist") from None
     except json.JSONDecodeError as exc:
@@ -101,7 +104,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    root: Path
+    root: Location
     files_checked: int
     bytes_checked: int
     problems: list[Problem] = field(default_factory=list)
@@ -117,34 +120,30 @@ def _safe_relative(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
 
 
-def _check_files(root: Path, files: dict) -> tuple[list[Problem], int, int]:
+def _check_files(root: Location, files: dict) -> tuple[list[Problem], int, int]:
     problems, checked, nbytes = [], 0, 0
     for name, expected in sorted(files.items()):
         if not _safe_relative(name):
             problems.append(Problem(name, "unsafe_path", "manifest names a path outside the store; refusing"))
             continue
-        path = root / name
-        if not path.is_file():
+        if not root.isfile(name):
             problems.append(Problem(name, "missing", "file not found"))
             continue
-        size = path.stat().st_size
+        size = root.size(name)
         checked, nbytes = checked + 1, nbytes + size
         if size < expected["size"]:
             problems.append(Problem(name, "truncated", f"{size} bytes, expected {expected['size']}"))
         elif size != expected["size"]:
             problems.append(Problem(name, "size", f"{size} bytes, expected {expected['size']}"))
-        elif sha256_file(path) != expected["sha256"]:
+        elif root.sha256(name) != expected["sha256"]:
             problems.append(Problem(name, "altered", "sha256 differs from the manifest"))
-    shard_dir = root / IMAGES / "c"
-    if shard_dir.is_dir():
-        for path in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
-            name = path.relative_to(root).as_posix()
-            if name not in files:
-                problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
+    for name in root.files(f"{IMAGES}/c"):
+        if name not in files:
+            problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
     return problems, checked, nbytes
 
 
-def _check_tables(root: Path, manifest: dict) -> list[Problem]:
+def _check_tables(root: Location, manifest: dict) -> list[Problem]:
     try:
         store = open_store(root)
     except (StoreError, OSError, KeyError, ValueError) as exc:
@@ -168,10 +167,10 @@ def _check_tables(root: Path, manifest: dict) -> list[Problem]:
     return problems
 
 
-def verify_store(root: str | Path, manifest_path: str | Path | None = None) -> VerifyReport:
+def verify_store(root: str | Path | Location, manifest_path: str | Path | None = None) -> VerifyReport:
     """Recompute every checksum of the manifest and check the tables against the array."""
-    root = Path(root)
-    manifest = load_manifest(manifest_path or root / MANIFEST)
+    root = as_location(root)
+    manifest = load_manifest(manifest_path, root)
     problems, checked, nbytes = _check_files(root, manifest["files"])
     if not any(p.kind in {"unsafe_path"} for p in problems) and all(
         p.path not in (SLICES, STUDIES, "zarr.json", f"{IMAGES}/zarr.json") for p in problems

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from .labels import LABELS
+from .location import as_location
 from .manifest import load_manifest
-from .store import ATTRS_KEY, MANIFEST, REJECTED, STATE, Store, open_store
+from .store import ATTRS_KEY, REJECTED, STATE, Store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ def _fraction(part: int, whole: int) -> float | None:
 
 def store_info(root: str | Path) -> dict:
     """Everything ``ichprep info`` shows, as plain JSON-serialisable Python values."""
-    root = Path(root)
+    root = as_location(root)
     store = open_store(root)
-    manifest = load_manifest(root / MANIFEST)
-    attrs = json.loads((root / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    manifest = load_manifest(None, root)
+    attrs = root.read_json("zarr.json")["attributes"][ATTRS_KEY]
     slices, spec = store.slices, store.spec
     ok = slices["ok"].to_numpy(bool)
 
@@ -55,12 +56,15 @@ def store_info(root: str | Path) -> dict:
 
     # Sizes from the files actually on disk (a copied store may differ from the manifest), leaving out
     # the converter's private state; source bytes only exist in the manifest.
-    files = [p for p in root.rglob("*") if p.is_file() and STATE not in p.relative_to(root).parts]
-    store_bytes = sum(p.stat().st_size for p in files)
+    files = [name for name in root.files() if not name.startswith(STATE + "/")]
+    store_bytes = sum(root.size(name) for name in files)
     source_bytes = int(manifest["source"]["bytes"])
-    rejected = pd.read_csv(root / REJECTED, dtype=str)["reason"] if (root / REJECTED).is_file() else pd.Series()
+    rejected = pd.Series(dtype=str)
+    if root.isfile(REJECTED):
+        with root.open(REJECTED) as f:
+            rejected = pd.read_csv(f, dtype=str)["reason"]
     return {
-        "store": str(root),
+        "store": root.url,
         "spec": {
             "windows": [w.to_dict() for w in spec.windows],
             "size": spec.size,
@@ -223,7 +227,7 @@ def _status(row) -> tuple[list[tuple[str, tuple]], bool]:
 def _unknown_study(store: Store, study: str) -> ValueError:
     """A clear error, with the nearest UID(s) or the right option when the string is another kind of id."""
     where = f"no study {study!r} among the {len(store.studies)} studies of {store.root}"
-    how = f"study UIDs are listed in {store.root / 'studies.parquet'} (column study_uid); `ichprep info` shows counts"
+    how = f"study UIDs are listed in {store.root.child_url('studies.parquet')} (column study_uid); `ichprep info` shows counts"
     slices = store.slices
     for column, hint in (("image_id", "that is an image id: use --index {i}"),
                          ("series_uid", "that is a series UID (slice {i}): use --index {i}")):

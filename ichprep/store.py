@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from .errors import StoreError
 from .labels import LABELS
+from .location import Location, as_location
 from .spec import PreprocessSpec
 
 ATTRS_KEY = "ichkit"
@@ -49,8 +47,8 @@ def compressor(spec: PreprocessSpec):
     return BloscCodec(cname="lz4", clevel=spec.compression_level, shuffle="noshuffle")
 
 
-def create_images(root: Path, n_slices: int, spec: PreprocessSpec) -> zarr.Array:
-    group = zarr.open_group(str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()})
+def create_images(root: str | Path | Location, n_slices: int, spec: PreprocessSpec) -> zarr.Array:
+    group = zarr.open_group(as_location(root).zarr_store(), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()})
     shape = (n_slices, spec.channels, spec.size, spec.size)
     return group.create_array(
         IMAGES,
@@ -68,35 +66,26 @@ def shard_path(index: int) -> str:
     return f"{IMAGES}/c/{index}/0/0/0"
 
 
-def write_shard(root: Path, images: zarr.Array, index: int, start: int, buffer: np.ndarray) -> dict:
+def open_images(root: str | Path | Location, mode: str = "r") -> zarr.Array:
+    images = Location(as_location(root).child_url(IMAGES))
+    return zarr.open_array(images.zarr_store(read_only=mode == "r"), mode=mode)
+
+
+def write_shard(root: str | Path | Location, images: zarr.Array, index: int, start: int, buffer: np.ndarray) -> dict:
     """Write shard ``index`` whole with one call (never a partial shard write) and record its checksum.
 
     zarr writes no file for a shard that is all fill value (every slot zero-filled): sha256 None.
     """
+    root = as_location(root)
     images[start : start + len(buffer)] = buffer
-    shard = root / shard_path(index)
-    exists = shard.is_file()
+    name = shard_path(index)
+    exists = root.isfile(name)
     return {"index": index, "start": start, "stop": start + len(buffer),
-            "sha256": sha256_file(shard) if exists else None, "size": shard.stat().st_size if exists else 0}
+            "sha256": root.sha256(name) if exists else None, "size": root.size(name) if exists else 0}
 
 
 def n_shards(n_slices: int, shard_slices: int) -> int:
     return -(-n_slices // shard_slices)
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write-then-rename, so a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +112,7 @@ def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
 class Store:
     """An opened, complete ichkit store (read side)."""
 
-    root: Path
+    root: Location
     spec: PreprocessSpec
     images: zarr.Array
     slices: pd.DataFrame
@@ -138,19 +127,24 @@ class Store:
         return n_shards(len(self.slices), self.spec.shard_slices)
 
 
-def open_store(root: str | Path) -> Store:
-    root = Path(root)
-    if not (root / "zarr.json").is_file():
+def open_store(root: str | Path | Location) -> Store:
+    root = as_location(root)
+    if not root.isfile("zarr.json"):
         raise StoreError(f"{root} is not a Zarr store (no zarr.json); create one with `ichprep convert`")
-    group = zarr.open_group(str(root), mode="r")
+    group = zarr.open_group(root.zarr_store(read_only=True), mode="r")
     attrs = group.attrs.asdict().get(ATTRS_KEY)
     if attrs is None:
         raise StoreError(f"{root} is a Zarr group but not an ichkit store (no '{ATTRS_KEY}' attribute)")
     for name in (SLICES, STUDIES, MANIFEST):
-        if not (root / name).is_file():
+        if not root.isfile(name):
             raise StoreError(f"{root} is incomplete ({name} missing): rerun the same `ichprep convert` to finish it")
     images = group[IMAGES]
-    slices = pd.read_parquet(root / SLICES)
+    slices = read_parquet(root, SLICES)
     if len(slices) != images.shape[0]:
         raise StoreError(f"{root}: slices.parquet has {len(slices)} rows but images has {images.shape[0]} slices")
-    return Store(root, PreprocessSpec.from_attrs(attrs), images, slices, pd.read_parquet(root / STUDIES))
+    return Store(root, PreprocessSpec.from_attrs(attrs), images, slices, read_parquet(root, STUDIES))
+
+
+def read_parquet(root: Location, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    with root.open(name) as f:
+        return pd.read_parquet(f, columns=columns)

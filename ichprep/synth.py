@@ -114,7 +114,9 @@ def _hex(*parts) -> str:
 
 
 def _uid(seed: int, *parts) -> str:
-    return generate_uid(entropy_srcs=["ichkit-synth", str(seed), *map(str, parts)])
+    # pydicom concatenates entropy sources without a separator, so (1, 12) and (11, 2) would collide:
+    # join them ourselves.
+    return generate_uid(entropy_srcs=["|".join(["ichkit-synth", str(seed), *map(str, parts)])])
 
 
 def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Generator) -> Lesion:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ichprep.cli import StoreParam
+
 from .errors import IchtrainError
 
 logger = logging.getLogger("ichtrain")
@@ -42,7 +44,7 @@ def main(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-STORE = click.Path(exists=True, file_okay=False, path_type=Path)
+STORE = StoreParam()  # a folder or an s3://... URL
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 

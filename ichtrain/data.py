@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.utils.data
-import zarr
 
 from ichprep.labels import LABELS, SUBTYPES
+from ichprep.location import as_location
+from ichprep.store import open_images
 
 from .errors import ConfigError, DataError
 
@@ -239,7 +240,7 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
 
 def _open_images(root: Path):
     """The store's image array, read-only (module-level so tests can count the reads)."""
-    return zarr.open_array(str(Path(root) / "images"), mode="r")
+    return open_images(as_location(root))
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -269,7 +270,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, root, counts: np.ndarray, targets: np.ndarray, shard_slices: int, studies_start: np.ndarray,
                  studies_stop: np.ndarray, context: int = 0, shuffle: bool = True, seed: int = 0,
                  buffer_shards: int = 4, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None):
-        self.root = Path(root)
+        self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
         for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),
                                  ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

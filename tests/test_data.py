@@ -279,9 +279,9 @@ def counted_reads(monkeypatch) -> list[tuple[int, int]]:
 def test_stream_reads_only_needed_shards_once(store, monkeypatch, context):
     log = counted_reads(monkeypatch)
     counts = np.zeros(len(store.slices), np.int64)
-    counts[[16, 20, 47]] = [1, 2, 1]                                     # shards 2 and 5 only
+    counts[[16, 21, 47]] = [1, 2, 1]                                     # shards 2 and 5 only
     out = drain(stream(store, counts, context=context, shuffle=True))
-    assert sorted(s for _, _, s in out) == [16, 20, 20, 47]
+    assert sorted(s for _, _, s in out) == [16, 21, 21, 47]
     # A read is widened only as far as the 2.5D neighbours need (16's previous, 47's next; same study).
     assert sorted(log) == [(16 - context, 24), (40, 48 + context)]
     log.clear()

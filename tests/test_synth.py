@@ -229,3 +229,19 @@ def test_bad_arguments(tmp_path, kwargs, error):
 def test_refuses_a_folder_with_dicom_files(ds2):
     with pytest.raises(FileExistsError, match="already holds DICOM files"):
         generate(ds2[0].out_dir, studies=1)
+
+
+def test_uids_are_unique_across_studies_and_slices(tmp_path):
+    """Study 1 slice 12 and study 11 slice 2 once shared a SOPInstanceUID (entropy concatenation)."""
+    import pydicom
+
+    from ichprep.synth import generate
+
+    generate(tmp_path, studies=13, seed=0)
+    sops, studies = [], set()
+    for path in (tmp_path / "stage_2_train").glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sops.append(ds.SOPInstanceUID)
+        studies.add(ds.StudyInstanceUID)
+    assert len(sops) == len(set(sops))
+    assert len(studies) == 13

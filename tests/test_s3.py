@@ -1,0 +1,130 @@
+"""Stores on an S3-compatible object store: a real moto server on 127.0.0.1, credentials from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ichprep.convert import convert
+from ichprep.errors import StoreLockedError
+from ichprep.export import export_store
+from ichprep.location import Location
+from ichprep.manifest import verify_store
+from ichprep.spec import PreprocessSpec
+from ichprep.store import MANIFEST, open_store
+
+BIN = Path(sys.executable).parent
+SPEC = PreprocessSpec(size=64, shard_slices=16)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """Start moto's standalone S3 server; yield the environment a client needs (never hard-coded in ichkit)."""
+    port = _port()
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("ichkit-test")
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture(scope="module")
+def local_and_s3(s3_env, synth_dataset, tmp_path_factory):
+    local = tmp_path_factory.mktemp("s3ref") / "cache.zarr"
+    convert(synth_dataset / "stage_2_train", local, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
+    url = "s3://ichkit-test/caches/demo.zarr"
+    convert(synth_dataset / "stage_2_train", url, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
+    return local, url
+
+
+def test_convert_to_s3_gives_the_same_bytes_as_local(local_and_s3):
+    local, url = local_and_s3
+    remote = Location(url)
+    assert remote.read_bytes(MANIFEST) == (local / MANIFEST).read_bytes()
+    assert not remote.exists(".ichprep/lock")  # the lease is gone after the run
+    assert verify_store(url).ok
+    store = open_store(url)
+    assert store.images.shape[0] == len(store.slices) and store.images[3].any()
+
+
+def test_verify_on_s3_catches_a_deleted_and_an_altered_shard(local_and_s3, tmp_path):
+    _, url = local_and_s3
+    copy = "s3://ichkit-test/caches/damaged.zarr"
+    export_store(url, copy)
+    remote = Location(copy)
+    remote.remove("images/c/1/0/0/0")
+    data = bytearray(remote.read_bytes("images/c/0/0/0/0"))
+    data[99] ^= 0xFF
+    remote.write_bytes("images/c/0/0/0/0", bytes(data))
+    kinds = {p.path: p.kind for p in verify_store(copy).problems}
+    assert kinds["images/c/1/0/0/0"] == "missing" and kinds["images/c/0/0/0/0"] == "altered"
+
+
+def test_rerun_on_s3_resumes_and_export_to_local_verifies(local_and_s3, synth_dataset, tmp_path):
+    local, url = local_and_s3
+    again = convert(synth_dataset / "stage_2_train", url, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
+    assert again.shards_skipped == again.n_shards
+    export_store(url, tmp_path / "back.zarr")
+    assert verify_store(tmp_path / "back.zarr", local / MANIFEST).ok
+
+
+def test_live_lease_refuses_a_second_converter(s3_env, synth_dataset):
+    url = "s3://ichkit-test/caches/leased.zarr"
+    Location(url).write_json(".ichprep/lock", {"owner": "pid 1 on elsewhere", "expires": time.time() + 60})
+    with pytest.raises(StoreLockedError, match="pid 1 on elsewhere"):
+        convert(synth_dataset / "stage_2_train", url, SPEC)
+
+
+def test_cli_convert_on_dask_and_train_from_s3(s3_env, synth_dataset, tmp_path):
+    env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1"}
+    url = "s3://ichkit-test/caches/cli.zarr"
+    result = subprocess.run([str(BIN / "ichprep"), "convert", str(synth_dataset / "stage_2_train"), "--labels",
+                             str(synth_dataset / "stage_2_train.csv"), "-o", url, "--size", "64", "--workers", "2"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([str(BIN / "ichprep"), "verify", url], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
+    out = tmp_path / "run"
+    result = subprocess.run([str(BIN / "ichtrain"), "train", url, "--out", str(out), "--arch", "resnet18",
+                             "--image-size", "48", "--epochs", "1", "--batch-size", "8", "--workers", "1",
+                             "--max-steps", "2", "--device", "cpu", "--val-fraction", "0.5"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["final"]["n_images"] > 0

@@ -65,7 +65,7 @@ def test_size_figures(quick_results):
 
 def test_loader_and_train_figures(quick_results):
     loader = quick_results["loader"]
-    for key in ("store", "dicom", "dicom_reference", "png", "store_direct_prototype"):
+    for key in ("store", "dicom", "dicom_reference", "png", "store_zarr_batched_prototype", "store_direct_prototype"):
         for mode in ("warm", "cold"):
             assert _positive(loader[key][mode]["slices_per_s"]), (key, mode)
     for mode in ("warm", "cold"):

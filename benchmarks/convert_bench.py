@@ -32,7 +32,7 @@ from ichprep.spec import PreprocessSpec
 from ichprep.store import open_store
 
 from . import layout, shard_codec
-from .measure import Stopwatch, ratio, repeat, summarize, timed
+from .measure import Run, Stopwatch, ratio, repeat, summarize, timed
 
 #: The three windows of the top RSNA solutions (center, width), as in ichprep's defaults.
 KAGGLE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (40.0, 380.0))
@@ -102,7 +102,7 @@ def ichprep_convert(dicom_dir: Path, store: Path, spec: PreprocessSpec, table: p
     return convert(dicom_dir, store, spec, scan_table=table, client=client)
 
 
-def shard_path_only(paths: list[str], store: Path, spec: PreprocessSpec) -> int:
+def shard_path_only(paths: list[str], store: Path, spec: PreprocessSpec) -> Run:
     """``convert_shard`` over every shard of a store ``convert`` made, in this process: the per-slice cost
     that grows with the archive (no scan table, tables or manifest).  Each shard's completion marker is
     removed first (untimed), so the shard is decoded and written again rather than skipped."""
@@ -224,7 +224,6 @@ def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers
         ratios["scaling_2_workers_vs_1"] = ratio(out["ichprep_2_workers"][rate], out["ichprep_1_worker"][rate])
         ratios["prototype_malloc_fix_scaling_2_workers_vs_1"] = ratio(out["prototype_malloc_fix_2_workers"][rate],
                                                                       out["prototype_malloc_fix_1_worker"][rate])
-        ratios["shards"] = -(-n // spec.shard_slices)
     if "ichprep_1_worker" in out:
         ratios["prototype_malloc_fix_1_worker_vs_default"] = ratio(out["prototype_malloc_fix_1_worker"][rate],
                                                                    out["ichprep_1_worker"][rate])
@@ -233,5 +232,6 @@ def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers
     out["ratios"] = ratios
     out["slices_converted"] = summaries[-1].n_slices
     out["files_in_plan"] = n
+    out["shards"] = -(-n // spec.shard_slices)
     artefacts = {"table": table, "paths": paths, "store": store, "png_dir": png_dir, "summary": summaries[-1]}
     return out, artefacts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,17 @@ def prepare(work: Path, studies: int, seed: int = 0, dicom_dir: str | Path | Non
             raise SystemExit(f"--dicom-dir {dicom_dir} is not a folder")
         return Dataset(dicom_dir, Path(labels_csv) if labels_csv else None, "folder", None, None, None)
     out = work / "data"
+    marker = out / "bench-synth.json"
+    wanted = {"studies": studies, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:  # --work DIR reused with the same data
+        return Dataset(out / "stage_2_train", out / "stage_2_train.csv", "synthetic", studies, seed, None)
+    if out.exists():
+        if not marker.is_file():
+            raise SystemExit(f"{out} exists and was not made by the benchmark; choose another --work folder")
+        shutil.rmtree(out)
     started = time.perf_counter()
     # The real archive's lesion rate; lesions and labels do not change any speed figure.
     summary = generate(out, studies=studies, seed=seed)
+    marker.write_text(json.dumps(wanted) + "\n")
     return Dataset(summary.dicom_dir, summary.labels_csv, "synthetic", studies, seed,
                    round(time.perf_counter() - started, 3))

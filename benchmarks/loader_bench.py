@@ -39,7 +39,7 @@ from ichtrain.data import ShardStream, targets
 
 from . import layout, tiled_store
 from .convert_bench import kaggle_slice
-from .shard_codec import direct_store_images
+from .shard_codec import decoded_equals_zarr, direct_store_images
 from .measure import (Run, Stopwatch, evict, files_under, ratio, read_all, resident_fraction, summarize,
                       total_bytes)
 
@@ -230,6 +230,7 @@ def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, rep
     big_stream = store_stream(big)
     big_files = files_under(layout.root_of(big) / layout.IMAGES)
     big_n = int(big.slices["ok"].sum())
+    out["store_direct_prototype"]["identical_to_zarr"] = decoded_equals_zarr(store)
     epochs = max(1, math.ceil(min_samples / big_n))
     dataloader_epochs(big_stream, crop, dataloader_workers, 1, None, 20_000)  # warm-up
     figures = {"workers": dataloader_workers, "epochs_per_run": epochs, "slices_per_epoch": big_n,
@@ -237,8 +238,8 @@ def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, rep
                "note": "the store's full shards copied until one epoch >= --min-samples slices; each epoch builds a "
                        "new DataLoader iterator as ichtrain does, so worker start-up is included"}
     for mode, files in (("warm", None), ("cold", big_files)):
-        runs = [dataloader_epochs(big_stream, crop, dataloader_workers, epochs, files, 30_000 + 100 * r + (mode == "cold"))
-                for r in range(repeats)]
+        first_epochs = [30_000 + 100 * r + (mode == "cold") for r in range(repeats)]
+        runs = [dataloader_epochs(big_stream, crop, dataloader_workers, epochs, files, e) for e in first_epochs]
         figures[mode] = summarize([r[0] for r in runs], workers=dataloader_workers)
         figures[mode]["first_batch_s"] = statistics.median(r[1] for r in runs)
     out["store_dataloader"] = figures

@@ -58,10 +58,11 @@ def render(r: dict) -> str:
             _table(["loader", "slices/s", "per worker", "ms/slice", "repeats (s)"], rows), "",
             "Ratios: " + ", ".join(f"`{k}` {_n(v, 2)}" for k, v in loader["ratios"].items()), "",
             "Raw reads (MB/s warm / cold; page-cache residency after eviction): " + "; ".join(
-                f"{p['files']} {_n(p['warm_MB_per_s'])} / {_n(p['cold_MB_per_s'])} ({p['resident_fraction_after_evict']})"
-                for p in loader["io_probe"]), ""]
-    out += [f"**Training step**: {train['arch']}, batch {train['batch']}, {train['image_size']}², {train['device_name']}, "
-            f"amp {train['amp']}, channels_last {train['channels_last']}, {train['torch_threads']} threads: "
+                f"{p['files']} {_n(p['warm_MB_per_s'])} / {_n(p['cold_MB_per_s'])} "
+                f"({p['resident_fraction_after_evict']})" for p in loader["io_probe"]), ""]
+    out += [f"**Training step**: {train['arch']}, batch {train['batch']}, {train['image_size']}², "
+            f"{train['device_name']}, amp {train['amp']}, channels_last {train['channels_last']}, "
+            f"{train['torch_threads']} threads: "
             f"{_n(train['images_per_s'], 2)} images/s (steps " + " / ".join(f"{s:.2f}" for s in train["step_s"]) +
             f" s); loader/model ratio {_n(r['ratios']['loader_vs_train'])}.", ""]
     stages = r["profile"]["stages"]["ms_per_slice"]

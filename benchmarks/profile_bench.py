@@ -1,17 +1,23 @@
 """What limits each figure: cProfile of the convert path (one shard) and of the store loader (one epoch),
 plus a per-stage breakdown in ms/slice (median of repeats) of the steps those paths are made of.
 
-zarr-python runs codecs on its own threads, so under cProfile the main thread's time spent waiting for
-zstd shows as ``acquire`` of a thread lock; the stage breakdown times raw zstd (numcodecs) against the
-same data through zarr to separate the codec from zarr's per-chunk overhead.
+zarr-python runs its I/O on an event-loop thread and its codecs on a thread pool, where a main-thread
+cProfile cannot see them (it shows the wait as ``acquire`` of a lock).  So every thread is profiled:
+zarr's threads are stopped first (``zarr.core.sync.cleanup_resources``) and restarted by the next zarr
+call under ``threading.setprofile``, which starts a cProfile in each new thread; the profiles are merged.
+Idle waits (lock acquire, queue get, epoll) are reported apart from the functions that do the work.  The
+stage breakdown times raw zstd (numcodecs) against the same data through zarr to separate the codec from
+zarr's per-chunk overhead.
 """
 
 from __future__ import annotations
 
 import cProfile
 import pstats
+import re
 import shutil
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -32,45 +38,91 @@ from .loader_bench import batches, crop_flip, store_images, store_stream
 
 def _name(key: tuple) -> str:
     path, line, func = key
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
-    return f"{path}:{line}({func})" if path != "~" else func
+    if path == "~":  # a builtin
+        return func
+    for pattern in (r".*/site-packages/", r".*/lib/python3\.\d+/", re.escape(str(Path(__file__).parent.parent)) + "/"):
+        path = re.sub("^" + pattern, "", path)
+    return f"{path}:{line}({func})"
 
 
-def top_functions(profile: cProfile.Profile, n: int = 12) -> dict:
-    stats = pstats.Stats(profile).stats
-    total = sum(v[2] for v in stats.values())
-    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+#: Functions in which a thread sleeps (waiting for another thread or for I/O readiness), not works.
+WAITS = ("<method 'acquire' of '_thread.lock' objects>", "<method 'get' of '_queue.SimpleQueue' objects>",
+         "<method 'poll' of 'select.epoll' objects>", "<method 'acquire' of '_thread.RLock' objects>")
+
+
+def top_functions(stats: pstats.Stats, n: int = 12) -> dict:
+    """Top ``n`` functions by own time, idle waits excluded (reported as ``waiting_s``)."""
+    raw = stats.stats
+    waiting = sum(v[2] for k, v in raw.items() if _name(k) in WAITS)
+    work = {k: v for k, v in raw.items() if _name(k) not in WAITS}
+    total = sum(v[2] for v in work.values())
+    rows = sorted(work.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
     return {
-        "total_s": total,
+        "busy_s": total,
+        "waiting_s": waiting,
         "by_tottime": [{"function": _name(k), "ncalls": v[1], "tottime_s": round(v[2], 4),
                         "cumtime_s": round(v[3], 4), "share": round(v[2] / total, 3) if total else None}
                        for k, v in rows],
     }
 
 
+def profile_all_threads(fn) -> tuple[pstats.Stats, list[str]]:
+    """cProfile ``fn()`` in this thread and in every thread zarr starts meanwhile (see the module docstring)."""
+    try:
+        from zarr.core.sync import cleanup_resources
+    except ImportError:  # another zarr: main thread only
+        cleanup_resources = None
+    profiles: list[tuple[str, cProfile.Profile]] = []
+    lock = threading.Lock()
+
+    def start_in_thread(frame, event, arg):
+        profile = cProfile.Profile()
+        with lock:
+            profiles.append((threading.current_thread().name, profile))
+        profile.enable()  # replaces this hook for the rest of the thread's life
+
+    # A zarr-owned pool (max_workers set) is shut down and joined by cleanup_resources; the loop's default one
+    # would not be, and its threads' profiles could still be running when they are read.
+    with zarr.config.set({"threading.max_workers": 1}):
+        if cleanup_resources:
+            cleanup_resources()
+        threading.setprofile(start_in_thread)
+        main = cProfile.Profile()
+        main.enable()
+        try:
+            fn()
+        finally:
+            main.disable()
+            threading.setprofile(None)
+            if cleanup_resources:
+                cleanup_resources()
+    stats = pstats.Stats(main)
+    for _, profile in profiles:
+        profile.disable()
+        stats.add(profile)
+    return stats, ["main"] + [name for name, _ in profiles]
+
+
 def profile_convert_shard(paths: list[str], store: Store) -> dict:
-    """cProfile of ``convert_shard`` rewriting shard 0 of the converted store (its marker removed first)."""
+    """Every thread's profile of ``convert_shard`` rewriting shard 0 of the converted store (marker removed)."""
     root, spec = layout.root_of(store), store.spec
     shard = paths[: spec.shard_slices]
     layout.marker_file(root, 0).unlink(missing_ok=True)
-    profile = cProfile.Profile()
-    profile.enable()
-    convert_shard(str(root), 0, 0, shard, spec)
-    profile.disable()
-    return {"slices": len(shard), **top_functions(profile)}
+    stats, threads = profile_all_threads(lambda: convert_shard(str(root), 0, 0, shard, spec))
+    return {"slices": len(shard), "threads": threads, **top_functions(stats)}
 
 
 def profile_store_loader(store: Store, crop: int) -> dict:
+    """Every thread's profile of one epoch of the store loader (ShardStream + crop/flip + batching)."""
     stream = store_stream(store)
     rng = np.random.default_rng(0)
-    profile = cProfile.Profile()
-    profile.enable()
-    n = sum(b.shape[0] for b in batches(store_images(stream, 0), store.spec.channels, crop, rng))
-    profile.disable()
-    return {"slices": n, **top_functions(profile)}
+    counted = []
+
+    def epoch():
+        counted.append(sum(b.shape[0] for b in batches(store_images(stream, 0), store.spec.channels, crop, rng)))
+
+    stats, threads = profile_all_threads(epoch)
+    return {"slices": counted[0], "threads": threads, **top_functions(stats)}
 
 
 def _per_item_ms(fn, n: int, repeats: int) -> float:

@@ -99,7 +99,7 @@ def targets(results: dict) -> list[dict]:
                 "whole convert() in-process (shard path alone: "
                 f"{conv['shard_path_time_vs_floor']:.2f}x)"),
         _target("2 workers vs 1 worker", ">= 1.7x", conv.get("scaling_2_workers_vs_1"), ">=", 1.7,
-                f"LocalCluster, {conv.get('shards', '?')} shards"),
+                f"LocalCluster, {results['conversion']['shards']} shards"),
         _target("store bytes vs source DICOM bytes at 256x256", "<= 0.1x", size["ratios"]["store_vs_source"], "<=",
                 0.1),
         _target("store shard files per 64 slices (vs ceil(slices/64))", "<= 1",
@@ -139,7 +139,10 @@ def _rate_row(label: str, fig: dict, unit: str = "slices") -> list[str]:
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(row: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -193,6 +196,7 @@ def format_table(results: dict) -> str:
     parts += [
         _grid(["loader", "slices/s", "per worker", "ms/slice", "cores in proc"], rows),
         "ratios: " + ", ".join(f"{k} {_num(v, 2)}" for k, v in loader["ratios"].items()),
+        f"prototype direct decode equals zarr's pixels: {loader['store_direct_prototype']['identical_to_zarr']}",
         f"DataLoader: first batch of an epoch after {_num(dl['warm']['first_batch_s'], 3)} s warm, "
         f"{_num(dl['cold']['first_batch_s'], 3)} s cold (worker start-up + filling the shuffle buffer)",
         "raw read (MB/s warm / cold, resident fraction after eviction): " + "; ".join(
@@ -210,7 +214,8 @@ def format_table(results: dict) -> str:
         if key == "stages":
             continue
         top = ", ".join(f"{r['function']} {r['share']:.0%}" for r in prof["by_tottime"][:5])
-        parts.append(f"{key} ({prof['slices']} slices, {prof['total_s']:.3f} s under cProfile): {top}")
+        parts.append(f"{key} ({prof['slices']} slices; threads {', '.join(prof['threads'])}; busy "
+                     f"{prof['busy_s']:.3f} s, waiting {prof['waiting_s']:.3f} s under cProfile): {top}")
     parts.append("stages, ms/slice: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                    results["profile"]["stages"]["ms_per_slice"].items()))
     parts += ["", "Targets (reported, never asserted)"]

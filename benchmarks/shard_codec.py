@@ -5,9 +5,10 @@ at the end with ``bytes`` + ``crc32c``) is the inner chunks' zstd frames one aft
 index of (offset, nbytes) uint64 little-endian pairs, one per inner chunk ((2^64-1, 2^64-1) for a chunk
 left out because it is all fill value), then the index's crc32c.  Decoding and encoding the frames with
 numcodecs directly gives the same pixels and, for writing, the same bytes as zarr (checked in every
-benchmark run: ``identical_to_zarr``).  The gap between these and zarr's own read/write is zarr's
-per-chunk overhead, which the stage breakdown and the loader figures quantify; the proposal to move
-ichtrain's shard reads (and ichprep's shard writes) onto such a path is in BENCHMARKS.md.
+benchmark run: ``identical_to_zarr``, and ``decoded_equals_zarr`` for reading).  The gap between these
+and zarr's own read/write is zarr's per-chunk overhead, which the stage breakdown and the loader figures
+quantify; the proposal to move ichtrain's shard reads (and ichprep's shard writes) onto such a path is in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -77,6 +78,19 @@ def identical_to_zarr(direct_dir: Path, store: Store) -> bool:
     root = root_of(store)
     return all((direct_dir / f"{k}").read_bytes() == shard_file(root, k).read_bytes()
                for k in range(n_shards(len(store.slices), store.shard_slices)))
+
+
+def decoded_equals_zarr(store: Store) -> bool:
+    """Every shard decoded here equals what zarr returns for the same slots."""
+    root, s = root_of(store), store.shard_slices
+    item = tuple(store.images.shape[1:])
+    for k in range(n_shards(len(store.slices), s)):
+        path = shard_file(root, k)
+        block = decode_shard(path.read_bytes(), s, item) if path.is_file() else np.zeros((s, *item), np.uint8)
+        expected = np.asarray(store.images[k * s : (k + 1) * s])
+        if not np.array_equal(block[: len(expected)], expected):
+            return False
+    return True
 
 
 def direct_store_images(store: Store, epoch: int, buffer_shards: int = 4) -> Iterator[np.ndarray]:

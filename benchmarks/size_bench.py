@@ -8,7 +8,8 @@ from .layout import IMAGES, STATE
 from .measure import files_under, ratio, total_bytes
 
 
-def run(paths: list[str], png_dir: Path, store: Path, n_slices: int, shard_slices: int) -> dict:
+def run(paths: list[str], png_dir: Path, store: Path, n_ok: int, shard_slices: int) -> dict:
+    """Per slice = per slot of the store (``len(paths)``: every file the converter planned; ``n_ok`` decoded)."""
     pngs = files_under(png_dir)
     store_files = [p for p in files_under(store) if f"/{STATE}/" not in p]  # conversion state is not the cache
     shard_files = [p for p in files_under(store / IMAGES) if "/c/" in p]
@@ -16,9 +17,10 @@ def run(paths: list[str], png_dir: Path, store: Path, n_slices: int, shard_slice
     png = total_bytes(pngs)
     cache = total_bytes(store_files)
     shards = total_bytes(shard_files)
-    n = len(paths)
+    n = n_slices = len(paths)
     return {
         "slices": n_slices,
+        "slices_ok": n_ok,
         "source_files": n,
         "source_bytes": source,
         "source_bytes_per_slice": source / n,
@@ -32,7 +34,7 @@ def run(paths: list[str], png_dir: Path, store: Path, n_slices: int, shard_slice
         "store_shard_files": len(shard_files),
         "shard_slices": shard_slices,
         "store_shard_files_per_64_slices": 64 * len(shard_files) / n_slices,
-        # 1.0 = one file per 64-slice shard (the last shard may be partial).
+        # 1.0 = one file per 64 slices, the last shard partial: shard files / ceil(slices / 64).
         "store_shard_files_vs_full_shards": len(shard_files) / -(-n_slices // 64),
         "store_files_per_64_slices": 64 * len(store_files) / n_slices,
         "ratios": {

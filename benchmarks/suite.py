@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -16,8 +16,6 @@ from ichprep.store import open_store
 
 from . import convert_bench, dataset as dataset_mod, loader_bench, profile_bench, report, size_bench, train_bench
 from .measure import load_average, ratio
-
-logger = logging.getLogger("benchmarks")
 
 
 def _say(message: str) -> None:
@@ -38,7 +36,9 @@ def run(quick: bool = False, studies: int | None = None, out: str | Path | None 
     work.mkdir(parents=True, exist_ok=True)
     meta = report.machine_info()
     meta.update(command=command, quick=quick, repeats=repeats, min_samples_per_loader_run=min_samples,
-                cv2_threads=cv2.getNumThreads(), work_dir=str(work), load_before=load_average())
+                cv2_threads=cv2.getNumThreads(), work_dir=str(work), load_before=load_average(),
+                environ={k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                                                        "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     results: dict = {"meta": meta}
     try:
         _say(f"dataset ({'given folder' if dicom_dir else f'synthetic, {studies} studies'}) in {work}")

@@ -24,7 +24,8 @@ from .layout import IMAGES, root_of, shard_file
 
 
 def _studies(slices: pd.DataFrame) -> pd.DataFrame:
-    """studies.parquet for contiguous study runs (README: study_uid, patient_id, start, stop, n_slices, n_ok, labels)."""
+    """studies.parquet of contiguous study runs (README columns: study_uid, patient_id, start, stop, n_slices,
+    n_ok, study-level label maxima)."""
     frame = slices.assign(_i=range(len(slices)))
     groups = frame.groupby("study_uid", sort=False)
     studies = pd.DataFrame({

@@ -71,6 +71,7 @@ def test_loader_and_train_figures(quick_results):
     for mode in ("warm", "cold"):
         assert _positive(loader["store_dataloader"][mode]["slices_per_s"]), mode
     assert len(loader["io_probe"]) == 3
+    assert loader["store_direct_prototype"]["identical_to_zarr"] is True
     train = quick_results["train"]
     assert _positive(train["images_per_s"]) and len(train["step_s"]) >= 1
     assert _positive(quick_results["ratios"]["loader_vs_train"])

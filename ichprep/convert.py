@@ -38,7 +38,7 @@ from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
 from .store import (
-    REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, open_images, shard_path,
+    REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, shard_path,
     write_shard,
 )
 
@@ -120,7 +120,7 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
             errors.append([start + i, exc.reason, exc.detail])
         except FileNotFoundError:
             errors.append([start + i, "missing", "the file was removed after the header scan"])
-    done = {**write_shard(root, open_images(root, "r+"), index, start, buffer), "inputs": digest, "errors": errors}
+    done = {**write_shard(root, spec, index, start, buffer), "inputs": digest, "errors": errors}
     root.write_json(_marker(index), done)
     return {**done, "skipped": False}
 

@@ -276,8 +276,35 @@ def check_slice(header: SliceHeader) -> None:
         raise MissingTagError(path, "Rows/Columns are missing or zero")
 
 
+_NATIVE_LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+
+
+def _native_pixels(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray | None:
+    """Uncompressed 16-bit pixels straight from the bytes (pydicom's pixel_array adds ~0.15 ms/slice).
+
+    Only where the result is certainly what pixel_array gives: little endian, 16 bits allocated, one
+    frame and sample, and no sign extension or masking to do. Anything else returns None.
+    """
+    if header.transfer_syntax not in _NATIVE_LITTLE_ENDIAN or ds.get("BitsAllocated") != 16:
+        return None
+    data = ds.get("PixelData")
+    n = header.rows * header.cols
+    if not isinstance(data, bytes) or len(data) < 2 * n:
+        return None  # pixel_array raises the precise error
+    signed = header.pixel_representation == 1
+    if signed and header.bits_stored != 16:
+        return None  # pixel_array sign-extends from BitsStored
+    pixels = np.frombuffer(data, "<i2" if signed else "<u2", count=n).reshape(header.rows, header.cols)
+    if not signed and header.bits_stored is not None and header.bits_stored < 16 and pixels.max() >> header.bits_stored:
+        return None  # bits above BitsStored are set: leave them to pixel_array
+    return pixels
+
+
 def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
     path = header.path
+    pixels = _native_pixels(ds, header)
+    if pixels is not None:
+        return pixels
     try:
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:

@@ -21,7 +21,7 @@ import pandas as pd
 from .errors import StoreExistsError, StoreError
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
-from .store import MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, open_store, write_shard
+from .store import MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, open_reader, open_store, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +88,15 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     slots = np.concatenate([np.arange(r.start, r.stop) for r in chosen.itertuples()])
     slices = store.slices.iloc[slots].reset_index(drop=True)
 
-    images = create_images(dest, len(slots), spec)
+    create_images(dest, len(slots), spec)
+    reader = open_reader(src)
     results = []
     for index, first in enumerate(range(0, len(slots), spec.shard_slices)):
         part = slots[first : first + spec.shard_slices]
         buffer = np.empty((len(part),) + store.images.shape[1:], dtype=np.uint8)
         for at, a, b in _runs(part):
-            buffer[at : at + (b - a)] = store.images[a:b]
-        results.append(write_shard(dest, images, index, first, buffer))
+            buffer[at : at + (b - a)] = reader[a:b]
+        results.append(write_shard(dest, spec, index, first, buffer))
         if progress:
             progress(len(part))
 

@@ -25,6 +25,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from .errors import StoreError
 from .labels import LABELS
 from .location import Location, as_location
+from .shardcodec import ShardReader, encode_shard
 from .spec import PreprocessSpec
 
 ATTRS_KEY = "ichkit"
@@ -71,14 +72,31 @@ def open_images(root: str | Path | Location, mode: str = "r") -> zarr.Array:
     return zarr.open_array(images.zarr_store(read_only=mode == "r"), mode=mode)
 
 
-def write_shard(root: str | Path | Location, images: zarr.Array, index: int, start: int, buffer: np.ndarray) -> dict:
-    """Write shard ``index`` whole with one call (never a partial shard write) and record its checksum.
+def open_reader(root: str | Path | Location):
+    """Fast read access, ``reader[a:b]``: direct shard decoding for zstd stores, zarr otherwise."""
+    root = as_location(root)
+    layout = root.read_json("zarr.json")["attributes"][ATTRS_KEY]["layout"]
+    if layout["compressor"] == "zstd":
+        shape = root.read_json(f"{IMAGES}/zarr.json")["shape"]
+        return ShardReader(root, tuple(shape), int(layout["shard_slices"]))
+    return open_images(root)
 
-    zarr writes no file for a shard that is all fill value (every slot zero-filled): sha256 None.
+
+def write_shard(root: str | Path | Location, spec: PreprocessSpec, index: int, start: int,
+                buffer: np.ndarray) -> dict:
+    """Write shard ``index`` whole, in one write (never a partial shard write), and record its checksum.
+
+    zstd shards are encoded here (same bytes as zarr, see :mod:`ichprep.shardcodec`) and written
+    atomically; other codecs go through zarr. A shard that is all fill value (every slot zero-filled)
+    has no file, as zarr would leave it: sha256 None.
     """
     root = as_location(root)
-    images[start : start + len(buffer)] = buffer
     name = shard_path(index)
+    if spec.compressor == "zstd":
+        if buffer.any():
+            root.write_bytes(name, encode_shard(buffer, spec.shard_slices, spec.compression_level))
+    else:
+        open_images(root, "r+")[start : start + len(buffer)] = buffer
     exists = root.isfile(name)
     return {"index": index, "start": start, "stop": start + len(buffer),
             "sha256": root.sha256(name) if exists else None, "size": root.size(name) if exists else 0}

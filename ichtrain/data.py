@@ -23,7 +23,7 @@ import torch.utils.data
 
 from ichprep.labels import LABELS, SUBTYPES
 from ichprep.location import as_location
-from ichprep.store import open_images
+from ichprep.store import open_reader
 
 from .errors import ConfigError, DataError
 
@@ -240,7 +240,7 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
 
 def _open_images(root: Path):
     """The store's image array, read-only (module-level so tests can count the reads)."""
-    return open_images(as_location(root))
+    return open_reader(as_location(root))
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -154,3 +154,27 @@ def test_no_preamble_still_reads(tmp_path):
     assert path.read_bytes()[128:132] != b"DICM"
     header, hu = read_slice(path)
     assert header.study_uid == ds.StudyInstanceUID and hu.shape == (128, 128)
+
+
+def test_native_fast_path_equals_pixel_array(synth_dataset, tmp_path):
+    """Uncompressed slices skip pixel_array; whatever the fast path returns equals pixel_array exactly."""
+    from ichprep.dicomio import _header, _native_pixels, _open
+
+    used = 0
+    for path in sorted((synth_dataset / "stage_2_train").glob("*.dcm")):
+        ds, has_pixels = _open(path, stop_before_pixels=False)
+        header = _header(ds, has_pixels, path)
+        fast = _native_pixels(ds, header)
+        if fast is None:
+            continue
+        used += 1
+        np.testing.assert_array_equal(fast, ds.pixel_array)
+        assert fast.dtype == ds.pixel_array.dtype
+    assert used > 40
+    # Signed data with BitsStored < 16 needs sign extension: the fast path declines it.
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.BitsStored, ds.HighBit = 12, 11
+    path = tmp_path / "signed12.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ds2, has = _open(path, stop_before_pixels=False)
+    assert _native_pixels(ds2, _header(ds2, has, path)) is None

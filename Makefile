@@ -44,5 +44,9 @@ demo: $(STAMP)
 	@echo "  evaluation           $(DEMO)/eval  (metrics.json, roc.png, predictions.parquet)"
 	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks --out bench_out/bench.json
+	@echo "table printed above; every figure in bench_out/bench.json (see BENCHMARKS.md)"
+
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -44,8 +44,8 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     logger.info("starting a local Dask cluster with %d worker processes", n)
     # distributed exports MALLOC_TRIM_THRESHOLD_=65536 to its workers, which makes glibc mmap (and
     # page-fault) every multi-MB slice buffer afresh: measured 3.8 ms/slice instead of 1.4 (BENCHMARKS.md).
-    # Let glibc keep its adaptive thresholds. For an external cluster, start workers with
-    # DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None (README).
+    # Let glibc keep its adaptive thresholds. External workers need the same in a dask config file
+    # (README, "Running on a cluster"); an environment variable cannot say it (dask lower-cases the key).
     # Threads per worker = 1: pydicom parsing and numpy on 512x512 slices hold the GIL
     # often enough that processes scale better than threads.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), LocalCluster(

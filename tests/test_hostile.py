@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -204,3 +205,22 @@ def test_fuzzed_bytes_give_an_image_or_our_error(tmp_path, data):
         assert str(path) in str(exc)
     else:
         assert hu.ndim == 2 and hu.dtype == np.float32
+
+
+def test_header_text_never_becomes_a_path(synth_dataset, tmp_path):
+    """Identifiers that look like paths stay data: nothing is created outside the store."""
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    source = sorted((synth_dataset / "stage_2_train").glob("*.dcm"))[2]
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = "../../escaped_study"
+    ds.SeriesInstanceUID = "/tmp/escaped_series"
+    ds.PatientID = "..\\..\\escaped_patient"
+    _save(ds, folder / "ID_pathlike0.dcm")
+    root = tmp_path / "deep" / "cache.zarr"
+    convert(folder, root)
+    slices = open_store(root).slices
+    assert slices.loc[0, "study_uid"] == "../../escaped_study"
+    created = {p.name for p in tmp_path.rglob("*")}
+    assert not any("escaped" in name for name in created)
+    assert not list(Path("/tmp").glob("escaped*"))

@@ -7,8 +7,10 @@ Its time is the whole ``convert()`` call: shards, tables, rejected list and mani
 alone (``convert_shard`` over every shard, what grows with the archive) is reported next to it.
 Cluster start-up (worker processes, imports) and one untimed warm-up conversion are excluded.
 
-``prototype_malloc_fix_*`` rows run the same LocalCluster with distributed's MALLOC_TRIM_THRESHOLD_ left
-unset on the workers (a proposed one-line change to ``ichprep.cluster``; see ``UNSET_MALLOC_TRIM``).
+``prototype_malloc_fix_*`` rows run the same LocalCluster with the benchmark itself telling distributed to
+leave MALLOC_TRIM_THRESHOLD_ unset on the workers (``UNSET_MALLOC_TRIM``).  Since commit 11fc8a6
+``ichprep.cluster`` does this itself, so these rows now measure the same configuration as the ``ichprep_*``
+rows (a second sample of it); before that commit they measured the proposed fix.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def _warm_worker() -> bool:
 
 #: distributed's nannies export MALLOC_TRIM_THRESHOLD_=65536 to every worker they spawn; glibc then stops
 #: adapting its mmap threshold, so every allocation >= 128 KiB (each 512² pixel/HU array) is a fresh mmap
-#: with page faults. Setting the key to None in the config makes the nanny leave it unset.
+#: with page faults. Setting the key to None in the config makes the nanny leave it unset. ichprep.cluster
+#: does the same since commit 11fc8a6 (before it, this was the prototype of that fix).
 UNSET_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
@@ -155,6 +158,8 @@ def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec:
         runs = repeat(lambda: timed(one), repeats)
     result = summarize(runs, workers=workers)
     result["cluster_startup_s_excluded"] = round(startup, 3)
+    # What the benchmark's own dask config says, read outside ichprep.cluster: it does not see the override
+    # ichprep.cluster applies around LocalCluster (since 11fc8a6), so ichprep_* rows still show 65536.
     result["worker_malloc_trim_threshold"] = None if unset_malloc_trim else dask.config.get(
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_", None)
     return result

@@ -30,9 +30,9 @@ def render(r: dict) -> str:
             _rate("ichprep shard path only (`convert_shard` × shards)", conv["ichprep_shard_path"])]
     rows += [_rate(f"**ichprep convert**, LocalCluster {f['workers']}", f)
              for k, f in conv.items() if k.startswith("ichprep_") and "_worker" in k]
-    rows += [_rate("prototype: shard path with the shard encoded directly (same bytes)",
+    rows += [_rate("*benchmark-only*: shard loop with direct encode, no marker or checksum (same bytes)",
                    conv["prototype_direct_shard_write"])]
-    rows += [_rate(f"prototype: LocalCluster {f['workers']}, MALLOC_TRIM_THRESHOLD_ unset", f)
+    rows += [_rate(f"*benchmark-only*: LocalCluster {f['workers']}, MALLOC_TRIM_THRESHOLD_ unset by the benchmark itself", f)
              for k, f in conv.items() if k.startswith("prototype_malloc_fix_")]
     out += ["**Conversion** (slices/s; wall seconds of each repeat)", "",
             _table(["contender", "slices/s", "per worker", "ms/slice", "repeats (s)"], rows), "",

@@ -162,10 +162,10 @@ def format_table(results: dict) -> str:
             _rate_row("baseline: Kaggle float64 windows + PNG", conv["baseline_png"]),
             _rate_row("ichprep convert, in-process", conv["ichprep_in_process"]),
             _rate_row("ichprep shard path only (convert_shard)", conv["ichprep_shard_path"]),
-            _rate_row("prototype: shard path, direct shard write", conv["prototype_direct_shard_write"]),
+            _rate_row("prototype: direct shard write, no bookkeeping", conv["prototype_direct_shard_write"]),
             *[_rate_row(f"ichprep convert, LocalCluster {fig['workers']}", fig)
               for k, fig in conv.items() if k.startswith("ichprep_") and "_worker" in k],
-            *[_rate_row(f"prototype: LocalCluster {fig['workers']}, malloc trim unset", fig)
+            *[_rate_row(f"LocalCluster {fig['workers']}, trim unset by benchmark", fig)
               for k, fig in conv.items() if k.startswith("prototype_malloc_fix_")],
         ]),
         "ratios: " + ", ".join(f"{k} {_num(v, 2)}" for k, v in conv["ratios"].items()),

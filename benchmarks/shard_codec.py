@@ -6,9 +6,13 @@ index of (offset, nbytes) uint64 little-endian pairs, one per inner chunk ((2^64
 left out because it is all fill value), then the index's crc32c.  Decoding and encoding the frames with
 numcodecs directly gives the same pixels and, for writing, the same bytes as zarr (checked in every
 benchmark run: ``identical_to_zarr``, and ``decoded_equals_zarr`` for reading).  The gap between these
-and zarr's own read/write is zarr's per-chunk overhead, which the stage breakdown and the loader figures
-quantify; the proposal to move ichtrain's shard reads (and ichprep's shard writes) onto such a path is in
-BENCHMARKS.md.
+and zarr's own read/write is zarr's per-chunk overhead, which the stage breakdown quantifies.
+
+Since commit 11fc8a6 ichprep does this itself (``ichprep/shardcodec.py``: ``write_shard`` for zstd stores,
+``ShardReader`` for ichtrain's ShardStream and ``ichprep export``).  This independent copy stays as a check
+and a reference: its write loop is ichprep's shard path without the bookkeeping (atomic write, sha256,
+completion marker), its read loop is ShardStream's decode without ShardStream (planning, per-sample copies,
+tensors).  See BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -26,27 +26,12 @@ from numcodecs import Zstd
 
 from ichprep.dicomio import read_slice
 from ichprep.errors import DicomReadError
+from ichprep.shardcodec import EMPTY, encode_shard  # the encoder ichprep writes with
 from ichprep.spec import PreprocessSpec
 from ichprep.store import Store
 
 from .layout import n_shards, root_of, shard_file
 
-EMPTY = 0xFFFF_FFFF_FFFF_FFFF
-
-
-def encode_shard(buffer: np.ndarray, shard_slices: int, level: int) -> bytes:
-    codec = Zstd(level=level)
-    index = np.full((shard_slices, 2), EMPTY, "<u8")
-    parts, offset = [], 0
-    for i, image in enumerate(buffer):
-        if not image.any():  # zarr leaves all-fill-value chunks out (write_empty_chunks=False)
-            continue
-        frame = codec.encode(np.ascontiguousarray(image))
-        index[i] = (offset, len(frame))
-        offset += len(frame)
-        parts.append(frame)
-    raw = index.tobytes()
-    return b"".join(parts) + raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
 
 
 def decode_shard(data: bytes, shard_slices: int, item_shape: tuple[int, ...], check: bool = True) -> np.ndarray:

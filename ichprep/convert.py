@@ -30,7 +30,7 @@ import pandas as pd
 
 from .dicomio import read_slice
 from .errors import DicomReadError, StoreExistsError
-from .labels import LABELS, read_labels
+from .labels import read_labels
 from .manifest import build_manifest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan

@@ -7,7 +7,6 @@ z order), because every zarr call costs about a millisecond and a per-slice loop
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import os

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ichprep.labels import LABELS
 from ichprep.spec import PreprocessSpec
 from ichprep.store import Store, open_store
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ichprep.manifest import verify_store
-from ichprep.store import MANIFEST, STATE, open_store
+from ichprep.store import MANIFEST, STATE
 
 BIN = Path(sys.executable).parent
 
@@ -65,7 +65,6 @@ def test_second_converter_on_the_same_store_is_refused(synth_dataset6, tmp_path)
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        started = time.time()
         second = subprocess.run(_convert_cmd(synth_dataset6, root, "--workers", "1"), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0

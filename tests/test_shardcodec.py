@@ -5,8 +5,7 @@ import pytest
 import zarr
 
 from ichprep.errors import StoreError
-from ichprep.location import Location
-from ichprep.shardcodec import ShardReader, encode_shard
+from ichprep.shardcodec import ShardReader
 from ichprep.spec import PreprocessSpec
 from ichprep.store import create_images, open_reader, shard_path, write_shard
 

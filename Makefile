@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache64.zarr --size 64 --shard-slices 32
 	$(BIN)/ichtrain train $(DEMO)/cache64.zarr --out $(DEMO)/run --task binary --arch resnet18 --image-size 64 \
-		--epochs 5 --batch-size 32 --lr 3e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
+		--epochs 6 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
 	$(BIN)/ichtrain evaluate $(DEMO)/run/best.pt --store $(DEMO)/cache64.zarr --out $(DEMO)/eval --workers 1
 	$(BIN)/ichtrain predict $(DEMO)/run/best.pt --dicom-dir $(DEMO)/data/stage_2_train -o $(DEMO)/submission.csv --workers 1
 	@echo

@@ -112,17 +112,14 @@ def order_slices(table: pd.DataFrame) -> pd.DataFrame:
     InstanceNumber instead, and its rows say so in ``order_by``.  Rows with a
     non-ok status follow, by path.  The index is reset: row i is slot i.
     """
-    table = table.copy()
     ok = table["status"] == OK
-    good = table[ok]
+    good, bad = table[ok], table[~ok]
     all_z = good["z"].notna().groupby(good["study_uid"]).transform("all")
-    table.loc[ok, "order_by"] = all_z.map({True: "z", False: "instance_number"}).astype("string")
-    key = good["z"].where(all_z, good["instance_number"].astype("Float64"))
-    good = good.assign(_key=key)
+    good = good.assign(order_by=all_z.map({True: "z", False: "instance_number"}).astype("string"),
+                       _key=good["z"].where(all_z, good["instance_number"].astype("Float64")))
     good = good.sort_values(["study_uid", "_key", "instance_number", "image_id"], na_position="last", kind="stable")
-    good = table.loc[good.index]
-    bad = table[~ok].sort_values("path", kind="stable")
-    return pd.concat([good, bad]).reset_index(drop=True)
+    bad = bad.sort_values("path", kind="stable")
+    return pd.concat([good.drop(columns="_key"), bad]).reset_index(drop=True)
 
 
 def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +94,18 @@ def write_shard(root: str | Path | Location, spec: PreprocessSpec, index: int, s
     """
     root = as_location(root)
     name = shard_path(index)
+    record = {"index": index, "start": start, "stop": start + len(buffer), "sha256": None, "size": 0}
     if spec.compressor == "zstd":
         if buffer.any():
-            root.write_bytes(name, encode_shard(buffer, spec.shard_slices, spec.compression_level))
-    else:
-        open_images(root, "r+")[start : start + len(buffer)] = buffer
-    exists = root.isfile(name)
-    return {"index": index, "start": start, "stop": start + len(buffer),
-            "sha256": root.sha256(name) if exists else None, "size": root.size(name) if exists else 0}
+            # Hash the bytes we hold rather than reading the shard back (a second GET on object stores).
+            data = encode_shard(buffer, spec.shard_slices, spec.compression_level)
+            root.write_bytes(name, data)
+            record.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        return record
+    open_images(root, "r+")[start : start + len(buffer)] = buffer
+    if root.isfile(name):
+        record.update(sha256=root.sha256(name), size=root.size(name))
+    return record
 
 
 def n_shards(n_slices: int, shard_slices: int) -> int:

@@ -8,6 +8,11 @@ subclasses (never a bare ``KeyError``/``AttributeError``) that name the file:
 
 HU conversion (:func:`to_hu`) is a pure function of the stored pixels and
 four header values, including the RSNA 12-bit wrap-around fix.
+
+Speed: plain files (every RSNA file) are walked by :mod:`ichprep.plainread`
+instead of ``pydicom.dcmread`` (0.03 vs 0.18 ms), and header values are read
+from the raw element bytes (:func:`_values`) instead of pydicom's per-element
+conversion (~10 µs each).  Whatever is not plain goes through pydicom.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from .plainread import NotPlain, read_plain
 from .errors import (
     DicomReadError,
     EmptyFileError,
@@ -116,6 +124,54 @@ def _text(value) -> str | None:
     return text or None
 
 
+#: The elements ichkit reads, with the VR the standard gives them: tag and VR let :func:`_values`
+#: read them from the raw bytes of an implicit or explicit VR little endian file.
+_ELEMENTS = {keyword: (tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword))) for keyword in (
+    "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+    "InstanceNumber", "ImagePositionPatient", "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns",
+    "PixelSpacing", "BitsAllocated", "BitsStored", "PixelRepresentation", "WindowCenter", "WindowWidth",
+    "RescaleIntercept", "RescaleSlope",
+)}
+_TEXT_VRS = frozenset({"UI", "CS", "LO", "SH", "DS", "IS"})
+
+
+def _values(ds: pydicom.Dataset, keyword: str, raw_ok: bool = True) -> list:
+    """All values of one element as a list ([] when absent or empty).
+
+    pydicom converts each element on first access (~10 µs each, half the cost of a header read); the
+    plain cases (little endian, the standard VR, ASCII text or uint16) are read here straight from the
+    raw bytes: text values come back as stripped ``str``, US values as ``int``, which is what the
+    callers then convert.  Anything else (big endian, another VR, non-ASCII text, an element pydicom
+    already converted) goes through pydicom's own conversion.
+    """
+    tag, vr = _ELEMENTS[keyword]
+    elem = ds.get_item(tag)
+    if elem is None:
+        return []
+    if raw_ok and isinstance(elem, RawDataElement) and elem.is_little_endian and elem.VR in (vr, None):
+        raw = elem.value
+        if not isinstance(raw, bytes):
+            pass  # a deferred value: pydicom reads it
+        elif vr in _TEXT_VRS and raw.isascii():
+            return [v.strip(" \x00") for v in raw.decode("ascii").split("\\")] if raw.strip(b" \x00") else []
+        if vr == "US" and len(raw) % 2 == 0:
+            return list(struct.unpack(f"<{len(raw) // 2}H", raw))
+    value = ds[tag].value
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+
+def _first(ds: pydicom.Dataset, keyword: str, kind=None):
+    """First value of an element: text (``kind=None``), or a number via :func:`_number`."""
+    values = _values(ds, keyword)
+    if not values:
+        return None
+    if kind is int and isinstance(values[0], str) and not values[0].lstrip("+-").isdigit():
+        values = _values(ds, keyword, raw_ok=False)  # e.g. IS "2.0": pydicom's own rules decide
+    return _text(values[0]) if kind is None else _number(values[0], kind)
+
+
 def needs_wrap_fix(bits_stored: int | None, pixel_representation: int | None, intercept: float) -> bool:
     """True for the RSNA slices whose 12-bit unsigned values wrap around (intercept > -100)."""
     return bits_stored == 12 and pixel_representation == 0 and intercept > -100
@@ -205,7 +261,7 @@ def _open(path: str | Path, stop_before_pixels: bool) -> tuple[pydicom.Dataset, 
 def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHeader:
     """Pull the fields we use out of a dataset; pydicom parses values lazily, so errors surface here."""
     try:
-        study_uid = _text(ds.get("StudyInstanceUID"))
+        study_uid = _first(ds, "StudyInstanceUID")
         if study_uid is None:
             if len(ds) == 0 and ds.get("file_meta") is not None and len(ds.file_meta):
                 raise TruncatedFileError(path, "file ends right after its file meta information")
@@ -216,35 +272,36 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
             if not has_pixels and max(ds.keys()) < 0x0020000D:
                 raise TruncatedFileError(path, f"file ends at element {max(ds.keys())}, before StudyInstanceUID")
             raise MissingTagError(path, "StudyInstanceUID is missing; slices cannot be grouped into studies")
-        position = ds.get("ImagePositionPatient")
-        z = _number(position[2]) if position is not None and len(position) >= 3 else None
-        spacing = ds.get("PixelSpacing")
-        spacing = list(spacing) if isinstance(spacing, (MultiValue, list, tuple)) else [spacing, spacing]
-        slope = _number(ds.get("RescaleSlope"))
-        intercept = _number(ds.get("RescaleIntercept"))
+        position = _values(ds, "ImagePositionPatient")
+        spacing = _values(ds, "PixelSpacing")
+        if len(spacing) == 1:
+            spacing = spacing * 2
+        slope = _first(ds, "RescaleSlope", float)
+        intercept = _first(ds, "RescaleIntercept", float)
+        file_meta = getattr(ds, "file_meta", None)
         return SliceHeader(
             image_id=image_id_of(path),
             path=str(path),
             study_uid=study_uid,
-            series_uid=_text(ds.get("SeriesInstanceUID")) or study_uid,
-            patient_id=_text(ds.get("PatientID")),
-            sop_uid=_text(ds.get("SOPInstanceUID")),
-            modality=_text(ds.get("Modality")),
-            z=z,
-            instance_number=_number(ds.get("InstanceNumber"), int),
-            rows=_number(ds.get("Rows"), int),
-            cols=_number(ds.get("Columns"), int),
+            series_uid=_first(ds, "SeriesInstanceUID") or study_uid,
+            patient_id=_first(ds, "PatientID"),
+            sop_uid=_first(ds, "SOPInstanceUID"),
+            modality=_first(ds, "Modality"),
+            z=_number(position[2]) if len(position) >= 3 else None,
+            instance_number=_first(ds, "InstanceNumber", int),
+            rows=_first(ds, "Rows", int),
+            cols=_first(ds, "Columns", int),
             pixel_spacing_row=_number(spacing[0]) if len(spacing) > 0 else None,
             pixel_spacing_col=_number(spacing[1]) if len(spacing) > 1 else None,
             slope=1.0 if slope is None or slope == 0 else slope,
             intercept=0.0 if intercept is None else intercept,
-            bits_stored=_number(ds.get("BitsStored"), int),
-            pixel_representation=_number(ds.get("PixelRepresentation"), int),
-            samples_per_pixel=_number(ds.get("SamplesPerPixel"), int) or 1,
-            n_frames=_number(ds.get("NumberOfFrames"), int) or 1,
-            transfer_syntax=_text(ds.file_meta.get("TransferSyntaxUID")) if ds.get("file_meta") is not None else None,
-            window_center=_number(ds.get("WindowCenter")),
-            window_width=_number(ds.get("WindowWidth")),
+            bits_stored=_first(ds, "BitsStored", int),
+            pixel_representation=_first(ds, "PixelRepresentation", int),
+            samples_per_pixel=_first(ds, "SamplesPerPixel", int) or 1,
+            n_frames=_first(ds, "NumberOfFrames", int) or 1,
+            transfer_syntax=_text(file_meta.get("TransferSyntaxUID")) if file_meta is not None else None,
+            window_center=_first(ds, "WindowCenter", float),
+            window_width=_first(ds, "WindowWidth", float),
             has_pixels=has_pixels,
         )
     except DicomReadError:
@@ -258,6 +315,12 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
 
 def read_header(path: str | Path) -> SliceHeader:
     """Header fields of one file, without decoding pixels."""
+    plain = read_plain(path, want_pixels=False)
+    if plain is not None:
+        try:
+            return _header(plain, plain.has_pixels, path)
+        except (NotPlain, DicomReadError):
+            pass  # pydicom reads it again and words any error
     return _header(*_open(path, stop_before_pixels=True), path)
 
 
@@ -276,6 +339,7 @@ def check_slice(header: SliceHeader) -> None:
         raise MissingTagError(path, "Rows/Columns are missing or zero")
 
 
+_PIXEL_DATA = 0x7FE00010
 _NATIVE_LITTLE_ENDIAN = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 
 
@@ -285,11 +349,12 @@ def _native_pixels(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray | Non
     Only where the result is certainly what pixel_array gives: little endian, 16 bits allocated, one
     frame and sample, and no sign extension or masking to do. Anything else returns None.
     """
-    if header.transfer_syntax not in _NATIVE_LITTLE_ENDIAN or ds.get("BitsAllocated") != 16:
+    if header.transfer_syntax not in _NATIVE_LITTLE_ENDIAN or _first(ds, "BitsAllocated", int) != 16:
         return None
-    data = ds.get("PixelData")
+    data = ds.get_item(_PIXEL_DATA)
+    data = data.value if data is not None else None
     n = header.rows * header.cols
-    if not isinstance(data, bytes) or len(data) < 2 * n:
+    if not isinstance(data, (bytes, memoryview)) or len(data) < 2 * n:
         return None  # pixel_array raises the precise error
     signed = header.pixel_representation == 1
     if signed and header.bits_stored != 16:
@@ -326,8 +391,21 @@ def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
 
 
 def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
-    """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice."""
-    ds, has_pixels = _open(path, stop_before_pixels=False)
+    """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice.
+
+    Plain files (every RSNA file) are walked by :mod:`ichprep.plainread`; anything else, and any file
+    that fails there, is read with pydicom, which then words the error.
+    """
+    plain = read_plain(path, want_pixels=True)
+    if plain is not None:
+        try:
+            return _slice(plain, plain.has_pixels, path)
+        except (NotPlain, DicomReadError):
+            pass
+    return _slice(*_open(path, stop_before_pixels=False), path)
+
+
+def _slice(ds, has_pixels: bool, path: str | Path) -> tuple[SliceHeader, np.ndarray]:
     header = _header(ds, has_pixels, path)
     check_slice(header)
     pixels = _decode(ds, header)

@@ -106,7 +106,8 @@ def hostile_store(hostile, tmp_path_factory):
         return real_open(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ichprep.dicomio.open", guarded_open, raising=False)
+        for module in ("ichprep.dicomio", "ichprep.plainread"):  # both open files
+            mp.setattr(f"{module}.open", guarded_open, raising=False)
         summary = convert(folder, root, labels_csv=csv)
     return root, summary
 

@@ -32,6 +32,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from . import scratch
 from .plainread import NotPlain, read_plain
 from .errors import (
     DicomReadError,
@@ -183,20 +184,20 @@ def to_hu(
     intercept: float = 0.0,
     bits_stored: int | None = None,
     pixel_representation: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Stored pixel values -> Hounsfield units (float32), same shape.
+    """Stored pixel values -> Hounsfield units (float32), same shape (written into ``out`` if given).
 
     HU = x * slope + intercept, where for the RSNA wrap-around slices (12 bits
     stored, unsigned, intercept > -100) ``x = (pixels + 1000) mod 4096`` and the
     intercept becomes -1000: those files store HU modulo 4096.
     """
+    hu = np.empty(pixels.shape, np.float32) if out is None else out
+    hu[...] = pixels  # integers below 2^24: exact in float32
     if needs_wrap_fix(bits_stored, pixel_representation, intercept):
-        x = pixels.astype(np.int32) + 1000
-        x[x >= 4096] -= 4096
+        hu += np.float32(1000)
+        np.subtract(hu, np.float32(4096), out=hu, where=hu >= 4096)
         intercept = -1000.0
-        hu = x.astype(np.float32)
-    else:
-        hu = pixels.astype(np.float32)  # always a copy: the caller owns the result
     if slope != 1:
         hu *= np.float32(slope)
     if intercept != 0:
@@ -390,24 +391,27 @@ def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
     return pixels
 
 
-def read_slice(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
+def read_slice(path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.ndarray]:
     """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice.
 
     Plain files (every RSNA file) are walked by :mod:`ichprep.plainread`; anything else, and any file
-    that fails there, is read with pydicom, which then words the error.
+    that fails there, is read with pydicom, which then words the error.  With ``reuse`` the file and
+    the HU image live in this thread's scratch buffers (:mod:`ichprep.scratch`): the returned image is
+    then valid only until the next ``read_slice(..., reuse=True)`` in this thread (the converter's loop).
     """
-    plain = read_plain(path, want_pixels=True)
+    plain = read_plain(path, want_pixels=True, reuse=reuse)
     if plain is not None:
         try:
-            return _slice(plain, plain.has_pixels, path)
+            return _slice(plain, plain.has_pixels, path, reuse)
         except (NotPlain, DicomReadError):
             pass
-    return _slice(*_open(path, stop_before_pixels=False), path)
+    return _slice(*_open(path, stop_before_pixels=False), path, reuse)
 
 
-def _slice(ds, has_pixels: bool, path: str | Path) -> tuple[SliceHeader, np.ndarray]:
+def _slice(ds, has_pixels: bool, path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.ndarray]:
     header = _header(ds, has_pixels, path)
     check_slice(header)
     pixels = _decode(ds, header)
-    hu = to_hu(pixels, header.slope, header.intercept, header.bits_stored, header.pixel_representation)
+    out = scratch.array("hu", pixels.shape, np.float32) if reuse else None
+    hu = to_hu(pixels, header.slope, header.intercept, header.bits_stored, header.pixel_representation, out=out)
     return header, hu

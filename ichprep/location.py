@@ -101,7 +101,7 @@ class Location:
             tmp.write_bytes(data)
             os.replace(tmp, target)
         else:
-            self.fs.pipe_file(self.path(name), data)  # one PUT
+            self.fs.pipe_file(self.path(name), bytes(data))  # one PUT (bytes: not every filesystem takes a memoryview)
 
     def write_json(self, name: str, data) -> None:
         self.write_bytes(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

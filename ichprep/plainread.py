@@ -14,9 +14,12 @@ goes through pydicom; this module only ever speeds up files it reads exactly as 
 
 from __future__ import annotations
 
+import os
 from struct import unpack_from
 
 from pydicom.dataelem import RawDataElement
+
+from . import scratch
 
 #: Explicit VR codes (PS3.5 table 6.2-1) and those with a 4-byte length after 2 reserved bytes.
 _VRS = frozenset(
@@ -64,7 +67,7 @@ class PlainDataset:
         raise NotPlain(f"{name} needs pydicom")
 
 
-def _walk(data: bytes, pos: int, implicit: bool, meta: bool, want_pixels: bool):
+def _walk(data: bytes | memoryview, pos: int, implicit: bool, meta: bool, want_pixels: bool):
     """Elements from ``pos``: {tag: (vr, offset, length)}, then where group 2 ends (``meta``) or the pixel element."""
     elements: dict[int, tuple[str | None, int, int]] = {}
     n, last = len(data), -1
@@ -80,7 +83,7 @@ def _walk(data: bytes, pos: int, implicit: bool, meta: bool, want_pixels: bool):
             vr, (length,) = None, unpack_from("<I", data, pos + 4)
             pos += 8
         else:
-            vr = data[pos + 4 : pos + 6].decode("latin-1")
+            vr = bytes(data[pos + 4 : pos + 6]).decode("latin-1")
             if vr in _LONG_VRS:
                 if pos + 12 > n:
                     raise _Unplain("file ends in an element header")
@@ -104,29 +107,29 @@ def _walk(data: bytes, pos: int, implicit: bool, meta: bool, want_pixels: bool):
     return elements, (pos if meta else None)
 
 
-def parse(data: bytes, want_pixels: bool = True) -> PlainDataset | None:
+def parse(data: bytes | memoryview, want_pixels: bool = True) -> PlainDataset | None:
     """A :class:`PlainDataset` for the bytes of a plain file, else None.
 
     With ``want_pixels`` the pixel data value must be complete (it is then the PixelData element, as a
-    memoryview into ``data``); without it the walk stops at the pixel data tag.
+    memoryview into ``data``); without it the walk stops at the pixel data tag.  Other values are copied.
     """
-    if len(data) < 132 or data[128:132] != b"DICM":
+    if len(data) < 132 or bytes(data[128:132]) != b"DICM":
         return None
     try:
         meta, start = _walk(data, 132, implicit=False, meta=True, want_pixels=False)
         if TRANSFER_SYNTAX not in meta or not isinstance(start, int):
             return None
         _, offset, length = meta[TRANSFER_SYNTAX]
-        syntax = data[offset : offset + length].decode("ascii").strip(" \x00")
+        syntax = bytes(data[offset : offset + length]).decode("ascii").strip(" \x00")
         if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
             return None
         implicit = syntax == _IMPLICIT_LE
-        if implicit and data[start + 4 : start + 6].decode("latin-1") in _VRS:
+        if implicit and bytes(data[start + 4 : start + 6]).decode("latin-1") in _VRS:
             return None  # declared implicit but written explicit: pydicom sorts that out
         found, pixels = _walk(data, start, implicit, meta=False, want_pixels=want_pixels)
     except (_Unplain, UnicodeDecodeError):
         return None
-    elements = {tag: RawDataElement(tag, vr, length, data[offset : offset + length], offset, implicit, True, True)
+    elements = {tag: RawDataElement(tag, vr, length, bytes(data[offset : offset + length]), offset, implicit, True, True)
                 for tag, (vr, offset, length) in found.items()}
     if pixels is not None:
         tag, vr, offset, length = pixels
@@ -135,14 +138,20 @@ def parse(data: bytes, want_pixels: bool = True) -> PlainDataset | None:
     return PlainDataset(elements, syntax, has_pixels=pixels is not None)
 
 
-def read_plain(path, want_pixels: bool = True) -> PlainDataset | None:
+def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainDataset | None:
     """:func:`parse` of a file; None when it is not plain or cannot be opened (pydicom then says why).
 
-    A missing file raises FileNotFoundError, as pydicom's path does.
+    A missing file raises FileNotFoundError, as pydicom's path does.  With ``reuse`` the file is read
+    into this thread's scratch buffer (:mod:`ichprep.scratch`): the pixel data then stays valid only
+    until the next such read in this thread.
     """
     try:
         with open(path, "rb") as f:
-            data = f.read() if want_pixels else f.read(HEAD_BYTES)
+            if want_pixels and reuse:
+                view = scratch.byte_buffer("file", os.fstat(f.fileno()).st_size)
+                data = view[: f.readinto(view)]
+            else:
+                data = f.read() if want_pixels else f.read(HEAD_BYTES)
             plain = parse(data, want_pixels)
             if not want_pixels and len(data) == HEAD_BYTES and (plain is None or not plain.has_pixels):
                 plain = parse(data + f.read(), want_pixels)  # a header longer than HEAD_BYTES

@@ -69,9 +69,9 @@ class PreprocessSpec:
     def channels(self) -> int:
         return len(self.windows)
 
-    def apply(self, hu: np.ndarray) -> np.ndarray:
-        """HU image -> the (C, size, size) uint8 image this spec caches."""
-        return preprocess(hu, self.windows, self.size)
+    def apply(self, hu: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """HU image -> the (C, size, size) uint8 image this spec caches (written into ``out`` if given)."""
+        return preprocess(hu, self.windows, self.size, out=out)
 
     def key(self) -> dict:
         """The fields that decide the image bytes a model sees."""

@@ -113,23 +113,30 @@ def n_shards(n_slices: int, shard_slices: int) -> int:
 
 
 def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
-    """One row per study: its contiguous run [start, stop) of slices and study-level label maxima."""
-    index = np.arange(len(slices))
-    frame = slices.assign(_i=index)
-    groups = frame.groupby("study_uid", sort=False)
-    studies = pd.DataFrame({
-        "study_uid": groups["study_uid"].first(),
-        "patient_id": groups["patient_id"].first(),
-        "start": groups["_i"].min(),
-        "stop": groups["_i"].max() + 1,
-        "n_slices": groups.size(),
-        "n_ok": groups["ok"].sum(),
-    }).reset_index(drop=True)
-    if not (studies["stop"] - studies["start"] == studies["n_slices"]).all():
+    """One row per study: its contiguous run [start, stop) of slices and study-level label maxima.
+
+    Runs of equal study_uid are found with numpy (a pandas groupby per column cost ~8 ms a store).
+    """
+    study = slices["study_uid"].to_numpy(dtype=object)
+    n = len(study)
+    starts = np.flatnonzero(np.r_[True, study[1:] != study[:-1]]) if n else np.zeros(0, np.int64)
+    stops = np.r_[starts[1:], n].astype(np.int64) if n else starts
+    if len(set(study[starts])) != len(starts):
         raise StoreError("studies are not contiguous runs of slices; the slice order is broken")
-    maxima = groups[list(LABELS)].max().reset_index(drop=True)
-    return pd.concat([studies, maxima], axis=1).astype({"start": "int64", "stop": "int64", "n_slices": "int64",
-                                                        "n_ok": "int64", **{k: "Int8" for k in LABELS}})
+    run = np.repeat(np.arange(len(starts)), stops - starts)
+    studies = pd.DataFrame({
+        "study_uid": pd.array(study[starts], dtype=slices["study_uid"].dtype),
+        "patient_id": slices["patient_id"].groupby(run).first().reindex(range(len(starts))).array,
+        "start": starts.astype(np.int64),
+        "stop": stops,
+        "n_slices": stops - starts,
+        "n_ok": np.add.reduceat(slices["ok"].to_numpy(np.int64), starts) if n else np.zeros(0, np.int64),
+    })
+    for label in LABELS:  # max over the run; NA only where the whole run is unlabelled
+        values = slices[label].to_numpy(dtype=np.float64, na_value=np.nan)
+        maxima = np.fmax.reduceat(values, starts) if n else values
+        studies[label] = pd.array(np.where(np.isnan(maxima), None, maxima), dtype="Int8")
+    return studies
 
 
 @dataclass(frozen=True)

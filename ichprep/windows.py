@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from . import scratch
 from .errors import WindowSpecError
 
 #: Air, used to pad non-square images to a square before resizing.
@@ -107,9 +108,9 @@ def apply_windows(hu: np.ndarray, windows: tuple[Window, ...] | list[Window], ou
         raise ValueError(f"expected a 2-D HU image, got shape {hu.shape}")
     if out is None:
         out = np.empty((len(windows),) + hu.shape, dtype=np.uint8)
-    scratch = np.empty(hu.shape, dtype=np.float32)
+    temporary = scratch.array("window", hu.shape, np.float32)  # see ichprep.scratch: no page faults
     for i, window in enumerate(windows):
-        apply_window(hu, window, out=out[i], scratch=scratch)
+        apply_window(hu, window, out=out[i], scratch=temporary)
     return out
 
 
@@ -125,18 +126,19 @@ def pad_to_square(hu: np.ndarray, fill: float = AIR_HU) -> np.ndarray:
     return square
 
 
-def resize_square(hu: np.ndarray, size: int) -> np.ndarray:
-    """Pad to a square (with air) and resize to ``size`` x ``size`` with OpenCV INTER_AREA."""
+def resize_square(hu: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Pad to a square (with air) and resize to ``size`` x ``size`` with OpenCV INTER_AREA (into ``out`` if given)."""
     square = pad_to_square(hu)
     if square.shape[0] == size:
         return square
-    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.resize(square, (size, size), dst=out, interpolation=cv2.INTER_AREA)
 
 
-def preprocess(hu: np.ndarray, windows: tuple[Window, ...], size: int) -> np.ndarray:
-    """HU image -> (C, size, size) uint8: pad to square, resize, then window.
+def preprocess(hu: np.ndarray, windows: tuple[Window, ...], size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """HU image -> (C, size, size) uint8: pad to square, resize, then window (into ``out`` if given).
 
     Resizing the HU image before windowing averages physical values (not clipped
     display values) and windows 4x fewer pixels at 512 -> 256.
     """
-    return apply_windows(resize_square(hu.astype(np.float32, copy=False), size), windows)
+    resized = resize_square(hu.astype(np.float32, copy=False), size, out=scratch.array("resized", (size, size), np.float32))
+    return apply_windows(resized, windows, out=out)

@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from ichprep.cluster import dask_client
-from ichprep.convert import convert
+from ichprep.convert import convert, shards_per_task
 from ichprep.errors import StoreExistsError, StoreLockedError
 from ichprep.labels import LABELS
 from ichprep.manifest import verify_store
@@ -126,6 +126,24 @@ def test_identical_bytes_across_worker_counts_and_resume_skips(store6, synth_dat
     fixed = convert(synth_dataset6 / "stage_2_train", root, spec, labels_csv=synth_dataset6 / "stage_2_train.csv")
     assert fixed.shards_skipped == fixed.n_shards - 1
     assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
+
+
+def test_shards_per_task_balances_and_caps():
+    assert shards_per_task(7, 2) == 1  # few shards: one a task, so both workers stay busy
+    assert shards_per_task(48, 2) == 6  # at least 4 tasks a worker
+    assert shards_per_task(11_763, 16) == 8  # the RSNA archive: capped at ~0.25 s of work a task
+    assert shards_per_task(5, 0) == 1
+
+
+def test_several_shards_a_task_give_the_same_bytes(synth_dataset6, tmp_path):
+    spec = PreprocessSpec(size=64, shard_slices=4)  # ~48 shards: 6 a task on 2 workers
+    src, csv = synth_dataset6 / "stage_2_train", synth_dataset6 / "stage_2_train.csv"
+    alone = convert(src, tmp_path / "alone.zarr", spec, labels_csv=csv)
+    assert shards_per_task(alone.n_shards, 2) > 1
+    with dask_client(workers=2) as client:
+        together = convert(src, tmp_path / "cluster.zarr", spec, labels_csv=csv, client=client)
+    assert (tmp_path / "cluster.zarr" / MANIFEST).read_bytes() == (tmp_path / "alone.zarr" / MANIFEST).read_bytes()
+    assert together.n_slices == alone.n_slices
 
 
 def test_other_options_refuse_without_overwrite(store6, synth_dataset6, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,6 +166,46 @@ def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec:
     return result
 
 
+# ---------------------------------------------------------------- the machine's own ceiling
+
+def _shard_loop_seconds(paths: list[str], store: str, spec: PreprocessSpec) -> float:
+    """In a fresh process: the shard path over ``paths`` into a private store, once to warm up, then timed."""
+    from ichprep.store import create_images
+
+    create_images(store, len(paths), spec)
+    tasks = list(enumerate(range(0, len(paths), spec.shard_slices)))
+
+    def loop():
+        for index, start in tasks:
+            layout.marker_file(Path(store), index).unlink(missing_ok=True)
+            convert_shard(store, index, start, paths[start : start + spec.shard_slices], spec)
+
+    loop()
+    started = time.perf_counter()
+    loop()
+    return time.perf_counter() - started
+
+
+def process_ceiling(paths: list[str], work: Path, spec: PreprocessSpec, repeats: int) -> dict:
+    """What 2 processes can do on this machine without Dask: the shard path in 2 processes at once vs 1.
+
+    Each process converts every slice into its own store; the ratio 2 x t(alone) / t(both at once) is the
+    throughput two workers could reach if nothing else ran (no scheduler, client or tables).
+    """
+    import multiprocessing
+
+    stores = [str(work / f"ceiling-{i}.zarr") for i in range(2)]
+    alone, together = [], []
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        for _ in range(repeats):
+            alone.append(pool.starmap(_shard_loop_seconds, [(paths, stores[0], spec)])[0])
+            together.append(max(pool.starmap(_shard_loop_seconds, [(paths, stores[0], spec), (paths, stores[1], spec)])))
+    for store in stores:
+        shutil.rmtree(store, ignore_errors=True)
+    one, two = statistics.median(alone), statistics.median(together)
+    return {"one_process_s": alone, "two_processes_s": together, "throughput_2_vs_1": round(2 * one / two, 3)}
+
+
 # ---------------------------------------------------------------- the section
 
 def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers=(1, 2)) -> tuple[dict, dict]:
@@ -212,6 +253,8 @@ def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers
                 workers, repeats, dicom_dir, work / f"cache-{workers}w.zarr", spec, table, n, unset)
             shutil.rmtree(work / f"cache-{workers}w.zarr", ignore_errors=True)
 
+    if 2 in cluster_workers:
+        out["ceiling_2_processes"] = process_ceiling(paths, work, spec, repeats)
     rate = "slices_per_s"
     per_worker = "slices_per_s_per_worker"
     ratios = {

@@ -37,6 +37,9 @@ def render(r: dict) -> str:
     out += ["**Conversion** (slices/s; wall seconds of each repeat)", "",
             _table(["contender", "slices/s", "per worker", "ms/slice", "repeats (s)"], rows), "",
             f"Header scan alone: {_n(conv['scan']['files_per_s'])} files/s in-process.", "",
+            *([f"Machine ceiling: the shard path in 2 bare processes at once gives "
+               f"{_n(conv['ceiling_2_processes']['throughput_2_vs_1'], 2)}x the throughput of 1 process.", ""]
+              if "ceiling_2_processes" in conv else []),
             "Ratios: " + ", ".join(f"`{k}` {_n(v, 2)}" for k, v in conv["ratios"].items()), ""]
     out += ["**Size on disk**", "", _table(["", "bytes/slice", "files", "× source"], [
         ["source DICOM", _n(size["source_bytes_per_slice"]), str(size["source_files"]), "1"],

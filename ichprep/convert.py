@@ -1,11 +1,12 @@
 """``ichprep convert``: DICOM folder -> one sharded Zarr v3 store, in parallel on Dask.
 
 Race-free by construction: the slot order is fixed by the scan before any
-pixel is read, and each Dask task owns exactly one shard (``shard_slices``
-consecutive slots), decodes its slices into one buffer and writes the whole
-shard with a single ``array[start:stop] = buffer``.  zarr-python has no
-locking and concurrent partial writes to one shard silently lose data, so no
-two tasks ever touch the same shard file.
+pixel is read, and each shard (``shard_slices`` consecutive slots) belongs to
+exactly one Dask task, which decodes its slices into one buffer and writes the
+whole shard in one write.  A task takes one or a few consecutive shards
+(:func:`shards_per_task`).  zarr-python has no locking and concurrent partial
+writes to one shard silently lose data, so no two tasks ever touch the same
+shard file.
 
 Resumable: after writing its shard a task records the shard's sha256 in
 ``.ichprep/shards/NNNNNN.json`` (atomically).  A rerun of the same command

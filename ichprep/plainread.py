@@ -153,8 +153,9 @@ def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainData
             else:
                 data = f.read() if want_pixels else f.read(HEAD_BYTES)
             plain = parse(data, want_pixels)
-            if not want_pixels and len(data) == HEAD_BYTES and (plain is None or not plain.has_pixels):
-                plain = parse(data + f.read(), want_pixels)  # a header longer than HEAD_BYTES
+            if (not want_pixels and len(data) == HEAD_BYTES and (plain is None or not plain.has_pixels)
+                    and data[128:132] == b"DICM"):
+                plain = parse(data + f.read(), want_pixels)  # a DICOM header longer than HEAD_BYTES
             return plain
     except FileNotFoundError:
         raise

@@ -148,6 +148,16 @@ def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path):
     assert _assert_same(path, stop_before_pixels=True)
 
 
+def test_a_big_file_that_is_not_dicom_is_not_read_whole(tmp_path, monkeypatch):
+    path = tmp_path / "video.dcm"
+    path.write_bytes(b"\0" * (4 * HEAD_BYTES))
+    seen = []
+    real_parse = parse
+    monkeypatch.setattr("ichprep.plainread.parse", lambda data, want: seen.append(len(data)) or real_parse(data, want))
+    assert read_plain(path, want_pixels=False) is None
+    assert seen == [HEAD_BYTES]
+
+
 @pytest.mark.parametrize("undefined", [False, True])
 def test_sequences_of_defined_length_are_skipped_and_undefined_ones_declined(tmp_path, undefined):
     item = Dataset()

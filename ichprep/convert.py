@@ -40,7 +40,7 @@ from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
 from .store import (
-    REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, shard_path,
+    IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, shard_path,
     write_shard,
 )
 
@@ -151,6 +151,10 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
         previous = root.read_json(run_file)
         if previous == identity:
             logger.info("resuming the conversion in %s", root)
+            # A writer killed mid-write leaves its temporary file; nothing else writes now (we hold the lock).
+            for name in root.leftover_temporaries(IMAGES) + root.leftover_temporaries(STATE):
+                logger.info("removing %s, left by an interrupted write", name)
+                root.remove(name)
             return True
         if not overwrite:
             changed = [k for k in identity if previous.get(k) != identity[k]]

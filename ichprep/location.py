@@ -14,12 +14,15 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 _BLOCK = 1 << 20
+_TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"\..+\.\d+\.tmp")  # .NAME.PID.tmp
 
 
 class Location:
@@ -93,15 +96,22 @@ class Location:
             Path(self.path(name)).mkdir(parents=True, exist_ok=True)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Atomic: a reader (or a crash) sees the old object or the new one, never half of one."""
+        """Atomic: a reader (or a crash) sees the old object or the new one, never half of one.
+
+        A writer killed mid-write leaves its temporary file (see :meth:`leftover_temporaries`).
+        """
         if self.is_local:
             target = Path(self.path(name))
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}{_TMP_SUFFIX}")
             tmp.write_bytes(data)
             os.replace(tmp, target)
         else:
             self.fs.pipe_file(self.path(name), bytes(data))  # one PUT (bytes: not every filesystem takes a memoryview)
+
+    def leftover_temporaries(self, under: str = "") -> list[str]:
+        """Temporary files of :meth:`write_bytes` below ``under``: only a killed writer leaves them."""
+        return [name for name in self.files(under) if _TMP_NAME.fullmatch(name.rsplit("/", 1)[-1])]
 
     def write_json(self, name: str, data) -> None:
         self.write_bytes(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,22 @@ def test_verify_refuses_manifest_paths_outside_the_store(store6, tmp_path):
 
 def _ichprep() -> str:
     return str(Path(sys.executable).parent / "ichprep")
+
+
+def test_resume_removes_temporaries_of_a_killed_writer(store6, synth_dataset6, tmp_path):
+    root = tmp_path / "interrupted.zarr"
+    shutil.copytree(store6, root)
+    (root / MANIFEST).unlink()  # as if killed before the end: one shard unfinished, two writes cut short
+    (root / STATE / "shards" / "000001.json").unlink()
+    leftovers = [root / "images" / "c" / "1" / "0" / "0" / ".0.4242.tmp", root / STATE / "shards" / ".000001.json.4242.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half a write")
+    summary = convert(synth_dataset6 / "stage_2_train", root, PreprocessSpec(shard_slices=16),
+                      labels_csv=synth_dataset6 / "stage_2_train.csv")
+    assert summary.shards_skipped == summary.n_shards - 1
+    assert not any(path.exists() for path in leftovers)
+    assert verify_store(root).ok
+    assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
 
 
 def test_resume_after_kill_gives_identical_bytes(synth_dataset6, store6, tmp_path):

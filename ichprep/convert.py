@@ -135,7 +135,7 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
 
 def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
     """What must match for a rerun to resume instead of refusing."""
-    listing = "\n".join(f"{p}\t{s}" for p, s in zip(plan["path"], plan["file_size"]))
+    listing = "\n".join(f"{p}\t{s}" for p, s in zip(plan["path"].tolist(), plan["file_size"].tolist()))
     return {
         "spec": spec.key(),
         "layout": spec.to_attrs()["layout"],

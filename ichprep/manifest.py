@@ -31,7 +31,9 @@ def _entry(root: Location, name: str) -> dict:
 
 def source_digest(table: pd.DataFrame) -> str:
     """sha256 over 'relative path<TAB>size' of every scanned file, in scan order."""
-    listing = "\n".join(f"{p}\t{s}" for p, s in zip(table["path"].astype(str), table["file_size"].fillna(-1)))
+    # .tolist() first: iterating arrow-backed columns element by element is ~3x slower.
+    listing = "\n".join(f"{p}\t{s}" for p, s in zip(table["path"].astype(str).tolist(),
+                                                      table["file_size"].fillna(-1).tolist()))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 

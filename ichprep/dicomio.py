@@ -33,7 +33,6 @@ from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from . import scratch
-from .plainread import NotPlain, read_plain
 from .errors import (
     DicomReadError,
     EmptyFileError,
@@ -47,6 +46,7 @@ from .errors import (
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
+from .plainread import NotPlain, read_plain
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,11 @@ def _values(ds: pydicom.Dataset, keyword: str, raw_ok: bool = True) -> list:
         return []
     if raw_ok and isinstance(elem, RawDataElement) and elem.is_little_endian and elem.VR in (vr, None):
         raw = elem.value
-        if not isinstance(raw, bytes):
-            pass  # a deferred value: pydicom reads it
-        elif vr in _TEXT_VRS and raw.isascii():
-            return [v.strip(" \x00") for v in raw.decode("ascii").split("\\")] if raw.strip(b" \x00") else []
-        if vr == "US" and len(raw) % 2 == 0:
-            return list(struct.unpack(f"<{len(raw) // 2}H", raw))
+        if isinstance(raw, bytes):  # None for a deferred value, which pydicom reads below
+            if vr in _TEXT_VRS and raw.isascii():
+                return [v.strip(" \x00") for v in raw.decode("ascii").split("\\")] if raw.strip(b" \x00") else []
+            if vr == "US" and len(raw) % 2 == 0:
+                return list(struct.unpack(f"<{len(raw) // 2}H", raw))
     value = ds[tag].value
     if value is None or value == "":
         return []

@@ -139,14 +139,6 @@ def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | 
     click.echo(f"wrote {output}")
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
-
-
 @main.command()
 @click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -183,6 +175,7 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     from .cluster import dask_client
     from .convert import convert as run_convert
     from .manifest import write_manifest
+    from .report import format_bytes
     from .scan import read_scan
     from .spec import PreprocessSpec
     from .windows import parse_windows
@@ -207,8 +200,8 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     click.echo(f"  rejected         {summary.n_rejected}"
                + "".join(f"\n    {reason}: {count}" for reason, count in summary.rejected.items()))
     click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
-    click.echo(f"  size on disk     {_human(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
-               f"({_human(summary.source_bytes)})")
+    click.echo(f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
+               f"({format_bytes(summary.source_bytes)})")
     if manifest_out:
         click.echo(f"  manifest also written to {manifest_out}")
     if summary.n_rejected:
@@ -225,13 +218,14 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
 def verify(store: Path, manifest_path: Path | None) -> None:
     """Recompute every checksum of STORE and check its tables; exit 1 listing every problem."""
     from .manifest import verify_store
+    from .report import format_bytes
 
     try:
         report = verify_store(store, manifest_path)
     except IchprepError as exc:
         _fail(exc)
     if report.ok:
-        click.echo(f"OK: {report.files_checked} files, {_human(report.bytes_checked)} match the manifest")
+        click.echo(f"OK: {report.files_checked} files, {format_bytes(report.bytes_checked)} match the manifest")
         return
     click.echo(f"FAILED: {len(report.problems)} problem(s) in {store}", err=True)
     for problem in report.problems:

@@ -99,13 +99,14 @@ def store_info(root: str | Path) -> dict:
     }
 
 
-def _bytes(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
+    """Binary units, as ``ichprep convert`` and ``verify`` print them: ``39.3 MiB``."""
     if n is None:
         return "n/a"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+        n /= 1024
 
 
 def _pct(x: float | None) -> str:
@@ -144,8 +145,8 @@ def format_info(info: dict) -> str:
     lines += [
         "",
         "Size",
-        f"  store            {_bytes(size['store_bytes'])} ({_bytes(size['bytes_per_slice'])} per slice)",
-        f"  source DICOM     {_bytes(size['source_bytes'])} ({size['source_files']} files)",
+        f"  store            {format_bytes(size['store_bytes'])} ({format_bytes(size['bytes_per_slice'])} per slice)",
+        f"  source DICOM     {format_bytes(size['source_bytes'])} ({size['source_files']} files)",
         f"  store / source   {ratio}",
     ]
     return "\n".join(lines)

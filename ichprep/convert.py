@@ -33,7 +33,7 @@ from . import scratch
 from .dicomio import read_slice
 from .errors import DicomReadError, StoreExistsError
 from .labels import read_labels
-from .manifest import build_manifest, source_summary, write_manifest
+from .manifest import build_manifest, source_digest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .spec import PreprocessSpec
@@ -120,12 +120,13 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
         try:
             _, hu = read_slice(path, reuse=True)
             spec.apply(hu, out=buffer[i])
+            continue
         except DicomReadError as exc:
-            buffer[i] = 0  # the slot stays, zero-filled
-            errors.append([start + i, exc.reason, exc.detail])
+            reason, detail = exc.reason, exc.detail
         except FileNotFoundError:
-            buffer[i] = 0
-            errors.append([start + i, "missing", "the file was removed after the header scan"])
+            reason, detail = "missing", "the file was removed after the header scan"
+        buffer[i] = 0  # the slot stays, zero-filled
+        errors.append([start + i, reason, detail])
     done = {**write_shard(root, spec, index, start, buffer), "inputs": digest, "errors": errors}
     root.write_json(_marker(index), done)
     return {**done, "skipped": False}
@@ -135,12 +136,11 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
 
 def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
     """What must match for a rerun to resume instead of refusing."""
-    listing = "\n".join(f"{p}\t{s}" for p, s in zip(plan["path"].tolist(), plan["file_size"].tolist()))
     return {
         "spec": spec.key(),
         "layout": spec.to_attrs()["layout"],
         "n_slices": len(plan),
-        "plan_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "plan_sha256": source_digest(plan),  # path and size of every planned file
     }
 
 
@@ -230,7 +230,7 @@ def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.D
 def _relative(paths: list[str], root: Path) -> list[str]:
     """``os.path.relpath(p, root)`` for each path, by prefix where the path starts with ``root`` (the scan's paths do)."""
     prefix = os.path.join(str(root), "")
-    return [p[len(prefix):] if p.startswith(prefix) and prefix != "/" else os.path.relpath(p, root) for p in paths]
+    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
 
 
 def convert(

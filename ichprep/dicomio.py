@@ -313,15 +313,21 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
         raise InvalidHeaderError(path, f"bad header value: {exc}") from exc
 
 
-def read_header(path: str | Path) -> SliceHeader:
-    """Header fields of one file, without decoding pixels."""
-    plain = read_plain(path, want_pixels=False)
+def _read(path: str | Path, want_pixels: bool, reuse: bool, finish):
+    """``finish(dataset, has_pixels)`` on the plain walk of the file; on pydicom's reading where the walk
+    declines or anything fails on it (pydicom then words the error)."""
+    plain = read_plain(path, want_pixels=want_pixels, reuse=reuse)
     if plain is not None:
         try:
-            return _header(plain, plain.has_pixels, path)
+            return finish(plain, plain.has_pixels)
         except (NotPlain, DicomReadError):
-            pass  # pydicom reads it again and words any error
-    return _header(*_open(path, stop_before_pixels=True), path)
+            pass
+    return finish(*_open(path, stop_before_pixels=not want_pixels))
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Header fields of one file, without decoding pixels."""
+    return _read(path, False, False, lambda ds, has_pixels: _header(ds, has_pixels, path))
 
 
 def check_slice(header: SliceHeader) -> None:
@@ -398,13 +404,7 @@ def read_slice(path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.n
     the HU image live in this thread's scratch buffers (:mod:`ichprep.scratch`): the returned image is
     then valid only until the next ``read_slice(..., reuse=True)`` in this thread (the converter's loop).
     """
-    plain = read_plain(path, want_pixels=True, reuse=reuse)
-    if plain is not None:
-        try:
-            return _slice(plain, plain.has_pixels, path, reuse)
-        except (NotPlain, DicomReadError):
-            pass
-    return _slice(*_open(path, stop_before_pixels=False), path, reuse)
+    return _read(path, True, reuse, lambda ds, has_pixels: _slice(ds, has_pixels, path, reuse))
 
 
 def _slice(ds, has_pixels: bool, path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.ndarray]:

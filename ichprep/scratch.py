@@ -17,6 +17,15 @@ import numpy as np
 _local = threading.local()
 
 
+def reused(name: str, make):
+    """``make()`` on the first call with this name in this thread, the same object after that
+    (for objects that are costly to set up and not thread-safe, e.g. a zstd compression context)."""
+    cache = _local.__dict__.setdefault("objects", {})
+    if name not in cache:
+        cache[name] = make()
+    return cache[name]
+
+
 def array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised array of this shape and dtype, the same memory on every call with these arguments."""
     cache = _local.__dict__.setdefault("arrays", {})

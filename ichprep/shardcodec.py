@@ -4,15 +4,13 @@ A shard of the ``images`` array (zarr v3 ``sharding_indexed``; inner chunk = one
 ``bytes`` + ``zstd``; index at the end with ``bytes`` + ``crc32c``) is the slices' zstd frames one
 after another, then an index of (offset, nbytes) little-endian uint64 pairs, one per slot, with
 (2^64-1, 2^64-1) for a slot left out because it is all zeros (the fill value), then the index's
-crc32c.  zarr-python spends ~0.3 ms per slice around a 0.2 ms zstd call when writing (0.13 ms with a reused context) and ~0.12 ms
-around a 0.07 ms decode when reading (BENCHMARKS.md); encoding and decoding here gives the same
-bytes (tested against zarr) at the cost of the codec alone.  zarr still reads and writes these
+crc32c.  zarr-python spends ~0.3 ms per slice around a 0.2 ms zstd call when writing (0.15 ms
+here, with a reused context) and ~0.12 ms around a 0.07 ms decode when reading (BENCHMARKS.md);
+encoding and decoding here gives the same bytes (tested against zarr) at the cost of the codec alone.  zarr still reads and writes these
 stores: the format is the standard one, only the code path is shorter.
 """
 
 from __future__ import annotations
-
-import threading
 
 import google_crc32c
 import numpy as np
@@ -31,7 +29,6 @@ def _index_bytes(shard_slices: int) -> int:
     return _ENTRY * shard_slices + 4  # + crc32c
 
 
-_local = threading.local()
 #: stream_writer's output buffer: below glibc's 128 kB mmap threshold, so it comes from the heap.
 _WRITE_SIZE = 1 << 16
 
@@ -43,10 +40,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     at level 1, against 0.13 ms for the same frame from a reused context (BENCHMARKS.md).  Contexts are
     not thread-safe, hence one per thread (Dask workers may run tasks in several threads).
     """
-    cache = _local.__dict__.setdefault("compressors", {})
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level)
-    return cache[level]
+    return scratch.reused(f"zstd-compressor-{level}", lambda: zstandard.ZstdCompressor(level=level))
 
 
 def _compress_bound(n: int) -> int:
@@ -57,8 +51,8 @@ def _compress_bound(n: int) -> int:
 class _Sink:
     """The file-like ``stream_writer`` writes compressed bytes to: appends into a preallocated buffer."""
 
-    def __init__(self, buffer: memoryview, pos: int):
-        self.buffer, self.pos = buffer, pos
+    def __init__(self, buffer: memoryview):
+        self.buffer, self.pos = buffer, 0
 
     def write(self, data) -> int:
         n = len(data)
@@ -79,7 +73,7 @@ def encode_shard(buffer: np.ndarray, shard_slices: int, level: int) -> memoryvie
     slice_bytes = buffer[0].nbytes if len(buffer) else 0
     out = scratch.byte_buffer("shard", len(buffer) * _compress_bound(slice_bytes) + _index_bytes(shard_slices))
     index = np.full((shard_slices, 2), EMPTY, "<u8")
-    sink = _Sink(out, 0)
+    sink = _Sink(out)
     for i, image in enumerate(buffer):
         if not image.any():  # zarr leaves all-fill-value chunks out (write_empty_chunks=False)
             continue

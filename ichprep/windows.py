@@ -86,14 +86,14 @@ def parse_windows(specs: list[str] | tuple[str, ...]) -> tuple[Window, ...]:
 
 
 def apply_window(hu: np.ndarray, window: Window, out: np.ndarray | None = None,
-                 scratch: np.ndarray | None = None) -> np.ndarray:
+                 temporary: np.ndarray | None = None) -> np.ndarray:
     """One window of a float HU image as uint8 (writes into ``out`` if given).
 
-    ``scratch`` (float32, the shape of ``hu``) saves a temporary per call.  The float -> uint8 cast
+    ``temporary`` (float32, the shape of ``hu``) saves an allocation per call.  The float -> uint8 cast
     truncates, which is the formula's floor because the value is already clipped to [0, 255].
     """
     scale = 255.0 / window.width
-    tmp = np.multiply(hu, np.float32(scale), dtype=np.float32, out=scratch)
+    tmp = np.multiply(hu, np.float32(scale), dtype=np.float32, out=temporary)
     # (hu - lo) * s + 0.5  ==  hu * s + (0.5 - lo * s): one fused pass instead of two.
     tmp += np.float32(0.5 - window.low * scale)
     if out is None:
@@ -110,7 +110,7 @@ def apply_windows(hu: np.ndarray, windows: tuple[Window, ...] | list[Window], ou
         out = np.empty((len(windows),) + hu.shape, dtype=np.uint8)
     temporary = scratch.array("window", hu.shape, np.float32)  # see ichprep.scratch: no page faults
     for i, window in enumerate(windows):
-        apply_window(hu, window, out=out[i], scratch=temporary)
+        apply_window(hu, window, out=out[i], temporary=temporary)
     return out
 
 

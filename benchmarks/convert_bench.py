@@ -169,21 +169,12 @@ def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec:
 # ---------------------------------------------------------------- the machine's own ceiling
 
 def _shard_loop_seconds(paths: list[str], store: str, spec: PreprocessSpec) -> float:
-    """In a fresh process: the shard path over ``paths`` into a private store, once to warm up, then timed."""
+    """In a fresh process: :func:`shard_path_only` over ``paths`` into a private store, once to warm up, then timed."""
     from ichprep.store import create_images
 
     create_images(store, len(paths), spec)
-    tasks = list(enumerate(range(0, len(paths), spec.shard_slices)))
-
-    def loop():
-        for index, start in tasks:
-            layout.marker_file(Path(store), index).unlink(missing_ok=True)
-            convert_shard(store, index, start, paths[start : start + spec.shard_slices], spec)
-
-    loop()
-    started = time.perf_counter()
-    loop()
-    return time.perf_counter() - started
+    shard_path_only(paths, Path(store), spec)
+    return shard_path_only(paths, Path(store), spec).wall_s
 
 
 def process_ceiling(paths: list[str], work: Path, spec: PreprocessSpec, repeats: int) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .report import loader_figures
+
 
 def _n(x, digits: int = 0) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
@@ -48,14 +50,7 @@ def render(r: dict) -> str:
         ["store (all files, zstd-1, 64-slice shards)", _n(size["store_bytes_per_slice"]),
          f"{size['store_files']} ({size['store_shard_files']} shards)", _n(size["ratios"]["store_vs_source"], 3)],
     ]), ""]
-    rows = []
-    for key in ("store", "store_zarr_batched_prototype", "store_direct_prototype", "dicom", "dicom_reference", "png"):
-        for mode in ("warm", "cold"):
-            rows.append(_rate(f"{loader[key]['source']}, {mode}", loader[key][mode]))
-    dl = loader["store_dataloader"]
-    for mode in ("warm", "cold"):
-        rows.append(_rate(f"store, DataLoader {dl['workers']} workers, {mode} (epoch of {dl['slices_per_epoch']})",
-                          dl[mode]))
+    rows = [_rate(label, fig) for label, fig in loader_figures(loader)]
     out += [f"**Loader** (to uint8 ({loader['batch']}, 3, {loader['crop']}, {loader['crop']}) batches with random "
             "crop + flip; one process unless stated)", "",
             _table(["loader", "slices/s", "per worker", "ms/slice", "repeats (s)"], rows), "",

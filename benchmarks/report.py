@@ -78,6 +78,17 @@ def machine_info() -> dict:
 
 # ---------------------------------------------------------------- targets
 
+def loader_figures(loader: dict) -> list[tuple[str, dict]]:
+    """(label, figure) of every loader contender, warm then cold, for both renderings of a run."""
+    rows = []
+    for key in ("store", "dicom", "dicom_reference", "png", "store_zarr_batched_prototype", "store_direct_prototype"):
+        rows += [(f"{loader[key]['source']}, {mode}", loader[key][mode]) for mode in ("warm", "cold")]
+    dl = loader["store_dataloader"]
+    rows += [(f"store, DataLoader {dl['workers']} workers, {mode} (epoch of {dl['slices_per_epoch']})", dl[mode])
+             for mode in ("warm", "cold")]
+    return rows
+
+
 def _target(name: str, wanted: str, measured, op: str, bound: float, note: str = "") -> dict:
     if measured is None or (isinstance(measured, float) and math.isnan(measured)):
         met = None
@@ -188,14 +199,8 @@ def format_table(results: dict) -> str:
         f"3. Loader, per process, to uint8 batches ({loader['batch']}, C, {loader['crop']}, {loader['crop']}) "
         "with random crop + flip",
     ]
-    rows = []
-    for key in ("store", "dicom", "dicom_reference", "png", "store_zarr_batched_prototype", "store_direct_prototype"):
-        for mode in ("warm", "cold"):
-            rows.append(_rate_row(f"{loader[key]['source']} {mode}", loader[key][mode]))
+    rows = [_rate_row(label, fig) for label, fig in loader_figures(loader)]
     dl = loader["store_dataloader"]
-    for mode in ("warm", "cold"):
-        rows.append(_rate_row(f"store, DataLoader {dl['workers']} workers, {mode} (epoch {dl['slices_per_epoch']})",
-                              dl[mode]))
     parts += [
         _grid(["loader", "slices/s", "per worker", "ms/slice", "cores in proc"], rows),
         "ratios: " + ", ".join(f"{k} {_num(v, 2)}" for k, v in loader["ratios"].items()),

@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
+
+
+def random_scores(n: int, seed: int, rate: float, signal: float, noise: float):
+    """Labels (n, 6: five subtypes + any) and scores that track them: for metric and plot tests."""
+    rng = np.random.default_rng(seed)
+    sub = (rng.random((n, 5)) < rate).astype(float)
+    y = np.c_[sub, sub.max(axis=1)]
+    return y, np.clip(signal * y + noise * rng.random(y.shape), 0, 1)
 
 
 def pydicom_file(name: str) -> Path:

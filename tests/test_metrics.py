@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from ichprep.labels import LABELS, SUBTYPES
+from conftest import random_scores
 from ichtrain.metrics import (
     EPS,
     compute_metrics,
@@ -23,11 +24,7 @@ from ichtrain.metrics import (
 
 
 def _random_case(n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    sub = (rng.random((n, 5)) < 0.15).astype(float)
-    y = np.c_[sub, sub.max(axis=1)]
-    p = np.clip(0.6 * y + 0.5 * rng.random(y.shape), 0, 1)
-    return y, p
+    return random_scores(n, seed, rate=0.15, signal=0.6, noise=0.5)
 
 
 # --------------------------------------------------------------------------- weighted log loss

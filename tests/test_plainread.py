@@ -19,13 +19,9 @@ from ichprep.plainread import HEAD_BYTES, NotPlain, parse, read_plain
 
 def _read(ds, has_pixels: bool, path, stop_before_pixels: bool):
     """Header, and HU pixels unless header-only, from an opened dataset (pydicom's or a plain one)."""
-    header = dicomio._header(ds, has_pixels, path)
     if stop_before_pixels:
-        return header, None
-    dicomio.check_slice(header)
-    pixels = dicomio._decode(ds, header)
-    return header, dicomio.to_hu(pixels, header.slope, header.intercept, header.bits_stored,
-                                 header.pixel_representation)
+        return dicomio._header(ds, has_pixels, path), None
+    return dicomio._slice(ds, has_pixels, path)
 
 
 def _pydicom_path(path, stop_before_pixels: bool):

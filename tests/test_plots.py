@@ -8,6 +8,7 @@ import pytest
 from matplotlib._pylab_helpers import Gcf
 
 from ichprep.labels import LABELS
+from conftest import random_scores
 from ichtrain.plots import plot_loss_curves, plot_roc_curves
 
 
@@ -31,11 +32,7 @@ def _history(epochs):
 
 
 def _case(n=500, seed=0):
-    rng = np.random.default_rng(seed)
-    sub = (rng.random((n, 5)) < 0.1).astype(float)
-    y = np.c_[sub, sub.max(axis=1)]
-    p = np.clip(0.5 * y + 0.6 * rng.random(y.shape), 0, 1)
-    return y, p
+    return random_scores(n, seed, rate=0.1, signal=0.5, noise=0.6)
 
 
 def test_loss_curves(tmp_path):

@@ -108,6 +108,15 @@ def cluster_options(command):
     )(command)
 
 
+def _cluster(workers: int | None, scheduler: str | None):
+    """The Dask client of --workers / --scheduler (a context manager); both at once is a usage error."""
+    from .cluster import dask_client
+
+    if workers and scheduler:
+        raise click.UsageError("give --workers or --scheduler, not both")
+    return dask_client(workers, scheduler)
+
+
 @main.command()
 @click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -117,13 +126,11 @@ def cluster_options(command):
 @cluster_options
 def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | None, scheduler: str | None) -> None:
     """Read every DICOM header under DICOM_DIR in parallel and write one Parquet row per file."""
-    from .cluster import dask_client
     from .scan import scan as run_scan, write_scan
 
-    if workers and scheduler:
-        raise click.UsageError("give --workers or --scheduler, not both")
+    cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
-        with dask_client(workers, scheduler) as client, _bars() as progress:
+        with cluster as client, _bars() as progress:
             table, summary = run_scan(dicom_dir, labels_csv, client=client, progress=progress)
         write_scan(table, output)
     except (IchprepError, OSError) as exc:
@@ -172,7 +179,6 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     Rerunning the same command after an interruption resumes: completed shards
     are verified and skipped.
     """
-    from .cluster import dask_client
     from .convert import convert as run_convert
     from .manifest import write_manifest
     from .report import format_bytes
@@ -180,13 +186,12 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     from .spec import PreprocessSpec
     from .windows import parse_windows
 
-    if workers and scheduler:
-        raise click.UsageError("give --workers or --scheduler, not both")
+    cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
         spec = PreprocessSpec(windows=parse_windows(windows), size=size, shard_slices=shard_slices,
                               compressor=compressor, compression_level=compression_level)
         scan_table = read_scan(scan_parquet) if scan_parquet else None
-        with dask_client(workers, scheduler) as client, _bars() as progress:
+        with cluster as client, _bars() as progress:
             summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
                                   client=client, overwrite=overwrite, progress=progress,
                                   pseudonymize_key=pseudonymize_key)

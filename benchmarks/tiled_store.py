@@ -17,27 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ichprep.labels import LABELS
-from ichprep.store import Store, open_store
+from ichprep.store import Store, build_studies, open_store
 
 from .layout import IMAGES, root_of, shard_file
-
-
-def _studies(slices: pd.DataFrame) -> pd.DataFrame:
-    """studies.parquet of contiguous study runs (README columns: study_uid, patient_id, start, stop, n_slices,
-    n_ok, study-level label maxima)."""
-    frame = slices.assign(_i=range(len(slices)))
-    groups = frame.groupby("study_uid", sort=False)
-    studies = pd.DataFrame({
-        "study_uid": groups["study_uid"].first(),
-        "patient_id": groups["patient_id"].first(),
-        "start": groups["_i"].min().astype("int64"),
-        "stop": (groups["_i"].max() + 1).astype("int64"),
-        "n_slices": groups.size().astype("int64"),
-        "n_ok": groups["ok"].sum().astype("int64"),
-    }).reset_index(drop=True)
-    maxima = groups[list(LABELS)].max().reset_index(drop=True).astype("Int8")
-    return pd.concat([studies, maxima], axis=1)
 
 
 def tile(store: Store, out: Path, min_slices: int) -> Store:
@@ -67,6 +49,6 @@ def tile(store: Store, out: Path, min_slices: int) -> Store:
         tables.append(part)
     slices = pd.concat(tables, ignore_index=True)
     slices.to_parquet(out / "slices.parquet", index=False)
-    _studies(slices).to_parquet(out / "studies.parquet", index=False)
+    build_studies(slices).to_parquet(out / "studies.parquet", index=False)
     (out / "manifest.json").write_text(json.dumps({"benchmark_tile_of": str(src), "copies": copies}) + "\n")
     return open_store(out)

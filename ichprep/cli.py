@@ -180,7 +180,6 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
     are verified and skipped.
     """
     from .convert import convert as run_convert
-    from .manifest import write_manifest
     from .report import format_bytes
     from .scan import read_scan
     from .spec import PreprocessSpec
@@ -194,9 +193,7 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
         with cluster as client, _bars() as progress:
             summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
                                   client=client, overwrite=overwrite, progress=progress,
-                                  pseudonymize_key=pseudonymize_key)
-        if manifest_out:
-            write_manifest(store, summary.manifest, extra_copy=manifest_out)
+                                  pseudonymize_key=pseudonymize_key, manifest_out=manifest_out)
     except (IchprepError, OSError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {summary.store}")

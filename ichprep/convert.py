@@ -243,6 +243,7 @@ def convert(
     overwrite: bool = False,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     pseudonymize_key: str | None = None,
+    manifest_out: str | Path | None = None,
 ) -> ConvertSummary:
     """Convert every readable slice under ``dicom_dir`` into ``store``; see the module docstring.
 
@@ -251,7 +252,8 @@ def convert(
     ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
     "convert": slices). The store's lock is taken first, so a second converter on the same
     store stops at once instead of after its header scan. ``pseudonymize_key`` replaces every
-    identifier and path written to the store by a keyed hash (see :mod:`ichprep.privacy`).
+    identifier and path written to the store by a keyed hash (see :mod:`ichprep.privacy`). ``manifest_out``
+    also writes the manifest there (e.g. ``data_manifests/NAME.json``).
     """
     started = time.perf_counter()
     dicom_dir, root = Path(dicom_dir), as_location(store)
@@ -294,9 +296,9 @@ def convert(
         root.write_parquet(STUDIES, build_studies(slices))
         rejected = _rejected_table(header_failures, slices)
         root.write_csv(REJECTED, rejected)
-        manifest = build_manifest(root, results, source_summary(table), len(header_failures),
+        manifest = build_manifest(root, results, slices, source_summary(table), len(header_failures),
                                   pseudonymized=pseudonymize_key is not None)
-        write_manifest(root, manifest)
+        write_manifest(root, manifest, extra_copy=manifest_out)
 
     wall = time.perf_counter() - started
     return ConvertSummary(

@@ -109,6 +109,6 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     # The source of an export is its parent store: the digest ties the copy to the exact parent.
     source = {**source_summary(slices), "export_of": hashlib.sha256(source_manifest).hexdigest()}
     pseudonymized = bool(json.loads(source_manifest).get("pseudonymized", False))
-    write_manifest(dest, build_manifest(dest, results, source, header_failures=0, pseudonymized=pseudonymized))
+    write_manifest(dest, build_manifest(dest, results, slices, source, header_failures=0, pseudonymized=pseudonymized))
     logger.info("exported %d studies (%d slices) from %s to %s", len(chosen), len(slices), src, dest)
     return ExportSummary(dest.url, len(chosen), len(slices), len(results), copied_verbatim=False)

@@ -19,7 +19,9 @@ import pandas as pd
 
 from .errors import StoreError
 from .location import Location, as_location, read_any
-from .store import ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, open_store, read_parquet
+from .store import (
+    ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, count_patients, open_store, shard_path,
+)
 
 MANIFEST_FORMAT = "ichkit-manifest/1"
 _TABLES = ("zarr.json", f"{IMAGES}/zarr.json", SLICES, STUDIES, REJECTED)
@@ -42,17 +44,17 @@ def source_summary(table: pd.DataFrame) -> dict:
     return {"n_files": len(table), "bytes": int(table["file_size"].fillna(0).sum()), "sha256": source_digest(table)}
 
 
-def build_manifest(root: Location, shard_results: list[dict], source: dict, header_failures: int,
-                   pseudonymized: bool = False) -> dict:
-    """Manifest of a finished store from its shard records; ``source`` from :func:`source_summary`."""
+def build_manifest(root: Location, shard_results: list[dict], slices: pd.DataFrame, source: dict,
+                   header_failures: int, pseudonymized: bool = False) -> dict:
+    """Manifest of a finished store from its shard records and the slices table it has just written;
+    ``source`` from :func:`source_summary`."""
     files = {}
     for result in sorted(shard_results, key=lambda r: r["index"]):
         if result["sha256"] is not None:
-            files[f"{IMAGES}/c/{result['index']}/0/0/0"] = {"sha256": result["sha256"], "size": result["size"]}
+            files[shard_path(result["index"])] = {"sha256": result["sha256"], "size": result["size"]}
     for name in _TABLES:
         files[name] = _entry(root, name)
     attrs = root.read_json("zarr.json")["attributes"][ATTRS_KEY]
-    slices = read_parquet(root, SLICES, columns=["ok", "patient_id", "study_uid"])
     return {
         "format": MANIFEST_FORMAT,
         "spec": attrs,
@@ -62,7 +64,7 @@ def build_manifest(root: Location, shard_results: list[dict], source: dict, head
             "pixel_failures": int((~slices["ok"]).sum()),
             "header_failures": int(header_failures),
             "studies": int(slices["study_uid"].nunique()),
-            "patients": int(slices["patient_id"].fillna(slices["study_uid"]).nunique()),
+            "patients": count_patients(slices),
             "shards": len(shard_results),
             "store_bytes": sum(f["size"] for f in files.values()),
         },

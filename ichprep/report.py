@@ -20,7 +20,7 @@ import pandas as pd
 from .labels import LABELS
 from .location import as_location
 from .manifest import load_manifest
-from .store import ATTRS_KEY, REJECTED, STATE, Store, open_store
+from .store import ATTRS_KEY, REJECTED, STATE, Store, count_patients, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def store_info(root: str | Path) -> dict:
             "pixel_failures": int((~ok).sum()),
             "header_failures": int(manifest["counts"]["header_failures"]),
             "studies": len(store.studies),
-            "patients": int(slices["patient_id"].fillna(slices["study_uid"]).nunique()),
+            "patients": count_patients(slices),
             "shards": store.n_shards,
             "files": len(files),
             "rejected": {str(k): int(v) for k, v in rejected.value_counts().sort_index().items()},

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
+from .store import count_patients
 from .errors import DicomReadError, ScanTableError
 from .labels import LABELS, read_labels
 
@@ -69,17 +70,17 @@ def scan_file(path: str) -> dict:
     """One scan row; errors become a status instead of an exception."""
     try:
         header = read_header(path)
-        check_slice(header)
-        row = header.to_row()
-        row.update(status=OK, error=None)
     except DicomReadError as exc:
         row = {"image_id": image_id_of(path), "path": str(path), "status": exc.reason, "error": exc.detail}
-        try:  # an otherwise readable header that we reject (e.g. MR) keeps its fields for the report
-            row = {**read_header(path).to_row(), **row}
-        except DicomReadError:
-            pass
     except FileNotFoundError as exc:
         row = {"image_id": image_id_of(path), "path": str(path), "status": "missing", "error": str(exc)}
+    else:
+        row = header.to_row()  # a readable header that we reject (e.g. MR) keeps its fields for the report
+        try:
+            check_slice(header)
+            row.update(status=OK, error=None)
+        except DicomReadError as exc:
+            row.update(status=exc.reason, error=exc.detail)
     try:
         row["file_size"] = os.stat(path).st_size
     except OSError:
@@ -159,7 +160,7 @@ def summarize(table: pd.DataFrame, labels_without_file: int = 0) -> ScanSummary:
         n_files=len(table),
         n_ok=len(ok),
         n_studies=int(ok["study_uid"].nunique()),
-        n_patients=int(ok["patient_id"].fillna(ok["study_uid"]).nunique()),
+        n_patients=count_patients(ok),
         n_labelled=int(ok["any"].notna().sum()),
         rejected=dict(sorted(rejected.items())),
         labels_without_file=labels_without_file,

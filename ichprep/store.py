@@ -112,6 +112,11 @@ def n_shards(n_slices: int, shard_slices: int) -> int:
     return -(-n_slices // shard_slices)
 
 
+def count_patients(slices: pd.DataFrame) -> int:
+    """Distinct patients; a slice without PatientID counts its study as the patient."""
+    return int(slices["patient_id"].fillna(slices["study_uid"]).nunique())
+
+
 def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
     """One row per study: its contiguous run [start, stop) of slices and study-level label maxima.
 

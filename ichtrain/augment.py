@@ -7,6 +7,7 @@ for decompression.  Each sample gets its own random transform.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,11 +18,17 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
+@functools.lru_cache(maxsize=16)
+def _statistics(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per channel on ``device``, built once rather than copied to the device every batch."""
+    mean = torch.tensor([_MEAN[i % 3] for i in range(channels)], device=device).view(1, channels, 1, 1) * 255
+    std = torch.tensor([_STD[i % 3] for i in range(channels)], device=device).view(1, channels, 1, 1) * 255
+    return mean, std
+
+
 def normalize(batch: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float, ImageNet-normalised per channel (C may be 3k for 2.5D input)."""
-    c = batch.shape[1]
-    mean = torch.tensor([_MEAN[i % 3] for i in range(c)], device=batch.device).view(1, c, 1, 1) * 255
-    std = torch.tensor([_STD[i % 3] for i in range(c)], device=batch.device).view(1, c, 1, 1) * 255
+    mean, std = _statistics(batch.shape[1], batch.device)
     return (batch.float() - mean) / std
 
 

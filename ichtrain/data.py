@@ -84,7 +84,7 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     if by not in SPLIT_BY:
         raise ConfigError(f"unknown split {by!r}; choose one of {', '.join(SPLIT_BY)}")
     n = len(slices)
-    seed = _check_seed("seed", seed)
+    seed = _check_int("seed", seed)
     rng = np.random.default_rng(seed)
     if by == "slice":
         if n < 2:
@@ -178,9 +178,9 @@ def train_candidates(slices: pd.DataFrame, split: np.ndarray, selection_mask: np
     return np.flatnonzero(keep)
 
 
-def _check_seed(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+def _check_int(name: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
@@ -200,7 +200,7 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
         raise ConfigError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE)}")
     if not _is_number(pos_fraction) or not 0.0 < float(pos_fraction) < 1.0:
         raise ConfigError(f"pos_fraction must be a number strictly between 0 and 1, got {pos_fraction!r}")
-    seed, epoch = _check_seed("seed", seed), _check_seed("epoch", epoch)
+    seed, epoch = _check_int("seed", seed), _check_int("epoch", epoch)
     positive = np.asarray(positive)
     if positive.ndim != 1 or positive.dtype != bool:
         raise DataError(f"positive must be a 1-D bool array (one entry per slot), "
@@ -273,13 +273,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
         for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),
                                  ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            _check_int(name, value, low)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.shard_slices, self.context, self.buffer_shards = int(shard_slices), int(context), int(buffer_shards)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.shuffle, self.seed, self.epoch = bool(shuffle), _check_seed("seed", seed), 0
+        self.shuffle, self.seed, self.epoch = bool(shuffle), _check_int("seed", seed), 0
 
         images = _open_images(self.root)
         n = images.shape[0]
@@ -323,7 +322,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int, counts: np.ndarray | None = None) -> None:
         """Switch to ``epoch`` (new shard order and buffer draws), optionally with that epoch's plan."""
-        self.epoch = _check_seed("epoch", epoch)
+        self.epoch = _check_int("epoch", epoch)
         if counts is not None:
             self.counts = self._check_counts(counts)
         self._layout = None
@@ -362,8 +361,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def batches(self, batch_size: int, num_workers: int, drop_last: bool = False) -> int:
         """Batches a DataLoader over this stream yields this epoch (each worker batches its own piece)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check_int("batch_size", batch_size, 1)
         sizes = [g1 - g0 for g0, g1 in self._worker_ranges(max(1, num_workers))]  # num_workers 0 = main process
         return sum(s // batch_size if drop_last else -(-s // batch_size) for s in sizes)
 

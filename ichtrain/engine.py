@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from .augment import eval_batch, train_batch
+from .metrics import label_weights
 
 logger = logging.getLogger(__name__)
 
 
 def loss_weights(names: tuple[str, ...], device) -> torch.Tensor:
-    """The competition's weights: ``any`` counts twice, each subtype once."""
-    return torch.tensor([2.0 if n == "any" else 1.0 for n in names], device=device)
+    """The competition's weights (:func:`ichtrain.metrics.label_weights`) as a tensor on ``device``."""
+    return torch.as_tensor(label_weights(names), dtype=torch.float32, device=device)
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -33,9 +34,9 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+def _for_model(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The model's memory format, applied to the augmented float batch (grid_sample returns NCHW)."""
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
 def train_one_epoch(
@@ -58,10 +59,10 @@ def train_one_epoch(
     for step, (images, targets, _slots) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
-        images = _to_device(images, device, channels_last)
+        images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         # Augment on the device the model runs on: on a GPU this keeps the CPU for decompression.
-        inputs = train_batch(images, image_size, generator)
+        inputs = _for_model(train_batch(images, image_size, generator), channels_last)
         with _autocast(device, amp_dtype):
             logits = model(inputs)
         loss = weighted_bce(logits, targets, weights)
@@ -73,11 +74,11 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        n = images.shape[0]
-        total_loss += loss.item() * n
+        n, value = images.shape[0], loss.item()
+        total_loss += value * n
         seen += n
         if on_step is not None:
-            on_step(n, loss.item(), seen / (time.perf_counter() - started))
+            on_step(n, value, seen / (time.perf_counter() - started))
     seconds = time.perf_counter() - started
     return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
@@ -96,9 +97,9 @@ def evaluate(
     model.eval()
     probs, targets, slots = [], [], []
     for images, target, slot in loader:
-        images = _to_device(images, device, channels_last)
+        images = images.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
-            logits = model(eval_batch(images))
+            logits = model(_for_model(eval_batch(images), channels_last))
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         targets.append(target.numpy())
         slots.append(np.asarray(slot))

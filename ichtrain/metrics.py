@@ -75,7 +75,8 @@ def _check(y_true, y_prob, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray
     return yt, yp, names
 
 
-def _weights(names: Sequence[str]) -> np.ndarray:
+def label_weights(names: Sequence[str]) -> np.ndarray:
+    """The competition's weights: ``any`` counts twice, each subtype once."""
     return np.array([ANY_WEIGHT if n == "any" else 1.0 for n in names])
 
 
@@ -107,7 +108,7 @@ def weighted_log_loss(y_true, y_prob, names: Sequence[str]) -> float:
     """
     yt, yp, names = _check(y_true, y_prob, names)
     known = ~np.isnan(yt)
-    w = np.where(known, _weights(names)[None, :], 0.0)
+    w = np.where(known, label_weights(names)[None, :], 0.0)
     bce = np.where(known, _bce(yt, yp), 0.0)
     denom = w.sum(axis=1)
     keep = denom > 0

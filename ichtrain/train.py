@@ -233,6 +233,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         net = torch.compile(net)
     weights = loss_weights(names, device)
     metrics = checkpoint["metrics"] if checkpoint is not None else {}
+    study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC, slot -> study
+    train_prevalence = [float(np.nanmean(y[train_idx, j])) for j in range(len(names))]
 
     for epoch in range(start_epoch, cfg.epochs):
         counts = epoch_plan(train_idx, positive, cfg.balance, cfg.pos_fraction, cfg.seed, epoch)
@@ -246,7 +248,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
                                 generator, amp_dtype, scaler, channels_last, cfg.max_steps, bar)
         probs, truth, slots = evaluate(net, _loader(val_stream, cfg, device), device, amp_dtype, channels_last)
         probs, truth, slots = (_gather(a, world) for a in (probs, truth, slots))
-        metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task)
+        metrics = run_metrics(truth, probs, names, study_of[slots], cfg.task)
         val_loss = metrics["weighted_log_loss"]
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -270,7 +272,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
                      "best_val_loss": best, "history": history, "rng": _rng_state(device),
                      "config": cfg.to_dict(), "spec": store.spec.to_attrs(), "names": list(names),
                      "in_channels": in_channels, "metrics": metrics,
-                     "train_prevalence": [float(np.nanmean(y[train_idx, j])) for j in range(len(names))]}
+                     "train_prevalence": train_prevalence}
             save_checkpoint(state, out / "last.pt")
             if improved:
                 save_checkpoint(state, out / "best.pt")

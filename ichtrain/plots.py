@@ -1,4 +1,4 @@
-"""Training plots: loss curves and per-class ROC curves, written as PNG files.
+"""Training plots: loss curves, per-class ROC curves and reliability diagrams, written as PNG files.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly rather than
 through pyplot: no global figure registry (nothing to leak or close in a long
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .metrics import _check
+from .metrics import _check, calibration
 
 # Series drawn by plot_loss_curves: history key -> (legend label, style).
 _LOSS_SERIES = (
@@ -104,6 +104,28 @@ def plot_loss_curves(history: Sequence[Mapping], out_png) -> Path:
     return _save(fig, out_png)
 
 
+class _Rows(NamedTuple):
+    """One class's labelled rows: truth and probability."""
+
+    t: np.ndarray
+    p: np.ndarray
+
+
+def _class_rows(yt: np.ndarray, yp: np.ndarray, j: int) -> _Rows:
+    keep = ~np.isnan(yt[:, j])
+    return _Rows(t=yt[keep, j], p=yp[keep, j])
+
+
+def _why_skipped(t: np.ndarray) -> str | None:
+    """Why a class has no curve (None when it has both label values)."""
+    n_pos = int(t.sum())
+    if 0 < n_pos < t.size:
+        return None
+    if t.size == 0:
+        return "no labels"
+    return "no positives" if n_pos == 0 else "no negatives"
+
+
 def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     """Per-class ROC curves on one axes, AUC and positives in the legend, chance diagonal.
 
@@ -116,13 +138,12 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance (AUC 0.5)")
     colors = ["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "black"]
     for j, name in enumerate(names):
-        keep = ~np.isnan(yt[:, j])
-        t, p = yt[keep, j], yp[keep, j]
-        n_pos = int(t.sum())
-        if not 0 < n_pos < t.size:
-            what = "no positives" if n_pos == 0 else ("no negatives" if t.size else "no labels")
+        t, p = _class_rows(yt, yp, j)
+        what = _why_skipped(t)
+        if what:
             ax.add_line(Line2D([], [], linestyle="none", label=f"{name}: skipped ({what})"))
             continue
+        n_pos = int(t.sum())
         fpr, tpr, _ = roc_curve(t, p)
         auc = roc_auc_score(t, p)
         # "any" is the headline class: draw it thicker, on top.
@@ -139,4 +160,59 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     ax.set_title("ROC curves per class")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8.5)
+    return _save(fig, out_png)
+
+
+def _reliability_panel(ax, name: str, t: np.ndarray, p: np.ndarray) -> None:
+    calib = calibration(t, p)
+    bins = calib.reliability
+    mean_p = np.array([b["mean_prob"] for b in bins])
+    observed = np.array([b["observed"] for b in bins])
+    counts = np.array([b["n"] for b in bins])
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
+    ax.plot(mean_p, observed, color="tab:blue", linewidth=1.2)
+    # Marker area tracks the rows in each bin (deciles: equal unless ties merged bins).
+    ax.scatter(mean_p, observed, s=15 + 100 * counts / counts.max(), color="tab:blue", zorder=3)
+    # A little room past [0, 1] so markers at exactly 0 or 1 are not cut by the frame.
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_aspect("equal")
+    ticks = [0, 0.25, 0.5, 0.75, 1]
+    ax.set_xticks(ticks, ["0", "", "0.5", "", "1"])
+    ax.set_yticks(ticks, ["0", "", "0.5", "", "1"])
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{name} (n={t.size}, {len(bins)} bins)\nECE {calib.ece:.3f}, mean p {calib.mean_prob:.3f} "
+                 f"vs prevalence {t.mean():.3f}", fontsize=8.5)
+
+
+def plot_calibration(y_true, y_prob, names: Sequence[str], out_png) -> Path:
+    """Reliability diagram per class: observed frequency against mean predicted probability per decile bin.
+
+    One panel per class with positives (diagonal = perfect calibration,
+    marker area = rows in the bin, ECE and mean probability vs prevalence in
+    the title); classes without positives are listed as skipped.
+    """
+    yt, yp, names = _check(y_true, y_prob, names)
+    shown, skipped = [], []
+    for j, name in enumerate(names):
+        t, p = _class_rows(yt, yp, j)
+        if t.sum() > 0:
+            shown.append((name, t, p))
+        else:
+            skipped.append(f"{name} ({_why_skipped(t)})")
+    cols = min(3, max(1, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig = _new_figure((max(5.0, 3.1 * cols + 0.6), 3.3 * rows + 1.1))  # wide enough for the title
+    for k, (name, t, p) in enumerate(shown):
+        _reliability_panel(fig.add_subplot(rows, cols, k + 1), name, t, p)
+    if not shown:
+        ax = fig.add_subplot()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no class has positives", ha="center", va="center")
+    title = "Calibration per class (decile bins of predicted probability)"
+    if skipped:
+        title += "\nskipped: " + ", ".join(skipped)
+    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("mean predicted probability", fontsize=9)
+    fig.supylabel("observed frequency", fontsize=9)
     return _save(fig, out_png)

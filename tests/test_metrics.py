@@ -13,6 +13,7 @@ from ichprep.labels import LABELS, SUBTYPES
 from conftest import random_scores
 from ichtrain.metrics import (
     EPS,
+    calibration,
     compute_metrics,
     format_metrics,
     per_class_log_loss,
@@ -222,6 +223,179 @@ def test_bad_inputs_are_rejected():
         compute_metrics(np.full((3, 1), 2.0), np.zeros((3, 1)), ("any",))
     with pytest.raises(ValueError, match="sigmoid"):
         compute_metrics(np.zeros((3, 1)), np.full((3, 1), 3.0), ("any",))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_by_hand():
+    # Ten distinct probabilities: the decile bins hold one row each, so ECE = mean |p - y|.
+    p = np.arange(10) / 10 + 0.05
+    y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1], dtype=float)
+    # |p - y|: .05 .15 .25 .35 .55 | .55 .35 .25 .15 .05  -> sum 2.7
+    calib = calibration(y, p)
+    assert calib.ece == pytest.approx(0.27)
+    assert calib.mean_prob == pytest.approx(0.5)
+    assert [b["n"] for b in calib.reliability] == [1] * 10
+    assert calib.reliability[4] == {"mean_prob": pytest.approx(0.45), "observed": 1.0, "n": 1}
+
+
+def test_calibration_ties_share_a_bin():
+    # One tied probability: a single bin, and it is exactly calibrated (3 of 10 positive at p 0.3).
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=float)
+    calib = calibration(y, np.full(10, 0.3))
+    assert calib.reliability == [{"mean_prob": pytest.approx(0.3), "observed": pytest.approx(0.3), "n": 10}]
+    assert calib.ece == pytest.approx(0.0)
+    assert calibration(np.zeros(0), np.zeros(0)) == (None, None, None)
+
+
+def test_compute_metrics_reports_calibration():
+    y, p = _random_case()
+    y[:, 1] = np.nan  # a class without labelled rows
+    m = compute_metrics(y, p, LABELS, bootstrap=0)
+    for name in ("epidural", "any"):
+        c = m["per_class"][name]
+        assert c["mean_prob"] == pytest.approx(p[:, LABELS.index(name)].mean())
+        assert 1 <= len(c["reliability"]) <= 10 and sum(b["n"] for b in c["reliability"]) == len(y)
+        assert c["ece"] == pytest.approx(calibration(y[:, LABELS.index(name)], p[:, LABELS.index(name)]).ece)
+    empty = m["per_class"]["intraparenchymal"]
+    assert empty["mean_prob"] is None and empty["ece"] is None and empty["reliability"] is None
+    eces = [c["ece"] for c in m["per_class"].values() if c["ece"] is not None]
+    assert len(eces) == 5 and m["mean_ece"] == pytest.approx(np.mean(eces))
+    # Calibrated scores (p = the true rate of their group) have a small ECE; doubled ones do not.
+    rng = np.random.default_rng(0)
+    rate = rng.choice([0.05, 0.2, 0.4], size=20_000)
+    truth = (rng.random(rate.size) < rate).astype(float)
+    good = compute_metrics(truth, rate, ("any",), bootstrap=0)["mean_ece"]
+    bad = compute_metrics(truth, np.clip(2 * rate, 0, 1), ("any",), bootstrap=0)["mean_ece"]
+    assert good < 0.02 and bad > 0.1
+
+
+# --------------------------------------------------------------------------- bootstrap intervals
+
+
+def _studies(n_studies, per_study, seed=0, signal=0.35):
+    """Slices grouped into studies; a study's lesion sets most of its slices' labels (correlated slices)."""
+    rng = np.random.default_rng(seed)
+    study = np.repeat(np.arange(n_studies), per_study)
+    lesion = rng.random((n_studies, 5)) < 0.3
+    sub = (lesion[study] & (rng.random((study.size, 5)) < 0.6)).astype(float)
+    y = np.c_[sub, sub.max(axis=1)]
+    return y, np.clip(signal * y + (1 - signal) * rng.random(y.shape), 0, 1), study
+
+
+def _width(interval):
+    return interval[1] - interval[0]
+
+
+def test_intervals_contain_the_point_estimate():
+    y, p, study = _studies(60, 10)
+    m = compute_metrics(y, p, LABELS, study_ids=study)
+    assert m["bootstrap"] == {"replicates": 200, "unit": "study", "units": 60, "seed": 0, "level": 0.95}
+    for key in ("weighted_log_loss", "mean_auc", "mean_ece", "study_any_auc"):
+        lo, hi = m["ci95"][key]
+        assert lo < m[key] < hi, key
+    for name in LABELS:
+        c = m["per_class"][name]
+        for key in ("roc_auc", "average_precision", "log_loss", "mean_prob"):
+            lo, hi = c["ci95"][key]
+            assert lo < c[key] < hi, (name, key)
+        for key in ("sensitivity", "specificity"):
+            lo, hi = c["ci95"][key]
+            assert lo <= c["at_youden"][key] <= hi, (name, key)
+
+
+def test_one_study_gives_the_point_estimate_in_every_replicate():
+    # A single unit is drawn once per replicate: every weighted formula must reproduce the point value.
+    y, p = random_scores(300, 0, rate=0.1, signal=0.3, noise=0.7)
+    m = compute_metrics(y, p, LABELS, study_ids=np.zeros(len(y)), thresholds={"any": 0.45}, bootstrap=5)
+    for key in ("weighted_log_loss", "mean_auc", "mean_ece"):
+        assert m["ci95"][key] == pytest.approx([m[key], m[key]], rel=1e-9), key
+    assert m["ci95"]["study_any_auc"] is None  # one study: no study-level AUC
+    for name in LABELS:
+        c = m["per_class"][name]
+        point = {**{k: c[k] for k in ("roc_auc", "average_precision", "log_loss", "mean_prob", "ece")},
+                 "sensitivity": c["at_youden"]["sensitivity"], "specificity": c["at_youden"]["specificity"]}
+        for key, value in point.items():
+            assert c["ci95"][key] == pytest.approx([value, value], rel=1e-9), (name, key)
+
+
+def test_intervals_narrow_with_more_data():
+    y, p, study = _studies(50, 8, signal=0.1)
+    small = compute_metrics(y, p, LABELS, study_ids=study)
+    y, p, study = _studies(800, 8, seed=1, signal=0.1)  # 16x the studies
+    large = compute_metrics(y, p, LABELS, study_ids=study)
+    for key in ("weighted_log_loss", "mean_auc", "study_any_auc"):
+        assert _width(large["ci95"][key]) < 0.5 * _width(small["ci95"][key]), key
+    assert _width(large["per_class"]["any"]["ci95"]["roc_auc"]) < 0.5 * _width(
+        small["per_class"]["any"]["ci95"]["roc_auc"])
+
+
+def test_same_seed_same_intervals():
+    y, p, study = _studies(40, 6)
+    a = compute_metrics(y, p, LABELS, study_ids=study, seed=7)
+    b = compute_metrics(y, p, LABELS, study_ids=study, seed=7)
+    c = compute_metrics(y, p, LABELS, study_ids=study, seed=8)
+    assert a["ci95"] == b["ci95"] and a["per_class"] == b["per_class"]
+    assert a["ci95"] != c["ci95"] and c["bootstrap"]["seed"] == 8
+
+
+def test_study_resampling_is_wider_than_slice_resampling_for_correlated_slices():
+    # Each study's slice copied 20 times: 20 slices carry one study's worth of evidence.
+    y, p = random_scores(150, 0, rate=0.2, signal=0.3, noise=0.7)
+    study = np.repeat(np.arange(150), 20)
+    y, p = y[study], p[study]
+    by_study = compute_metrics(y, p, LABELS, study_ids=study)
+    by_slice = compute_metrics(y, p, LABELS)
+    assert by_study["bootstrap"]["unit"] == "study" and by_study["bootstrap"]["units"] == 150
+    assert by_slice["bootstrap"]["unit"] == "slice" and by_slice["bootstrap"]["units"] == 3000
+    for key in ("weighted_log_loss", "mean_auc"):
+        assert _width(by_study["ci95"][key]) > 2.5 * _width(by_slice["ci95"][key]), key
+
+
+def test_interval_is_none_when_the_metric_is_often_undefined():
+    # Epidural positives in one study of 30: a replicate misses it about 1/e of the time.
+    y, p, study = _studies(30, 10)
+    y[:, 0] = 0
+    y[:3, 0] = 1
+    m = compute_metrics(y, p, LABELS, study_ids=study)
+    epi = m["per_class"]["epidural"]
+    assert epi["roc_auc"] is not None and epi["ci95"]["roc_auc"] is None
+    assert epi["ci95"]["sensitivity"] is None
+    assert epi["ci95"]["log_loss"] is not None and epi["ci95"]["specificity"] is not None
+
+
+def test_bootstrap_off_and_bad_arguments():
+    y, p, study = _studies(20, 5)
+    m = compute_metrics(y, p, LABELS, study_ids=study, bootstrap=0)
+    assert m["ci95"] is None and m["bootstrap"] is None
+    assert all(c["ci95"] is None for c in m["per_class"].values())
+    assert "CI" not in format_metrics(m)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="bootstrap"):
+            compute_metrics(y, p, LABELS, bootstrap=bad)
+    with pytest.raises(ValueError, match="seed"):
+        compute_metrics(y, p, LABELS, seed=None)
+    with pytest.raises(ValueError, match="missing"):
+        compute_metrics(y, p, LABELS, study_ids=np.where(study == 0, np.nan, study))
+
+
+def test_format_metrics_prints_intervals_and_calibration():
+    y, p, study = _studies(40, 6)
+    m = compute_metrics(y, p, LABELS, study_ids=study)
+    lines = format_metrics(m).splitlines()
+    assert lines[0].split()[-3:] == ["p", "ECE", "n_pos"] and "mean p" in lines[0]
+    lo, hi = m["per_class"]["any"]["ci95"]["roc_auc"]
+    any_row = next(line for line in lines if line.startswith("any"))
+    assert f"{m['per_class']['any']['roc_auc']:.3f} [{lo:.2f}-{hi:.2f}]" in any_row
+    assert f"{m['per_class']['any']['ece']:.3f}" in any_row
+    lo, hi = m["ci95"]["weighted_log_loss"]
+    wll = next(line for line in lines if line.startswith("weighted log loss"))
+    assert wll.startswith(f"weighted log loss: {m['weighted_log_loss']:.5f} (95% CI {lo:.3f}-{hi:.3f}, "
+                          "200 study resamples)")
+    assert any(line.startswith("mean AUC:") and "(95% CI" in line for line in lines)
+    assert any(line.startswith("study any AUC:") and "(95% CI" in line for line in lines)
+    assert any(line.startswith("mean ECE:") for line in lines)
 
 
 # --------------------------------------------------------------------------- reports

@@ -9,7 +9,7 @@ from matplotlib._pylab_helpers import Gcf
 
 from ichprep.labels import LABELS
 from conftest import random_scores
-from ichtrain.plots import plot_loss_curves, plot_roc_curves
+from ichtrain.plots import plot_calibration, plot_loss_curves, plot_roc_curves
 
 
 def _read_png(path):
@@ -67,10 +67,35 @@ def test_roc_curves_skip_single_label_class(tmp_path):
     _read_png(plot_roc_curves(y[:, 5], p[:, 5], ("any",), tmp_path / "roc_any.png"))
 
 
+def test_calibration_plot(tmp_path):
+    y, p = _case()
+    out = plot_calibration(y, p, LABELS, tmp_path / "plots" / "calibration.png")
+    assert out == tmp_path / "plots" / "calibration.png"
+    six = _read_png(out)
+    _read_png(plot_calibration(y[:, 5], p[:, 5], ("any",), tmp_path / "calibration_any.png"))
+    # Skipped classes (no positives, no labels) take no panel: two rows of three become one.
+    y[:, 0] = 0
+    y[:, 1] = np.nan
+    y[:, 2] = 0
+    four = _read_png(plot_calibration(y, p, LABELS, tmp_path / "calibration_skip.png"))
+    assert four.shape[0] < 0.8 * six.shape[0]
+
+
+def test_calibration_plot_without_positives_and_bad_input(tmp_path):
+    out = plot_calibration(np.zeros((20, 2)), np.full((20, 2), 0.1), ("epidural", "any"), tmp_path / "none.png")
+    assert out.stat().st_size > 0 and cv2.imread(str(out)) is not None
+    with pytest.raises(ValueError, match="columns"):
+        plot_calibration(np.zeros((20, 2)), np.zeros((20, 2)), LABELS, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="sigmoid"):
+        plot_calibration(np.zeros((20, 1)), np.full((20, 1), 2.0), ("any",), tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_no_pyplot_figures_left_open(tmp_path):
     before = Gcf.get_num_fig_managers()
     y, p = _case()
     for i in range(5):
         plot_loss_curves(_history(3), tmp_path / f"l{i}.png")
         plot_roc_curves(y, p, LABELS, tmp_path / f"r{i}.png")
+        plot_calibration(y, p, LABELS, tmp_path / f"c{i}.png")
     assert Gcf.get_num_fig_managers() == before

@@ -31,17 +31,21 @@ demo: $(STAMP)
 	@echo "--- a 64x64 cache of the same slices, so a CPU can train on it in a minute"
 	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache64.zarr --size 64 --shard-slices 32
-	$(BIN)/ichtrain train $(DEMO)/cache64.zarr --out $(DEMO)/run --task binary --arch resnet18 --image-size 64 \
+	$(BIN)/ichtrain train $(DEMO)/cache64.zarr --out $(DEMO)/run --arch resnet18 --image-size 64 \
 		--epochs 6 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
-	$(BIN)/ichtrain evaluate $(DEMO)/run/best.pt --store $(DEMO)/cache64.zarr --out $(DEMO)/eval --workers 1
+	@echo "--- a held-out archive from another seed, scored with the validation thresholds"
+	$(BIN)/ichprep synth $(DEMO)/heldout --studies $(DEMO_STUDIES) --seed 21 --lesion-rate 0.9 --min-lesion-pixels 800
+	$(BIN)/ichprep convert $(DEMO)/heldout/stage_2_train --labels $(DEMO)/heldout/stage_2_train.csv \
+		-o $(DEMO)/heldout64.zarr --size 64 --shard-slices 32
+	$(BIN)/ichtrain evaluate $(DEMO)/run/best.pt --store $(DEMO)/heldout64.zarr --split all --out $(DEMO)/eval --workers 1
 	$(BIN)/ichtrain predict $(DEMO)/run/best.pt --dicom-dir $(DEMO)/data/stage_2_train -o $(DEMO)/submission.csv --workers 1
 	@echo
 	@echo "demo done:"
 	@echo "  synthetic DICOMs     $(DEMO)/data/stage_2_train  (labels: $(DEMO)/data/stage_2_train.csv)"
 	@echo "  Zarr cache           $(DEMO)/cache.zarr  (manifest: $(DEMO)/manifest.json)"
 	@echo "  montage of a study   $(DEMO)/montage.png"
-	@echo "  training run         $(DEMO)/run  (metrics.json, loss.png, roc.png, best.pt, last.pt)"
-	@echo "  evaluation           $(DEMO)/eval  (metrics.json, roc.png, predictions.parquet)"
+	@echo "  training run         $(DEMO)/run  (metrics.json, loss.png, roc.png, calibration.png, best.pt, last.pt)"
+	@echo "  held-out evaluation  $(DEMO)/eval  (metrics.json, roc.png, calibration.png, predictions.parquet)"
 	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
 bench: $(STAMP)

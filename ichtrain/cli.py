@@ -10,6 +10,7 @@ import click
 
 from ichprep.cli import StoreParam
 
+from . import config
 from .errors import IchtrainError
 
 logger = logging.getLogger("ichtrain")
@@ -20,18 +21,18 @@ def _fail(exc: Exception) -> None:
 
 
 def _bar_factory(desc: str, total: int):
-    """A progress callback for train_one_epoch: loss and images/s in the bar (rank 0 only)."""
+    """A progress callback for train_one_epoch: steps, loss and images/s in the bar (rank 0 only)."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=None, file=sys.stderr, leave=False)
 
-    def step(n_images: int, loss: float, images_per_s: float) -> None:
-        bar.update(1)
+    def log(steps: int, loss: float, images_per_s: float) -> None:
+        bar.update(steps)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
         if bar.n >= bar.total:
             bar.close()
 
-    return step
+    return log
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,54 +52,61 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @main.command()
 @click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
-@click.option("--task", type=click.Choice(["rsna", "binary", "subtypes"]), default="rsna", show_default=True,
+@click.option("--task", type=click.Choice(config.TASKS), default="rsna", show_default=True,
               help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only.")
-@click.option("--arch", type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]),
-              default="resnet152", show_default=True)
+@click.option("--arch", type=click.Choice(config.ARCHS), default="resnet152", show_default=True)
 @click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded.")
 @click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
-              help="Training crop size (evaluation sees the whole stored image).")
+              help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
+                   "stored image to it; training resizes the same way, then takes a random crop of 80-100%% of the "
+                   "area (aspect kept) with a flip and a small rotation.")
 @click.option("--context", type=click.Choice(["0", "1"]), default="0", show_default=True,
               help="1 = 2.5D: the slice and its two z-neighbours (3 x windows channels).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+@click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default="sgd", show_default=True,
               help="sgd uses momentum 0.9 (the reference method).")
-@click.option("--scheduler", type=click.Choice(["plateau", "cosine"]), default="plateau", show_default=True)
-@click.option("--balance", type=click.Choice(["hybrid", "none"]), default="hybrid", show_default=True,
-              help="hybrid: undersample negatives and repeat positives (the reference method).")
+@click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default="plateau", show_default=True)
+@click.option("--balance", type=click.Choice(config.BALANCES), default="hybrid", show_default=True,
+              help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
+                   "loss weighted by 1 / its expected repeats so that probabilities stay calibrated.")
 @click.option("--pos-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Target share of positive slices per epoch with --balance hybrid.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True)
-@click.option("--split-by", type=click.Choice(["patient", "study", "slice"]), default="patient", show_default=True,
+@click.option("--split-by", type=click.Choice(config.SPLITS), default="patient", show_default=True,
               help="slice reproduces the reference method's random slice split, which leaks patients (do not "
                    "report it as a result).")
 @click.option("--slice-selection", default="all", show_default=True, metavar="all|middle:K",
-              help="middle:K keeps the K slices around each study's middle (the reference method).")
+              help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
+                   "method). Validation always covers every labelled slice; middle-slice figures are added.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--buffer-shards", type=click.IntRange(min=1), default=config.TrainConfig.buffer_shards,
+              show_default=True,
+              help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
+                   "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
+                   "for 23).")
+@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp16 + scaler on old GPUs).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps per epoch.")
 def train(store, out, task, arch, pretrained, image_size, context, epochs, batch_size, lr, optimizer, scheduler,
-          balance, pos_fraction, val_fraction, split_by, slice_selection, seed, workers, device, amp,
+          balance, pos_fraction, val_fraction, split_by, slice_selection, seed, workers, buffer_shards, device, amp,
           compile_model, resume, max_steps) -> None:
     """Train a ResNet on STORE; checkpoints, metrics and plots go to --out."""
-    from .config import TrainConfig
     from .metrics import format_metrics
     from .train import train as run_train
 
     try:
-        cfg = TrainConfig(store=str(store), out=str(out), task=task, arch=arch,
+        cfg = config.TrainConfig(store=str(store), out=str(out), task=task, arch=arch,
                           pretrained=str(pretrained) if pretrained else None, image_size=image_size,
                           context=int(context), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
                           scheduler=scheduler, balance=balance, pos_fraction=pos_fraction, val_fraction=val_fraction,
                           split_by=split_by, slice_selection=slice_selection, seed=seed, workers=workers,
-                          device=device, amp=amp, compile=compile_model, resume=str(resume) if resume else None,
+                          buffer_shards=buffer_shards, device=device, amp=amp, compile=compile_model, resume=str(resume) if resume else None,
                           max_steps=max_steps)
         metrics = run_train(cfg, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
@@ -106,18 +114,21 @@ def train(store, out, task, arch, pretrained, image_size, context, epochs, batch
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (best.pt, roc.png, calibration.png, "
+                   "val_predictions.parquet; validation on every labelled slice of the validation patients):")
         click.echo(format_metrics(metrics))
         click.echo(f"run folder: {out} (best.pt, last.pt, metrics.json, metrics.jsonl, loss.png, roc.png, "
-                   "val_predictions.parquet, split.parquet)")
+                   "calibration.png, val_predictions.parquet, split.parquet)")
 
 
 @main.command()
 @click.argument("checkpoint", type=FILE)
 @click.option("--store", required=True, type=STORE)
-@click.option("--split", type=click.Choice(["val", "all"]), default="val", show_default=True,
-              help="val: the run's own validation split; all: every labelled slice of STORE.")
+@click.option("--split", type=click.Choice(config.EVAL_SPLITS), default="val", show_default=True,
+              help="val: every labelled slice of the run's validation patients; all: every labelled slice of STORE "
+                   "(e.g. a held-out archive).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 def evaluate(checkpoint, store, split, out, device, batch_size, workers) -> None:
@@ -130,7 +141,7 @@ def evaluate(checkpoint, store, split, out, device, batch_size, workers) -> None
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(format_metrics(metrics))
-    click.echo(f"wrote {out}/metrics.json, {out}/predictions.parquet, {out}/roc.png")
+    click.echo(f"wrote {out}/metrics.json, {out}/predictions.parquet, {out}/roc.png, {out}/calibration.png")
 
 
 @main.command()
@@ -139,11 +150,14 @@ def evaluate(checkpoint, store, split, out, device, batch_size, workers) -> None
 @click.option("--dicom-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Predict DICOMs directly (converted with the checkpoint's spec first).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Kaggle-format CSV (ID,Label) to write.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+              help="Kaggle-format CSV (ID,Label) to write; probabilities clipped to [1e-6, 1 - 1e-6].")
+@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-def predict(checkpoint, store, dicom_dir, output, device, batch_size, workers) -> None:
+@click.option("--allow-subtypes-only", is_flag=True,
+              help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
+                   "never saw a normal slice).")
+def predict(checkpoint, store, dicom_dir, output, device, batch_size, workers, allow_subtypes_only) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder."""
     from .predict import predict_dicoms, predict_store
 
@@ -151,9 +165,11 @@ def predict(checkpoint, store, dicom_dir, output, device, batch_size, workers) -
         raise click.UsageError("give exactly one of --store STORE or --dicom-dir DIR")
     try:
         if store is not None:
-            frame = predict_store(checkpoint, store, output, device, batch_size, workers)
+            frame = predict_store(checkpoint, store, output, device, batch_size, workers,
+                                  allow_subtypes_only=allow_subtypes_only)
         else:
-            frame = predict_dicoms(checkpoint, dicom_dir, output, device, batch_size, workers)
+            frame = predict_dicoms(checkpoint, dicom_dir, output, device, batch_size, workers,
+                                   allow_subtypes_only=allow_subtypes_only)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images) to {output}")

@@ -1,20 +1,25 @@
 """From an ichprep store to training samples: targets, splits, slice selection, epoch plans, a shard stream.
 
-Everything but :class:`ShardStream` is a pure function of the store's tables, so the trainer can log,
-test and checkpoint the decisions (split, candidates, per-epoch repeat counts) separately from I/O.
+Everything but :class:`ShardStream` works without I/O (pure functions of the store's tables, and the
+stream's shuffle orders of sample counts and an rng), so the trainer can log, test and checkpoint the
+decisions (split, candidates, per-epoch repeat counts) separately from I/O.
 
 The stream reads the store the way it is laid out: one ``images[a:b]`` call per shard (a zarr call costs
-about 1 ms, so per-slice reads would be I/O-bound), shards visited in a shuffled order, samples mixed across
-a few shards in a buffer.  An epoch is described by ``counts``: how many times each slot is emitted (0 = not
-at all, and a shard whose slots are all 0 is never read).
+about 1 ms, so per-slice reads would be I/O-bound), shards visited in a shuffled order, the samples of
+``buffer_shards`` shards mixed and written straight into finished batches.  An epoch is described by
+``counts``: how many times each slot is emitted (0 = not at all, and a shard whose slots are all 0 is
+never read).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -243,41 +248,253 @@ def _open_images(root: Path):
     return open_reader(as_location(root))
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Yields ``(image uint8 (C*(2*context+1), H, W), target float32 (K,), slot)``, each slot ``counts[slot]`` times.
+class Batch(NamedTuple):
+    """One batch of a :class:`ShardStream`; each tensor owns its memory."""
 
-    Layout of one epoch, computed identically on every rank from (counts, seed, epoch): shards holding a
-    slot with count > 0 are ordered (shuffled per (seed, epoch), or sorted when ``shuffle=False``) and
-    concatenated into one sequence of samples (slots ascending within a shard, each repeated).  The
-    sequence is cut into ``world_size`` equal contiguous pieces (the last ``total % world_size`` samples,
-    fewer than ``world_size``, are dropped so that every rank makes the same number of steps), and each
-    rank's piece into ``num_workers`` contiguous pieces of ``len // num_workers`` (+1 for the first
-    ``len % num_workers``).  Every worker's sample count is therefore the same on every rank, which keeps
-    DDP step counts equal even though DataLoader batches per worker.  Pieces are disjoint; a shard lies in
-    one piece except where a cut falls inside it: then each side reads only its own slot range.
+    images: torch.Tensor   # uint8 (b, C*(2*context+1), H, W)
+    targets: torch.Tensor  # float32 (b, K)
+    slots: torch.Tensor    # int64 (b,)
+
+
+class Layout(NamedTuple):
+    """One epoch's sample sequence, the same on every rank: the shards read, in order, and their sample counts."""
+
+    order: np.ndarray   # shard numbers in reading order
+    totals: np.ndarray  # samples of each of those shards
+    ends: np.ndarray    # cumulative totals: shard order[p] holds samples [ends[p] - totals[p], ends[p])
+    per_rank: int       # samples of each rank (a tail shorter than world_size is dropped)
+
+
+def epoch_layout(counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int, epoch: int,
+                 world_size: int) -> Layout:
+    """Shards holding a slot with count > 0, shuffled per (seed, epoch) or sorted, and each rank's length."""
+    totals = np.add.reduceat(counts, np.arange(0, len(counts), shard_slices))
+    order = np.flatnonzero(totals > 0)
+    if shuffle:
+        order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
+    ends = np.cumsum(totals[order])
+    total = int(ends[-1]) if len(ends) else 0
+    if world_size > 1 and total % world_size:
+        logger.debug("epoch %d: %d of %d samples dropped to give %d ranks equal length",
+                     epoch, total % world_size, total, world_size)
+    return Layout(order, totals[order], ends, total // world_size)
+
+
+class Piece(NamedTuple):
+    """One shard's (or shard part's) samples in a worker's range, and the slot range read for them."""
+
+    lo: int                 # read images[lo:hi]: the slots, widened to their 2.5D neighbours
+    hi: int
+    slots: np.ndarray       # int64 (n,), ascending
+    neighbours: np.ndarray  # int64 (n, 2*context+1): each slot's stack, the slot itself in the middle
+    repeats: np.ndarray     # int64 (n,) >= 1: samples of each slot in this range
+
+
+class Emission(NamedTuple):
+    """Samples to write next, in order: sample ``sample[i]`` of piece number ``piece[i]``."""
+
+    piece: np.ndarray
+    sample: np.ndarray
+
+
+_NOTHING = Emission(np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+class SequenceOrder:
+    """Each piece's samples in sequence as soon as it arrives (evaluation order); no piece is held."""
+
+    window = 1
+
+    def __init__(self):
+        self._added = 0
+
+    def add(self, n: int) -> Emission:
+        self._added += 1
+        return Emission(np.full(n, self._added - 1, np.int64), np.arange(n))
+
+    def rest(self) -> Emission:
+        return _NOTHING
+
+
+class WindowShuffle:
+    """Shuffled order over a window of ``window`` pieces, so that exactly that many are ever held.
+
+    Each sample of piece p goes out in one of the rounds p .. p + window - 1 (raised to window - 1:
+    nothing goes out before ``window`` pieces are in).  When piece p arrives, round p goes out in random
+    order; after the last piece, every later round goes out together in random order.  No sample of piece
+    p - window + 1 is due after round p, so a round mixes the ``window`` latest pieces evenly.  Rounds are
+    stratified: each run of ``window`` consecutive samples of a piece (neighbouring slices, mostly of one
+    study) takes the ``window`` rounds in a random permutation, so a study's slices spread over the
+    rounds instead of bunching in one batch.
+    """
+
+    def __init__(self, window: int, rng: np.random.Generator):
+        self.window, self.rng = window, rng
+        self._pending: list[tuple[int, np.ndarray]] = []  # (piece number, round of each of its samples)
+        self._added = 0
+
+    def add(self, n: int) -> Emission:
+        p = self._added
+        self._added += 1
+        delays = np.argsort(self.rng.random((-(-n // self.window), self.window)), axis=1).ravel()[:n]
+        self._pending.append((p, np.maximum(p + delays, self.window - 1)))
+        out = self._due(lambda rounds: rounds == p)
+        self._pending = [(q, rounds) for q, rounds in self._pending if q > p - self.window + 1]
+        return out
+
+    def rest(self) -> Emission:
+        last = self._added - 1
+        out = self._due(lambda rounds: rounds > last)
+        self._pending = []
+        return out
+
+    def _due(self, due) -> Emission:
+        picked = [(q, np.flatnonzero(due(rounds))) for q, rounds in self._pending]
+        if not picked:
+            return _NOTHING
+        piece = np.concatenate([np.full(len(samples), q, np.int64) for q, samples in picked])
+        sample = np.concatenate([samples for _, samples in picked])
+        shuffled = self.rng.permutation(len(sample))
+        return Emission(piece[shuffled], sample[shuffled])
+
+
+class Step(NamedTuple):
+    """What to emit after one more piece arrived (or, last, after all of them)."""
+
+    live: dict          # piece number -> piece, for every piece the emission may name
+    emission: Emission
+
+
+def emissions(order, pieces: Iterable, size: Callable[[object], int]) -> Iterator[Step]:
+    """Feeds ``pieces`` (taken one at a time, so a lazy iterable loads each when its turn comes) to ``order``.
+
+    ``live`` drops a piece once ``order`` is done with it, right after the step is consumed: use a
+    step's emission before asking for the next step.
+    """
+    live = {}
+    for p, piece in enumerate(pieces):
+        live[p] = piece
+        step = Step(live, order.add(size(piece)))
+        del piece  # only ``live`` holds a piece, so it is freed as soon as ``order`` is done with it
+        yield step
+        live.pop(p - order.window + 1, None)
+    yield Step(live, order.rest())
+
+
+class _Loaded(NamedTuple):
+    """A piece after its one read: the block as decoded and, per sample (repeats expanded), its rows and slot."""
+
+    block: np.ndarray  # uint8 (hi - lo, C, H, W)
+    rows: np.ndarray   # int64 (samples, 2*context+1): rows of block, stacked in this order
+    slots: np.ndarray  # int64 (samples,)
+
+
+def _empty_images(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    # Born in shared memory (what default_collate does in workers): share_memory_() on an empty tensor
+    # would first copy its uninitialised bytes into a new segment.
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+
+class _BatchWriter:
+    """Writes emitted samples straight into new batch tensors of a worker's sizes; yields each full batch."""
+
+    def __init__(self, total: int, batch_size: int, sample_shape: tuple[int, int, int], stack: int,
+                 targets: np.ndarray, shared: bool):
+        self._left, self._batch_size, self._sample_shape = total, batch_size, sample_shape
+        self._stack, self._targets, self._shared = stack, targets, shared
+        self._start()
+
+    def _start(self) -> None:
+        size = min(self._batch_size, self._left)
+        self._left -= size
+        self._images = _empty_images((size, *self._sample_shape), self._shared)
+        # (b, 2*context+1, C, H, W) view: sample j's k-th neighbour is channels [k*C, (k+1)*C) of image j.
+        channels, h, w = self._sample_shape
+        self._stacked = self._images.numpy().reshape(size, self._stack, channels // self._stack, h, w)
+        self._slots = np.empty(size, np.int64)
+        self._filled = 0
+
+    def write(self, live: dict, emission: Emission) -> Iterator[Batch]:
+        n = len(emission.piece)
+        cuts = np.flatnonzero(emission.piece[1:] != emission.piece[:-1]) + 1
+        for a, b in zip([0, *cuts], [*cuts, n]) if n else ():
+            yield from self._run(live[int(emission.piece[a])], emission.sample[a:b])
+
+    def _run(self, loaded: _Loaded, samples: np.ndarray) -> Iterator[Batch]:
+        """Samples of one piece, in order."""
+        while len(samples):
+            f = self._filled
+            k = min(len(samples), len(self._slots) - f)
+            take, samples = samples[:k], samples[k:]
+            # The one copy of each slice, block -> batch; mode "clip" (rows are in range) because with
+            # "raise" numpy fills a temporary and copies that into ``out``.
+            np.take(loaded.block, loaded.rows[take], axis=0, out=self._stacked[f:f + k], mode="clip")
+            self._slots[f:f + k] = loaded.slots[take]
+            self._filled += k
+            if self._filled == len(self._slots):
+                yield Batch(self._images, torch.from_numpy(self._targets[self._slots]), torch.from_numpy(self._slots))
+                if self._left:
+                    self._start()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields :class:`Batch`es of ``batch_size`` samples; slot ``s`` is a sample ``counts[s]`` times per epoch.
+
+    Layout of one epoch, computed identically on every rank from (counts, seed, epoch) by
+    :func:`epoch_layout`: shards holding a slot with count > 0 are ordered (shuffled per (seed, epoch), or
+    sorted when ``shuffle=False``) and concatenated into one sequence of samples (slots ascending within a
+    shard, each repeated).  The sequence is cut into ``world_size`` equal contiguous pieces (the last
+    ``total % world_size`` samples, fewer than ``world_size``, are dropped so that every rank makes the
+    same number of steps), and each rank's piece into ``num_workers`` contiguous pieces of
+    ``len // num_workers`` (+1 for the first ``len % num_workers``).  Every worker's sample count is
+    therefore the same on every rank.  Pieces are disjoint; a shard lies in one piece except where a cut
+    falls inside it: then each side reads only its own slot range.
+
+    Each worker batches its own piece: all its batches have ``batch_size`` samples but its last, so
+    ``DataLoader(stream, batch_size=None, num_workers=W)`` yields :meth:`batches` ``(batch_size, W)``
+    batches, equal on every rank.  ``len(stream)`` counts samples, so such a DataLoader's ``len()`` does
+    too: count steps with :meth:`batches`.
 
     Each shard (or shard part) is read with one ``images[lo:hi]`` call, widened by up to ``context`` slots
     where a 2.5D neighbour lies across the shard edge, so neighbours come from the same read.  Neighbours
     are clamped to the slot's study [start, stop), never taken from another study (and, when ``ok`` is
-    given, a zero-filled neighbour is replaced by the slot itself).
+    given, a zero-filled neighbour is replaced by the slot itself).  The decoded block is kept as read:
+    the buffer holds (block, row indices) per sample, never pixels, and each sample's 1 or
+    ``2*context+1`` slices are copied once, from the block straight into the batch tensor.  Inside a
+    DataLoader worker that tensor is allocated in shared memory, so sending it to the main process does
+    not copy it again.  Every batch gets new tensors (no view of a block or of another batch).
 
-    ``shuffle=True`` mixes the samples of about ``buffer_shards`` shards in a buffer (rng per
-    (seed, epoch, rank, worker)); ``shuffle=False`` yields in sequence order (evaluation).
+    ``shuffle=True``: each sample goes out in one of the ``buffer_shards`` rounds after its shard is read,
+    at random (rng per (seed, epoch, rank, worker); :class:`WindowShuffle`), so a batch mixes the
+    ``buffer_shards`` latest shards evenly (the first batch waits for ``buffer_shards`` reads) and a
+    worker holds ``buffer_shards`` decoded shards:
+    ``buffer_shards * shard_slices * C * H * W`` bytes, 289 MB (276 MiB) for 23 x 64 x 3 x 256².  The
+    default 23 is the smallest that gives batches of 32 a median of >= 25 distinct studies on an RSNA-like
+    table with the hybrid plan (``benchmarks.batch_bench.buffer_mix``; BENCHMARKS.md has the table).
+    ``shuffle=False`` yields batches in sequence order (evaluation), holding one shard at a time.
     Call :meth:`set_epoch` before each epoch and build the DataLoader without ``persistent_workers``:
     workers get a copy of the stream when they start, so a persistent worker never sees a new epoch.
     """
 
+    #: Allocate batch images in shared memory inside DataLoader workers (a benchmark turns it off to compare).
+    _share_in_workers = True
+
     def __init__(self, root, counts: np.ndarray, targets: np.ndarray, shard_slices: int, studies_start: np.ndarray,
                  studies_stop: np.ndarray, context: int = 0, shuffle: bool = True, seed: int = 0,
-                 buffer_shards: int = 4, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None):
+                 buffer_shards: int = 23, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None,
+                 batch_size: int = 32):
         self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
         for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),
-                                 ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1)):
+                                 ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1),
+                                 ("batch_size", batch_size, 1)):
             _check_int(name, value, low)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.shard_slices, self.context, self.buffer_shards = int(shard_slices), int(context), int(buffer_shards)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
         self.shuffle, self.seed, self.epoch = bool(shuffle), _check_int("seed", seed), 0
 
         images = _open_images(self.root)
@@ -298,7 +515,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.ok is not None and self.ok.shape != (n,):
             raise DataError(f"ok must have shape ({n},), got {self.ok.shape}")
         c, h, w = images.shape[1:]
-        #: Shape of every yielded image (the model's input channels are sample_shape[0]).
+        #: Shape of every sample of a batch (the model's input channels are sample_shape[0]).
         self.sample_shape = (c * (2 * self.context + 1), h, w)
         self._images, self._images_pid = images, os.getpid()
         self._layout = None
@@ -339,35 +556,25 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._images, self._images_pid = _open_images(self.root), os.getpid()
         return self._images
 
-    def _plan(self):
-        """(shard order, cumulative sample ends, shard totals, per-rank length) of this epoch; same on every rank."""
+    def _plan(self) -> Layout:
         if self._layout is None:
-            totals = np.add.reduceat(self.counts, np.arange(0, self.n, self.shard_slices))
-            order = np.flatnonzero(totals > 0)
-            if self.shuffle:
-                order = order[np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
-            ends = np.cumsum(totals[order])
-            total = int(ends[-1]) if len(ends) else 0
-            per_rank = total // self.world_size
-            if self.world_size > 1 and total % self.world_size:
-                logger.debug("epoch %d: %d of %d samples dropped to give %d ranks equal length",
-                             self.epoch, total % self.world_size, total, self.world_size)
-            self._layout = (order, ends, totals[order], per_rank)
+            self._layout = epoch_layout(self.counts, self.shard_slices, self.shuffle, self.seed, self.epoch,
+                                        self.world_size)
         return self._layout
 
     def __len__(self) -> int:
         """Samples this rank yields this epoch, all its workers together."""
-        return self._plan()[3]
+        return self._plan().per_rank
 
     def batches(self, batch_size: int, num_workers: int, drop_last: bool = False) -> int:
-        """Batches a DataLoader over this stream yields this epoch (each worker batches its own piece)."""
+        """Batches of ``batch_size`` this rank yields this epoch with ``num_workers`` (each batches its own piece)."""
         _check_int("batch_size", batch_size, 1)
         sizes = [g1 - g0 for g0, g1 in self._worker_ranges(max(1, num_workers))]  # num_workers 0 = main process
         return sum(s // batch_size if drop_last else -(-s // batch_size) for s in sizes)
 
     def _worker_ranges(self, num_workers: int) -> list[tuple[int, int]]:
         """[g0, g1) positions in the epoch's sample sequence of each worker of this rank."""
-        per_rank = self._plan()[3]
+        per_rank = self._plan().per_rank
         base, extra = divmod(per_rank, num_workers)
         out, g = [], self.rank * per_rank
         for w in range(num_workers):
@@ -376,13 +583,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             g += size
         return out
 
-    def _pieces(self, g0: int, g1: int):
-        """(read lo, read hi, slots, neighbour slots, repeats) per shard overlapping samples [g0, g1), in order."""
-        order, ends, totals, _ = self._plan()
-        starts = ends - totals
-        first, last = np.searchsorted(ends, g0, side="right"), np.searchsorted(starts, g1, side="left")
+    def _pieces(self, g0: int, g1: int) -> Iterator[Piece]:
+        """Each shard overlapping samples [g0, g1) of the sequence, in order, as far as it lies in the range."""
+        layout = self._plan()
+        starts = layout.ends - layout.totals
+        first, last = np.searchsorted(layout.ends, g0, side="right"), np.searchsorted(starts, g1, side="left")
         for p in range(first, last):
-            a = int(order[p]) * self.shard_slices
+            a = int(layout.order[p]) * self.shard_slices
             b = min(self.n, a + self.shard_slices)
             counts = self.counts[a:b]
             hi_edge = starts[p] + np.cumsum(counts)
@@ -399,50 +606,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             lo, hi = int(nb.min()), int(nb.max()) + 1
             if mine.sum() == counts.sum():       # the whole shard is ours: read it as stored
                 lo, hi = min(lo, a), max(hi, b)
-            yield lo, hi, slots, nb, mine[local]
+            yield Piece(lo, hi, slots, nb, mine[local])
 
-    def _load(self, images, lo, hi, slots, nb, repeats):
-        """One range read -> [(image array, slot, repeats)] for the shard's slots."""
-        block = np.asarray(images[lo:hi])
-        c, h, w = self.sample_shape
-        # Fancy indexing copies, so each sample owns its memory and the block is freed after this shard.
-        return [(block[nb[j] - lo].reshape(c, h, w), int(slots[j]), int(repeats[j])) for j in range(len(slots))]
+    @staticmethod
+    def _load(images, piece: Piece) -> _Loaded:
+        """One range read; repeats expand row and slot indices only, never pixels."""
+        sample = np.repeat(np.arange(len(piece.slots)), piece.repeats)
+        return _Loaded(np.asarray(images[piece.lo:piece.hi]), (piece.neighbours - piece.lo)[sample],
+                       piece.slots[sample])
 
-    def _emit(self, image: np.ndarray, slot: int, shared: bool):
-        # A repeated slot's copies must not share memory (a consumer may modify a sample in place).
-        image = image.copy() if shared else image
-        return torch.from_numpy(image), torch.from_numpy(self.targets[slot].copy()), slot
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         g0, g1 = self._worker_ranges(num_workers)[worker]
         if g1 <= g0:
             return
         images = self._array()
-        if not self.shuffle:
-            for piece in self._pieces(g0, g1):
-                for image, slot, repeats in self._load(images, *piece):
-                    for _ in range(repeats):
-                        yield self._emit(image, slot, repeats > 1)
-            return
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        pool: list[tuple[np.ndarray, int, bool]] = []
-
-        def draw():
-            # Swap-remove a random item: O(1), and the pool's order does not matter.
-            j = int(rng.integers(len(pool)))
-            pool[j], pool[-1] = pool[-1], pool[j]
-            return self._emit(*pool.pop())
-
-        for loaded, piece in enumerate(self._pieces(g0, g1), start=1):
-            added = 0
-            for image, slot, repeats in self._load(images, *piece):
-                pool.extend([(image, slot, repeats > 1)] * repeats)
-                added += repeats
-            if loaded >= self.buffer_shards:
-                # Draw as many as were added: the pool stays at ~buffer_shards - 1 shards after warm-up.
-                for _ in range(added):
-                    yield draw()
-        while pool:
-            yield draw()
+        if self.shuffle:
+            order = WindowShuffle(self.buffer_shards, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+        else:
+            order = SequenceOrder()
+        writer = _BatchWriter(g1 - g0, self.batch_size, self.sample_shape, 2 * self.context + 1, self.targets,
+                              shared=info is not None and self._share_in_workers)
+        loaded = (self._load(images, piece) for piece in self._pieces(g0, g1))
+        for step in emissions(order, loaded, lambda piece: len(piece.slots)):
+            yield from writer.write(step.live, step.emission)

@@ -1,11 +1,16 @@
-"""One epoch of training and one pass of evaluation (the torchvision reference's split of work)."""
+"""One training step, one epoch of them, and one pass of evaluation (the torchvision reference's split of work).
+
+No step reads a value back from the device: random numbers are drawn there, the loss is summed there and
+read once per ``log_every`` steps, so a GPU queues work without waiting for the host.
+"""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,18 +19,20 @@ import torch.nn.functional as F
 from .augment import eval_batch, train_batch
 from .metrics import label_weights
 
-logger = logging.getLogger(__name__)
-
 
 def loss_weights(names: tuple[str, ...], device) -> torch.Tensor:
     """The competition's weights (:func:`ichtrain.metrics.label_weights`) as a tensor on ``device``."""
     return torch.as_tensor(label_weights(names), dtype=torch.float32, device=device)
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over images of sum_j w_j * BCE_j / sum_j w_j: the RSNA metric as a loss."""
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over images of ``s_i * sum_j w_j BCE_ij / sum_j w_j``: the RSNA metric, importance-weighted by ``s``."""
     per_label = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-    return (per_label * weights).sum(dim=1).div(weights.sum()).mean()
+    per_image = (per_label * weights).sum(dim=1).div(weights.sum())
+    if sample_weights is not None:
+        per_image = per_image * sample_weights
+    return per_image.mean()
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -39,72 +46,106 @@ def _for_model(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    weights: torch.Tensor,
-    device: torch.device,
-    image_size: int,
-    generator: torch.Generator,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    max_steps: int | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
-) -> dict:
-    """Train for one pass over ``loader``; ``on_step(images, loss, images_per_s)`` drives a progress bar."""
-    model.train()
-    total_loss, seen, started = 0.0, 0, time.perf_counter()
-    for step, (images, targets, _slots) in enumerate(loader):
-        if max_steps is not None and step >= max_steps:
+@dataclass(frozen=True)
+class StepSetup:
+    """What every training step of a run shares; tensors live on the model's device."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    label_weights: torch.Tensor           # (K,) the competition's weights
+    sample_weights: torch.Tensor | None   # (N slots,) importance weights of the balance plan, None = all 1
+    image_size: int
+    generator: torch.Generator            # on the device, for the augmentation's random numbers
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.label_weights.device
+
+
+def train_step(setup: StepSetup, images: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a uint8 batch; returns the loss as a detached device scalar (no sync)."""
+    device = setup.device
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    weights = None
+    if setup.sample_weights is not None:
+        weights = setup.sample_weights[slots.to(device, non_blocking=True)]
+    inputs = _for_model(train_batch(images, setup.image_size, setup.generator), setup.channels_last)
+    with _autocast(device, setup.amp_dtype):
+        logits = setup.model(inputs)
+    loss = weighted_bce(logits, targets, setup.label_weights, weights)
+    setup.optimizer.zero_grad(set_to_none=True)
+    if setup.scaler is not None and setup.scaler.is_enabled():
+        setup.scaler.scale(loss).backward()
+        setup.scaler.step(setup.optimizer)
+        setup.scaler.update()
+    else:
+        loss.backward()
+        setup.optimizer.step()
+    return loss.detach()
+
+
+class EpochStats(NamedTuple):
+    train_loss: float
+    train_images: int
+    train_seconds: float
+    train_images_per_s: float
+
+
+def train_one_epoch(setup: StepSetup, loader, *, max_steps: int | None = None, log_every: int = 20,
+                    on_log: Callable[[int, float, float], None] | None = None) -> EpochStats:
+    """Train for one pass over ``loader`` (batches of images, targets, slots).
+
+    ``on_log(steps since the last call, mean loss so far, images/s)`` runs every ``log_every`` steps and
+    at the end: the only points where the loss is read back from the device.
+    """
+    setup.model.train()
+    total = torch.zeros((), device=setup.device)
+    steps, seen, logged, started = 0, 0, 0, time.perf_counter()
+    for images, targets, slots in loader:
+        if max_steps is not None and steps >= max_steps:
             break
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        # Augment on the device the model runs on: on a GPU this keeps the CPU for decompression.
-        inputs = _for_model(train_batch(images, image_size, generator), channels_last)
-        with _autocast(device, amp_dtype):
-            logits = model(inputs)
-        loss = weighted_bce(logits, targets, weights)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        n, value = images.shape[0], loss.item()
-        total_loss += value * n
+        loss = train_step(setup, images, targets, slots)
+        n = images.shape[0]
+        total += loss * n
         seen += n
-        if on_step is not None:
-            on_step(n, value, seen / (time.perf_counter() - started))
+        steps += 1
+        if on_log is not None and steps % log_every == 0:
+            on_log(steps - logged, total.item() / seen, seen / (time.perf_counter() - started))
+            logged = steps
+    mean_loss = total.item() / max(seen, 1)
     seconds = time.perf_counter() - started
-    return {"train_loss": total_loss / max(seen, 1), "train_images": seen, "train_seconds": seconds,
-            "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
+    rate = seen / seconds if seconds > 0 else 0.0
+    if on_log is not None and steps > logged:
+        on_log(steps - logged, mean_loss, rate)
+    return EpochStats(mean_loss, seen, seconds, rate)
+
+
+class Predictions(NamedTuple):
+    probs: np.ndarray    # float32 (n, K)
+    targets: np.ndarray  # float32 (n, K)
+    slots: np.ndarray    # int64 (n,)
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    on_step: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities, targets and slots of every sample of ``loader`` (whole images, no augmentation)."""
+def evaluate(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             on_step: Callable[[int], None] | None = None) -> Predictions:
+    """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
     model.eval()
     probs, targets, slots = [], [], []
     for images, target, slot in loader:
         images = images.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
-            logits = model(_for_model(eval_batch(images), channels_last))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            logits = model(_for_model(eval_batch(images, image_size), channels_last))
+        probs.append(torch.sigmoid(logits.float()))  # stays on the device until the pass is over
         targets.append(target.numpy())
         slots.append(np.asarray(slot))
         if on_step is not None:
             on_step(images.shape[0])
     if not probs:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(probs), np.concatenate(targets), np.concatenate(slots).astype(np.int64)
+        return Predictions(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+    return Predictions(torch.cat(probs).cpu().numpy(), np.concatenate(targets), np.concatenate(slots).astype(np.int64))

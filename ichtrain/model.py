@@ -14,11 +14,11 @@ import torchvision
 from torch import nn
 
 from .checkpoint import safe_load
+from .config import ARCHS
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def load_state_dict(path: str | Path) -> dict:
@@ -49,32 +49,41 @@ def _load_backbone(model: nn.Module, state: dict, path) -> None:
     logger.info("loaded %d pretrained tensors from %s (classifier dropped)", len(own), path)
 
 
-def widen_input(model: nn.Module, in_channels: int) -> None:
-    """Replace conv1 by one taking ``in_channels``; its filters repeat the RGB ones, scaled by 3/in_channels.
+def widen_input(model: nn.Module, windows: int, slices: int = 1) -> None:
+    """Replace conv1 by one taking ``windows * slices`` channels (slice-major: channel = slice * windows + window).
 
-    For 2.5D input (3 windows x 3 slices) each new channel starts as the
-    matching window's pretrained filter, and the scaling keeps the first
-    layer's activations at the pretrained magnitude.
+    Window ``w`` starts as pretrained filter ``w % 3`` in every neighbour slice, so a window means the same
+    thing at every z offset; all filters are scaled by 3 / channels, which keeps the first layer's
+    activations at the pretrained magnitude when the neighbours look alike.
     """
     old = model.conv1
-    if in_channels == old.in_channels:
+    in_channels = windows * slices
+    if windows == old.in_channels and slices == 1:
         return
     new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
     with torch.no_grad():
-        index = torch.arange(in_channels) % old.in_channels
+        index = (torch.arange(in_channels) % windows) % old.in_channels
         new.weight.copy_(old.weight[:, index] * (old.in_channels / in_channels))
     model.conv1 = new
 
 
-def build_model(arch: str = "resnet152", n_outputs: int = 6, in_channels: int = 3,
+def build_model(arch: str = "resnet152", n_outputs: int = 6, windows: int = 3, slices: int = 1,
                 pretrained: str | Path | None = None) -> nn.Module:
+    """A torchvision ResNet for ``windows`` channels per slice and ``slices`` slices (2.5D: 3), ``n_outputs`` logits."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if n_outputs < 1 or in_channels < 1:
-        raise ConfigError("n_outputs and in_channels must be >= 1")
+    if n_outputs < 1 or windows < 1 or slices < 1:
+        raise ConfigError("n_outputs, windows and slices must be >= 1")
     model = torchvision.models.get_model(arch, weights=None)
     if pretrained is not None:
         _load_backbone(model, load_state_dict(pretrained), pretrained)
-    widen_input(model, in_channels)
+    widen_input(model, windows, slices)
     model.fc = nn.Linear(model.fc.in_features, n_outputs)
     return model
+
+
+def random_init_advice(arch: str) -> str:
+    """What to tell a user who trains ``arch`` without ``--pretrained`` (nothing is ever downloaded)."""
+    return (f"training {arch} from random weights; ImageNet weights help on CT. Save them once on a machine "
+            f"with internet: python -c \"import torch, torchvision; torch.save(torchvision.models.{arch}"
+            f"(weights='DEFAULT').state_dict(), '{arch}.pth')\" and pass --pretrained {arch}.pth")

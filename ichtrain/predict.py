@@ -12,6 +12,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,62 +24,80 @@ from ichprep.spec import PreprocessSpec
 from ichprep.store import REJECTED, Store, open_store
 
 from .checkpoint import load_checkpoint
-from .config import TrainConfig
-from .data import ShardStream, select_slices, split_slices, targets, train_candidates
-from .engine import evaluate
+from .config import EVAL_SPLITS, TrainConfig
+from .data import ShardStream, split_slices, targets, train_candidates
+from .engine import Predictions, evaluate
 from .errors import ConfigError
 from .metrics import youden_thresholds
 from .model import build_model
-from .plots import plot_roc_curves
-from .train import amp_dtype_for, check_spec, resolve_device, run_metrics, write_predictions
+from .train import (add_middle_block, amp_dtype_for, batch_loader, check_spec, resolve_device, run_metrics,
+                    write_figures)
 
 logger = logging.getLogger(__name__)
 
-
-def _load_model(state: dict, device: torch.device) -> torch.nn.Module:
-    cfg = TrainConfig.from_dict(state["config"])
-    model = build_model(cfg.arch, len(state["names"]), state["in_channels"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+#: Submitted probabilities stay inside [CLIP, 1 - CLIP]: written with 6 decimals, a smaller one would read as 0.
+CLIP = 1e-6
 
 
-def _run(model, store: Store, counts: np.ndarray, y: np.ndarray, context: int, device, batch_size: int,
-         workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    stream = ShardStream.from_store(store, counts, y, context=context, shuffle=False)
-    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    return evaluate(model, loader, device, amp_dtype_for(device, True))
+class Loaded(NamedTuple):
+    """A checkpoint applied to a store: everything evaluate and predict need."""
+
+    state: dict
+    cfg: TrainConfig
+    names: tuple[str, ...]
+    store: Store
+    device: torch.device
+    model: torch.nn.Module
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str | Path, split: str = "val",
-                        device: str = "auto", batch_size: int = 64, workers: int = 2) -> dict:
-    """Metrics, predictions and ROC plot of a checkpoint on the validation split (or all labelled slices)."""
-    if split not in ("val", "all"):
-        raise ConfigError(f"invalid split {split!r}; choose one of val, all")
+def load_for_store(checkpoint: str | Path, store_path: str | Path, device: str = "auto") -> Loaded:
+    """Load a checkpoint, open a store, refuse a store of another preprocessing, build the model on ``device``."""
     state = load_checkpoint(checkpoint)
     store = open_store(store_path)
     check_spec(store, state["spec"], f"checkpoint {checkpoint}")
     cfg = TrainConfig.from_dict(state["config"])
     names = tuple(state["names"])
+    dev = resolve_device(device)
+    model = build_model(cfg.arch, len(names), len(state["spec"]["windows"]), 2 * cfg.context + 1)
+    model.load_state_dict(state["model"])
+    return Loaded(state, cfg, names, store, dev, model.to(dev).eval())
+
+
+def _run(loaded: Loaded, counts: np.ndarray, y: np.ndarray, batch_size: int, workers: int) -> Predictions:
+    stream = ShardStream.from_store(loaded.store, counts, y, context=loaded.cfg.context, shuffle=False,
+                                    batch_size=batch_size)
+    return evaluate(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
+                    device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str | Path, split: str = "val",
+                        device: str = "auto", batch_size: int = 64, workers: int = 2) -> dict:
+    """Metrics (with study-bootstrap intervals), predictions, ROC and calibration plots of a checkpoint.
+
+    ``split="val"``: every labelled slice of the run's validation patients; ``"all"``: every labelled slice.
+    """
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"invalid split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+    loaded = load_for_store(checkpoint, store_path, device)
+    store, cfg = loaded.store, loaded.cfg
     y = targets(store.slices, cfg.task)
     if split == "val":
         parts = split_slices(store.slices, cfg.val_fraction, cfg.seed, cfg.split_by)
-        selection = select_slices(store.slices, store.studies, cfg.slice_selection)
-        chosen = train_candidates(store.slices, parts, selection, cfg.task, "val")
     else:
-        chosen = train_candidates(store.slices, np.full(len(store.slices), "val"), None, cfg.task, "val")
+        parts = np.full(len(store.slices), "val")
     counts = np.zeros(len(store.slices), np.int64)
-    counts[chosen] = 1
-    dev = resolve_device(device)
-    probs, truth, slots = _run(_load_model(state, dev), store, counts, y, cfg.context, dev, batch_size, workers)
+    counts[train_candidates(store.slices, parts, None, cfg.task, "val")] = 1
+    preds = _run(loaded, counts, y, batch_size, workers)
     # Sensitivity/specificity "at Youden" use the thresholds chosen on the run's validation split,
     # so numbers on other data are what a deployed threshold would give.
+    state = loaded.state
     thresholds = youden_thresholds(state["metrics"]) if state.get("metrics") else None
-    metrics = run_metrics(truth, probs, names, store.slices["study_uid"].to_numpy()[slots], cfg.task, thresholds)
+    study = store.slices["study_uid"].to_numpy()[preds.slots]
+    metrics = run_metrics(preds.targets, preds.probs, loaded.names, study, cfg.task, thresholds, seed=cfg.seed)
+    metrics = add_middle_block(metrics, preds, cfg.slice_selection, store, loaded.names, cfg.task, cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.parquet", store, slots, probs, truth, names)
-    plot_roc_curves(truth, probs, names, out / "roc.png")
+    write_figures(out, preds, loaded.names, store, "")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -106,22 +125,34 @@ def _six_columns(probs: np.ndarray, names: tuple[str, ...], prevalence: dict[str
     return table
 
 
+def _check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
+    """A subtypes-only model never saw a normal slice: its ``any`` (the max subtype) is not a detector."""
+    if "any" in loaded.names:
+        return
+    message = (f"checkpoint {checkpoint} was trained with --task {loaded.cfg.task} on bleeding slices only, so it "
+               "never learned to reject normal slices and its 'any' (max subtype) is not a hemorrhage detector")
+    if not allow_subtypes_only:
+        raise ConfigError(f"{message}; predict with an rsna or binary checkpoint, or pass --allow-subtypes-only "
+                          "to write these probabilities anyway")
+    logger.warning("%s; writing them anyway (--allow-subtypes-only)", message)
+
+
 def predict_store(checkpoint: str | Path, store_path: str | Path, out_csv: str | Path, device: str = "auto",
-                  batch_size: int = 64, workers: int = 2, unreadable: list[str] | None = None) -> pd.DataFrame:
-    """Write a Kaggle-format CSV for every slice of a store; unreadable slices get the training prevalence."""
-    state = load_checkpoint(checkpoint)
-    store = open_store(store_path)
-    check_spec(store, state["spec"], f"checkpoint {checkpoint}")
-    cfg = TrainConfig.from_dict(state["config"])
-    names = tuple(state["names"])
-    prevalence = dict(zip(names, state.get("train_prevalence", [0.5] * len(names))))
+                  batch_size: int = 64, workers: int = 2, unreadable: list[str] | None = None,
+                  allow_subtypes_only: bool = False) -> pd.DataFrame:
+    """Write a Kaggle-format CSV for every slice of a store; unreadable slices get the training prevalence.
+
+    Raises ConfigError for a ``--task subtypes`` checkpoint unless ``allow_subtypes_only``.
+    """
+    loaded = load_for_store(checkpoint, store_path, device)
+    _check_task(loaded, checkpoint, allow_subtypes_only)
+    store, names = loaded.store, loaded.names
+    prevalence = dict(zip(names, loaded.state.get("train_prevalence", [0.5] * len(names))))
     ok = store.slices["ok"].to_numpy(bool)
-    dev = resolve_device(device)
     y = np.zeros((len(store.slices), len(names)), np.float32)  # unused truth: predict needs no labels
-    probs, _, slots = _run(_load_model(state, dev), store, ok.astype(np.int64), y, cfg.context, dev,
-                           batch_size, workers)
+    preds = _run(loaded, ok.astype(np.int64), y, batch_size, workers)
     full = np.full((len(store.slices), len(names)), np.nan)
-    full[slots] = probs
+    full[preds.slots] = preds.probs
     fallback = np.array([prevalence.get(n, 0.5) for n in names])
     full[~ok] = fallback  # zero-filled slots: no pixels to judge
     image_ids = store.slices["image_id"].astype(str).tolist()
@@ -133,7 +164,8 @@ def predict_store(checkpoint: str | Path, store_path: str | Path, out_csv: str |
     if no_pixels:
         logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
                        ", ".join(no_pixels))
-    frame = _kaggle_rows(image_ids, _six_columns(full, names, prevalence))
+    table = np.clip(_six_columns(full, names, prevalence), CLIP, 1 - CLIP)
+    frame = _kaggle_rows(image_ids, table)
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")
     logger.info("wrote %d predictions (%d images, %d without readable pixels) to %s",
@@ -142,7 +174,8 @@ def predict_store(checkpoint: str | Path, store_path: str | Path, out_csv: str |
 
 
 def predict_dicoms(checkpoint: str | Path, dicom_dir: str | Path, out_csv: str | Path, device: str = "auto",
-                   batch_size: int = 64, workers: int = 2, client=None) -> pd.DataFrame:
+                   batch_size: int = 64, workers: int = 2, client=None,
+                   allow_subtypes_only: bool = False) -> pd.DataFrame:
     """Convert ``dicom_dir`` with the checkpoint's spec into a temporary store, then predict from it."""
     state = load_checkpoint(checkpoint)
     spec = PreprocessSpec.from_attrs(state["spec"])
@@ -151,4 +184,5 @@ def predict_dicoms(checkpoint: str | Path, dicom_dir: str | Path, out_csv: str |
         convert(dicom_dir, store, spec, client=client)
         rejected = pd.read_csv(store / REJECTED, dtype=str)
         unreadable = rejected.loc[rejected["stage"] == "header", "image_id"].tolist()
-        return predict_store(checkpoint, store, out_csv, device, batch_size, workers, unreadable=unreadable)
+        return predict_store(checkpoint, store, out_csv, device, batch_size, workers, unreadable=unreadable,
+                             allow_subtypes_only=allow_subtypes_only)

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -21,20 +22,22 @@ import torch
 import torch.distributed as dist
 
 from ichprep.spec import PreprocessSpec
-from ichprep.store import Store, open_store
+from ichprep.store import MANIFEST, Store, open_store
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .balance import importance_weights, sampling_rates
 from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, split_slices, targets, train_candidates
-from .engine import evaluate, loss_weights, train_one_epoch
+from .engine import Predictions, StepSetup, evaluate, loss_weights, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
 from .metrics import compute_metrics, reference_table
-from .model import build_model
-from .plots import plot_loss_curves, plot_roc_curves
+from .model import build_model, random_init_advice
+from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
 
 logger = logging.getLogger(__name__)
 
-#: Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs or workers, may change).
+#: Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs or workers, may change);
+#: the store itself must also be the same, by its manifest's digest (the path may move).
 RESUME_FIXED = ("task", "arch", "context", "image_size", "split_by", "val_fraction", "slice_selection", "seed",
                 "balance", "pos_fraction", "optimizer", "scheduler")
 
@@ -91,26 +94,41 @@ def check_spec(store: Store, spec_attrs: dict, where: str) -> None:
         )
 
 
-def _streams(store: Store, cfg: TrainConfig, split: np.ndarray, y: np.ndarray, rank: int, world: int):
+class Streams(NamedTuple):
+    train: ShardStream
+    val: ShardStream
+    train_idx: np.ndarray   # training candidates (slots), after --slice-selection
+    val_idx: np.ndarray     # every labelled slot of the validation patients
+
+
+def _streams(store: Store, cfg: TrainConfig, split: np.ndarray, y: np.ndarray, rank: int, world: int) -> Streams:
+    # --slice-selection chooses what to train on; validation is always the competition's distribution.
     selection = select_slices(store.slices, store.studies, cfg.slice_selection)
     train_idx = train_candidates(store.slices, split, selection, cfg.task, "train")
-    val_idx = train_candidates(store.slices, split, selection, cfg.task, "val")
+    val_idx = train_candidates(store.slices, split, None, cfg.task, "val")
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{len(train_idx)} training and {len(val_idx)} validation slices: both must be > 0 "
                         "(is the store labelled? is --val-fraction sensible for this many patients?)")
     val_counts = np.zeros(len(store.slices), np.int64)
     val_counts[val_idx] = 1
-    common = dict(targets=y, context=cfg.context, seed=cfg.seed, rank=rank, world_size=world)
+    common = dict(targets=y, context=cfg.context, seed=cfg.seed, rank=rank, world_size=world,
+                  batch_size=cfg.batch_size)
     train = ShardStream.from_store(store, np.zeros(len(store.slices), np.int64), shuffle=True,
                                    buffer_shards=cfg.buffer_shards, **common)
     val = ShardStream.from_store(store, val_counts, shuffle=False, **common)
-    return train, val, train_idx, val_idx
+    return Streams(train, val, train_idx, val_idx)
 
 
-def _loader(stream, cfg: TrainConfig, device: torch.device):
+def batch_loader(stream: ShardStream, workers: int, device: torch.device):
+    """A DataLoader over a stream that yields whole batches (pinned on CUDA)."""
     # No persistent workers: each epoch's iterator hands workers a fresh copy of the stream (new epoch plan).
-    return torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                       pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+def store_identity(store: Store) -> str:
+    """sha256 of the store's manifest: names exactly the cache a run trained on."""
+    return store.root.sha256(MANIFEST)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -143,15 +161,26 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # ---------------------------------------------------------------- outputs
 
 def run_metrics(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...], study_ids: np.ndarray,
-                task: str, thresholds: dict | None = None) -> dict:
-    """compute_metrics, plus the reference thesis's table (accuracy, recall, F1, ROC AUC) for --task binary.
+                task: str, thresholds: dict | None = None, seed: int = 0) -> dict:
+    """compute_metrics (with study-bootstrap intervals), plus the reference thesis's table for --task binary.
 
     ``thresholds`` (per class) replace the Youden thresholds of these data, e.g. the validation ones.
     """
-    metrics = compute_metrics(truth, probs, names, study_ids=study_ids, thresholds=thresholds)
+    metrics = compute_metrics(truth, probs, names, study_ids=study_ids, thresholds=thresholds, seed=seed)
     if task == "binary":
         metrics["reference_table"] = reference_table(metrics)
     return metrics
+
+
+def add_middle_block(metrics: dict, preds: Predictions, selection: str, store: Store, names: tuple[str, ...],
+                     task: str, seed: int) -> dict:
+    """With --slice-selection middle:K, the reference method's figures on those slices, as an extra block."""
+    if selection == "all":
+        return metrics
+    keep = select_slices(store.slices, store.studies, selection)[preds.slots]
+    study = store.slices["study_uid"].to_numpy()[preds.slots[keep]]
+    block = run_metrics(preds.targets[keep], preds.probs[keep], names, study, task, seed=seed)
+    return {**metrics, "middle_slices": {"selection": selection, **block}}
 
 
 def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
@@ -163,6 +192,14 @@ def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.nda
         frame[f"true_{name}"] = truth[:, j]
         frame[f"prob_{name}"] = probs[:, j]
     frame.to_parquet(path, index=False)
+
+
+def write_figures(out: Path, preds: Predictions, names: tuple[str, ...], store: Store, stem: str) -> None:
+    """``{stem}_predictions.parquet`` (or predictions.parquet), roc.png and calibration.png of one prediction set."""
+    write_predictions(out / (f"{stem}_predictions.parquet" if stem else "predictions.parquet"), store, preds.slots,
+                      preds.probs, preds.targets, names)
+    plot_roc_curves(preds.targets, preds.probs, names, out / "roc.png")
+    plot_calibration(preds.targets, preds.probs, names, out / "calibration.png")
 
 
 def _json_line(path: Path, record: dict) -> None:
@@ -177,53 +214,75 @@ def _clean(value):
     return value
 
 
+def _check_resume(checkpoint: dict, cfg: TrainConfig, identity: str) -> None:
+    saved = checkpoint["config"]
+    changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(cfg, k)]
+    if checkpoint.get("store_identity") != identity:
+        changed.append("store (its manifest differs from the one the run trained on)")
+    if changed:
+        raise CheckpointError(f"--resume {cfg.resume}: options differ from the checkpoint's run ({', '.join(changed)}); "
+                              "resume with the same options and store, or start a new run")
+
+
 # ---------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = None) -> dict:
-    """Run training; returns the final validation metrics. ``progress(desc, total)`` makes a step callback."""
+    """Run training; returns the best epoch's validation metrics (those of best.pt).
+
+    ``progress(desc, total steps)`` makes an ``on_log(steps, loss, images/s)`` callback (rank 0 only).
+    """
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     torch.manual_seed(cfg.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: autotune the convolutions once
     out = Path(cfg.out)
     store = open_store(cfg.store)
+    identity = store_identity(store)
     names = TASKS[cfg.task]
 
     checkpoint = None
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         check_spec(store, checkpoint["spec"], f"checkpoint {cfg.resume}")
-        saved = checkpoint["config"]
-        changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise CheckpointError(f"--resume {cfg.resume}: options differ from the checkpoint's run ({', '.join(changed)}); "
-                                  "resume with the same options, or start a new run")
+        _check_resume(checkpoint, cfg, identity)
 
     y = targets(store.slices, cfg.task)
     split = split_slices(store.slices, cfg.val_fraction, cfg.seed, cfg.split_by)
-    train_stream, val_stream, train_idx, val_idx = _streams(store, cfg, split, y, rank, world)
+    streams = _streams(store, cfg, split, y, rank, world)
     positive = is_positive(store.slices)
+    rates = sampling_rates(int(positive[streams.train_idx].sum()), int((~positive[streams.train_idx]).sum()),
+                           cfg.balance, cfg.pos_fraction)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"image_id": store.slices["image_id"], "study_uid": store.slices["study_uid"],
                       "patient_id": store.slices["patient_id"], "split": split}).to_parquet(out / "split.parquet")
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    logger.info("%d training and %d validation slices (split by %s)", len(train_idx), len(val_idx), cfg.split_by)
+        if cfg.pretrained is None and checkpoint is None:
+            logger.warning(random_init_advice(cfg.arch))
+    logger.info("%d training slices (%s), %d validation slices (every labelled slice of the validation %ss); "
+                "balance %s: positives x%.2f, negatives x%.3f, loss weighted by the inverse",
+                len(streams.train_idx), cfg.slice_selection, len(streams.val_idx), cfg.split_by, cfg.balance,
+                rates.r_pos, rates.p_neg)
 
-    in_channels = train_stream.sample_shape[0]
-    model = build_model(cfg.arch, len(names), in_channels, cfg.pretrained if checkpoint is None else None).to(device)
+    windows = store.spec.channels
+    in_channels = streams.train.sample_shape[0]
+    model = build_model(cfg.arch, len(names), windows, 2 * cfg.context + 1,
+                        cfg.pretrained if checkpoint is None else None).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg)
     amp_dtype = amp_dtype_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_epoch, best, history = 0, math.inf, []
+    start_epoch, best, best_epoch, best_metrics, metrics, history = 0, math.inf, 0, {}, {}, []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best_val_loss"], list(checkpoint["history"])
+        best_epoch, best_metrics, metrics = checkpoint["best_epoch"], checkpoint["best_metrics"], checkpoint["metrics"]
         _set_rng_state(checkpoint["rng"], device)
         logger.info("resumed from %s at epoch %d", cfg.resume, start_epoch + 1)
     net = model
@@ -231,56 +290,65 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    weights = loss_weights(names, device)
-    metrics = checkpoint["metrics"] if checkpoint is not None else {}
-    study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC, slot -> study
-    train_prevalence = [float(np.nanmean(y[train_idx, j])) for j in range(len(names))]
+    sample_weights = torch.as_tensor(importance_weights(streams.train_idx, positive, rates), device=device)
+    study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC and the study bootstrap
+    train_prevalence = [float(np.nanmean(y[streams.train_idx, j])) for j in range(len(names))]
 
     for epoch in range(start_epoch, cfg.epochs):
-        counts = epoch_plan(train_idx, positive, cfg.balance, cfg.pos_fraction, cfg.seed, epoch)
-        train_stream.set_epoch(epoch, counts)
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        steps = train_stream.batches(cfg.batch_size, cfg.workers)
+        streams.train.set_epoch(epoch, epoch_plan(streams.train_idx, positive, cfg.balance, cfg.pos_fraction,
+                                                  cfg.seed, epoch))
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+        setup = StepSetup(model=net, optimizer=optimizer, label_weights=loss_weights(names, device),
+                          sample_weights=sample_weights, image_size=cfg.image_size, generator=generator,
+                          amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+        steps = streams.train.batches(cfg.batch_size, cfg.workers)
         if cfg.max_steps:
             steps = min(steps, cfg.max_steps)
-        bar = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
-        stats = train_one_epoch(net, _loader(train_stream, cfg, device), optimizer, weights, device, cfg.image_size,
-                                generator, amp_dtype, scaler, channels_last, cfg.max_steps, bar)
-        probs, truth, slots = evaluate(net, _loader(val_stream, cfg, device), device, amp_dtype, channels_last)
-        probs, truth, slots = (_gather(a, world) for a in (probs, truth, slots))
-        metrics = run_metrics(truth, probs, names, study_of[slots], cfg.task)
+        on_log = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
+        stats = train_one_epoch(setup, batch_loader(streams.train, cfg.workers, device), max_steps=cfg.max_steps,
+                                on_log=on_log)
+        preds = evaluate(net, batch_loader(streams.val, cfg.workers, device), image_size=cfg.image_size,
+                         device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+        preds = Predictions(*(_gather(a, world) for a in preds))
+        metrics = run_metrics(preds.targets, preds.probs, names, study_of[preds.slots], cfg.task, seed=cfg.seed)
+        metrics = add_middle_block(metrics, preds, cfg.slice_selection, store, names, cfg.task, cfg.seed)
         val_loss = metrics["weighted_log_loss"]
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         else:
             scheduler.step()
-        record = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_weighted_log_loss": val_loss,
-                  "val_mean_auc": metrics["mean_auc"], "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, **stats._asdict(), "val_loss": val_loss, "val_weighted_log_loss": val_loss,
+                  "val_weighted_log_loss_ci95": metrics.get("ci95", {}).get("weighted_log_loss"),
+                  "val_mean_auc": metrics["mean_auc"], "val_mean_ece": metrics.get("mean_ece"),
+                  "lr": optimizer.param_groups[0]["lr"]}
         if "any" in names:
             record["val_any_auc"] = metrics["per_class"]["any"]["roc_auc"]
+            record["val_any_mean_prob"] = metrics["per_class"]["any"]["mean_prob"]
             record["val_study_any_auc"] = metrics.get("study_any_auc")
         record = {k: _clean(v) for k, v in record.items()}
         history.append(record)
         improved = val_loss < best
-        best = min(best, val_loss)
-        logger.info("epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s",
-                    epoch + 1, stats["train_loss"], stats["train_images_per_s"], val_loss, metrics["mean_auc"])
+        if improved:
+            best, best_epoch, best_metrics = val_loss, epoch + 1, metrics
+        logger.info("epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
+                    epoch + 1, stats.train_loss, stats.train_images_per_s, val_loss, metrics["mean_auc"],
+                    " (best so far)" if improved else "")
         if rank == 0:
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_val_loss": best, "history": history, "rng": _rng_state(device),
-                     "config": cfg.to_dict(), "spec": store.spec.to_attrs(), "names": list(names),
-                     "in_channels": in_channels, "metrics": metrics,
-                     "train_prevalence": train_prevalence}
+                     "best_val_loss": best, "best_epoch": best_epoch, "best_metrics": best_metrics,
+                     "history": history, "rng": _rng_state(device), "config": cfg.to_dict(),
+                     "spec": store.spec.to_attrs(), "store_identity": identity, "names": list(names),
+                     "in_channels": in_channels, "metrics": metrics, "train_prevalence": train_prevalence}
             save_checkpoint(state, out / "last.pt")
             if improved:
                 save_checkpoint(state, out / "best.pt")
-                write_predictions(out / "val_predictions.parquet", store, slots, probs, truth, names)
-                plot_roc_curves(truth, probs, names, out / "roc.png")
+                write_figures(out, preds, names, store, "val")
             plot_loss_curves(history, out / "loss.png")
     if rank == 0:
-        (out / "metrics.json").write_text(json.dumps({"final": metrics, "history": history}, indent=2) + "\n")
+        summary = {"final": best_metrics, "best_epoch": best_epoch, "last": metrics, "history": history}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world > 1:
         dist.barrier()
-    return metrics
+    return {**best_metrics, "best_epoch": best_epoch}

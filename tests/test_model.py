@@ -58,7 +58,7 @@ def test_weights_file_with_code_is_refused(tmp_path):
 def test_widened_input_spreads_pretrained_filters():
     model = torchvision.models.resnet18()
     rgb = model.conv1.weight.detach().clone()
-    widen_input(model, 9)
+    widen_input(model, windows=3, slices=3)
     w = model.conv1.weight
     assert w.shape[1] == 9
     for c in range(9):
@@ -66,3 +66,22 @@ def test_widened_input_spreads_pretrained_filters():
     # A 9-channel input made of three copies of one 3-channel image gives the original response.
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model.conv1(x.repeat(1, 3, 1, 1)), torch.nn.functional.conv2d(x, rgb, stride=2, padding=3))
+
+
+@pytest.mark.parametrize("windows", [1, 2, 4, 5])
+def test_widened_input_maps_each_window_to_one_filter_in_every_neighbour(windows):
+    """2.5D with any number of windows: window w of every z-neighbour starts as the same pretrained filter."""
+    model = torchvision.models.resnet18()
+    rgb = model.conv1.weight.detach().clone()
+    widen_input(model, windows=windows, slices=3)
+    w = model.conv1.weight.detach()
+    assert w.shape[1] == 3 * windows
+    for window in range(windows):
+        for z in range(3):
+            torch.testing.assert_close(w[:, z * windows + window], rgb[:, window % 3] * 3 / (3 * windows))
+
+
+def test_build_model_takes_windows_and_slices():
+    model = build_model("resnet18", n_outputs=6, windows=4, slices=3)
+    assert model.conv1.in_channels == 12
+    assert model(torch.randn(1, 12, 64, 64)).shape == (1, 6)

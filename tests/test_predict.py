@@ -94,3 +94,36 @@ def test_cli_train_variants(easy_store, tmp_path, extra):
         assert state["names"] == list(LABELS[:5])
     if "binary" in extra:
         assert "binary at 0.5" in result.output
+
+
+def test_submission_probabilities_are_clipped(tiny_run, easy_store, tmp_path, monkeypatch):
+    """A probability of 3e-7 must not be written as 0 (or 1 - 3e-7 as 1): log loss would be infinite."""
+    import ichtrain.predict as predict_module
+
+    real = predict_module._run
+
+    def extreme(*args, **kwargs):
+        preds = real(*args, **kwargs)
+        probs = np.where(np.arange(preds.probs.size).reshape(preds.probs.shape) % 2, 3e-7, 1 - 3e-7)
+        return preds._replace(probs=probs.astype(np.float32))
+
+    monkeypatch.setattr(predict_module, "_run", extreme)
+    predict_store(tiny_run / "best.pt", easy_store, tmp_path / "sub.csv", workers=0)
+    labels = pd.read_csv(tmp_path / "sub.csv")["Label"]
+    assert labels.min() == pytest.approx(1e-6) and labels.max() == pytest.approx(1 - 1e-6)
+
+
+def test_subtypes_only_checkpoint_is_refused_unless_allowed(easy_store, tmp_path, caplog):
+    from ichtrain.config import TrainConfig
+    from ichtrain.errors import ConfigError
+    from ichtrain.train import train
+
+    out = tmp_path / "subtypes"
+    train(TrainConfig(store=str(easy_store), out=str(out), task="subtypes", arch="resnet18", image_size=48,
+                      epochs=1, batch_size=8, workers=0, max_steps=1, device="cpu"))
+    with pytest.raises(ConfigError, match="never learned to reject normal slices.*--allow-subtypes-only"):
+        predict_store(out / "best.pt", easy_store, tmp_path / "a.csv", workers=0)
+    with caplog.at_level("WARNING", logger="ichtrain.predict"):
+        frame = predict_store(out / "best.pt", easy_store, tmp_path / "b.csv", workers=0, allow_subtypes_only=True)
+    assert len(frame) == 6 * len(open_store(easy_store).slices)
+    assert any("--allow-subtypes-only" in r.getMessage() for r in caplog.records)

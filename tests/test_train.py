@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,113 @@ def test_checkpoint_with_code_in_it_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"model": Payload()}))
     with pytest.raises(CheckpointError, match=r"weights_only=True.*(GLOBAL|operand).*pickled code"):
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- calibration, validation, best epoch
+
+
+def _history(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def balance_runs(easy_store, tmp_path_factory):
+    """The same short rsna run with --balance hybrid (the default) and --balance none, same seed."""
+    runs = {}
+    for balance in ("hybrid", "none"):
+        out = tmp_path_factory.mktemp(f"balance_{balance}")
+        train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=64, epochs=3,
+                          batch_size=32, lr=3e-3, optimizer="adamw", scheduler="cosine", workers=0, device="cpu",
+                          balance=balance, seed=1))
+        runs[balance] = out
+    return runs
+
+
+def test_hybrid_balance_is_calibrated_and_no_worse_than_none(balance_runs):
+    """Importance weights undo the hybrid plan: no inflated probabilities, no worse competition metric."""
+    hybrid = json.loads((balance_runs["hybrid"] / "metrics.json").read_text())["final"]
+    plain = json.loads((balance_runs["none"] / "metrics.json").read_text())["final"]
+    assert hybrid["weighted_log_loss"] <= plain["weighted_log_loss"] * 1.05
+    any_ = hybrid["per_class"]["any"]
+    assert any_["mean_prob"] == pytest.approx(any_["prevalence"], rel=0.25)
+    assert hybrid["ci95"]["weighted_log_loss"][0] <= hybrid["weighted_log_loss"] <= hybrid["ci95"]["weighted_log_loss"][1]
+    assert any_["ece"] is not None and hybrid["mean_ece"] is not None
+    assert (balance_runs["hybrid"] / "calibration.png").stat().st_size > 0
+
+
+def test_final_metrics_are_the_best_epochs(balance_runs):
+    out = balance_runs["hybrid"]
+    saved = json.loads((out / "metrics.json").read_text())
+    losses = [h["val_weighted_log_loss"] for h in _history(out)]
+    best = int(np.argmin(losses))
+    assert saved["best_epoch"] == best + 1
+    assert saved["final"]["weighted_log_loss"] == pytest.approx(losses[best])
+    assert saved["last"]["weighted_log_loss"] == pytest.approx(losses[-1])
+    state = load_checkpoint(out / "best.pt")
+    assert state["epoch"] == best and state["metrics"]["weighted_log_loss"] == pytest.approx(losses[best])
+    import pandas as pd
+
+    val = pd.read_parquet(out / "val_predictions.parquet")
+    assert len(val) == saved["final"]["n_images"]
+
+
+def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(easy_store, tmp_path):
+    """--slice-selection middle:K narrows training only; the middle-slice figures come as an extra block."""
+    import pandas as pd
+
+    from ichprep.store import open_store
+    from ichtrain.data import select_slices
+
+    out = tmp_path / "middle"
+    train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=48, epochs=1, batch_size=8,
+                      workers=0, max_steps=2, device="cpu", slice_selection="middle:4"))
+    store = open_store(easy_store)
+    split = pd.read_parquet(out / "split.parquet")["split"].to_numpy()
+    labelled = store.slices["ok"].to_numpy(bool) & store.slices["any"].notna().to_numpy()
+    middle = select_slices(store.slices, store.studies, "middle:4")
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["n_images"] == int((labelled & (split == "val")).sum())
+    assert final["middle_slices"]["n_images"] == int((labelled & middle & (split == "val")).sum())
+    assert final["middle_slices"]["selection"] == "middle:4"
+    assert final["n_images"] > 2 * final["middle_slices"]["n_images"]
+
+
+def test_resume_on_another_store_is_refused(tiny_run, easy_store, tmp_path):
+    """Same spec, other content (here: another manifest): the run's store identity does not match."""
+    import shutil
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(easy_store, other)
+    with open(other / "manifest.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(CheckpointError, match=r"options differ.*store \(its manifest differs"):
+        train(TrainConfig(store=str(other), out=str(tmp_path / "r"), arch="resnet18", image_size=48, epochs=2,
+                          batch_size=8, workers=0, max_steps=3, device="cpu", resume=str(tiny_run / "last.pt")))
+
+
+def test_training_from_random_weights_says_how_to_get_pretrained_ones(easy_store, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ichtrain.train"):
+        train(TrainConfig(store=str(easy_store), out=str(tmp_path / "r"), arch="resnet18", image_size=48, epochs=1,
+                          batch_size=8, workers=0, max_steps=1, device="cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("from random weights" in w and "--pretrained resnet18.pth" in w for w in warnings)
+
+
+@pytest.fixture(scope="module")
+def easy_store256(easy_store, tmp_path_factory):
+    """The easy set's DICOMs converted at the default 256²."""
+    from ichprep.convert import convert
+    from ichprep.spec import PreprocessSpec
+
+    root = tmp_path_factory.mktemp("easy256") / "cache.zarr"
+    convert(easy_store.parent / "data" / "stage_2_train", root, PreprocessSpec(shard_slices=32),
+            labels_csv=easy_store.parent / "data" / "stage_2_train.csv")
+    return root
+
+
+def test_a_256_store_trained_at_96_learns(easy_store256, tmp_path):
+    """--image-size is the network's input everywhere: a 256² store trained and evaluated at 96² learns."""
+    metrics = train(TrainConfig(store=str(easy_store256), out=str(tmp_path / "r96"), task="binary", arch="resnet18",
+                                image_size=96, epochs=4, batch_size=32, lr=3e-3, optimizer="adamw",
+                                scheduler="cosine", workers=1, device="cpu"))
+    assert metrics["per_class"]["any"]["roc_auc"] >= 0.85

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from types import SimpleNamespace
 
@@ -13,10 +14,10 @@ import torch
 import torch.utils.data
 
 from ichprep.labels import LABELS, SUBTYPES
-from ichprep.store import open_store
+from ichprep.store import open_reader, open_store
 from ichtrain import data
-from ichtrain.data import (ShardStream, epoch_plan, is_positive, select_slices, split_slices, study_bounds, targets,
-                           train_candidates)
+from ichtrain.data import (Batch, SequenceOrder, ShardStream, WindowShuffle, emissions, epoch_plan, is_positive,
+                           select_slices, split_slices, study_bounds, targets, train_candidates)
 from ichtrain.errors import ConfigError, DataError
 
 SHARD = 8
@@ -52,8 +53,17 @@ def all_ok(store) -> np.ndarray:
     return counts
 
 
-def drain(ds) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+def drain(ds) -> list[Batch]:
     return list(iter(ds))
+
+
+def slots_of(batches) -> list[int]:
+    return [int(slot) for batch in batches for slot in batch.slots]
+
+
+def by_slot(batches) -> dict[int, np.ndarray]:
+    """Each slot's image (the last one seen when it repeats)."""
+    return {int(slot): image for batch in batches for image, slot in zip(batch.images.numpy(), batch.slots)}
 
 
 def fake_slices(n_patients=150, seed=0) -> pd.DataFrame:
@@ -226,19 +236,54 @@ def test_epoch_plan_fallbacks_and_errors(caplog):
         epoch_plan(np.array([100]), positive)
 
 
+# ---- shuffle orders ------------------------------------------------------------------------------------------
+
+def run_order(order, sizes) -> list[tuple[int, int]]:
+    """(piece, sample) of every emission, checking that each names only a piece still live."""
+    out = []
+    for step in emissions(order, sizes, lambda n: n):
+        assert set(step.emission.piece.tolist()) <= set(step.live)
+        out += list(zip(step.emission.piece.tolist(), step.emission.sample.tolist()))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 40])
+def test_window_shuffle_emits_everything_once_within_the_window(window):
+    sizes = [7, 0, 12, 3, 9, 9, 1, 20, 5]
+    out = run_order(WindowShuffle(window, np.random.default_rng(0)), sizes)
+    assert sorted(out) == [(p, j) for p, n in enumerate(sizes) for j in range(n)]
+    assert out == run_order(WindowShuffle(window, np.random.default_rng(0)), sizes)          # deterministic
+    assert out != run_order(WindowShuffle(window, np.random.default_rng(1)), sizes)
+    # Stratified rounds: `window` consecutive samples of a piece never go out in the same round (from
+    # round `window` on: the first emission and the rest merge several rounds).
+    order = WindowShuffle(window, np.random.default_rng(2))
+    rounds = [order.add(n) for n in sizes]
+    for emission in rounds[window:]:
+        for p in set(emission.piece.tolist()):
+            mine = np.sort(emission.sample[emission.piece == p])
+            assert len(set((mine // window).tolist())) == len(mine)
+
+
+def test_sequence_order_keeps_the_sequence():
+    sizes = [4, 0, 3]
+    assert run_order(SequenceOrder(), sizes) == [(0, 0), (0, 1), (0, 2), (0, 3), (2, 0), (2, 1), (2, 2)]
+
+
 # ---- shard stream --------------------------------------------------------------------------------------------
 
 def test_stream_sequential_yields_every_slot_once(store, images):
     counts = all_ok(store)
-    ds = stream(store, counts, shuffle=False)
+    ds = stream(store, counts, shuffle=False, batch_size=7)
     out = drain(ds)
-    assert [slot for _, _, slot in out] == list(np.flatnonzero(counts))   # evaluation order: ascending
-    assert len(ds) == len(out) == counts.sum()
+    assert slots_of(out) == list(np.flatnonzero(counts))                 # evaluation order: ascending
+    assert len(ds) == sum(len(b.slots) for b in out) == counts.sum()
     y = targets(store.slices, "rsna")
-    for image, target, slot in out:
-        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
-        assert np.array_equal(image.numpy(), images[slot])
-        assert target.dtype == torch.float32 and np.array_equal(target.numpy(), y[slot])
+    for batch in out:
+        assert isinstance(batch, Batch) and batch.images.dtype == torch.uint8
+        assert batch.targets.dtype == torch.float32 and batch.slots.dtype == torch.int64
+        slots = batch.slots.numpy()
+        assert np.array_equal(batch.images.numpy(), images[slots])
+        assert np.array_equal(batch.targets.numpy(), y[slots])
     assert ds.sample_shape == (3, 32, 32)
 
 
@@ -246,17 +291,20 @@ def test_stream_repeats_follow_plan_and_is_deterministic(store):
     cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
     counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)
     assert counts.max() > 1
-    ds = stream(store, counts, task="binary", seed=5)
-    first = [slot for _, _, slot in drain(ds)]
+    ds = stream(store, counts, task="binary", seed=5, buffer_shards=3)
+    first = slots_of(drain(ds))
     assert Counter(first) == {i: int(c) for i, c in enumerate(counts) if c}
     assert len(ds) == len(first)
-    assert first == [slot for _, _, slot in drain(stream(store, counts, task="binary", seed=5))]
+    assert first == slots_of(drain(stream(store, counts, task="binary", seed=5, buffer_shards=3)))
     # The buffer mixes shards: the first samples do not all come from one shard.
     assert len({slot // SHARD for slot in first[:8]}) > 1
     ds.set_epoch(1)
-    assert Counter(s for _, _, s in drain(ds)) == Counter(first) and [s for _, _, s in drain(ds)] != first
+    assert Counter(slots_of(drain(ds))) == Counter(first) and slots_of(drain(ds)) != first
     ds.set_epoch(2, epoch_plan(cand, is_positive(store.slices), seed=0, epoch=2))
-    assert Counter(s for _, _, s in drain(ds)) == {i: int(c) for i, c in enumerate(ds.counts) if c}
+    assert Counter(slots_of(drain(ds))) == {i: int(c) for i, c in enumerate(ds.counts) if c}
+    # Sequential: each slot's repeats follow each other, slots ascending.
+    assert slots_of(drain(stream(store, counts, task="binary", shuffle=False))) == list(
+        np.repeat(np.arange(len(counts)), counts))
 
 
 class CountingReader:
@@ -281,12 +329,39 @@ def test_stream_reads_only_needed_shards_once(store, monkeypatch, context):
     counts = np.zeros(len(store.slices), np.int64)
     counts[[16, 21, 47]] = [1, 2, 1]                                     # shards 2 and 5 only
     out = drain(stream(store, counts, context=context, shuffle=True))
-    assert sorted(s for _, _, s in out) == [16, 21, 21, 47]
+    assert sorted(slots_of(out)) == [16, 21, 21, 47]
     # A read is widened only as far as the 2.5D neighbours need (16's previous, 47's next; same study).
     assert sorted(log) == [(16 - context, 24), (40, 48 + context)]
     log.clear()
     drain(stream(store, all_ok(store), context=context))
     assert len(log) == store.n_shards                                    # one read per shard
+
+
+class BlockWatch:
+    """A reader that keeps a weak reference to every block it returns, to count the ones still alive."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.blocks = array, array.shape, []
+
+    def __getitem__(self, key):
+        block = self.array[key]
+        self.blocks.append(weakref.ref(block))
+        return block
+
+    def alive(self) -> int:
+        return sum(ref() is not None for ref in self.blocks)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_stream_holds_at_most_buffer_shards_blocks(store, monkeypatch, shuffle):
+    real = data._open_images
+    watch = BlockWatch(real(store.root))
+    monkeypatch.setattr(data, "_open_images", lambda root: watch)
+    cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
+    counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)
+    alive = [watch.alive() for _ in stream(store, counts, task="binary", buffer_shards=3, batch_size=4,
+                                           shuffle=shuffle)]
+    assert max(alive) == (3 if shuffle else 1) and len(watch.blocks) == store.n_shards
 
 
 def fake_worker(monkeypatch, worker, num_workers):
@@ -301,8 +376,8 @@ def test_stream_ranks_and_workers_are_disjoint(store, monkeypatch):
     for rank in range(2):
         for worker in range(2):
             fake_worker(monkeypatch, worker, 2)
-            ds = stream(store, counts, rank=rank, world_size=2, seed=1)
-            parts[rank, worker] = [s for _, _, s in drain(ds)]
+            ds = stream(store, counts, rank=rank, world_size=2, seed=1, buffer_shards=2)
+            parts[rank, worker] = slots_of(drain(ds))
             lengths.add(len(ds))
     sets = [set(p) for p in parts.values()]
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == sum(len(p) for p in parts.values())
@@ -318,20 +393,86 @@ def test_stream_ranks_and_workers_are_disjoint(store, monkeypatch):
         seen = Counter()
         for worker in range(3):
             fake_worker(monkeypatch, worker, 3)
-            seen.update(s for _, _, s in drain(stream(store, c, seed=2)))
+            seen.update(slots_of(drain(stream(store, c, seed=2, buffer_shards=2))))
         assert seen == {i: int(v) for i, v in enumerate(c) if v}
 
 
-def test_stream_dataloader_two_workers(store):
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("context", [0, 1])
+def test_stream_batch_shapes_and_short_last_batch_per_worker(store, monkeypatch, shuffle, context):
     counts = all_ok(store)
-    ds = stream(store, counts, seed=0)
+    total = 0
+    for worker in range(2):
+        fake_worker(monkeypatch, worker, 2)
+        ds = stream(store, counts, batch_size=5, context=context, shuffle=shuffle, buffer_shards=2)
+        sizes = [len(b.slots) for b in drain(ds)]
+        mine = ds._worker_ranges(2)[worker]
+        n = mine[1] - mine[0]
+        assert sizes == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+        total += n
+        for b in drain(ds):
+            n = len(b.slots)
+            assert b.images.shape == (n, 3 * (2 * context + 1), 32, 32) and b.targets.shape == (n, 6)
+            assert b.slots.shape == (n,)
+    assert total == counts.sum()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 4, 32, 500])
+def test_stream_batch_count_equals_batches(store, monkeypatch, world_size, workers, batch_size):
+    counts = epoch_plan(np.flatnonzero(all_ok(store)), is_positive(store.slices), seed=0, epoch=1)
+    for rank in range(world_size):
+        made = 0
+        for worker in range(workers):
+            fake_worker(monkeypatch, worker, workers)
+            ds = stream(store, counts, rank=rank, world_size=world_size, batch_size=batch_size)
+            made += len(drain(ds))
+        assert made == ds.batches(batch_size, workers)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_stream_batches_own_their_memory(store, images, monkeypatch, shuffle):
+    cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
+    counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)   # with repeats
+    y = targets(store.slices, "binary")
+    for worker_info in (False, True):
+        if worker_info:   # inside a worker the images are born in shared memory
+            fake_worker(monkeypatch, 0, 1)
+        out = drain(stream(store, counts, task="binary", shuffle=shuffle, batch_size=3, context=1))
+        assert all(b.images.is_shared() == worker_info for b in out)
+        for b in out[::2]:                                   # a consumer scribbles over every other batch
+            b.images.fill_(255)
+            b.targets.fill_(-1)
+            b.slots.fill_(-1)
+        for b in out[1::2]:
+            slots = b.slots.numpy()
+            assert np.array_equal(b.images.numpy()[:, 3:6], images[slots])
+            assert np.array_equal(b.targets.numpy(), y[slots])
+        arrays = [t.numpy() for b in out for t in b]
+        assert not any(np.shares_memory(a, c) for i, a in enumerate(arrays) for c in arrays[i + 1:])
+
+
+def test_stream_dataloader_two_workers(store, monkeypatch):
+    counts = epoch_plan(np.flatnonzero(all_ok(store)), is_positive(store.slices), seed=0, epoch=1)
+    ds = stream(store, counts, seed=0, batch_size=4, context=1, buffer_shards=2)
     ds.set_epoch(1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     batches = list(loader)
-    slots = torch.cat([b[2] for b in batches]).tolist()
-    assert sorted(slots) == list(np.flatnonzero(counts))
+    assert all(isinstance(b, Batch) for b in batches)
+    assert Counter(slots_of(batches)) == {i: int(c) for i, c in enumerate(counts) if c}
     assert len(batches) == ds.batches(4, 2)
-    assert batches[0][0].shape == (4, 3, 32, 32) and batches[0][1].shape == (4, 6)
+    assert batches[0].images.shape == (4, 9, 32, 32) and batches[0].targets.shape == (4, 6)
+    # Each worker process yields what the same worker does in this process, pixels included.
+    expected = []
+    for worker in range(2):
+        fake_worker(monkeypatch, worker, 2)
+        expected.append(drain(ds))
+    # The DataLoader takes one batch from each worker in turn, then the longer one's rest.
+    first, second = expected
+    ordered = [b for pair in zip(first, second) for b in pair] + first[len(second):] + second[len(first):]
+    assert [b.slots.tolist() for b in batches] == [b.slots.tolist() for b in ordered]
+    assert all(torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets) for b, e in zip(batches, ordered))
 
 
 def test_stream_context_neighbours(store, images):
@@ -342,7 +483,7 @@ def test_stream_context_neighbours(store, images):
     counts[bad] = 0
     # Without ok: neighbours are clamped to the study only (a zero-filled neighbour stays zero).
     ds = stream(store, counts, context=1, shuffle=False, ok=None)
-    out = {slot: image.numpy() for image, _, slot in drain(ds)}
+    out = by_slot(drain(ds))
     assert ds.sample_shape == (9, 32, 32)
     for slot, image in out.items():
         prev, nxt = max(slot - 1, start[slot]), min(slot + 1, stop[slot] - 1)
@@ -356,9 +497,25 @@ def test_stream_context_neighbours(store, images):
     assert np.array_equal(out[edge][:3], images[edge - 1]) and np.array_equal(out[edge - 1][6:], images[edge])
     # With ok (from_store's default) a zero-filled neighbour is replaced by the slot itself.
     b = int(bad[0])
-    with_ok = {slot: image.numpy() for image, _, slot in drain(stream(store, counts, context=1, shuffle=False))}
+    with_ok = by_slot(drain(stream(store, counts, context=1, shuffle=False)))
     assert not images[b].any() and np.array_equal(out[b + 1][:3], images[b])
     assert np.array_equal(with_ok[b + 1][:3], images[b + 1]) and np.array_equal(with_ok[b - 1][6:], images[b - 1])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_stream_context_stacks_equal_reader_slices(store, shuffle):
+    """Each context-1 stack is (previous, slot, next) as ``open_reader`` returns them, in the study and ok."""
+    reader = open_reader(store.root)
+    start, stop = study_bounds(store.studies, len(store.slices))
+    ok = store.slices["ok"].to_numpy(bool)
+    cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
+    counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)
+    out = drain(stream(store, counts, task="binary", context=1, shuffle=shuffle, batch_size=6, buffer_shards=2))
+    for batch in out:
+        for image, slot in zip(batch.images.numpy(), batch.slots.tolist()):
+            stack = [max(slot - 1, start[slot]), slot, min(slot + 1, stop[slot] - 1)]
+            stack = [s if ok[s] else slot for s in stack]
+            assert np.array_equal(image, np.concatenate([reader[s:s + 1][0] for s in stack]))
 
 
 def test_stream_rejects_bad_inputs(store):
@@ -372,6 +529,11 @@ def test_stream_rejects_bad_inputs(store):
         stream(store, all_ok(store), rank=2, world_size=2)
     with pytest.raises(ConfigError):
         stream(store, all_ok(store), context=-1)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match="batch_size"):
+            stream(store, all_ok(store), batch_size=bad)
+    with pytest.raises(ConfigError, match="buffer_shards"):
+        stream(store, all_ok(store), buffer_shards=0)
     start, stop = study_bounds(store.studies, n)
     with pytest.raises(DataError):
         ShardStream(store.root, all_ok(store), targets(store.slices, "rsna"), SHARD, stop, start)
@@ -386,14 +548,16 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 store = open_store(sys.argv[1])
 counts = store.slices["ok"].to_numpy(bool).astype(np.int64)
-stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), rank=rank, world_size=world, seed=5)
+stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), rank=rank, world_size=world, seed=5,
+                                batch_size=4)
 stream.set_epoch(1)
-loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
-slots = [int(s) for _, _, batch in loader for s in batch]
+loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+batches = list(loader)
+slots = [int(s) for batch in batches for s in batch.slots]
 everything = [None] * world
-dist.all_gather_object(everything, slots)
+dist.all_gather_object(everything, {"slots": slots, "batches": len(batches), "expected": stream.batches(4, 2)})
 if rank == 0:
-    json.dump({"slots": everything, "expected": int(counts.sum())}, open(sys.argv[2], "w"))
+    json.dump({"ranks": everything, "expected": int(counts.sum())}, open(sys.argv[2], "w"))
 dist.destroy_process_group()
 """
 
@@ -416,8 +580,9 @@ def test_ranks_get_disjoint_shards_in_a_real_gloo_run(tmp_path, store):
                              str(store.root), str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    rank0, rank1 = data["slots"]
+    rank0, rank1 = (r["slots"] for r in data["ranks"])
     assert len(rank0) == len(rank1)
     assert not set(rank0) & set(rank1)
     assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)
     assert data["expected"] - 2 < len(rank0) + len(rank1) <= data["expected"]
+    assert [r["batches"] for r in data["ranks"]] == [r["expected"] for r in data["ranks"]]

@@ -5,7 +5,8 @@ random horizontal flip (numpy, on the CPU: what is left for the loader before th
 device) into a preallocated batch, handed over as a torch tensor.  They differ in where the image comes
 from:
 
-* ``store``: ichtrain's :class:`~ichtrain.data.ShardStream` (shard reads, zstd decode, shuffle buffer);
+* ``store``: ichtrain's :class:`~ichtrain.data.ShardStream` (shard reads, zstd decode, shuffle buffer, its
+  uint8 batches taken apart again: :mod:`benchmarks.batch_bench` measures the batches themselves);
 * ``dicom``: DICOM on the fly every epoch, ``read_slice`` + windows + resize in the loader (ichprep's
   own fast preprocessing, so this is the best case for the reference method's way of loading);
 * ``png``: one PNG per slice from the baseline, ``cv2.imread``.
@@ -80,9 +81,10 @@ def store_stream(store: Store) -> ShardStream:
 
 
 def store_images(stream: ShardStream, epoch: int) -> Iterator[np.ndarray]:
+    """The stream's batches taken apart into images, for the same crop/flip as the other sources."""
     stream.set_epoch(epoch)
-    for image, _target, _slot in stream:
-        yield image.numpy()
+    for batch in stream:
+        yield from batch.images.numpy()
 
 
 def store_images_batched(stream: ShardStream, epoch: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -149,10 +151,11 @@ class CropFlipStream(torch.utils.data.IterableDataset):
         worker = 0 if info is None else info.id
         rng = np.random.default_rng([11, self.stream.epoch, worker])
         c = self.stream.sample_shape[0]
-        for image, target, _slot in self.stream:
-            out = np.empty((c, self.crop, self.crop), np.uint8)
-            crop_flip(image.numpy(), out, rng)
-            yield torch.from_numpy(out), target
+        for batch in self.stream:
+            for image, target in zip(batch.images.numpy(), batch.targets):
+                out = np.empty((c, self.crop, self.crop), np.uint8)
+                crop_flip(image, out, rng)
+                yield torch.from_numpy(out), target
 
 
 def dataloader_epochs(stream: ShardStream, crop: int, workers: int, epochs: int, cold_files: list[str] | None,

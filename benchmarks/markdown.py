@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .report import loader_figures
+from .report import BATCH_HEADER, MIX_HEADER, batch_notes, batch_rows, loader_figures, mix_rows
 
 
 def _n(x, digits: int = 0) -> str:
@@ -58,6 +58,11 @@ def render(r: dict) -> str:
             "Raw reads (MB/s warm / cold; page-cache residency after eviction): " + "; ".join(
                 f"{p['files']} {_n(p['warm_MB_per_s'])} / {_n(p['cold_MB_per_s'])} "
                 f"({p['resident_fraction_after_evict']})" for p in loader["io_probe"]), ""]
+    batches = r["batches"]
+    out += [f"**Finished batches per loader process** (uint8 batches from the stream, warm, epoch of "
+            f"{batches['slices_per_epoch']}; DataLoader rows count samples/s from the first batch on)", "",
+            _table(BATCH_HEADER, batch_rows(batches)), "", *[f"{line}  " for line in batch_notes(batches)], "",
+            _table(MIX_HEADER, mix_rows(batches)), ""]
     out += [f"**Training step**: {train['arch']}, batch {train['batch']}, {train['image_size']}², "
             f"{train['device_name']}, amp {train['amp']}, channels_last {train['channels_last']}, "
             f"{train['torch_threads']} threads: "

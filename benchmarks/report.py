@@ -89,6 +89,14 @@ def loader_figures(loader: dict) -> list[tuple[str, dict]]:
     return rows
 
 
+def batch_figure(section: dict, context: int, batch: int, where: str) -> float | None:
+    """samples/s per worker of the stream at its defaults, at (context, batch, where)."""
+    for row in section["rows"]:
+        if (row["context"], row["batch"], row["where"]) == (context, batch, where) and "(default)" in row["contender"]:
+            return row["samples_per_s_per_worker"]
+    return None
+
+
 def _target(name: str, wanted: str, measured, op: str, bound: float, note: str = "") -> dict:
     if measured is None or (isinstance(measured, float) and math.isnan(measured)):
         met = None
@@ -125,6 +133,12 @@ def targets(results: dict) -> list[dict]:
     for mode in ("warm", "cold"):
         out.append(_target(f"loader: store slices/s per process ({mode})", ">= 3000",
                            loader["store"][mode][rate], ">=", 3000))
+    for context, wanted in ((0, 3000), (1, 2000)):
+        out.append(_target(f"batches: context {context}, samples/s per loader process (batch 32, in process)",
+                           f">= {wanted:,}", batch_figure(results["batches"], context, 32, "in process"), ">=",
+                           wanted, "through a DataLoader, per worker: 1 worker "
+                           f"{_num(batch_figure(results['batches'], context, 32, 'DataLoader, 1 worker'))}, 2 workers "
+                           f"{_num(batch_figure(results['batches'], context, 32, 'DataLoader, 2 workers'))}"))
     gpu = train["device"] == "cuda"
     out.append(_target("ResNet-152 training images/s at 224 on one H100", ">= 2000",
                        train["images_per_s"] if gpu and train["arch"] == "resnet152" else None, ">=", 2000,
@@ -156,6 +170,42 @@ def _grid(header: list[str], rows: list[list[str]]) -> str:
         return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+BATCH_HEADER = ["context", "batch", "where", "contender", "samples/s", "per worker", "cpu ms/sample",
+                "main cpu ms/sample", "first batch s"]
+MIX_HEADER = ["buffer_shards", "median distinct studies / batch", "10th percentile", "decoded MiB per worker"]
+
+
+def batch_rows(section: dict) -> list[list[str]]:
+    """One row per (context, batch, where, contender) of the batches section, for the text and Markdown tables."""
+    return [[str(r["context"]), str(r["batch"]), r["where"], r["contender"], _num(r["samples_per_s"]),
+             _num(r["samples_per_s_per_worker"]), _num(r["cpu_ms_per_sample"], 3),
+             _num(r.get("main_cpu_ms_per_sample"), 3), _num(r.get("first_batch_s"), 3)] for r in section["rows"]]
+
+
+def mix_rows(section: dict) -> list[list[str]]:
+    return [[str(r["buffer_shards"]), _num(r["median_distinct_studies"]), _num(r["p10_distinct_studies"]),
+             _num(r["decoded_bytes_per_worker"] / 2**20)] for r in section["buffer_mix"]["rows"]]
+
+
+def batch_notes(section: dict) -> list[str]:
+    """The ratios, the allocation figures and the buffer simulation's verdict, one line each."""
+    mix = section["buffer_mix"]
+    return [
+        "ratios: " + "; ".join(f"{k} {_num(v, 2)}x" for k, v in section["ratios"].items()),
+        f"batch image memory {tuple(section['allocation']['shape'])}, get + write once (ms): " + "; ".join(
+            f"{k} {_num(v, 2)}" for k, v in section["allocation"]["ms"].items()),
+        f"buffer_shards simulation: {mix['studies']:,} RSNA-like studies, {mix['samples_per_epoch']:,} samples in an "
+        f"epoch of the hybrid plan ({mix['positive_samples']:.2f} positive), {mix['shard_slices']}-slice shards, "
+        f"batches of {mix['batch']}: smallest buffer_shards with a median >= {mix['wanted_median']} distinct "
+        f"studies: {mix['smallest_enough']}",
+    ]
+
+
+def format_batches(section: dict) -> str:
+    return "\n".join([_grid(BATCH_HEADER, batch_rows(section)), *batch_notes(section),
+                      _grid(MIX_HEADER, mix_rows(section))])
 
 
 def format_table(results: dict) -> str:
@@ -210,6 +260,10 @@ def format_table(results: dict) -> str:
         "raw read (MB/s warm / cold, resident fraction after eviction): " + "; ".join(
             f"{p['files']} {_num(p['warm_MB_per_s'])} / {_num(p['cold_MB_per_s'])}, "
             f"{_num(p['resident_fraction_after_evict'], 3)}" for p in loader["io_probe"]),
+        "",
+        f"3b. Finished uint8 batches per loader process, warm, epoch of {results['batches']['slices_per_epoch']} "
+        "(DataLoader rows: samples/s from the first batch on)",
+        format_batches(results["batches"]),
         "",
         f"4. Training step ({train['arch']}, batch {train['batch']}, {train['image_size']}², {train['device_name']}, "
         f"amp {train['amp']}, channels_last {train['channels_last']}, {train['torch_threads']} threads)",

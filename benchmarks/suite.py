@@ -14,7 +14,8 @@ import cv2
 from ichprep.spec import PreprocessSpec
 from ichprep.store import open_store
 
-from . import convert_bench, dataset as dataset_mod, loader_bench, profile_bench, report, size_bench, train_bench
+from . import (batch_bench, convert_bench, dataset as dataset_mod, loader_bench, profile_bench, report, size_bench,
+               train_bench)
 from .measure import load_average, ratio
 
 
@@ -59,6 +60,10 @@ def run(quick: bool = False, studies: int | None = None, out: str | Path | None 
         results["loader"] = loader_bench.run(store, data.dicom_dir, art["png_dir"], work, crop, repeats, min_samples)
 
         meta["load_after_section"]["loader"] = load_average()
+        _say("3b. finished batches per loader process (context 0 and 1), against the former per-sample path")
+        results["batches"] = batch_bench.run(store, work, repeats, min_samples, quick)
+
+        meta["load_after_section"]["batches"] = load_average()
         _say("4. training step")
         results["train"] = train_bench.run(quick, spec.size, spec.channels, train_device)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def quick_results(tmp_path_factory) -> dict:
 
 
 def test_sections_present(quick_results):
-    for key in ("meta", "dataset", "conversion", "size", "loader", "train", "profile", "ratios", "targets"):
+    for key in ("meta", "dataset", "conversion", "size", "loader", "batches", "train", "profile", "ratios", "targets"):
         assert key in quick_results, key
     meta = quick_results["meta"]
     assert meta["quick"] is True and meta["cpu_count"] >= 1 and meta["versions"]["zarr"]
@@ -75,6 +76,41 @@ def test_loader_and_train_figures(quick_results):
     train = quick_results["train"]
     assert _positive(train["images_per_s"]) and len(train["step_s"]) >= 1
     assert _positive(quick_results["ratios"]["loader_vs_train"])
+
+
+def test_batch_figures(quick_results):
+    batches = quick_results["batches"]
+    rows = batches["rows"]
+    assert {(r["context"], r["batch"], r["where"]) for r in rows} == {
+        (c, 32, w) for c in (0, 1) for w in ("in process", "DataLoader, 1 worker")}        # --quick: batch 32 only
+    for r in rows:
+        assert _positive(r["samples_per_s"]) and len(r["wall_s"]) == r["repeats"] == 1, r["contender"]
+        assert _positive(r["cpu_ms_per_sample"]), r["contender"]
+        assert (r["where"] != "in process") == ("first_batch_s" in r) == ("main_cpu_ms_per_sample" in r)
+    former = sum(r["contender"].startswith("former") for r in rows)
+    assert former == 4 and len(batches["ratios"]) == len(rows) - former
+    assert all(_positive(v) for v in batches["ratios"].values())
+    assert all(_positive(v) for v in batches["allocation"]["ms"].values())
+    mix = batches["buffer_mix"]
+    assert [r["buffer_shards"] for r in mix["rows"]] == [4, 23]
+    assert all(1 <= r["median_distinct_studies"] <= mix["batch"] for r in mix["rows"])
+    assert mix["rows"][0]["median_distinct_studies"] < mix["rows"][1]["median_distinct_studies"]
+    assert mix["rows"][1]["decoded_bytes_per_worker"] == 23 * 64 * 3 * 256 * 256
+
+
+def test_buffer_simulation_is_rsna_like():
+    """The simulated table has the RSNA shape the buffer_shards default was chosen on."""
+    from benchmarks.batch_bench import emitted_slots, rsna_like
+
+    table = rsna_like(studies=2000, seed=1)
+    sizes = np.bincount(table.study)
+    assert 24 <= sizes.min() and sizes.max() <= 60 and abs(sizes.mean() - 35) < 1.5
+    assert abs(table.positive.mean() - 0.14) < 0.02
+    bleeding = np.bincount(table.study, weights=table.positive) > 0
+    assert abs(bleeding.mean() - 0.41) < 0.04
+    assert abs(table.counts[table.positive].sum() / table.counts.sum() - 0.5) < 0.02        # the hybrid plan
+    slots = emitted_slots(table.counts, 64, 5, seed=1)
+    assert np.array_equal(np.bincount(slots, minlength=len(table.counts)), table.counts)  # every sample once
 
 
 def test_profile_and_targets(quick_results):

@@ -85,3 +85,29 @@ def run(quick: bool, stored_size: int = 256, channels: int = 3, device: str | No
         "note": "ichtrain.engine.train_step on a pinned uint8 batch in host memory (copied to the device "
                 "inside the step, as in training); compare with the loader figures",
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The prepared GPU check: the trainer's step with ``--compile`` off and on, side by side."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_bench", description=main.__doc__)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    parser.add_argument("--out", default=None, help="write both figures here (JSON)")
+    args = parser.parse_args(argv)
+    rows = [run(args.quick, device=args.device, compile_model=flag) for flag in (False, True)]
+    for row in rows:
+        print(f"{row['arch']} {row['image_size']}² batch {row['batch']} {row['amp'] or 'fp32'} "
+              f"channels_last={row['channels_last']} compile={row['compile']} on {row['device_name']}: "
+              f"{row['images_per_s']:.0f} images/s (median step {row['median_step_s'] * 1000:.1f} ms)")
+    print(f"compile on / off: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

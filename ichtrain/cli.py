@@ -93,9 +93,13 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps per epoch.")
+@click.option("--bn-refresh-batches", type=click.IntRange(min=0), default=config.TrainConfig.bn_refresh_batches,
+              show_default=True,
+              help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
+                   "epoch's final weights (0: keep the running averages, which lag behind at a high lr).")
 def train(store, out, task, arch, pretrained, image_size, context, epochs, batch_size, lr, optimizer, scheduler,
           balance, pos_fraction, val_fraction, split_by, slice_selection, seed, workers, buffer_shards, device, amp,
-          compile_model, resume, max_steps) -> None:
+          compile_model, resume, max_steps, bn_refresh_batches) -> None:
     """Train a ResNet on STORE; checkpoints, metrics and plots go to --out."""
     from .metrics import format_metrics
     from .train import train as run_train
@@ -107,7 +111,7 @@ def train(store, out, task, arch, pretrained, image_size, context, epochs, batch
                           scheduler=scheduler, balance=balance, pos_fraction=pos_fraction, val_fraction=val_fraction,
                           split_by=split_by, slice_selection=slice_selection, seed=seed, workers=workers,
                           buffer_shards=buffer_shards, device=device, amp=amp, compile=compile_model, resume=str(resume) if resume else None,
-                          max_steps=max_steps)
+                          max_steps=max_steps, bn_refresh_batches=bn_refresh_batches)
         metrics = run_train(cfg, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)

@@ -15,6 +15,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("plateau", "cosine")
 SPLITS = ("patient", "study", "slice")
 DEVICES = ("auto", "cpu", "cuda")
+#: Decoded shards a loader worker mixes: a batch of 32 then spans a median of >= 25 studies at RSNA scale.
+BUFFER_SHARDS = 23
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
 
 
@@ -51,7 +53,8 @@ class TrainConfig:
     compile: bool = False
     resume: str | None = None
     max_steps: int | None = None  # per epoch; for smoke runs and benchmarks
-    buffer_shards: int = 23  # a batch of 32 then spans a median of >= 25 studies at RSNA scale
+    bn_refresh_batches: int = 20
+    buffer_shards: int = BUFFER_SHARDS
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
@@ -67,6 +70,8 @@ class TrainConfig:
         for name, low in (("image_size", 16), ("epochs", 1), ("batch_size", 1), ("buffer_shards", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.bn_refresh_batches < 0:
+            raise ConfigError(f"bn_refresh_batches must be >= 0, got {self.bn_refresh_batches}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
         if not self.lr > 0:

@@ -30,6 +30,8 @@ from ichprep.labels import LABELS, SUBTYPES
 from ichprep.location import as_location
 from ichprep.store import open_reader
 
+from .balance import BALANCES, sampling_rates
+from .config import BUFFER_SHARDS
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 #: Output columns of each task, in order (``rsna``: Kaggle's order, ``any`` last).
 TASKS: dict[str, tuple[str, ...]] = {"rsna": LABELS, "binary": ("any",), "subtypes": SUBTYPES}
 SPLIT_BY = ("patient", "study", "slice")
-BALANCE = ("hybrid", "none")
 SPLIT_PARTS = ("train", "val")
 SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's middle slice)"
 
@@ -201,8 +202,8 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
     changes; with no positives or no negatives it falls back to "none" (with a warning).
     Random draws depend on (seed, epoch) only.
     """
-    if balance not in BALANCE:
-        raise ConfigError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCE)}")
+    if balance not in BALANCES:
+        raise ConfigError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCES)}")
     if not _is_number(pos_fraction) or not 0.0 < float(pos_fraction) < 1.0:
         raise ConfigError(f"pos_fraction must be a number strictly between 0 and 1, got {pos_fraction!r}")
     seed, epoch = _check_int("seed", seed), _check_int("epoch", epoch)
@@ -229,10 +230,9 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
     if n_pos == 0 or n_neg == 0:
         logger.warning("balance 'hybrid' needs positives and negatives (have %d and %d); using 'none'", n_pos, n_neg)
         return counts
-    if n_pos >= pos_fraction * n:
+    r_pos, p_neg = sampling_rates(n_pos, n_neg, balance, pos_fraction)
+    if r_pos == 1.0:  # positives already make pos_fraction
         return counts
-    r_pos = pos_fraction * n / n_pos               # > 1 here
-    p_neg = (1.0 - pos_fraction) * n / n_neg       # < 1 here
     rng = np.random.default_rng([seed, epoch])
     pos_slots, neg_slots = candidates[pos], candidates[~pos]
     whole = int(np.floor(r_pos))
@@ -484,7 +484,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, root, counts: np.ndarray, targets: np.ndarray, shard_slices: int, studies_start: np.ndarray,
                  studies_stop: np.ndarray, context: int = 0, shuffle: bool = True, seed: int = 0,
-                 buffer_shards: int = 23, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None,
+                 buffer_shards: int = BUFFER_SHARDS, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None,
                  batch_size: int = 32):
         self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
         for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),

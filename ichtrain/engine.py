@@ -124,6 +124,36 @@ def train_one_epoch(setup: StepSetup, loader, *, max_steps: int | None = None, l
     return EpochStats(mean_loss, seen, seconds, rate)
 
 
+@torch.no_grad()
+def refresh_batchnorm(setup: StepSetup, loader, *, max_batches: int) -> int:
+    """Recompute every BatchNorm's statistics as exact averages over ``max_batches`` training batches.
+
+    The running averages kept during an epoch mix statistics of weights that kept changing; at a high
+    learning rate they lag far enough to shift every eval-mode logit, which ruins log loss (not AUC).
+    Returns the number of batches used (0 leaves the statistics as they were).
+    """
+    norms = [m for m in setup.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or max_batches < 1:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the batches below
+    setup.model.train()
+    used = 0
+    for images, _targets, _slots in loader:
+        if used >= max_batches:
+            break
+        images = images.to(setup.device, non_blocking=True)
+        inputs = _for_model(train_batch(images, setup.image_size, setup.generator), setup.channels_last)
+        with _autocast(setup.device, setup.amp_dtype):
+            setup.model(inputs)
+        used += 1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return used
+
+
 class Predictions(NamedTuple):
     probs: np.ndarray    # float32 (n, K)
     targets: np.ndarray  # float32 (n, K)

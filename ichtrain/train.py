@@ -8,6 +8,7 @@ writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .balance import importance_weights, sampling_rates
 from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, split_slices, targets, train_candidates
-from .engine import Predictions, StepSetup, evaluate, loss_weights, train_one_epoch
+from .engine import Predictions, StepSetup, evaluate, loss_weights, refresh_batchnorm, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
 from .metrics import compute_metrics, reference_table
 from .model import build_model, random_init_advice
@@ -307,6 +308,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         on_log = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
         stats = train_one_epoch(setup, batch_loader(streams.train, cfg.workers, device), max_steps=cfg.max_steps,
                                 on_log=on_log)
+        # The unwrapped model: each DDP rank refreshes its own copy, rank 0's buffers are broadcast at the next forward.
+        refresh_batchnorm(dataclasses.replace(setup, model=model),
+                          batch_loader(streams.train, cfg.workers, device), max_batches=cfg.bn_refresh_batches)
         preds = evaluate(net, batch_loader(streams.val, cfg.workers, device), image_size=cfg.image_size,
                          device=device, amp_dtype=amp_dtype, channels_last=channels_last)
         preds = Predictions(*(_gather(a, world) for a in preds))

@@ -97,7 +97,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
     metrics = add_middle_block(metrics, preds, cfg.slice_selection, store, loaded.names, cfg.task, cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_figures(out, preds, loaded.names, store, "")
+    write_figures(out, preds, loaded.names, store, "predictions.parquet")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -195,10 +195,9 @@ def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.nda
     frame.to_parquet(path, index=False)
 
 
-def write_figures(out: Path, preds: Predictions, names: tuple[str, ...], store: Store, stem: str) -> None:
-    """``{stem}_predictions.parquet`` (or predictions.parquet), roc.png and calibration.png of one prediction set."""
-    write_predictions(out / (f"{stem}_predictions.parquet" if stem else "predictions.parquet"), store, preds.slots,
-                      preds.probs, preds.targets, names)
+def write_figures(out: Path, preds: Predictions, names: tuple[str, ...], store: Store, predictions: str) -> None:
+    """The ``predictions`` parquet file, roc.png and calibration.png of one prediction set."""
+    write_predictions(out / predictions, store, preds.slots, preds.probs, preds.targets, names)
     plot_roc_curves(preds.targets, preds.probs, names, out / "roc.png")
     plot_calibration(preds.targets, preds.probs, names, out / "calibration.png")
 
@@ -292,6 +291,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     if cfg.compile:
         net = torch.compile(net)
     sample_weights = torch.as_tensor(importance_weights(streams.train_idx, positive, rates), device=device)
+    label_weights = loss_weights(names, device)
     study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC and the study bootstrap
     train_prevalence = [float(np.nanmean(y[streams.train_idx, j])) for j in range(len(names))]
 
@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         streams.train.set_epoch(epoch, epoch_plan(streams.train_idx, positive, cfg.balance, cfg.pos_fraction,
                                                   cfg.seed, epoch))
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        setup = StepSetup(model=net, optimizer=optimizer, label_weights=loss_weights(names, device),
+        setup = StepSetup(model=net, optimizer=optimizer, label_weights=label_weights,
                           sample_weights=sample_weights, image_size=cfg.image_size, generator=generator,
                           amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
         steps = streams.train.batches(cfg.batch_size, cfg.workers)
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             save_checkpoint(state, out / "last.pt")
             if improved:
                 save_checkpoint(state, out / "best.pt")
-                write_figures(out, preds, names, store, "val")
+                write_figures(out, preds, names, store, "val_predictions.parquet")
             plot_loss_curves(history, out / "loss.png")
     if rank == 0:
         summary = {"final": best_metrics, "best_epoch": best_epoch, "last": metrics, "history": history}

@@ -18,6 +18,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: Decoded shards a loader worker mixes: a batch of 32 then spans a median of >= 25 studies at RSNA scale.
 BUFFER_SHARDS = 23
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
+SEQ_MODELS = ("gru", "transformer")   # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
+SEQ_INPUTS = ("features", "logits")   # stage 2 reads stage 1's penultimate features or its logits
+TTAS = ("none", "flip")               # test-time augmentation: flip averages the horizontally flipped image
 
 
 def _choice(name: str, value, choices) -> None:

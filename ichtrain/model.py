@@ -82,6 +82,14 @@ def build_model(arch: str = "resnet152", n_outputs: int = 6, windows: int = 3, s
     return model
 
 
+def classifier(model: nn.Module) -> nn.Linear:
+    """The head: the last ``nn.Linear`` in module order; its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(model).__name__} has no linear classifier")
+    return linears[-1]
+
+
 def random_init_advice(arch: str) -> str:
     """What to tell a user who trains ``arch`` without ``--pretrained`` (nothing is ever downloaded)."""
     return (f"training {arch} from random weights; ImageNet weights help on CT. Save them once on a machine "

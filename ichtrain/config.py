@@ -17,6 +17,7 @@ SPLITS = ("patient", "study", "slice")
 DEVICES = ("auto", "cpu", "cuda")
 #: Decoded shards a loader worker mixes: a batch of 32 then spans a median of >= 25 studies at RSNA scale.
 BUFFER_SHARDS = 23
+MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
 SEQ_MODELS = ("gru", "transformer")   # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
 SEQ_INPUTS = ("features", "logits")   # stage 2 reads stage 1's penultimate features or its logits
@@ -48,6 +49,8 @@ class TrainConfig:
     pos_fraction: float = 0.5
     val_fraction: float = 0.2
     split_by: str = "patient"
+    folds: int | None = None   # K patient folds; fold ``fold`` validates (replaces val_fraction)
+    fold: int | None = None
     slice_selection: str = "all"
     seed: int = 0
     workers: int = 2
@@ -81,6 +84,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if (self.folds is None) != (self.fold is None):
+            raise ConfigError("give --folds K and --fold k together (k in 0 .. K-1), or neither")
+        if self.folds is not None and not (2 <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):
+            raise ConfigError(f"need 2 <= folds <= {MAX_FOLDS} and 0 <= fold < folds, got folds={self.folds}, "
+                              f"fold={self.fold}")
         if not 0 < self.pos_fraction < 1:
             raise ConfigError(f"pos_fraction must be in (0, 1), got {self.pos_fraction}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: Output columns of each task, in order (``rsna``: Kaggle's order, ``any`` last).
 TASKS: dict[str, tuple[str, ...]] = {"rsna": LABELS, "binary": ("any",), "subtypes": SUBTYPES}
-SPLIT_BY = ("patient", "study", "slice")
 SPLIT_PARTS = ("train", "val")
 SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's middle slice)"
 
@@ -70,57 +69,6 @@ def is_positive(slices: pd.DataFrame) -> np.ndarray:
     """bool (N,): the slice is labelled ``any == 1`` (nulls count as not positive)."""
     _check_columns(slices, ["any"], "slices")
     return slices["any"].eq(1).fillna(False).to_numpy(dtype=bool)
-
-
-def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, by: str = "patient") -> np.ndarray:
-    """``"train"``/``"val"`` for every slot, holding out about ``val_fraction`` of the slices.
-
-    ``by="patient"`` (default) keeps each patient on one side (a study without patient_id is its own
-    group), ``by="study"`` each study.  Groups are shuffled with ``default_rng(seed)`` after sorting their
-    keys, so the split depends on the seed and the data, not on row order, and val takes the shuffled
-    prefix of groups whose slice count is nearest ``val_fraction * N`` (at least one group on each side).
-    Every row counts, zero-filled and unlabelled ones included, so the fraction is one of slots.
-
-    ``by="slice"`` is the reference method's random slice-level split (a permutation of row positions).
-    It is *leaky*: neighbouring, nearly identical slices of one study land on both sides, so validation
-    scores are optimistic.  It exists only to reproduce the reference numbers.
-    """
-    if not _is_number(val_fraction) or not 0.0 < float(val_fraction) < 1.0:
-        raise ConfigError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
-    if by not in SPLIT_BY:
-        raise ConfigError(f"unknown split {by!r}; choose one of {', '.join(SPLIT_BY)}")
-    n = len(slices)
-    seed = _check_int("seed", seed)
-    rng = np.random.default_rng(seed)
-    if by == "slice":
-        if n < 2:
-            raise DataError(f"cannot split {n} slice(s) into train and val")
-        is_val = np.zeros(n, bool)
-        is_val[rng.permutation(n)[: min(n - 1, max(1, round(val_fraction * n)))]] = True
-        return np.where(is_val, "val", "train")
-
-    _check_columns(slices, ["study_uid", "patient_id"], "slices")
-    study = slices["study_uid"].astype(object)
-    if study.isna().any():
-        raise DataError("slices has rows without study_uid; the store is broken")
-    if by == "patient":
-        # Prefixes keep a patient id from colliding with a study uid that happens to be the same string.
-        patient = slices["patient_id"].astype(object)
-        keys = np.where(patient.isna(), "study:" + study.astype(str), "patient:" + patient.astype(str))
-    else:
-        keys = study.to_numpy(dtype=str)
-    groups, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)  # sorted keys
-    if len(groups) < 2:
-        raise DataError(f"cannot split by {by}: the store has {len(groups)} {by}(s); use more data or by='slice'")
-    order = rng.permutation(len(groups))
-    cum = np.cumsum(sizes[order])[:-1]           # slices in val if the first k+1 shuffled groups go there
-    k = int(np.argmin(np.abs(cum - val_fraction * n))) + 1
-    is_val = np.zeros(len(groups), bool)
-    is_val[order[:k]] = True
-    split = np.where(is_val[inverse], "val", "train")
-    logger.info("split by %s (seed %d): %d of %d groups, %d of %d slices (%.3f) in val", by, seed, k, len(groups),
-                int(cum[k - 1]), n, cum[k - 1] / n)
-    return split
 
 
 def select_slices(slices: pd.DataFrame, studies: pd.DataFrame, selection: str = "all") -> np.ndarray:

@@ -25,9 +25,10 @@ from ichprep.store import REJECTED, Store, open_store
 
 from .checkpoint import load_checkpoint
 from .config import EVAL_SPLITS, TrainConfig
-from .data import ShardStream, split_slices, targets, train_candidates
+from .data import ShardStream, targets, train_candidates
 from .engine import Predictions, evaluate
 from .errors import ConfigError
+from .folds import run_split
 from .metrics import youden_thresholds
 from .model import build_model
 from .train import (add_middle_block, amp_dtype_for, batch_loader, check_spec, resolve_device, run_metrics,
@@ -82,7 +83,8 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
     store, cfg = loaded.store, loaded.cfg
     y = targets(store.slices, cfg.task)
     if split == "val":
-        parts = split_slices(store.slices, cfg.val_fraction, cfg.seed, cfg.split_by)
+        parts = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by,
+                          folds=cfg.folds, fold=cfg.fold)
     else:
         parts = np.full(len(store.slices), "val")
     counts = np.zeros(len(store.slices), np.int64)

@@ -28,9 +28,10 @@ from ichprep.store import MANIFEST, Store, open_store
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .balance import importance_weights, sampling_rates
-from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, split_slices, targets, train_candidates
+from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, targets, train_candidates
 from .engine import Predictions, StepSetup, evaluate, loss_weights, refresh_batchnorm, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
+from .folds import run_split
 from .metrics import compute_metrics, reference_table
 from .model import build_model, random_init_advice
 from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs or workers, may change);
 #: the store itself must also be the same, by its manifest's digest (the path may move).
-RESUME_FIXED = ("task", "arch", "context", "image_size", "split_by", "val_fraction", "slice_selection", "seed",
-                "balance", "pos_fraction", "optimizer", "scheduler")
+RESUME_FIXED = ("task", "arch", "context", "image_size", "split_by", "val_fraction", "folds", "fold", "slice_selection",
+                "seed", "balance", "pos_fraction", "optimizer", "scheduler")
 
 
 # ---------------------------------------------------------------- process setup
@@ -248,7 +249,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         _check_resume(checkpoint, cfg, identity)
 
     y = targets(store.slices, cfg.task)
-    split = split_slices(store.slices, cfg.val_fraction, cfg.seed, cfg.split_by)
+    split = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by, folds=cfg.folds,
+                      fold=cfg.fold)
     streams = _streams(store, cfg, split, y, rank, world)
     positive = is_positive(store.slices)
     rates = sampling_rates(int(positive[streams.train_idx].sum()), int((~positive[streams.train_idx]).sum()),

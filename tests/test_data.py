@@ -17,7 +17,8 @@ from ichprep.labels import LABELS, SUBTYPES
 from ichprep.store import open_reader, open_store
 from ichtrain import data
 from ichtrain.data import (Batch, SequenceOrder, ShardStream, WindowShuffle, emissions, epoch_plan, is_positive,
-                           select_slices, split_slices, study_bounds, targets, train_candidates)
+                           select_slices, study_bounds, targets, train_candidates)
+from ichtrain.folds import split_slices
 from ichtrain.errors import ConfigError, DataError
 
 SHARD = 8

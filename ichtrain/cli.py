@@ -49,80 +49,131 @@ STORE = StoreParam()  # a folder or an s3://... URL
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume and the fold options
+    click.option("--task", type=click.Choice(config.TASKS), default="rsna", show_default=True,
+                 help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only."),
+    click.option("--arch", type=click.Choice(config.ARCHS), default="resnet152", show_default=True, metavar="NAME",
+                 help="Any torchvision classification model that takes a 64+ pixel input: resnet*, resnext*, "
+                      "wide_resnet*, densenet*, efficientnet_b0-b7/v2_*, convnext_*, regnet_*, swin_*, mobilenet_*, "
+                      "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all). Its first "
+                      "convolution is widened to the store's channels and its classifier replaced."),
+    click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."),
+    click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
+                 help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
+                      "stored image to it; training resizes the same way, then takes a random crop of 80-100%% of the "
+                      "area (aspect kept) with a flip and a small rotation."),
+    click.option("--context", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                 help="2.5D: stack N neighbour slices on each side of the slice (same study, clamped at its ends), "
+                      "(2N+1) x windows input channels (9 for N=1, 15 for N=2 with 3 windows); at most 8. Each "
+                      "sample carries 2N+1 slices, so loader copies, host-to-GPU transfer, augmentation and the "
+                      "first convolution cost 2N+1 times as much; the rest of the network does not grow."),
+    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+    click.option("--lr", type=float, default=1e-3, show_default=True),
+    click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default="sgd", show_default=True,
+                 help="sgd uses momentum 0.9 (the reference method)."),
+    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default="plateau", show_default=True),
+    click.option("--balance", type=click.Choice(config.BALANCES), default="hybrid", show_default=True,
+                 help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
+                      "loss weighted by 1 / its expected repeats so that probabilities stay calibrated."),
+    click.option("--pos-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                 show_default=True, help="Target share of positive slices per epoch with --balance hybrid."),
+    click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+                 show_default=True),
+    click.option("--split-by", type=click.Choice(config.SPLITS), default="patient", show_default=True,
+                 help="slice reproduces the reference method's random slice split, which leaks patients (do not "
+                      "report it as a result)."),
+    click.option("--slice-selection", default="all", show_default=True, metavar="all|middle:K",
+                 help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
+                      "method). Validation always covers every labelled slice; middle-slice figures are added."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers."),
+    click.option("--buffer-shards", type=click.IntRange(min=1), default=config.TrainConfig.buffer_shards,
+                 show_default=True,
+                 help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
+                      "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
+                      "for 23)."),
+    click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True),
+    click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp16 + scaler on old GPUs)."),
+    click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
+    click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps per epoch."),
+    click.option("--bn-refresh-batches", type=click.IntRange(min=0), default=config.TrainConfig.bn_refresh_batches,
+                 show_default=True,
+                 help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
+                      "epoch's final weights (0: keep the running averages, which lag behind at a high lr)."),
+)
+
+
+def train_options(command):
+    for option in reversed(TRAIN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _train_config(store, out, options: dict, **extra) -> config.TrainConfig:
+    """A TrainConfig from the shared options' values (click names -> config fields)."""
+    options = dict(options)
+    pretrained = options.pop("pretrained")
+    return config.TrainConfig(store=str(store), out=str(out), pretrained=str(pretrained) if pretrained else None,
+                              compile=options.pop("compile_model"), **options, **extra)
+
+
 @main.command()
 @click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
-@click.option("--task", type=click.Choice(config.TASKS), default="rsna", show_default=True,
-              help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only.")
-@click.option("--arch", type=click.Choice(config.ARCHS), default="resnet152", show_default=True)
-@click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded.")
-@click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
-              help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
-                   "stored image to it; training resizes the same way, then takes a random crop of 80-100%% of the "
-                   "area (aspect kept) with a flip and a small rotation.")
-@click.option("--context", type=click.Choice(["0", "1"]), default="0", show_default=True,
-              help="1 = 2.5D: the slice and its two z-neighbours (3 x windows channels).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default="sgd", show_default=True,
-              help="sgd uses momentum 0.9 (the reference method).")
-@click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default="plateau", show_default=True)
-@click.option("--balance", type=click.Choice(config.BALANCES), default="hybrid", show_default=True,
-              help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
-                   "loss weighted by 1 / its expected repeats so that probabilities stay calibrated.")
-@click.option("--pos-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="Target share of positive slices per epoch with --balance hybrid.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True)
-@click.option("--split-by", type=click.Choice(config.SPLITS), default="patient", show_default=True,
-              help="slice reproduces the reference method's random slice split, which leaks patients (do not "
-                   "report it as a result).")
-@click.option("--slice-selection", default="all", show_default=True, metavar="all|middle:K",
-              help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
-                   "method). Validation always covers every labelled slice; middle-slice figures are added.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers.")
-@click.option("--buffer-shards", type=click.IntRange(min=1), default=config.TrainConfig.buffer_shards,
-              show_default=True,
-              help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
-                   "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
-                   "for 23).")
-@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp16 + scaler on old GPUs).")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps per epoch.")
-@click.option("--bn-refresh-batches", type=click.IntRange(min=0), default=config.TrainConfig.bn_refresh_batches,
-              show_default=True,
-              help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
-                   "epoch's final weights (0: keep the running averages, which lag behind at a high lr).")
-def train(store, out, task, arch, pretrained, image_size, context, epochs, batch_size, lr, optimizer, scheduler,
-          balance, pos_fraction, val_fraction, split_by, slice_selection, seed, workers, buffer_shards, device, amp,
-          compile_model, resume, max_steps, bn_refresh_batches) -> None:
-    """Train a ResNet on STORE; checkpoints, metrics and plots go to --out."""
+@click.option("--folds", type=click.IntRange(2, config.MAX_FOLDS), default=None,
+              help="Split the patients into K folds (grouped, stratified by bleeding; fixed by --seed) ...")
+@click.option("--fold", type=click.IntRange(min=0), default=None, help="... and validate on fold k (0 .. K-1).")
+@train_options
+def train(store, out, resume, folds, fold, **options) -> None:
+    """Train a torchvision model on STORE; checkpoints, metrics and plots go to --out."""
     from .metrics import format_metrics
     from .train import train as run_train
 
     try:
-        cfg = config.TrainConfig(store=str(store), out=str(out), task=task, arch=arch,
-                          pretrained=str(pretrained) if pretrained else None, image_size=image_size,
-                          context=int(context), epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                          scheduler=scheduler, balance=balance, pos_fraction=pos_fraction, val_fraction=val_fraction,
-                          split_by=split_by, slice_selection=slice_selection, seed=seed, workers=workers,
-                          buffer_shards=buffer_shards, device=device, amp=amp, compile=compile_model, resume=str(resume) if resume else None,
-                          max_steps=max_steps, bn_refresh_batches=bn_refresh_batches)
+        cfg = _train_config(store, out, options, resume=str(resume) if resume else None, folds=folds, fold=fold)
         metrics = run_train(cfg, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"best epoch {metrics['best_epoch']} of {epochs} (best.pt, roc.png, calibration.png, "
+        click.echo(f"best epoch {metrics['best_epoch']} of {cfg.epochs} (best.pt, roc.png, calibration.png, "
                    "val_predictions.parquet; validation on every labelled slice of the validation patients):")
         click.echo(format_metrics(metrics))
         click.echo(f"run folder: {out} (best.pt, last.pt, metrics.json, metrics.jsonl, loss.png, roc.png, "
                    "calibration.png, val_predictions.parquet, split.parquet)")
+
+
+@main.command()
+@click.argument("store", type=STORE)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Experiment folder: folds.parquet, fold0 .. fold{K-1} (each a train run), oof.parquet, metrics.json.")
+@click.option("--folds", type=click.IntRange(2, config.MAX_FOLDS), default=5, show_default=True,
+              help="Patient folds (grouped, stratified by bleeding, fixed by --seed); fold k's model scores fold k.")
+@click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
+              help="Test-time augmentation for the out-of-fold outputs (flip: average with the mirrored slice).")
+@train_options
+def cv(store, out, folds, tta, **options) -> None:
+    """Train every fold of STORE in turn into --out, then export and score the out-of-fold outputs.
+
+    A fold whose run finished (fold{k}/metrics.json) is kept and one that was interrupted resumes from its
+    last.pt, so `cv` can be rerun after a crash or after folds were trained elsewhere with `train --folds --fold`.
+    """
+    from .experiment import cross_validate
+    from .metrics import format_metrics
+
+    try:
+        summary = cross_validate(_train_config(store, out, options), folds, tta=tta, progress=_bar_factory)
+    except (IchtrainError, ValueError, OSError) as exc:
+        _fail(exc)
+    for fold in summary["folds"]:
+        click.echo(f"fold {fold['fold']}: best epoch {fold['best_epoch']}, weighted log loss "
+                   f"{fold['weighted_log_loss']:.4f}, mean AUC {fold['mean_auc']}")
+    click.echo(f"out-of-fold, every labelled slice of {store} scored by the fold that did not train on it:")
+    click.echo(format_metrics(summary["oof"]))
+    click.echo(f"experiment folder: {out} (folds.parquet, fold0 .. fold{folds - 1}, oof.parquet, metrics.json)")
 
 
 @main.command()

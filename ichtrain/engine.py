@@ -160,22 +160,63 @@ class Predictions(NamedTuple):
     slots: np.ndarray    # int64 (n,)
 
 
+class Outputs(NamedTuple):
+    """Everything one inference pass gives per sample, in the loader's order."""
+
+    logits: np.ndarray           # float32 (n, K)
+    features: np.ndarray | None  # float16 (n, D): the head's input (penultimate features), when asked for
+    targets: np.ndarray          # float32 (n, K)
+    slots: np.ndarray            # int64 (n,)
+
+
+TTA_VIEWS = {"none": (False,), "flip": (False, True)}  # per TTA: the views averaged (True = flipped left-right)
+
+
 @torch.no_grad()
+def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
+          amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: str = "none",
+          features: bool = False, on_step: Callable[[int], None] | None = None) -> Outputs:
+    """Logits (and penultimate features) of every sample of ``loader``, averaged over the ``tta`` views.
+
+    The image is the whole stored slice resized to ``image_size``; features are the input of
+    :func:`ichtrain.model.classifier`, caught by a forward hook.
+    """
+    from .model import classifier
+
+    model.eval()
+    caught: list[torch.Tensor] = []
+    hook = classifier(model).register_forward_hook(lambda m, args, out: caught.append(args[0])) if features else None
+    logits, feats, targets, slots = [], [], [], []
+    try:
+        for images, target, slot in loader:
+            images = eval_batch(images.to(device, non_blocking=True), image_size)
+            views = [images.flip(-1) if flip else images for flip in TTA_VIEWS[tta]]
+            caught.clear()
+            with _autocast(device, amp_dtype):
+                out = sum(model(_for_model(v, channels_last)).float() for v in views) / len(views)
+            logits.append(out)  # stays on the device until the pass is over
+            if features:
+                feats.append((sum(c.float() for c in caught) / len(caught)).half())
+            targets.append(target.numpy())
+            slots.append(np.asarray(slot))
+            if on_step is not None:
+                on_step(images.shape[0])
+    finally:
+        if hook is not None:
+            hook.remove()
+    if not logits:
+        empty = np.zeros((0, 0), np.float32)
+        return Outputs(empty, empty.astype(np.float16) if features else None, empty, np.zeros(0, np.int64))
+    return Outputs(logits=torch.cat(logits).cpu().numpy(),
+                   features=torch.cat(feats).cpu().numpy() if features else None,
+                   targets=np.concatenate(targets), slots=np.concatenate(slots).astype(np.int64))
+
+
 def evaluate(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: str = "none",
              on_step: Callable[[int], None] | None = None) -> Predictions:
     """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
-    model.eval()
-    probs, targets, slots = [], [], []
-    for images, target, slot in loader:
-        images = images.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            logits = model(_for_model(eval_batch(images, image_size), channels_last))
-        probs.append(torch.sigmoid(logits.float()))  # stays on the device until the pass is over
-        targets.append(target.numpy())
-        slots.append(np.asarray(slot))
-        if on_step is not None:
-            on_step(images.shape[0])
-    if not probs:
-        return Predictions(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
-    return Predictions(torch.cat(probs).cpu().numpy(), np.concatenate(targets), np.concatenate(slots).astype(np.int64))
+    out = infer(model, loader, image_size=image_size, device=device, amp_dtype=amp_dtype,
+                channels_last=channels_last, tta=tta, on_step=on_step)
+    probs = 1.0 / (1.0 + np.exp(-out.logits.astype(np.float64)))
+    return Predictions(probs.astype(np.float32), out.targets, out.slots)

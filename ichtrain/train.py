@@ -186,10 +186,11 @@ def add_middle_block(metrics: dict, preds: Predictions, selection: str, store: S
 
 
 def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
-                      names: tuple[str, ...]) -> None:
+                      names: tuple[str, ...], columns: dict[str, np.ndarray] | None = None) -> None:
+    """One row per slot: ids, any extra ``columns`` (e.g. fold), then true_<label> and prob_<label>."""
     rows = store.slices.iloc[slots]
     frame = pd.DataFrame({"slot": slots, "image_id": rows["image_id"].to_numpy(),
-                          "study_uid": rows["study_uid"].to_numpy()})
+                          "study_uid": rows["study_uid"].to_numpy(), **(columns or {})})
     for j, name in enumerate(names):
         frame[f"true_{name}"] = truth[:, j]
         frame[f"prob_{name}"] = probs[:, j]

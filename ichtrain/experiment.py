@@ -1,0 +1,249 @@
+"""An experiment: K patient folds of stage-1 runs, their out-of-fold outputs, and the metrics of both.
+
+EXP/
+  experiment.json        the shared training config, K and the store's identity
+  folds.parquet          each slot's fold (image_id, study_uid, patient_id, fold)
+  fold{k}/               an ordinary run (best.pt, metrics.json, ...) validated on fold k's patients
+  fold{k}/outputs.zarr   fold k's slots through its best.pt: ``features`` (float16) and ``logits``, row = slot
+  oof.parquet            every labelled slot's probabilities from the fold model that did not train on it
+  metrics.json           {"oof": metrics of oof.parquet, "folds": [each fold's best-epoch metrics]}
+  seq/                   stage 2 (``ichtrain seq``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from ichprep.store import Store, open_store
+
+from .config import TrainConfig
+from .data import ShardStream, TASKS, targets, train_candidates
+from .engine import infer
+from .errors import ConfigError, DataError
+from .folds import assign_folds, folds_table
+from .predict import Loaded, load_for_store
+from .train import RESUME_FIXED, amp_dtype_for, batch_loader, run_metrics, store_identity, train, write_predictions
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "experiment.json"
+FOLDS = "folds.parquet"
+OUTPUTS = "outputs.zarr"
+OOF = "oof.parquet"
+
+
+def fold_dir(exp: str | Path, k: int) -> Path:
+    return Path(exp) / f"fold{k}"
+
+
+def is_experiment(path: str | Path) -> bool:
+    return (Path(path) / EXPERIMENT).is_file()
+
+
+class Experiment(NamedTuple):
+    """An experiment folder as written by :func:`cross_validate`."""
+
+    path: Path
+    cfg: TrainConfig      # the shared config (out = EXP, no fold)
+    folds: int
+    fold: np.ndarray      # int64 (N,): each slot's fold in the training store
+    image_ids: pd.Series  # (N,) the training store's slots, for checking it is still the same store
+    names: tuple[str, ...]
+
+
+def open_experiment(exp: str | Path) -> Experiment:
+    """Read EXP's description (experiment.json and folds.parquet)."""
+    path = Path(exp)
+    if not is_experiment(path):
+        raise ConfigError(f"{path} is not an experiment folder (no {EXPERIMENT}); make one with `ichtrain cv`")
+    info = json.loads((path / EXPERIMENT).read_text())
+    cfg = TrainConfig.from_dict(info["config"])
+    table = pd.read_parquet(path / FOLDS)
+    return Experiment(path, cfg, int(info["folds"]), table["fold"].to_numpy(np.int64),
+                      table["image_id"].astype(str), TASKS[cfg.task])
+
+
+def open_training_store(experiment: Experiment) -> Store:
+    """The store the folds were made on, refused when its slots are no longer the ones in folds.parquet."""
+    store = open_store(experiment.cfg.store)
+    if not store.slices["image_id"].astype(str).reset_index(drop=True).equals(experiment.image_ids):
+        raise DataError(f"{experiment.path / FOLDS} does not list the slots of {experiment.cfg.store}; "
+                        "the store changed since `ichtrain cv`")
+    return store
+
+
+def _shared_config(base: TrainConfig, folds: int, identity: str) -> dict:
+    return {"config": {**base.to_dict(), "out": str(base.out), "resume": None, "folds": None, "fold": None},
+            "folds": folds, "store_identity": identity}
+
+
+def _check_same(path: Path, new: dict) -> None:
+    """A rerun of ``cv`` into an existing EXP must keep what makes its folds comparable."""
+    old = json.loads(path.read_text())
+    keys = [k for k in RESUME_FIXED if k not in ("folds", "fold")]
+    differ = [k for k in keys if old["config"].get(k) != new["config"].get(k)]
+    differ += [k for k in ("folds", "store_identity") if old.get(k) != new.get(k)]
+    if differ:
+        raise ConfigError(f"{path.parent} was made with other settings ({', '.join(differ)}: "
+                          f"{[old['config'].get(k, old.get(k)) for k in differ]}); use a new --out or the same options")
+
+
+def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_size: int = 64,
+                   progress: Callable | None = None) -> dict:
+    """Train every fold into EXP/fold{k} (finished folds are kept, interrupted ones resume), then export and score.
+
+    Returns EXP/metrics.json's content: the out-of-fold block and each fold's best-epoch metrics.
+    """
+    exp = Path(base.out)
+    store = open_store(base.store)
+    shared = _shared_config(base, folds, store_identity(store))
+    exp.mkdir(parents=True, exist_ok=True)
+    if (exp / EXPERIMENT).exists():
+        _check_same(exp / EXPERIMENT, shared)
+    fold = assign_folds(store.slices, folds, base.seed, base.split_by)
+    folds_table(store.slices, fold).to_parquet(exp / FOLDS, index=False)
+    (exp / EXPERIMENT).write_text(json.dumps(shared, indent=2) + "\n")
+    for k in range(folds):
+        run = fold_dir(exp, k)
+        if (run / "metrics.json").exists():
+            logger.info("fold %d of %d: finished earlier (%s), kept", k, folds, run / "metrics.json")
+        else:
+            last = run / "last.pt"
+            logger.info("fold %d of %d: %s", k, folds, f"resuming from {last}" if last.exists() else "training")
+            train(dataclasses.replace(base, out=str(run), folds=folds, fold=k,
+                                      resume=str(last) if last.exists() else None), progress=progress)
+        export_fold(exp, k, fold == k, tta=tta, batch_size=batch_size)
+    return score_experiment(exp)
+
+
+# ---------------------------------------------------------------- stage-1 outputs
+
+class Inferred(NamedTuple):
+    """A model's outputs on chosen slots of a store; rows follow ``slots`` (ascending)."""
+
+    slots: np.ndarray      # int64 (m,)
+    logits: np.ndarray     # float32 (m, K)
+    features: np.ndarray   # float16 (m, D)
+
+
+def infer_slots(loaded: Loaded, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64,
+                workers: int = 0) -> Inferred:
+    """Features and logits of the readable slots in ``mask``, each shard read once in store order."""
+    store = loaded.store
+    counts = (mask & store.slices["ok"].to_numpy(bool)).astype(np.int64)
+    y = np.zeros((len(store.slices), len(loaded.names)), np.float32)
+    stream = ShardStream.from_store(store, counts, y, context=loaded.cfg.context, shuffle=False, batch_size=batch_size)
+    out = infer(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
+                device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta, features=True)
+    order = np.argsort(out.slots, kind="stable")
+    return Inferred(out.slots[order], out.logits[order], out.features[order])
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(row, slot_start, slot_stop) of each run of consecutive slots in an ascending slot list."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(slots)]])
+    return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def write_outputs(path: Path, inferred: Inferred, n_slots: int, shard_slices: int, attrs: dict) -> None:
+    """``features``/``logits`` arrays of ``n_slots`` rows (NaN where not inferred), chunked like the store's shards."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    arrays = {}
+    for name, values in (("features", inferred.features), ("logits", inferred.logits)):
+        arrays[name] = group.create_array(name, shape=(n_slots, values.shape[1]), dtype=values.dtype,
+                                          chunks=(shard_slices, values.shape[1]), fill_value=np.nan,
+                                          dimension_names=("slice", name))
+    for row, a, b in _runs(inferred.slots):
+        for name, values in (("features", inferred.features), ("logits", inferred.logits)):
+            arrays[name][a:b] = values[row:row + b - a]
+    group.attrs.update({**attrs, "complete": True})  # written last: a half-written folder is redone
+
+
+def read_outputs(path: Path, slots: np.ndarray) -> Inferred:
+    """Rows ``slots`` (ascending) of an outputs.zarr written by :func:`write_outputs`."""
+    group = zarr.open_group(str(path), mode="r")
+    if not group.attrs.get("complete"):
+        raise DataError(f"{path} is incomplete; rerun `ichtrain cv` to redo it")
+    features = np.empty((len(slots), group["features"].shape[1]), np.float16)
+    logits = np.empty((len(slots), group["logits"].shape[1]), np.float32)
+    for row, a, b in _runs(slots):
+        features[row:row + b - a] = group["features"][a:b]
+        logits[row:row + b - a] = group["logits"][a:b]
+    return Inferred(slots, logits, features)
+
+
+def export_fold(exp: Path, k: int, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64) -> Path:
+    """Fold k's slots through fold k's best.pt into EXP/fold{k}/outputs.zarr (kept when already complete)."""
+    path = fold_dir(exp, k) / OUTPUTS
+    if path.exists() and zarr.open_group(str(path), mode="r").attrs.get("complete"):
+        return path
+    info = json.loads((exp / EXPERIMENT).read_text())
+    loaded = load_for_store(fold_dir(exp, k) / "best.pt", info["config"]["store"], info["config"]["device"])
+    inferred = infer_slots(loaded, mask, tta=tta, batch_size=batch_size)
+    write_outputs(path, inferred, len(loaded.store.slices), loaded.store.spec.shard_slices,
+                  {"fold": k, "tta": tta, "names": list(loaded.names), "checkpoint": str(fold_dir(exp, k) / "best.pt")})
+    logger.info("fold %d: %d slots exported to %s (features %d-d)", k, len(inferred.slots), path,
+                inferred.features.shape[1])
+    return path
+
+
+def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
+    """Every readable slot's stage-1 outputs from the fold model that did not train on it."""
+    ok = store.slices["ok"].to_numpy(bool)
+    parts = [read_outputs(fold_dir(experiment.path, k) / OUTPUTS, np.flatnonzero((experiment.fold == k) & ok))
+             for k in range(experiment.folds)]
+    slots = np.concatenate([p.slots for p in parts])
+    order = np.argsort(slots, kind="stable")
+    return Inferred(slots[order], np.concatenate([p.logits for p in parts])[order],
+                    np.concatenate([p.features for p in parts])[order])
+
+
+# ---------------------------------------------------------------- scores
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)
+
+
+def oof_block(store: Store, slots: np.ndarray, probs: np.ndarray, names: tuple[str, ...], task: str,
+              seed: int) -> dict:
+    """The usual metrics of out-of-fold probabilities, with an ``auc`` {label: value} summary."""
+    y = targets(store.slices, task)[slots]
+    study = store.slices["study_uid"].to_numpy()[slots]
+    metrics = run_metrics(y, probs, names, study, task, seed=seed)
+    return {**metrics, "auc": {n: metrics["per_class"][n]["roc_auc"] for n in names}}
+
+
+def scored_slots(store: Store, task: str) -> np.ndarray:
+    """The slots every OOF metric is computed on: labelled and readable (the validation rule of a run)."""
+    everything = np.full(len(store.slices), "val")
+    return np.sort(train_candidates(store.slices, everything, None, task, "val"))
+
+
+def score_experiment(exp: str | Path) -> dict:
+    """Write EXP/oof.parquet and EXP/metrics.json from the folds' outputs."""
+    experiment = open_experiment(exp)
+    store = open_training_store(experiment)
+    task, names = experiment.cfg.task, experiment.names
+    outputs = oof_outputs(experiment, store)
+    slots = scored_slots(store, task)
+    probs = sigmoid(outputs.logits[np.searchsorted(outputs.slots, slots)])
+    write_predictions(experiment.path / OOF, store, slots, probs, targets(store.slices, task)[slots], names,
+                      columns={"fold": experiment.fold[slots]})
+    fold_metrics = []
+    for k in range(experiment.folds):
+        run = json.loads((fold_dir(experiment.path, k) / "metrics.json").read_text())
+        fold_metrics.append({"fold": k, "best_epoch": run["best_epoch"], **run["final"]})
+    summary = {"oof": oof_block(store, slots, probs, names, task, experiment.cfg.seed), "folds": fold_metrics}
+    (experiment.path / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -177,54 +177,122 @@ def cv(store, out, folds, tta, **options) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=FILE)
+@click.argument("exp", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Stage-2 folder (seq.pt, oof.parquet, metrics.json); default EXP/seq.")
+@click.option("--model", type=click.Choice(config.SEQ_MODELS), default="gru", show_default=True,
+              help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.")
+@click.option("--inputs", type=click.Choice(config.SEQ_INPUTS), default="features", show_default=True,
+              help="Stage 1's penultimate features or its logits, per slice (its logits are the residual base either way).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Stage-2 epochs (default 15).")
+@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Hidden units (default 64).")
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Recurrent or encoder layers (default 2).")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3).")
+@click.option("--batch-studies", type=click.IntRange(min=1), default=None, help="Studies per batch (default 32).")
+@click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
+@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
+def seq(exp, out, model, inputs, **options) -> None:
+    """Stage 2: a sequence model over each study's z-ordered slices, cross-fitted on EXP's folds.
+
+    Fold k's stage-2 model trains on the out-of-fold stage-1 outputs of the other folds and predicts fold k,
+    so no slice's prediction comes from a model (stage 1 or 2) that trained on its patient.
+    """
+    from .experiment import open_experiment
+    from .metrics import format_metrics
+    from .seq import SeqConfig
+    from .stage2 import run_seq
+
+    try:
+        given = {k: v for k, v in options.items() if v is not None}
+        given.setdefault("seed", open_experiment(exp).cfg.seed)
+        summary = run_seq(exp, out, SeqConfig(model=model, **given), kind=inputs)
+    except (IchtrainError, ValueError, OSError) as exc:
+        _fail(exc)
+    click.echo("stage 1, out of fold:")
+    click.echo(format_metrics(summary["stage1"]))
+    click.echo(f"stage 2 ({model} on {inputs}), out of fold, same slices:")
+    click.echo(format_metrics(summary["oof"]))
+    ratio = summary["oof"]["weighted_log_loss"] / summary["stage1"]["weighted_log_loss"]
+    click.echo(f"weighted log loss: stage 1 {summary['stage1']['weighted_log_loss']:.4f}, stage 2 "
+               f"{summary['oof']['weighted_log_loss']:.4f} ({ratio:.2f}x)")
+    click.echo(f"wrote {out or Path(exp) / 'seq'} (seq.pt, oof.parquet, metrics.json), {exp}/compare.png and a "
+               f"{exp}/study_<uid>.png")
+
+
+SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an experiment folder
+
+
+@main.command()
+@click.argument("source", type=SOURCE)
 @click.option("--store", required=True, type=STORE)
 @click.option("--split", type=click.Choice(config.EVAL_SPLITS), default="val", show_default=True,
-              help="val: every labelled slice of the run's validation patients; all: every labelled slice of STORE "
-                   "(e.g. a held-out archive).")
+              help="For a checkpoint: val = every labelled slice of the run's validation patients; all = every "
+                   "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
 @click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
-def evaluate(checkpoint, store, split, out, device, batch_size, workers) -> None:
-    """Metrics, predictions and ROC curves of CHECKPOINT on STORE."""
+def evaluate(source, store, split, out, tta, device, batch_size, workers) -> None:
+    """Metrics, predictions, ROC and calibration plots of SOURCE (RUN/best.pt or an experiment) on STORE.
+
+    An experiment is scored as its folds' mean (stage 1) and, when EXP/seq exists, through stage 2.
+    """
+    from .experiment import is_experiment
     from .metrics import format_metrics
     from .predict import evaluate_checkpoint
+    from .submit import evaluate_experiment
 
     try:
-        metrics = evaluate_checkpoint(checkpoint, store, out, split, device, batch_size, workers)
+        if is_experiment(source):
+            metrics = evaluate_experiment(source, store, out, tta=tta, device=device, batch_size=batch_size,
+                                          workers=workers)
+        else:
+            metrics = {"final": evaluate_checkpoint(source, store, out, split, device, batch_size, workers, tta=tta)}
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
-    click.echo(format_metrics(metrics))
+    for stage in ("stage1", "stage2"):
+        if stage in metrics:
+            click.echo(f"{stage.replace('stage', 'stage ')} (mean of the folds):" if stage == "stage1" else
+                       "stage 2 (each fold's sequence model on its stage 1, averaged):")
+            click.echo(format_metrics(metrics[stage]))
+    if "stage1" not in metrics:
+        click.echo(format_metrics(metrics["final"]))
     click.echo(f"wrote {out}/metrics.json, {out}/predictions.parquet, {out}/roc.png, {out}/calibration.png")
 
 
 @main.command()
-@click.argument("checkpoint", type=FILE)
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--store", type=STORE, help="Predict every slice of this store.")
 @click.option("--dicom-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Predict DICOMs directly (converted with the checkpoint's spec first).")
+              help="Predict DICOMs directly (converted with the first source's spec first).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Kaggle-format CSV (ID,Label) to write; probabilities clipped to [1e-6, 1 - 1e-6].")
+@click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
+              help="flip: average each slice with its mirror image.")
+@click.option("--no-seq", is_flag=True, help="Experiments: stage 1 only (the folds' mean), even when EXP/seq exists.")
 @click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--allow-subtypes-only", is_flag=True,
               help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
                    "never saw a normal slice).")
-def predict(checkpoint, store, dicom_dir, output, device, batch_size, workers, allow_subtypes_only) -> None:
-    """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder."""
-    from .predict import predict_dicoms, predict_store
+def predict(sources, store, dicom_dir, output, tta, no_seq, device, batch_size, workers, allow_subtypes_only) -> None:
+    """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
+
+    SOURCES are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
+    """
+    from .submit import predict_dicoms, predict_store
 
     if (store is None) == (dicom_dir is None):
         raise click.UsageError("give exactly one of --store STORE or --dicom-dir DIR")
+    options = {"device": device, "batch_size": batch_size, "workers": workers, "tta": tta, "use_seq": not no_seq,
+               "allow_subtypes_only": allow_subtypes_only}
     try:
         if store is not None:
-            frame = predict_store(checkpoint, store, output, device, batch_size, workers,
-                                  allow_subtypes_only=allow_subtypes_only)
+            frame = predict_store(sources, store, output, **options)
         else:
-            frame = predict_dicoms(checkpoint, dicom_dir, output, device, batch_size, workers,
-                                   allow_subtypes_only=allow_subtypes_only)
+            frame = predict_dicoms(sources, dicom_dir, output, **options)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
-    click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images) to {output}")
+    click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images, {len(sources)} source(s)) to {output}")

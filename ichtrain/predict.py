@@ -1,16 +1,12 @@
-"""``ichtrain evaluate`` and ``ichtrain predict``: a checkpoint applied to a store or a DICOM folder.
+"""A checkpoint applied to a store: loading it, evaluating it, and its outputs in Kaggle's six columns.
 
-``predict --dicom-dir`` converts the folder into a temporary store with the
-checkpoint's own preprocessing spec, through the converter's code (same HU,
-windows, resize, study grouping and z order that ``--context`` needs), then
-predicts from that store: there is one preprocessing path, not two.
+Several checkpoints and experiments together, and DICOM folders, are :mod:`ichtrain.submit`'s job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,10 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ichprep.convert import convert
 from ichprep.labels import LABELS
-from ichprep.spec import PreprocessSpec
-from ichprep.store import REJECTED, Store, open_store
+from ichprep.store import Store, open_store
 
 from .checkpoint import load_checkpoint
 from .config import EVAL_SPLITS, TrainConfig
@@ -64,15 +58,16 @@ def load_for_store(checkpoint: str | Path, store_path: str | Path, device: str =
     return Loaded(state, cfg, names, store, dev, model.to(dev).eval())
 
 
-def _run(loaded: Loaded, counts: np.ndarray, y: np.ndarray, batch_size: int, workers: int) -> Predictions:
+def _run(loaded: Loaded, counts: np.ndarray, y: np.ndarray, batch_size: int, workers: int,
+         tta: str = "none") -> Predictions:
     stream = ShardStream.from_store(loaded.store, counts, y, context=loaded.cfg.context, shuffle=False,
                                     batch_size=batch_size)
     return evaluate(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
-                    device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True))
+                    device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str | Path, split: str = "val",
-                        device: str = "auto", batch_size: int = 64, workers: int = 2) -> dict:
+                        device: str = "auto", batch_size: int = 64, workers: int = 2, tta: str = "none") -> dict:
     """Metrics (with study-bootstrap intervals), predictions, ROC and calibration plots of a checkpoint.
 
     ``split="val"``: every labelled slice of the run's validation patients; ``"all"``: every labelled slice.
@@ -89,7 +84,7 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
         parts = np.full(len(store.slices), "val")
     counts = np.zeros(len(store.slices), np.int64)
     counts[train_candidates(store.slices, parts, None, cfg.task, "val")] = 1
-    preds = _run(loaded, counts, y, batch_size, workers)
+    preds = _run(loaded, counts, y, batch_size, workers, tta)
     # Sensitivity/specificity "at Youden" use the thresholds chosen on the run's validation split,
     # so numbers on other data are what a deployed threshold would give.
     state = loaded.state
@@ -104,13 +99,13 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str
     return metrics
 
 
-def _kaggle_rows(image_ids: list[str], table: np.ndarray) -> pd.DataFrame:
+def kaggle_rows(image_ids: list[str], table: np.ndarray) -> pd.DataFrame:
     """Kaggle's submission format: ``ID_<image>_<label>``, six rows per image in LABELS order."""
     ids = [f"{image_id}_{name}" for image_id in image_ids for name in LABELS]
     return pd.DataFrame({"ID": ids, "Label": table.reshape(-1)})
 
 
-def _six_columns(probs: np.ndarray, names: tuple[str, ...], prevalence: dict[str, float]) -> np.ndarray:
+def six_columns(probs: np.ndarray, names: tuple[str, ...], prevalence: dict[str, float]) -> np.ndarray:
     """Fill all six Kaggle labels: the model's outputs where it has them, else derived or prevalence.
 
     A binary model has no subtype outputs (they get the training prevalence); a subtype model has no
@@ -127,7 +122,7 @@ def _six_columns(probs: np.ndarray, names: tuple[str, ...], prevalence: dict[str
     return table
 
 
-def _check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
+def check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
     """A subtypes-only model never saw a normal slice: its ``any`` (the max subtype) is not a detector."""
     if "any" in loaded.names:
         return
@@ -137,54 +132,3 @@ def _check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
         raise ConfigError(f"{message}; predict with an rsna or binary checkpoint, or pass --allow-subtypes-only "
                           "to write these probabilities anyway")
     logger.warning("%s; writing them anyway (--allow-subtypes-only)", message)
-
-
-def predict_store(checkpoint: str | Path, store_path: str | Path, out_csv: str | Path, device: str = "auto",
-                  batch_size: int = 64, workers: int = 2, unreadable: list[str] | None = None,
-                  allow_subtypes_only: bool = False) -> pd.DataFrame:
-    """Write a Kaggle-format CSV for every slice of a store; unreadable slices get the training prevalence.
-
-    Raises ConfigError for a ``--task subtypes`` checkpoint unless ``allow_subtypes_only``.
-    """
-    loaded = load_for_store(checkpoint, store_path, device)
-    _check_task(loaded, checkpoint, allow_subtypes_only)
-    store, names = loaded.store, loaded.names
-    prevalence = dict(zip(names, loaded.state.get("train_prevalence", [0.5] * len(names))))
-    ok = store.slices["ok"].to_numpy(bool)
-    y = np.zeros((len(store.slices), len(names)), np.float32)  # unused truth: predict needs no labels
-    preds = _run(loaded, ok.astype(np.int64), y, batch_size, workers)
-    full = np.full((len(store.slices), len(names)), np.nan)
-    full[preds.slots] = preds.probs
-    fallback = np.array([prevalence.get(n, 0.5) for n in names])
-    full[~ok] = fallback  # zero-filled slots: no pixels to judge
-    image_ids = store.slices["image_id"].astype(str).tolist()
-    extra = list(unreadable or [])
-    if extra:
-        image_ids += extra
-        full = np.vstack([full, np.tile(fallback, (len(extra), 1))])
-    no_pixels = store.slices.loc[~ok, "image_id"].astype(str).tolist() + extra
-    if no_pixels:
-        logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
-                       ", ".join(no_pixels))
-    table = np.clip(_six_columns(full, names, prevalence), CLIP, 1 - CLIP)
-    frame = _kaggle_rows(image_ids, table)
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_csv, index=False, float_format="%.6f")
-    logger.info("wrote %d predictions (%d images, %d without readable pixels) to %s",
-                len(frame), len(image_ids), int((~ok).sum()) + len(extra), out_csv)
-    return frame
-
-
-def predict_dicoms(checkpoint: str | Path, dicom_dir: str | Path, out_csv: str | Path, device: str = "auto",
-                   batch_size: int = 64, workers: int = 2, client=None,
-                   allow_subtypes_only: bool = False) -> pd.DataFrame:
-    """Convert ``dicom_dir`` with the checkpoint's spec into a temporary store, then predict from it."""
-    state = load_checkpoint(checkpoint)
-    spec = PreprocessSpec.from_attrs(state["spec"])
-    with tempfile.TemporaryDirectory(prefix="ichtrain-predict-") as tmp:
-        store = Path(tmp) / "cache.zarr"
-        convert(dicom_dir, store, spec, client=client)
-        rejected = pd.read_csv(store / REJECTED, dtype=str)
-        unreadable = rejected.loc[rejected["stage"] == "header", "image_id"].tolist()
-        return predict_store(checkpoint, store, out_csv, device, batch_size, workers, unreadable=unreadable,
-                             allow_subtypes_only=allow_subtypes_only)

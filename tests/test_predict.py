@@ -12,7 +12,7 @@ from ichprep.labels import LABELS
 from ichprep.store import open_store
 from ichtrain.checkpoint import load_checkpoint
 from ichtrain.cli import main
-from ichtrain.predict import predict_dicoms, predict_store
+from ichtrain.submit import predict_dicoms, predict_store
 
 
 def _check_kaggle(frame: pd.DataFrame, image_ids: list[str]) -> None:

@@ -72,7 +72,7 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
     from ichprep.convert import convert
     from ichprep.spec import PreprocessSpec
     from ichprep.windows import parse_windows
-    from ichtrain.predict import predict_store
+    from ichtrain.submit import predict_store
 
     other = tmp_path / "other.zarr"
     convert(synth_dataset / "stage_2_train", other, PreprocessSpec(windows=parse_windows(["brain", "bone", "soft"]),

@@ -1,0 +1,133 @@
+"""Stage 2 of an experiment: a sequence model over each study's z-ordered stage-1 outputs, on the same folds.
+
+EXP/seq/
+  seq.pt            the K fold models (fold k's model never trained on fold k's patients) and their settings
+  oof.parquet       every labelled slot's stage-2 probabilities from the fold that did not train on it
+  metrics.json      {"oof": ..., "stage1": the same slots' stage-1 block, "folds": [...], "any_max": ...}
+EXP/compare.png     per-label log loss and AUC, stage 1 vs stage 2, out of fold
+EXP/study_<uid>.png one study's stage-1 and stage-2 probabilities along z
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ichprep.store import Store
+
+from .config import SEQ_INPUTS
+from .data import study_bounds, targets
+from .errors import ConfigError
+from .experiment import (Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots,
+                         sigmoid)
+from .metrics import weighted_log_loss
+from .plots import plot_compare, plot_study
+from .seq import SeqConfig, SeqInputs, cross_fit, save_seq
+from .train import write_predictions
+
+logger = logging.getLogger(__name__)
+
+SEQ_DIR = "seq"
+SEQ_MODEL = "seq.pt"
+
+
+def study_ranges(store: Store) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of every study in slot order: each study's slices are contiguous and z-sorted."""
+    start, stop = study_bounds(store.studies, len(store.slices))
+    firsts = np.flatnonzero(np.r_[True, start[1:] != start[:-1]])
+    return start[firsts].astype(np.int64), stop[firsts].astype(np.int64)
+
+
+def seq_inputs(store: Store, outputs: Inferred, *, kind: str, task: str, slot_fold: np.ndarray) -> SeqInputs:
+    """Stage 2's view of a store: one row per slot; slots without pixels get the mean of the others.
+
+    ``slot_fold`` gives each slot's fold (a study takes its first slot's); labels of slots without pixels
+    are dropped, as in every metric.
+    """
+    if kind not in SEQ_INPUTS:
+        raise ConfigError(f"invalid stage-2 input {kind!r}; choose one of {', '.join(SEQ_INPUTS)}")
+    n = len(store.slices)
+    logits = np.empty((n, outputs.logits.shape[1]), np.float32)
+    logits[:] = outputs.logits.astype(np.float64).mean(axis=0)
+    logits[outputs.slots] = outputs.logits
+    if kind == "features":
+        x = np.empty((n, outputs.features.shape[1]), np.float16)
+        x[:] = outputs.features.astype(np.float32).mean(axis=0)
+        x[outputs.slots] = outputs.features
+    else:
+        x = logits
+    y = targets(store.slices, task)
+    y[~store.slices["ok"].to_numpy(bool)] = np.nan
+    starts, stops = study_ranges(store)
+    return SeqInputs(x=x, logits=logits, targets=y, starts=starts, stops=stops,
+                     study_fold=np.asarray(slot_fold, np.int64)[starts])
+
+
+def any_max(probs: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """``any`` raised to the largest subtype probability (a bleed of any subtype is a bleed)."""
+    if "any" not in names or len(names) < 2:
+        return probs
+    out = probs.copy()
+    j = names.index("any")
+    out[:, j] = np.maximum(out[:, j], np.delete(out, j, axis=1).max(axis=1))
+    return out
+
+
+def _showcase_study(inputs: SeqInputs, probs1: np.ndarray, probs2: np.ndarray, names: tuple[str, ...]) -> int:
+    """The bleeding study whose slices stage 2 improved most (weighted log loss summed over its slices)."""
+    best, gain = 0, -np.inf
+    for s, (a, b) in enumerate(zip(inputs.starts, inputs.stops)):
+        y = inputs.targets[a:b]
+        labelled = ~np.isnan(y).any(axis=1)
+        if not labelled.any() or not np.nansum(y) or np.isnan(probs2[a:b]).any():
+            continue
+        rows = labelled.sum()
+        delta = rows * (weighted_log_loss(y[labelled], probs1[a:b][labelled], names)
+                        - weighted_log_loss(y[labelled], probs2[a:b][labelled], names))
+        if delta > gain:
+            best, gain = s, delta
+    return best
+
+
+def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: str = "features") -> dict:
+    """Cross-fit stage 2 on EXP's out-of-fold outputs; writes EXP/seq (or ``out``) and EXP's two figures."""
+    experiment = open_experiment(exp)
+    store = open_training_store(experiment)
+    task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
+    out = Path(out) if out is not None else experiment.path / SEQ_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = seq_inputs(store, oof_outputs(experiment, store), kind=kind, task=task, slot_fold=experiment.fold)
+    fitted = cross_fit(inputs, cfg, names)
+    save_seq(out / SEQ_MODEL, fitted.fitted, cfg, names=names, in_dim=inputs.x.shape[1], inputs_kind=kind)
+
+    slots = scored_slots(store, task)
+    probs1, probs2 = sigmoid(inputs.logits)[slots], fitted.probs[slots].astype(np.float32)
+    truth = inputs.targets[slots]
+    fold = experiment.fold[slots]
+    write_predictions(out / "oof.parquet", store, slots, probs2, truth, names, columns={"fold": fold})
+    stage1 = oof_block(store, slots, probs1, names, task, seed)
+    stage2 = oof_block(store, slots, probs2, names, task, seed)
+    per_fold = [{"fold": k, "weighted_log_loss": weighted_log_loss(truth[fold == k], probs2[fold == k], names),
+                 "stage1_weighted_log_loss": weighted_log_loss(truth[fold == k], probs1[fold == k], names),
+                 "history": f.history}
+                for k, f in zip(sorted(set(fold.tolist())), fitted.fitted)]
+    any_rule = {f"stage{i}": {"weighted_log_loss": weighted_log_loss(truth, p, names),
+                              "with_any_max": weighted_log_loss(truth, any_max(p, names), names)}
+                for i, p in ((1, probs1), (2, probs2))}
+    summary = {"oof": stage2, "stage1": stage1, "folds": per_fold, "any_max": any_rule,
+               "config": {**cfg.__dict__, "inputs": kind}}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+    plot_compare(stage1, stage2, names, experiment.path / "compare.png")
+    full1, full2 = sigmoid(inputs.logits), fitted.probs
+    s = _showcase_study(inputs, full1, full2, names)
+    a, b = inputs.starts[s], inputs.stops[s]
+    uid = str(store.slices["study_uid"].iloc[a])
+    plot_study(full1[a:b], full2[a:b], inputs.targets[a:b], names, f"study {uid}: stage 1 (dashed) vs stage 2",
+               experiment.path / f"study_{uid}.png")
+    logger.info("stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices", cfg.model,
+                kind, stage2["weighted_log_loss"], stage1["weighted_log_loss"], len(slots))
+    return summary

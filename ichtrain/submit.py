@@ -1,0 +1,185 @@
+"""Predictions of runs and experiments on a store or a DICOM folder: averaged, scored, or written for Kaggle.
+
+``--dicom-dir`` converts the folder into a temporary store with the source's own preprocessing spec, through
+the converter's code (same HU, windows, resize, study grouping and z order that ``--context`` and stage 2
+need), then predicts from that store: there is one preprocessing path, not two.
+
+A source is a checkpoint (``RUN/best.pt``) or an experiment folder (``ichtrain cv``): an experiment averages
+its K fold models, each followed by its own stage-2 model when ``EXP/seq`` exists (unless ``use_seq=False``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from ichprep.convert import convert
+from ichprep.spec import PreprocessSpec
+from ichprep.store import REJECTED, open_store
+
+from .checkpoint import load_checkpoint
+from .data import targets
+from .engine import Predictions
+from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots, sigmoid
+from .predict import CLIP, check_task, kaggle_rows, load_for_store, six_columns
+from .seq import load_seq, predict as seq_predict
+from .stage2 import SEQ_DIR, SEQ_MODEL, seq_inputs
+from .train import write_figures
+
+logger = logging.getLogger(__name__)
+
+
+class SourceProbs(NamedTuple):
+    """One source's probabilities for every slot of a store (NaN where a slot has no pixels)."""
+
+    probs: np.ndarray               # float32 (N, K): the final stage (stage 2 when used)
+    stage1: np.ndarray              # float32 (N, K): stage 1 alone (== probs for a checkpoint)
+    names: tuple[str, ...]
+    prevalence: dict[str, float]    # training prevalence per label: the answer for a slot without pixels
+    staged: bool                    # True when ``probs`` came from stage 2
+
+
+def checkpoint_probs(checkpoint: str | Path, store_path, *, tta: str = "none", device: str = "auto",
+                     batch_size: int = 64, workers: int = 2, allow_subtypes_only: bool = False) -> SourceProbs:
+    loaded = load_for_store(checkpoint, store_path, device)
+    check_task(loaded, checkpoint, allow_subtypes_only)
+    n = len(loaded.store.slices)
+    inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
+    probs = np.full((n, len(loaded.names)), np.nan, np.float32)
+    probs[inferred.slots] = sigmoid(inferred.logits)
+    prevalence = dict(zip(loaded.names, loaded.state.get("train_prevalence", [0.5] * len(loaded.names))))
+    return SourceProbs(probs, probs, loaded.names, prevalence, staged=False)
+
+
+def experiment_probs(exp: str | Path, store_path, *, tta: str = "none", use_seq: bool = True, device: str = "auto",
+                     batch_size: int = 64, workers: int = 2) -> SourceProbs:
+    """The mean over folds of stage-1 probabilities and, with EXP/seq, of each fold's stage-2 probabilities."""
+    experiment = open_experiment(exp)
+    seq_path = experiment.path / SEQ_DIR / SEQ_MODEL
+    staged = use_seq and seq_path.exists()
+    if use_seq and not staged:
+        logger.warning("%s has no stage 2 (%s); predicting with stage 1 only (run `ichtrain seq %s`)", exp,
+                       seq_path, exp)
+    seq = load_seq(seq_path) if staged else None
+    stage1, stage2, prevalence = [], [], []
+    for k in range(experiment.folds):
+        loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", store_path, device)
+        n = len(loaded.store.slices)
+        inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
+        probs = np.full((n, len(experiment.names)), np.nan, np.float32)
+        probs[inferred.slots] = sigmoid(inferred.logits)
+        stage1.append(probs)
+        prevalence.append(loaded.state.get("train_prevalence", [0.5] * len(experiment.names)))
+        if seq is not None:
+            inputs = seq_inputs(loaded.store, inferred, kind=seq.inputs_kind, task=experiment.cfg.task,
+                                slot_fold=np.zeros(n, np.int64))
+            staged_probs = seq_predict(seq.fitted[k], inputs, np.arange(len(inputs.starts)))
+            staged_probs[~loaded.store.slices["ok"].to_numpy(bool)] = np.nan
+            stage2.append(staged_probs.astype(np.float32))
+    first = np.mean(stage1, axis=0)
+    final = np.mean(stage2, axis=0) if staged else first
+    return SourceProbs(final, first, experiment.names, dict(zip(experiment.names, np.mean(prevalence, axis=0))),
+                       staged=staged)
+
+
+def source_probs(source: str | Path, store_path, **options) -> SourceProbs:
+    if is_experiment(source):
+        options.pop("allow_subtypes_only", None)
+        return experiment_probs(source, store_path, **options)
+    options.pop("use_seq", None)
+    return checkpoint_probs(source, store_path, **options)
+
+
+class KaggleTable(NamedTuple):
+    table: np.ndarray      # (N, 6) in Kaggle's label order; a slot without pixels has the training prevalence
+    fallback: np.ndarray   # (6,) the answer for an image without pixels
+
+
+def _kaggle_table(probs: SourceProbs) -> KaggleTable:
+    fallback = np.array([probs.prevalence.get(n, 0.5) for n in probs.names])
+    filled = np.where(np.isnan(probs.probs), fallback, probs.probs)
+    return KaggleTable(six_columns(filled, probs.names, probs.prevalence),
+                       six_columns(fallback[None], probs.names, probs.prevalence)[0])
+
+
+def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_csv, *, device: str = "auto",
+                  batch_size: int = 64, workers: int = 2, tta: str = "none", use_seq: bool = True,
+                  unreadable: list[str] | None = None, allow_subtypes_only: bool = False) -> pd.DataFrame:
+    """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
+
+    Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
+    checkpoint unless ``allow_subtypes_only``.
+    """
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    tables = [_kaggle_table(source_probs(s, store_path, tta=tta, use_seq=use_seq, device=device,
+                                         batch_size=batch_size, workers=workers,
+                                         allow_subtypes_only=allow_subtypes_only)) for s in sources]
+    table = np.mean([t.table for t in tables], axis=0)
+    store = open_store(store_path)
+    ok = store.slices["ok"].to_numpy(bool)
+    image_ids = store.slices["image_id"].astype(str).tolist()
+    extra = list(unreadable or [])
+    if extra:
+        image_ids += extra
+        table = np.vstack([table, np.tile(np.mean([t.fallback for t in tables], axis=0), (len(extra), 1))])
+    no_pixels = store.slices.loc[~ok, "image_id"].astype(str).tolist() + extra
+    if no_pixels:
+        logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
+                       ", ".join(no_pixels))
+    frame = kaggle_rows(image_ids, np.clip(table, CLIP, 1 - CLIP))
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_csv, index=False, float_format="%.6f")
+    logger.info("wrote %d predictions (%d images, %d sources, %d without readable pixels) to %s", len(frame),
+                len(image_ids), len(sources), len(no_pixels), out_csv)
+    return frame
+
+
+def source_spec(source: str | Path) -> PreprocessSpec:
+    """The preprocessing a source was trained on (an experiment's: its first fold's)."""
+    checkpoint = fold_dir(source, 0) / "best.pt" if is_experiment(source) else source
+    return PreprocessSpec.from_attrs(load_checkpoint(checkpoint)["spec"])
+
+
+def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None,
+                   **options) -> pd.DataFrame:
+    """Convert ``dicom_dir`` with the first source's spec into a temporary store, then predict from it."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    with tempfile.TemporaryDirectory(prefix="ichtrain-predict-") as tmp:
+        store = Path(tmp) / "cache.zarr"
+        convert(dicom_dir, store, source_spec(sources[0]), client=client)
+        rejected = pd.read_csv(store / REJECTED, dtype=str)
+        unreadable = rejected.loc[rejected["stage"] == "header", "image_id"].tolist()
+        return predict_store(sources, store, out_csv, unreadable=unreadable, **options)
+
+
+def evaluate_experiment(exp: str | Path, store_path, out: str | Path, *, tta: str = "none", device: str = "auto",
+                        batch_size: int = 64, workers: int = 2) -> dict:
+    """Stage 1 (mean of the folds) and stage 2 on every labelled slice of a store; the final stage's figures."""
+    experiment = open_experiment(exp)
+    probs = experiment_probs(exp, store_path, tta=tta, use_seq=True, device=device, batch_size=batch_size,
+                             workers=workers)
+    store = open_store(store_path)
+    task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
+    slots = scored_slots(store, task)
+    metrics = {"stage1": oof_block(store, slots, probs.stage1[slots], names, task, seed)}
+    if probs.staged:
+        metrics["stage2"] = oof_block(store, slots, probs.probs[slots], names, task, seed)
+    metrics["final"] = metrics["stage2" if probs.staged else "stage1"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preds = Predictions(probs.probs[slots], targets(store.slices, task)[slots], slots)
+    write_figures(out, preds, names, store, "predictions.parquet")
+    if probs.staged:
+        from .plots import plot_compare
+
+        plot_compare(metrics["stage1"], metrics["stage2"], names, out / "compare.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+

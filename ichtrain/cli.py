@@ -198,9 +198,8 @@ def seq(exp, out, model, inputs, **options) -> None:
     so no slice's prediction comes from a model (stage 1 or 2) that trained on its patient.
     """
     from .experiment import open_experiment
-    from .metrics import format_metrics
     from .seq import SeqConfig
-    from .stage2 import run_seq
+    from .stage2 import compare_table, run_seq
 
     try:
         given = {k: v for k, v in options.items() if v is not None}
@@ -208,10 +207,8 @@ def seq(exp, out, model, inputs, **options) -> None:
         summary = run_seq(exp, out, SeqConfig(model=model, **given), kind=inputs)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
-    click.echo("stage 1, out of fold:")
-    click.echo(format_metrics(summary["stage1"]))
-    click.echo(f"stage 2 ({model} on {inputs}), out of fold, same slices:")
-    click.echo(format_metrics(summary["oof"]))
+    click.echo(f"out of fold, every labelled slice; stage 1 = the fold CNNs, stage 2 = {model} on {inputs}:")
+    click.echo(compare_table(summary["stage1"], summary["oof"], tuple(summary["oof"]["names"])))
     ratio = summary["oof"]["weighted_log_loss"] / summary["stage1"]["weighted_log_loss"]
     click.echo(f"weighted log loss: stage 1 {summary['stage1']['weighted_log_loss']:.4f}, stage 2 "
                f"{summary['oof']['weighted_log_loss']:.4f} ({ratio:.2f}x)")
@@ -296,3 +293,20 @@ def predict(sources, store, dicom_dir, output, tta, no_seq, device, batch_size, 
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images, {len(sources)} source(s)) to {output}")
+
+
+@main.command()
+@click.argument("submission", type=FILE)
+@click.option("--labels", "labels_csv", required=True, type=FILE, help="Kaggle label CSV (stage_2_train.csv format).")
+def score(submission, labels_csv) -> None:
+    """The competition's weighted log loss of a Kaggle-format SUBMISSION against a label CSV."""
+    from .submit import score_submission
+
+    try:
+        result = score_submission(submission, labels_csv)
+    except (IchtrainError, ValueError, OSError) as exc:
+        _fail(exc)
+    for name, value in result["per_label_log_loss"].items():
+        click.echo(f"{name:18s} log loss {value:.4f}")
+    click.echo(f"weighted log loss {result['weighted_log_loss']:.5f} on {result['n_images']} labelled images "
+               f"(best constant submission: {result['constant_weighted_log_loss']:.5f})")

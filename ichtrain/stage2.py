@@ -76,6 +76,23 @@ def any_max(probs: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
     return out
 
 
+def compare_table(stage1: dict, stage2: dict, names: tuple[str, ...]) -> str:
+    """Per-label AUC and log loss of the two stages side by side, and the weighted log loss."""
+    def cell(value) -> str:
+        return "   -  " if value is None else f"{value:6.4f}"
+
+    lines = [f"{'label':18s} {'AUC 1':>7s} {'AUC 2':>7s} {'loss 1':>7s} {'loss 2':>7s}"]
+    for n in names:
+        one, two = stage1["per_class"][n], stage2["per_class"][n]
+        lines.append(f"{n:18s} {cell(one['roc_auc']):>7s} {cell(two['roc_auc']):>7s} {cell(one['log_loss']):>7s} "
+                     f"{cell(two['log_loss']):>7s}")
+    lines.append(f"{'weighted log loss':18s} {'':>7s} {'':>7s} {stage1['weighted_log_loss']:7.4f} "
+                 f"{stage2['weighted_log_loss']:7.4f}")
+    lines.append(f"{'study any AUC':18s} {cell(stage1.get('study_any_auc')):>7s} "
+                 f"{cell(stage2.get('study_any_auc')):>7s}")
+    return "\n".join(lines)
+
+
 def _showcase_study(inputs: SeqInputs, probs1: np.ndarray, probs2: np.ndarray, names: tuple[str, ...]) -> int:
     """The bleeding study whose slices stage 2 improved most (weighted log loss summed over its slices)."""
     best, gain = 0, -np.inf

@@ -21,13 +21,16 @@ import numpy as np
 import pandas as pd
 
 from ichprep.convert import convert
+from ichprep.labels import LABELS, read_labels
 from ichprep.spec import PreprocessSpec
 from ichprep.store import REJECTED, open_store
 
 from .checkpoint import load_checkpoint
 from .data import targets
 from .engine import Predictions
+from .errors import DataError
 from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots, sigmoid
+from .metrics import per_class_log_loss, weighted_log_loss
 from .predict import CLIP, check_task, kaggle_rows, load_for_store, six_columns
 from .seq import load_seq, predict as seq_predict
 from .stage2 import SEQ_DIR, SEQ_MODEL, seq_inputs
@@ -183,3 +186,36 @@ def evaluate_experiment(exp: str | Path, store_path, out: str | Path, *, tta: st
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
+
+
+def read_submission(path: str | Path) -> pd.DataFrame:
+    """A Kaggle-format CSV (``ID_<image>_<label>,p``) as one row per image, six columns in Kaggle's order."""
+    raw = pd.read_csv(path, dtype={"ID": str, "Label": float})
+    if list(raw.columns) != ["ID", "Label"]:
+        raise DataError(f"{path}: expected the columns ID,Label of a Kaggle submission, got {list(raw.columns)}")
+    parts = raw["ID"].str.rsplit("_", n=1, expand=True)
+    table = raw.assign(image_id=parts[0], label=parts[1]).pivot(index="image_id", columns="label", values="Label")
+    missing = [n for n in LABELS if n not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no rows for label(s) {', '.join(missing)}")
+    return table[list(LABELS)]
+
+
+def score_submission(submission: str | Path, labels_csv: str | Path) -> dict:
+    """The competition's weighted log loss of a submission on the labelled images it covers.
+
+    Also the score of the best constant submission (each label's prevalence in these labels), the floor any
+    model must beat.
+    """
+    predicted = read_submission(submission)
+    truth = read_labels(labels_csv).dropna()
+    common = truth.index.intersection(predicted.index)
+    if not len(common):
+        raise DataError(f"{submission} and {labels_csv} share no image ids")
+    y = truth.loc[common, list(LABELS)].to_numpy(np.float64)
+    p = np.clip(predicted.loc[common].to_numpy(np.float64), CLIP, 1 - CLIP)
+    constant = np.broadcast_to(y.mean(axis=0), y.shape)
+    return {"weighted_log_loss": weighted_log_loss(y, p, LABELS),
+            "per_label_log_loss": per_class_log_loss(y, p, LABELS),
+            "constant_weighted_log_loss": weighted_log_loss(y, constant, LABELS),
+            "n_images": len(common), "n_submitted": len(predicted), "n_labelled": len(truth)}

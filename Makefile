@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 DEMO_STUDIES ?= 40
+STUDY  ?= demo_study
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-study bench clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,9 +49,29 @@ demo: $(STAMP)
 	@echo "  held-out evaluation  $(DEMO)/eval  (metrics.json, roc.png, calibration.png, predictions.parquet)"
 	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
+# Study-level modelling: 3 patient folds of a per-slice CNN, then a sequence model over each study's slices.
+demo-study: $(STAMP)
+	rm -rf $(STUDY)
+	$(BIN)/ichprep synth $(STUDY)/data --studies 60 --seed 0
+	$(BIN)/ichprep convert $(STUDY)/data/stage_2_train --labels $(STUDY)/data/stage_2_train.csv \
+		-o $(STUDY)/cache64.zarr --size 64 --shard-slices 32
+	$(BIN)/ichtrain cv $(STUDY)/cache64.zarr --out $(STUDY)/exp --folds 3 --arch resnet18 --image-size 64 \
+		--epochs 4 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
+	$(BIN)/ichtrain seq $(STUDY)/exp --device cpu
+	@echo "--- a held-out archive from another seed: stage 1 alone, stage 1 + 2, and the best constant"
+	$(BIN)/ichprep synth $(STUDY)/heldout --studies 30 --seed 21
+	$(BIN)/ichtrain predict $(STUDY)/exp --dicom-dir $(STUDY)/heldout/stage_2_train -o $(STUDY)/stage1.csv \
+		--no-seq --workers 1 --device cpu
+	$(BIN)/ichtrain predict $(STUDY)/exp --dicom-dir $(STUDY)/heldout/stage_2_train -o $(STUDY)/submission.csv \
+		--workers 1 --device cpu
+	$(BIN)/ichtrain score $(STUDY)/stage1.csv --labels $(STUDY)/heldout/stage_2_train.csv | tail -1
+	$(BIN)/ichtrain score $(STUDY)/submission.csv --labels $(STUDY)/heldout/stage_2_train.csv | tail -1
+	@echo
+	@echo "demo-study done: $(STUDY)/exp (folds, oof.parquet, metrics.json, seq/, compare.png, study_<uid>.png)"
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --out bench_out/bench.json
 	@echo "table printed above; every figure in bench_out/bench.json (see BENCHMARKS.md)"
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) $(STUDY) .pytest_cache

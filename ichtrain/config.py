@@ -10,7 +10,28 @@ from .errors import ConfigError
 
 # One definition of every choice; the CLI builds its options from these (no torch import needed for --help).
 TASKS = ("rsna", "binary", "subtypes")
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: Every torchvision classification model that takes any square input >= 64 and ends in a linear classifier,
+#: grouped by family (ichtrain.model.UNSUPPORTED lists the others and why; a test keeps both in step with torchvision).
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "densenet121", "densenet161", "densenet169", "densenet201",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_s", "efficientnet_v2_m",
+    "efficientnet_v2_l",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf", "regnet_x_16gf",
+    "regnet_x_32gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
+    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
+    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+    "googlenet", "alexnet",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+)
+#: --context N stacks 2N+1 slices; 8 (17 slices, half of a typical 35-slice RSNA study) is the most accepted.
+MAX_CONTEXT = 8
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("plateau", "cosine")
 SPLITS = ("patient", "study", "slice")
@@ -70,7 +91,9 @@ class TrainConfig:
         _choice("balance", self.balance, BALANCES)
         _choice("split_by", self.split_by, SPLITS)
         _choice("device", self.device, DEVICES)
-        _choice("context", self.context, (0, 1))
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or not 0 <= self.context <= MAX_CONTEXT:
+            raise ConfigError(f"context must be an integer from 0 to {MAX_CONTEXT} (neighbour slices on each side; "
+                              f"{MAX_CONTEXT} already stacks {2 * MAX_CONTEXT + 1} slices), got {self.context!r}")
         if not re.fullmatch(r"all|middle:[1-9][0-9]*", self.slice_selection):
             raise ConfigError(f"invalid slice selection {self.slice_selection!r}; use 'all' or 'middle:K' (K >= 1)")
         for name, low in (("image_size", 16), ("epochs", 1), ("batch_size", 1), ("buffer_shards", 1)):

@@ -60,7 +60,7 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
     click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."),
     click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
                  help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
-                      "stored image to it; training resizes the same way, then takes a random crop of 80-100%% of the "
+                      "stored image to it; training resizes the same way, then takes a random crop of 80-100% of the "
                       "area (aspect kept) with a flip and a small rotation."),
     click.option("--context", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                  help="2.5D: stack N neighbour slices on each side of the slice (same study, clamped at its ends), "

@@ -97,6 +97,17 @@ def _check_same(path: Path, new: dict) -> None:
                           f"{[old['config'].get(k, old.get(k)) for k in differ]}); use a new --out or the same options")
 
 
+def _check_fold_run(run: Path, base: TrainConfig, folds: int, k: int) -> None:
+    """A fold trained elsewhere (``train --folds --fold``) must be fold k of this experiment's settings."""
+    done = json.loads((run / "config.json").read_text())
+    wanted = {**base.to_dict(), "folds": folds, "fold": k}
+    differ = [f for f in RESUME_FIXED if done.get(f) != wanted.get(f)]
+    if differ:
+        raise ConfigError(f"{run} was trained with other settings ({', '.join(f'{f}={done.get(f)!r}' for f in differ)}"
+                          f"; this experiment has {', '.join(f'{f}={wanted.get(f)!r}' for f in differ)}); "
+                          "move it away or train the fold with the experiment's options")
+
+
 def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_size: int = 64,
                    progress: Callable | None = None) -> dict:
     """Train every fold into EXP/fold{k} (finished folds are kept, interrupted ones resume), then export and score.
@@ -115,6 +126,7 @@ def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_si
     for k in range(folds):
         run = fold_dir(exp, k)
         if (run / "metrics.json").exists():
+            _check_fold_run(run, base, folds, k)
             logger.info("fold %d of %d: finished earlier (%s), kept", k, folds, run / "metrics.json")
         else:
             last = run / "last.pt"

@@ -85,7 +85,7 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
     ("task", "segment", "invalid task 'segment'; choose one of rsna, binary, subtypes"),
     ("optimizer", "lbfgs", "choose one of sgd, adamw"),
     ("slice_selection", "middle", "use 'all' or 'middle:K'"),
-    ("context", 2, "choose one of 0, 1"),
+    ("context", 9, "context must be an integer from 0 to 8"),
 ])
 def test_invalid_config_lists_choices(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,8 +1,10 @@
 """Who validates: the train/val split and K patient folds, both grouped and stratified.
 
 A group is a patient (a study without patient_id is its own group) or a study.  Groups are stratified by
-whether they hold a bleeding slice (``any == 1``), so validation sees the training set's mix of positive
-and negative patients; everything is a pure function of the tables and the seed, never of row order.
+how many bleeding slices (``any == 1``) they hold: bleeding groups, ranked by that count, are dealt out in
+blocks (one per fold, or one in 1/val_fraction to validation, drawn by the seed), so every fold sees the
+training set's share of bleeding slices, not just of bleeding patients.  Everything is a pure function of
+the tables and the seed, never of row order.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ class Groups(NamedTuple):
     keys: np.ndarray       # (G,) sorted group keys
     inverse: np.ndarray    # (N,) each slot's group
     sizes: np.ndarray      # (G,) slots per group
-    positive: np.ndarray   # (G,) bool: the group has a slice labelled any == 1
+    bleeding: np.ndarray   # (G,) slices labelled any == 1
+
+    @property
+    def positive(self) -> np.ndarray:
+        return self.bleeding > 0
 
 
 def groups_of(slices: pd.DataFrame, by: str = "patient") -> Groups:
@@ -45,23 +51,31 @@ def groups_of(slices: pd.DataFrame, by: str = "patient") -> Groups:
         keys = study.to_numpy(dtype=str)
     groups, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)
     bleed = is_positive(slices) if "any" in slices.columns else np.zeros(len(slices), bool)
-    positive = np.bincount(inverse, weights=bleed, minlength=len(groups)) > 0
-    return Groups(keys=groups, inverse=inverse, sizes=sizes, positive=positive)
+    bleeding = np.bincount(inverse, weights=bleed, minlength=len(groups)).astype(np.int64)
+    return Groups(keys=groups, inverse=inverse, sizes=sizes, bleeding=bleeding)
 
 
-def _strata(groups: Groups, rng: np.random.Generator) -> list[np.ndarray]:
-    """Each stratum's groups (negative, then positive) in a seeded shuffled order."""
-    return [members[rng.permutation(len(members))]
-            for members in (np.flatnonzero(~groups.positive), np.flatnonzero(groups.positive))]
+class Strata(NamedTuple):
+    negative: np.ndarray   # groups without a bleeding slice, in a seeded shuffled order
+    blocks: list[np.ndarray]  # bleeding groups ranked by their bleeding slices (ties by the seed), in blocks
+
+
+def _strata(groups: Groups, rng: np.random.Generator, block: int) -> Strata:
+    negative = np.flatnonzero(~groups.positive)
+    bleeding = np.flatnonzero(groups.positive)
+    bleeding = bleeding[rng.permutation(len(bleeding))]
+    bleeding = bleeding[np.argsort(-groups.bleeding[bleeding], kind="stable")]
+    return Strata(negative[rng.permutation(len(negative))],
+                  [bleeding[i:i + block] for i in range(0, len(bleeding), block)])
 
 
 def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, by: str = "patient") -> np.ndarray:
     """``"train"``/``"val"`` for every slot, holding out about ``val_fraction`` of the slices.
 
-    ``by="patient"`` (default) keeps each patient on one side, ``by="study"`` each study.  Within each stratum
-    (groups with and without a bleed) the shuffled groups whose cumulative slice count is nearest
-    ``val_fraction`` of the stratum's slices go to val; at least one group lands on each side.  Every row
-    counts, unlabelled ones included, so the fraction is one of slots.
+    ``by="patient"`` (default) keeps each patient on one side, ``by="study"`` each study.  One bleeding group
+    of each block of ``1 / val_fraction`` similar ones goes to val, then the shuffled groups without a bleed
+    whose slices bring val nearest ``val_fraction`` of all slots; at least one group lands on each side.
+    Every row counts, unlabelled ones included, so the fraction is one of slots.
 
     ``by="slice"`` is the reference method's random slice-level split (a permutation of row positions).
     It is *leaky*: neighbouring, nearly identical slices of one study land on both sides, so validation
@@ -84,16 +98,19 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     if len(groups.keys) < 2:
         raise DataError(f"cannot split by {by}: the store has {len(groups.keys)} {by}(s); use more data or by='slice'")
     is_val = np.zeros(len(groups.keys), bool)
-    strata = _strata(groups, rng)
-    for order in strata:
-        cum = np.concatenate([[0], np.cumsum(groups.sizes[order])])
-        k = int(np.argmin(np.abs(cum - val_fraction * cum[-1])))   # 0 .. all of the stratum's groups
-        is_val[order[:k]] = True
-    largest = max(strata, key=len)
+    block = max(2, round(1 / val_fraction))
+    strata = _strata(groups, rng, block=block)
+    for members in strata.blocks:   # one bleeding group of each block validates; a short last block by chance
+        if len(members) == block or rng.random() < len(members) / block:
+            is_val[members[rng.integers(len(members))]] = True
+    # Groups without a bleed then bring val to the slice fraction: the shuffled prefix nearest what is missing.
+    missing = val_fraction * n - groups.sizes[is_val].sum()
+    cum = np.concatenate([[0], np.cumsum(groups.sizes[strata.negative])])
+    is_val[strata.negative[:int(np.argmin(np.abs(cum - max(missing, 0))))]] = True
     if not is_val.any():
-        is_val[largest[0]] = True
+        is_val[rng.integers(len(is_val))] = True
     if is_val.all():
-        is_val[largest[-1]] = False
+        is_val[rng.integers(len(is_val))] = False
     split = np.where(is_val[groups.inverse], "val", "train")
     logger.info("split by %s (seed %d, stratified by bleed): %d of %d groups, %d of %d slices (%.3f) in val", by,
                 seed, int(is_val.sum()), len(is_val), int((split == "val").sum()), n, (split == "val").mean())
@@ -103,8 +120,8 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
 def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = "patient") -> np.ndarray:
     """int64 (N,): each slot's fold in ``0 .. folds-1``; a group's slots share one fold.
 
-    Within each stratum the shuffled groups, largest first (a stable sort, so equal sizes keep the seeded
-    order), each go to the fold with the fewest slices so far: folds balance slices and bleeding patients.
+    Bleeding groups are dealt out one per fold from each block of ``folds`` similar ones; groups without a
+    bleed, largest first (equal sizes in the seeded order), each go to the fold with the fewest slices so far.
     """
     folds, seed = _check_int("folds", folds), _check_int("seed", seed)
     if not 2 <= folds <= MAX_FOLDS:
@@ -114,10 +131,13 @@ def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = "pat
         raise DataError(f"cannot make {folds} folds from {len(groups.keys)} {by}(s); use fewer folds or more data")
     rng = np.random.default_rng(seed)
     fold_of, load = np.zeros(len(groups.keys), np.int64), np.zeros(folds, np.int64)
-    for order in _strata(groups, rng):
-        for g in order[np.argsort(-groups.sizes[order], kind="stable")]:
-            fold_of[g] = int(np.argmin(load))
-            load[fold_of[g]] += groups.sizes[g]
+    strata = _strata(groups, rng, block=folds)
+    for members in strata.blocks:   # each fold takes one bleeding group of each block, in a seeded order
+        fold_of[members] = rng.permutation(folds)[:len(members)]
+        np.add.at(load, fold_of[members], groups.sizes[members])
+    for g in strata.negative[np.argsort(-groups.sizes[strata.negative], kind="stable")]:
+        fold_of[g] = int(np.argmin(load))   # largest first, each to the fold with the fewest slices so far
+        load[fold_of[g]] += groups.sizes[g]
     logger.info("%d folds by %s (seed %d): %s slices, %s groups with a bleed", folds, by, seed, load.tolist(),
                 np.bincount(fold_of[groups.positive], minlength=folds).tolist())
     return fold_of[groups.inverse]

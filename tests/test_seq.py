@@ -1,0 +1,244 @@
+"""ichtrain.seq: stage 2 beats noisy stage-1 logits out of fold, honestly, whatever the batch, and round-trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ichprep.labels import LABELS
+from ichtrain.errors import CheckpointError, ConfigError, DataError
+from ichtrain.metrics import weighted_log_loss
+from ichtrain.seq import (
+    Fitted,
+    SeqConfig,
+    SeqInputs,
+    build_seq_model,
+    cross_fit,
+    fit,
+    load_seq,
+    predict,
+    predict_ensemble,
+    save_seq,
+    standardisation,
+)
+
+NAMES = tuple(LABELS)
+#: Small and quick: about 2 CPU seconds per 3-fold cross-fit of either model on the data below.
+FAST = SeqConfig(hidden=16, layers=1, epochs=4, batch_studies=10, lr=1e-2)
+
+
+def synthetic(n_studies: int = 60, seed: int = 0, folds: int = 3, noise: float = 1.5, d_noise: int = 10) -> SeqInputs:
+    """Studies of 20-40 slices, lesions as z-runs of 3-12 slices, stage-1 logits = truth + heavy per-slice noise.
+
+    Half the studies bleed (1-2 runs of a random subtype; ``any`` is their union).  As stage-1 penultimate
+    features do, the features carry what the logits carry: the logits mixed by a random matrix, with a little
+    noise, then ``d_noise`` pure-noise columns.  Two studies are unlabelled.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 41, n_studies)
+    stops = np.cumsum(lengths)
+    starts = stops - lengths
+    truth = np.zeros((int(stops[-1]), len(NAMES)), np.float32)
+    for s in np.flatnonzero(rng.random(n_studies) < 0.5):
+        for _ in range(rng.integers(1, 3)):
+            run = int(rng.integers(3, 13))
+            first = starts[s] + int(rng.integers(0, lengths[s] - run + 1))
+            truth[first:first + run, rng.integers(0, 5)] = 1
+    truth[:, 5] = truth[:, :5].max(axis=1)
+    logits = (-2.0 + 3.0 * truth + noise * rng.standard_normal(truth.shape)).astype(np.float32)
+    mixed = logits @ rng.standard_normal((len(NAMES), len(NAMES))) + 0.3 * rng.standard_normal(truth.shape)
+    x = np.c_[mixed, rng.standard_normal((len(truth), d_noise))].astype(np.float16)
+    targets = truth.copy()
+    for s in (0, 1):
+        targets[starts[s]:stops[s]] = np.nan
+    return SeqInputs(x=x, logits=logits, targets=targets, starts=starts.astype(np.int64), stops=stops.astype(np.int64),
+                     study_fold=rng.integers(0, folds, n_studies).astype(np.int64))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models: one torch thread is as fast, and never stalls waiting on a core another job holds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> SeqInputs:
+    return synthetic()
+
+
+def _stage1(inputs: SeqInputs) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-inputs.logits.astype(np.float64)))
+
+
+def _slots(inputs: SeqInputs, studies) -> np.ndarray:
+    return np.concatenate([np.arange(inputs.starts[s], inputs.stops[s]) for s in studies])
+
+
+def _untrained(inputs: SeqInputs, cfg: SeqConfig, *, random_head: bool = False) -> Fitted:
+    model = build_seq_model(cfg.model, in_dim=inputs.x.shape[1], n_out=len(NAMES), hidden=cfg.hidden,
+                            layers=cfg.layers, dropout=cfg.dropout).eval()
+    if random_head:  # a correction that is not 0, as after training
+        torch.nn.init.normal_(model.head[-1].weight, std=0.5)
+    norm = standardisation(inputs, np.arange(len(inputs.starts)))
+    return Fitted(model, norm.mean, norm.std, [])
+
+
+@pytest.mark.parametrize("kind", ["gru", "transformer"])
+def test_cross_fit_beats_noisy_stage1(data, kind):
+    result = cross_fit(data, dataclasses.replace(FAST, model=kind), NAMES)
+    assert len(result.fitted) == 3 and np.isfinite(result.probs).all()
+    stage1 = weighted_log_loss(data.targets, _stage1(data), NAMES)
+    stage2 = weighted_log_loss(data.targets, result.probs, NAMES)
+    assert stage2 <= 0.9 * stage1, (stage1, stage2)
+
+
+def test_fold_k_is_predicted_by_a_model_that_never_saw_it(data):
+    """Flipping fold 0's (and the fold -1 studies') targets changes nothing in fold 0's out-of-fold output."""
+    fold = data.study_fold.copy()
+    fold[3:7] = -1
+    clean = data._replace(study_fold=fold)
+    flipped = clean.targets.copy()
+    for s in np.flatnonzero((fold == 0) | (fold == -1)):
+        flipped[clean.starts[s]:clean.stops[s]] = 1 - flipped[clean.starts[s]:clean.stops[s]]
+    cfg = dataclasses.replace(FAST, model="transformer", epochs=2)
+    honest = cross_fit(clean, cfg, NAMES)
+    attacked = cross_fit(clean._replace(targets=flipped), cfg, NAMES)
+    fold0 = _slots(clean, np.flatnonzero(fold == 0))
+    fold1 = _slots(clean, np.flatnonzero(fold == 1))
+    nowhere = _slots(clean, np.flatnonzero(fold == -1))
+    np.testing.assert_array_equal(honest.probs[fold0], attacked.probs[fold0])
+    assert not np.allclose(honest.probs[fold1], attacked.probs[fold1])  # fold 1's model did train on fold 0
+    assert np.isnan(honest.probs[nowhere]).all() and np.isfinite(np.delete(honest.probs, nowhere, axis=0)).all()
+
+
+@pytest.mark.parametrize("kind", ["gru", "transformer"])
+def test_output_does_not_depend_on_the_batch(data, kind):
+    fitted = _untrained(data, dataclasses.replace(FAST, model=kind), random_head=True)
+    lengths = data.stops - data.starts
+    short = int(np.argmin(lengths))
+    longer = np.argsort(lengths)[-3:]
+    alone = predict(fitted, data, np.array([short]))
+    batched = predict(fitted, data, np.r_[longer[:1], short, longer[1:]])
+    rows = _slots(data, [short])
+    assert not np.allclose(alone[rows], _stage1(data)[rows], atol=1e-3)  # the correction is really there
+    np.testing.assert_allclose(alone[rows], batched[rows], atol=1e-5, rtol=0)
+    assert np.isnan(np.delete(alone, rows, axis=0)).all()
+
+
+@pytest.mark.parametrize("kind", ["gru", "transformer"])
+def test_untrained_model_is_stage1(data, kind):
+    model = build_seq_model(kind, in_dim=7, n_out=6, hidden=16, layers=1, dropout=0.0)
+    base = torch.randn(3, 9, 6)
+    mask = torch.arange(9)[None, :] < torch.tensor([[9], [4], [1]])
+    assert torch.equal(model(torch.randn(3, 9, 7), base, mask), base)
+    fitted = _untrained(data, dataclasses.replace(FAST, model=kind))
+    studies = np.array([5, 2, 9])
+    rows = _slots(data, studies)
+    np.testing.assert_allclose(predict(fitted, data, studies)[rows], _stage1(data)[rows], rtol=0, atol=1e-6)
+
+
+def test_fit_is_deterministic_and_leaves_the_global_rng(data):
+    cfg = dataclasses.replace(FAST, epochs=1)
+    train = np.arange(10, 30)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = fit(data, train, cfg, NAMES)
+    assert torch.equal(torch.rand(1), expected)
+    second = fit(data, train, cfg, NAMES)
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [row["epoch"] for row in first.history] == [1] and first.history[0]["lr"] == pytest.approx(0, abs=1e-12)
+    norm = standardisation(data, train)
+    np.testing.assert_array_equal(first.norm_mean, norm.mean)
+    rows = _slots(data, train)
+    np.testing.assert_allclose(norm.mean, data.x[rows].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.std, data.x[rows].astype(np.float64).std(axis=0), rtol=1e-4)
+
+
+def test_constant_feature_is_divided_by_one(data):
+    x = data.x.copy()
+    x[:, 3] = 2.5
+    norm = standardisation(data._replace(x=x), np.arange(10))
+    assert norm.std[3] == 1.0 and norm.mean[3] == 2.5
+
+
+def test_save_load_round_trip_and_ensemble(data, tmp_path):
+    cfg = dataclasses.replace(FAST, model="transformer", epochs=1)
+    fitted = [fit(data, np.arange(10, 30), cfg, NAMES), fit(data, np.arange(30, 50), cfg, NAMES)]
+    path = tmp_path / "seq.pt"
+    save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="features")
+    loaded = load_seq(path)
+    assert loaded.cfg == cfg and loaded.names == NAMES and loaded.in_dim == data.x.shape[1]
+    assert loaded.inputs_kind == "features" and loaded.fitted[1].history == fitted[1].history
+    studies = np.arange(0, 60, 7)
+    for before, after in zip(fitted, loaded.fitted):
+        np.testing.assert_array_equal(predict(before, data, studies), predict(after, data, studies))
+    # Each fold's model reads its own stage-1 model's outputs: here, the second set is shifted.
+    shifted = data._replace(logits=data.logits + 0.5)
+    mean = predict_ensemble(loaded.fitted, [data, shifted], studies)
+    expected = (predict(fitted[0], data, studies) + predict(fitted[1], shifted, studies)) / 2
+    np.testing.assert_allclose(mean, expected, rtol=0, atol=1e-7)
+    with pytest.raises(DataError, match="one input set per fitted model"):
+        predict_ensemble(loaded.fitted, [data], studies)
+    with pytest.raises(ConfigError, match="features, logits"):
+        save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="pixels")
+    (tmp_path / "other.pt").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError):
+        load_seq(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "lstm"}, "choose one of gru, transformer"),
+    ({"device": "tpu"}, "choose one of auto, cpu, cuda"),
+    ({"model": "transformer", "hidden": 30}, "multiple of 4"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"lr": 0.0}, "lr must be > 0"),
+])
+def test_bad_config_lists_the_choices(change, message):
+    with pytest.raises(ConfigError, match=message):
+        SeqConfig(**change)
+    with pytest.raises(ConfigError, match="choose one of gru, transformer"):
+        build_seq_model("lstm", in_dim=4, n_out=6, hidden=8, layers=1, dropout=0.0)
+
+
+def _bad_inputs(data: SeqInputs) -> list[tuple[SeqInputs, str]]:
+    overlap = data.stops.copy()
+    overlap[0] += 1
+    folds = data.study_fold.copy()
+    folds[0] = -2
+    return [
+        (data._replace(logits=data.logits[:, :5]), r"logits has shape .*one column per name"),
+        (data._replace(targets=data.targets[1:]), "targets has shape"),
+        (data._replace(x=data.x[:, :, None]), r"x has shape .*\(n_slots, D\)"),
+        (data._replace(stops=overlap), "overlap"),
+        (data._replace(stops=data.stops + 1), "start < stop <="),
+        (data._replace(starts=data.starts[1:]), "1-D of one length"),
+        (data._replace(study_fold=folds), "-1 for a study in no fold"),
+        (data._replace(logits=np.where(np.arange(6) == 2, np.nan, data.logits).astype(np.float32)), "NaN"),
+    ]
+
+
+def test_inputs_are_checked(data):
+    for bad, message in _bad_inputs(data):
+        with pytest.raises(DataError, match=message):
+            fit(bad, np.arange(10), FAST, NAMES)
+    with pytest.raises(DataError, match="one column per name"):
+        fit(data, np.arange(10), FAST, NAMES[:5])
+    with pytest.raises(DataError, match="index the 60 studies"):
+        predict(_untrained(data, FAST), data, np.array([60]))
+    with pytest.raises(DataError, match="twice"):
+        fit(data, np.array([3, 3]), FAST, NAMES)
+    with pytest.raises(DataError, match="no labelled slot"):
+        fit(data, np.array([0, 1]), FAST, NAMES)  # the two unlabelled studies
+    with pytest.raises(DataError, match="at least 2 folds"):
+        cross_fit(data._replace(study_fold=np.zeros(60, np.int64)), FAST, NAMES)
+    with pytest.raises(DataError, match="reads 16 input features"):
+        predict(_untrained(data, FAST), data._replace(x=data.x[:, :8]), np.arange(3))

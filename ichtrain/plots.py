@@ -1,4 +1,4 @@
-"""Training plots: loss curves, per-class ROC curves and reliability diagrams, written as PNG files.
+"""Training plots: loss curves, per-class ROC curves, reliability diagrams and stage 1 vs stage 2, as PNG files.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly rather than
 through pyplot: no global figure registry (nothing to leak or close in a long
@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -215,4 +216,105 @@ def plot_calibration(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     fig.suptitle(title, fontsize=10)
     fig.supxlabel("mean predicted probability", fontsize=9)
     fig.supylabel("observed frequency", fontsize=9)
+    return _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------- stage 2 against stage 1
+
+_STAGES = (("stage 1", "tab:gray"), ("stage 2", "tab:blue"))
+
+
+def _class_values(metrics: Mapping, names: Sequence[str], key: str) -> np.ndarray:
+    """``per_class[name][key]`` of a :func:`~ichtrain.metrics.compute_metrics` result, NaN where undefined."""
+    per_class = metrics["per_class"]
+    return np.array([_value(per_class.get(name, {}), key) for name in names])
+
+
+def _paired_bars(ax, blocks: Sequence[Mapping], names: Sequence[str], key: str, fmt: str) -> None:
+    """Stage 1 and stage 2 side by side per class, value over each bar; nothing where a value is undefined."""
+    x = np.arange(len(names))
+    width = 0.38
+    for k, ((label, color), block) in enumerate(zip(_STAGES, blocks)):
+        values = _class_values(block, names, key)
+        shown = np.isfinite(values)
+        bars = ax.bar(x[shown] + (k - 0.5) * width, values[shown], width, color=color, label=label)
+        ax.bar_label(bars, labels=[format(v, fmt) for v in values[shown]], fontsize=7, padding=1.5)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8.5)
+    ax.margins(y=0.15)  # room for the value labels
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot_compare(stage1: Mapping, stage2: Mapping, names: Sequence[str], out_png) -> Path:
+    """Per-class log loss and ROC AUC of stage 1 and stage 2 side by side (two :func:`compute_metrics` blocks).
+
+    The weighted log loss (the RSNA metric) of both is in the title; a class whose value is undefined
+    (``None``: no labels, or a single label value for AUC) has no bar.
+    """
+    names = tuple(names)
+    fig = _new_figure((max(8.0, 1.3 * len(names) + 3.0), 4.4))
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    _paired_bars(loss_ax, (stage1, stage2), names, "log_loss", ".3f")
+    loss_ax.set_title("log loss per class (lower is better)", fontsize=10)
+    loss_ax.set_ylim(bottom=0)
+    _paired_bars(auc_ax, (stage1, stage2), names, "roc_auc", ".3f")
+    auc_ax.set_title("ROC AUC per class (higher is better)", fontsize=10)
+    aucs = np.concatenate([_class_values(b, names, "roc_auc") for b in (stage1, stage2)])
+    # Zoom on the range the AUCs span (they are usually all near 1); the bars start at its floor.
+    low = np.nanmin(aucs) if np.isfinite(aucs).any() else 0.5
+    floor = max(0.0, math.floor((low - 0.05) * 20) / 20)
+    auc_ax.set_ylim(floor, 1.0 + 0.1 * (1.0 - floor))  # headroom for the value over a bar at 1.0
+    auc_ax.set_yticks([t for t in auc_ax.get_yticks() if floor <= t <= 1.0])
+    handles = [Patch(color=color, label=label) for label, color in _STAGES]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8.5, frameon=False)
+    wll = [_value(b, "weighted_log_loss") for b in (stage1, stage2)]
+    fig.suptitle(f"Stage 1 vs stage 2: weighted log loss {wll[0]:.4f} -> {wll[1]:.4f}", fontsize=11)
+    return _save(fig, out_png)
+
+
+def _positive_runs(truth: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last + 1) of each run of consecutive slices with truth 1 (NaN counts as not positive)."""
+    positive = np.nan_to_num(truth, nan=0.0) > 0.5
+    edges = np.diff(np.r_[0, positive.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def plot_study(stage1_probs, stage2_probs, truth, names: Sequence[str], title: str, out_png) -> Path:
+    """One study: per class, probability against slice index, stage 1 dashed and stage 2 solid.
+
+    Slices whose label is positive are shaded; unlabelled slices (NaN truth) are hatched grey along the
+    bottom of the panel.
+    """
+    names = tuple(names)
+    arrays = [np.asarray(a, dtype=float).reshape(len(a), -1) for a in (stage1_probs, stage2_probs, truth)]
+    if any(a.shape != arrays[0].shape for a in arrays) or arrays[0].shape[1] != len(names):
+        raise ValueError(f"stage 1, stage 2 and truth must all be (T, {len(names)}), got "
+                         f"{', '.join(str(a.shape) for a in arrays)}")
+    p1, p2, yt = arrays
+    slices = np.arange(len(yt))
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _new_figure((3.4 * cols + 0.6, 2.4 * rows + 0.9))
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for j, (ax, name) in enumerate(zip(axes, names)):
+        for first, stop in _positive_runs(yt[:, j]):
+            ax.axvspan(first - 0.5, stop - 0.5, color="tab:red", alpha=0.15, linewidth=0)
+        for first, stop in _positive_runs(np.isnan(yt[:, j]).astype(float)):
+            ax.axvspan(first - 0.5, stop - 0.5, ymax=0.04, color="0.5", alpha=0.5, linewidth=0)
+        ax.plot(slices, p1[:, j], color=_STAGES[0][1], linestyle="--", linewidth=1.2, label=_STAGES[0][0])
+        ax.plot(slices, p2[:, j], color=_STAGES[1][1], linewidth=1.6, label=_STAGES[1][0])
+        ax.set_title(name, fontsize=9.5)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        if j >= len(names) - cols:  # the lowest panel of its column
+            ax.set_xlabel("slice index (z order)", fontsize=8.5)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    handles = [*axes[0].get_lines(), Patch(color="tab:red", alpha=0.15, label="positive slice")]
+    if np.isnan(yt).any():
+        handles.append(Patch(color="0.5", alpha=0.5, label="unlabelled slice"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles) if cols > 1 else 2, fontsize=8.5,
+               frameon=False)
+    fig.suptitle(title, fontsize=10.5)
+    fig.supylabel("probability", fontsize=9)
     return _save(fig, out_png)

@@ -9,7 +9,8 @@ from matplotlib._pylab_helpers import Gcf
 
 from ichprep.labels import LABELS
 from conftest import random_scores
-from ichtrain.plots import plot_calibration, plot_loss_curves, plot_roc_curves
+from ichtrain.metrics import compute_metrics
+from ichtrain.plots import plot_calibration, plot_compare, plot_loss_curves, plot_roc_curves, plot_study
 
 
 def _read_png(path):
@@ -98,4 +99,56 @@ def test_no_pyplot_figures_left_open(tmp_path):
         plot_loss_curves(_history(3), tmp_path / f"l{i}.png")
         plot_roc_curves(y, p, LABELS, tmp_path / f"r{i}.png")
         plot_calibration(y, p, LABELS, tmp_path / f"c{i}.png")
+    assert Gcf.get_num_fig_managers() == before
+
+
+def _stages(y, p):
+    """compute_metrics blocks of a weaker stage 1 and a sharper stage 2 on the same rows."""
+    sharper = np.clip(0.5 * p + 0.45 * np.nan_to_num(y), 0, 1)
+    return compute_metrics(y, p, LABELS, bootstrap=0), compute_metrics(y, sharper, LABELS, bootstrap=0)
+
+
+def test_compare_plot(tmp_path):
+    y, p = _case()
+    stage1, stage2 = _stages(y, p)
+    out = plot_compare(stage1, stage2, LABELS, tmp_path / "plots" / "compare.png")
+    assert out == tmp_path / "plots" / "compare.png"
+    _read_png(out)
+    y[:, 0] = 0  # epidural AUC undefined (None) in both blocks: no bar, no error
+    stage1, stage2 = _stages(y, p)
+    assert stage1["per_class"]["epidural"]["roc_auc"] is None
+    _read_png(plot_compare(stage1, stage2, LABELS, tmp_path / "compare_none.png"))
+    one = [compute_metrics(y[:, 5], q[:, 5], ("any",), bootstrap=0) for q in (p, np.clip(p + 0.1 * y, 0, 1))]
+    _read_png(plot_compare(*one, ("any",), tmp_path / "compare_any.png"))
+
+
+def _study(t=34, seed=2):
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((t, 6))
+    truth[8:17, 1] = truth[20:24, 4] = 1
+    truth[:, 5] = truth[:, :5].max(axis=1)
+    truth[:3] = np.nan  # unlabelled slices
+    stage1 = np.clip(0.6 * np.nan_to_num(truth) + 0.4 * rng.random(truth.shape), 0, 1)
+    stage2 = np.clip(0.85 * np.nan_to_num(truth) + 0.1 * rng.random(truth.shape), 0, 1)
+    return stage1, stage2, truth
+
+
+def test_study_plot(tmp_path):
+    stage1, stage2, truth = _study()
+    out = plot_study(stage1, stage2, truth, LABELS, "study ID_0001 (34 slices)", tmp_path / "plots" / "study.png")
+    assert out == tmp_path / "plots" / "study.png"
+    _read_png(out)
+    _read_png(plot_study(stage1[:, 5], stage2[:, 5], truth[:, 5], ("any",), "any only", tmp_path / "study_any.png"))
+    with pytest.raises(ValueError, match=r"must all be \(T, 6\)"):
+        plot_study(stage1[:-1], stage2, truth, LABELS, "bad", tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_stage_plots_leave_no_figure_open(tmp_path):
+    before = Gcf.get_num_fig_managers()
+    y, p = _case()
+    stage1, stage2 = _stages(y, p)
+    for i in range(2):
+        plot_compare(stage1, stage2, LABELS, tmp_path / f"s{i}.png")
+        plot_study(*_study(), LABELS, "study", tmp_path / f"t{i}.png")
     assert Gcf.get_num_fig_managers() == before

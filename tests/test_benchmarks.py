@@ -123,3 +123,32 @@ def test_profile_and_targets(quick_results):
     for t in targets:
         assert t["met"] in (True, False, None), t
         assert (t["met"] is None) == (t["measured"] is None), t
+
+
+def test_seq_bench_tiny(tmp_path, capsys):
+    """Stage-2 speed benchmark at a tiny size: every row present, figures positive, the extrapolation said."""
+    import torch
+
+    from benchmarks import seq_bench
+
+    lengths = seq_bench.study_lengths(500, 17_311, seed=3)
+    assert lengths.sum() == 17_311 and lengths.min() >= 20 and lengths.max() <= 60
+    out = tmp_path / "seq.json"
+    threads = torch.get_num_threads()
+    try:  # one thread: never stalled by a core another job holds
+        assert seq_bench.main(["--studies", "80", "--dims", "8,24", "--batches", "2", "--threads", "1",
+                               "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "2 of 3 batches, extrapolated" in printed and "read + standardise" in printed
+    section = json.loads(out.read_text())
+    assert section["studies"] == 80 and section["slots"] == round(80 * 752_803 / 21_744)
+    rows = section["rows"]
+    assert [(r["dim"], r["contender"]) for r in rows] == [
+        (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer")]
+    for r in rows:
+        assert _positive(r["epoch_s"]) and _positive(r["slots_per_s"]) and _positive(r["epoch_vs_baseline"])
+        assert r["peak_extra_mib"] >= 0 and r["extrapolated"] == (r["contender"] != "read + standardise")
+    positive = np.asarray(seq_bench.simulate(400, 13_849, 4, seed=1).targets)[:, 5]
+    assert abs(positive.mean() - 0.14) < 0.04

@@ -182,12 +182,17 @@ def cv(store, out, folds, tta, **options) -> None:
               help="Stage-2 folder (seq.pt, oof.parquet, metrics.json); default EXP/seq.")
 @click.option("--model", type=click.Choice(config.SEQ_MODELS), default="gru", show_default=True,
               help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.")
-@click.option("--inputs", type=click.Choice(config.SEQ_INPUTS), default="features", show_default=True,
-              help="Stage 1's penultimate features or its logits, per slice (its logits are the residual base either way).")
+@click.option("--inputs", type=click.Choice(config.SEQ_INPUTS), default="logits", show_default=True,
+              help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
+                   "way). Features only mean the same thing across folds when every fold started from the same "
+                   "--pretrained weights.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Stage-2 epochs (default 15).")
 @click.option("--hidden", type=click.IntRange(min=1), default=None, help="Hidden units (default 64).")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Recurrent or encoder layers (default 2).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3).")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of each fold's training studies that picks the epoch, the untrained model (= stage 1) "
+                   "included (default 0.2; 0 keeps the last epoch).")
 @click.option("--batch-studies", type=click.IntRange(min=1), default=None, help="Studies per batch (default 32).")
 @click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
 @click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)

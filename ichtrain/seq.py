@@ -14,6 +14,7 @@ on the other folds' studies, so the out-of-fold probabilities stay honest.
 from __future__ import annotations
 
 import logging
+import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -59,18 +60,7 @@ class SeqInputs(NamedTuple):
 
 @dataclass(frozen=True)
 class SeqConfig:
-    """Stage-2 training settings.
-
-    The defaults were chosen on synthetic studies whose stage-1 logits are the truth plus heavy per-slice
-    noise (``tests/test_seq.py``).  Each model trained 15 epochs on 1,200 studies and was scored on 400
-    held-out ones (weighted log loss; stage 1 scored 0.273 there):
-
-    * ``lr`` 3e-3 scored 0.038 (GRU) and 0.033 (transformer), against 0.056 and 0.059 at 1e-3;
-    * without stage 1's logits in the input (``concat_logits=False``), both scored 0.057.
-
-    1e-2 and 25 epochs still helped the GRU there, with a widening train/held-out gap.  An RSNA fold holds
-    twelve times the studies, so twelve times the steps per epoch, and neither was taken.
-    """
+    """Stage-2 training settings (how the defaults were chosen: BENCHMARKS.md, "Stage 2")."""
 
     model: str = "gru"
     hidden: int = 64
@@ -83,6 +73,7 @@ class SeqConfig:
     seed: int = 0
     device: str = "cpu"
     concat_logits: bool = True  # stage-1 logits appended to the standardised input
+    holdout: float = 0.2        # share of the training studies that picks the epoch (0 = keep the last epoch)
 
     def __post_init__(self) -> None:
         _choice("model", self.model, SEQ_MODELS)
@@ -98,6 +89,8 @@ class SeqConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 def _shape_error(what: str, shape, expected: str) -> DataError:
@@ -404,11 +397,35 @@ def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 
 
-def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fitted:
-    """Train one stage-2 model on ``studies`` for ``cfg.epochs`` epochs (no epoch is chosen on held-out data).
+def _holdout(studies: np.ndarray, cfg: SeqConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, pick) studies: a seeded ``cfg.holdout`` share picks the epoch; none when too few to judge."""
+    n_pick = round(cfg.holdout * len(studies))
+    if n_pick < 2 or len(studies) - n_pick < 2:
+        return studies, studies[:0]
+    order = np.random.default_rng([cfg.seed, 7]).permutation(studies)
+    return np.sort(order[n_pick:]), np.sort(order[:n_pick])
 
-    ``x`` is standardised with the mean and std of those studies' slots.  Deterministic for a seed on
-    the CPU; the global torch RNG is left as it was.
+
+@torch.no_grad()
+def _loss(model: nn.Module, inputs: SeqInputs, studies: np.ndarray, norm: Norm, cfg: SeqConfig,
+          weights: torch.Tensor, device: torch.device) -> float:
+    """Mean weighted log loss per labelled slot of ``studies``."""
+    model.eval()
+    total, labelled = 0.0, 0
+    for batch in iter_batches(inputs, studies, cfg.batch_studies, norm):
+        batch = _to(batch, device)
+        total += masked_weighted_bce(model(batch.x, batch.base, batch.mask), batch.targets, weights).item() \
+            * batch.labelled
+        labelled += batch.labelled
+    return total / max(labelled, 1)
+
+
+def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fitted:
+    """Train one stage-2 model on ``studies``; the epoch is chosen on a held-out share of those studies.
+
+    Epoch 0 (the untrained model, which is stage 1 itself) is a candidate, so stage 2 is kept only where it
+    beats stage 1 on studies it did not fit.  ``x`` is standardised with the mean and std of the fitting
+    studies' slots.  Deterministic for a seed on the CPU; the global torch RNG is left as it was.
     """
     names = tuple(names)
     check_inputs(inputs, names)
@@ -416,20 +433,32 @@ def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fit
     if not studies.size or not _labelled_slots(inputs, studies):
         raise DataError("no labelled slot among the training studies: nothing to fit")
     device = _device(cfg.device)
-    norm = standardisation(inputs, studies)
-    steps_per_epoch = math.ceil(len(studies) / cfg.batch_studies)
+    fit_on, pick_on = _holdout(studies, cfg)
+    norm = standardisation(inputs, fit_on)
+    steps_per_epoch = math.ceil(len(fit_on) / cfg.batch_studies)
     history = []
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(cfg.seed)
         model = _model_for(cfg, inputs.x.shape[1], len(names)).to(device)
         step = make_step(model, cfg, names, cfg.epochs * steps_per_epoch, device)
+        judged = len(pick_on) and _labelled_slots(inputs, pick_on)
+        best = _loss(model, inputs, pick_on, norm, cfg, step.weights, device) if judged else math.inf
+        best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(studies)
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(fit_on)
             loss = _epoch(step, iter_batches(inputs, order, cfg.batch_studies, norm))
-            history.append({"epoch": epoch, "train_loss": loss, "lr": step.scheduler.get_last_lr()[0],
-                            "seconds": time.perf_counter() - started})
-            logger.debug("stage 2 epoch %d/%d: train loss %.5f", epoch, cfg.epochs, loss)
+            held = _loss(model, inputs, pick_on, norm, cfg, step.weights, device) if judged else None
+            history.append({"epoch": epoch, "train_loss": loss, "holdout_loss": held,
+                            "lr": step.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started})
+            if not judged or held < best:
+                best, best_epoch, best_state = (held if judged else best), epoch, copy.deepcopy(model.state_dict())
+            logger.debug("stage 2 epoch %d/%d: train loss %.5f, held-out %s", epoch, cfg.epochs, loss, held)
+        model.load_state_dict(best_state)
+    if history:
+        history[-1]["best_epoch"] = best_epoch
+    logger.info("stage 2 fit on %d studies: epoch %d of %d kept (held-out studies: %d)", len(fit_on), best_epoch,
+                cfg.epochs, len(pick_on))
     return Fitted(model.cpu().eval(), norm.mean, norm.std, history)
 
 

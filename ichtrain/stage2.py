@@ -10,6 +10,7 @@ EXP/study_<uid>.png one study's stage-1 and stage-2 probabilities along z
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -109,7 +110,7 @@ def _showcase_study(inputs: SeqInputs, probs1: np.ndarray, probs2: np.ndarray, n
     return best
 
 
-def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: str = "features") -> dict:
+def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: str = "logits") -> dict:
     """Cross-fit stage 2 on EXP's out-of-fold outputs; writes EXP/seq (or ``out``) and EXP's two figures."""
     experiment = open_experiment(exp)
     store = open_training_store(experiment)
@@ -135,7 +136,7 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
                               "with_any_max": weighted_log_loss(truth, any_max(p, names), names)}
                 for i, p in ((1, probs1), (2, probs2))}
     summary = {"oof": stage2, "stage1": stage1, "folds": per_fold, "any_max": any_rule,
-               "config": {**cfg.__dict__, "inputs": kind}}
+               "config": {**dataclasses.asdict(cfg), "inputs": kind}}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
     plot_compare(stage1, stage2, names, experiment.path / "compare.png")
@@ -143,6 +144,8 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
     s = _showcase_study(inputs, full1, full2, names)
     a, b = inputs.starts[s], inputs.stops[s]
     uid = str(store.slices["study_uid"].iloc[a])
+    for stale in experiment.path.glob("study_*.png"):  # the showcase of an earlier stage 2
+        stale.unlink()
     plot_study(full1[a:b], full2[a:b], inputs.targets[a:b], names, f"study {uid}: stage 1 (dashed) vs stage 2",
                experiment.path / f"study_{uid}.png")
     logger.info("stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices", cfg.model,

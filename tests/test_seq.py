@@ -144,7 +144,7 @@ def test_untrained_model_is_stage1(data, kind):
 
 
 def test_fit_is_deterministic_and_leaves_the_global_rng(data):
-    cfg = dataclasses.replace(FAST, epochs=1)
+    cfg = dataclasses.replace(FAST, epochs=1, holdout=0.0)
     train = np.arange(10, 30)
     torch.manual_seed(123)
     expected = torch.rand(1)
@@ -242,3 +242,18 @@ def test_inputs_are_checked(data):
         cross_fit(data._replace(study_fold=np.zeros(60, np.int64)), FAST, NAMES)
     with pytest.raises(DataError, match="reads 16 input features"):
         predict(_untrained(data, FAST), data._replace(x=data.x[:, :8]), np.arange(3))
+
+
+def test_held_out_studies_keep_stage_1_when_training_only_fits_noise(data):
+    """Labels that have nothing to do with the inputs: every trained epoch loses on the held-out studies,
+    so fit keeps epoch 0, the untrained model, which is stage 1 itself."""
+    rng = np.random.default_rng(5)
+    noise = data._replace(targets=(rng.random(data.targets.shape) < 0.3).astype(np.float32),
+                          logits=np.full_like(data.logits, np.log(0.3 / 0.7)))
+    cfg = dataclasses.replace(FAST, epochs=6, hidden=32, lr=3e-2, holdout=0.3)
+    fitted = fit(noise, np.arange(len(noise.starts)), cfg, NAMES)
+    assert fitted.history[-1]["best_epoch"] == 0
+    assert all(row["holdout_loss"] is not None for row in fitted.history)
+    studies = np.arange(len(noise.starts))
+    rows = _slots(noise, studies)
+    np.testing.assert_allclose(predict(fitted, noise, studies)[rows], _stage1(noise)[rows], rtol=0, atol=1e-6)

@@ -4,7 +4,8 @@ EXP/
   experiment.json        the shared training config, K and the store's identity
   folds.parquet          each slot's fold (image_id, study_uid, patient_id, fold)
   fold{k}/               an ordinary run (best.pt, metrics.json, ...) validated on fold k's patients
-  fold{k}/outputs.zarr   fold k's slots through its best.pt: ``features`` (float16) and ``logits``, row = slot
+  outputs.zarr           every slot through the fold model that did not train on it: ``features`` (float16,
+                         the head's input) and ``logits``, row = slot of the store, chunked like its shards
   oof.parquet            every labelled slot's probabilities from the fold model that did not train on it
   metrics.json           {"oof": metrics of oof.parquet, "folds": [each fold's best-epoch metrics]}
   seq/                   stage 2 (``ichtrain seq``)
@@ -168,25 +169,33 @@ def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def write_outputs(path: Path, inferred: Inferred, n_slots: int, shard_slices: int, attrs: dict) -> None:
-    """``features``/``logits`` arrays of ``n_slots`` rows (NaN where not inferred), chunked like the store's shards."""
+def _outputs_group(path: Path, n_slots: int, shard_slices: int, inferred: Inferred) -> zarr.Group:
+    """EXP/outputs.zarr, created on first use: ``features`` and ``logits``, one row per slot, NaN until written."""
+    if path.exists():
+        return zarr.open_group(str(path), mode="r+")
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    arrays = {}
     for name, values in (("features", inferred.features), ("logits", inferred.logits)):
-        arrays[name] = group.create_array(name, shape=(n_slots, values.shape[1]), dtype=values.dtype,
-                                          chunks=(shard_slices, values.shape[1]), fill_value=np.nan,
-                                          dimension_names=("slice", name))
+        group.create_array(name, shape=(n_slots, values.shape[1]), dtype=values.dtype,
+                           chunks=(shard_slices, values.shape[1]), fill_value=np.nan,
+                           dimension_names=("slice", name))
+    group.attrs["folds_done"] = []
+    return group
+
+
+def write_outputs(group: zarr.Group, inferred: Inferred, fold: int) -> None:
+    """Write one fold's rows, then record the fold as done (a fold interrupted half-way is redone)."""
     for row, a, b in _runs(inferred.slots):
-        for name, values in (("features", inferred.features), ("logits", inferred.logits)):
-            arrays[name][a:b] = values[row:row + b - a]
-    group.attrs.update({**attrs, "complete": True})  # written last: a half-written folder is redone
+        group["features"][a:b] = inferred.features[row:row + b - a]
+        group["logits"][a:b] = inferred.logits[row:row + b - a]
+    group.attrs["folds_done"] = sorted({*group.attrs["folds_done"], fold})
 
 
-def read_outputs(path: Path, slots: np.ndarray) -> Inferred:
-    """Rows ``slots`` (ascending) of an outputs.zarr written by :func:`write_outputs`."""
+def read_outputs(path: Path, slots: np.ndarray, folds: int) -> Inferred:
+    """Rows ``slots`` (ascending) of EXP/outputs.zarr, refused until every fold is in."""
     group = zarr.open_group(str(path), mode="r")
-    if not group.attrs.get("complete"):
-        raise DataError(f"{path} is incomplete; rerun `ichtrain cv` to redo it")
+    missing = sorted(set(range(folds)) - set(group.attrs.get("folds_done", [])))
+    if missing:
+        raise DataError(f"{path} lacks fold(s) {missing}; rerun `ichtrain cv` to export them")
     features = np.empty((len(slots), group["features"].shape[1]), np.float16)
     logits = np.empty((len(slots), group["logits"].shape[1]), np.float32)
     for row, a, b in _runs(slots):
@@ -195,30 +204,25 @@ def read_outputs(path: Path, slots: np.ndarray) -> Inferred:
     return Inferred(slots, logits, features)
 
 
-def export_fold(exp: Path, k: int, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64) -> Path:
-    """Fold k's slots through fold k's best.pt into EXP/fold{k}/outputs.zarr (kept when already complete)."""
-    path = fold_dir(exp, k) / OUTPUTS
-    if path.exists() and zarr.open_group(str(path), mode="r").attrs.get("complete"):
-        return path
+def export_fold(exp: Path, k: int, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64) -> None:
+    """Fold k's slots through fold k's best.pt into EXP/outputs.zarr (skipped when the fold is already there)."""
+    path = exp / OUTPUTS
+    if path.exists() and k in zarr.open_group(str(path), mode="r").attrs.get("folds_done", []):
+        return
     info = json.loads((exp / EXPERIMENT).read_text())
     loaded = load_for_store(fold_dir(exp, k) / "best.pt", info["config"]["store"], info["config"]["device"])
     inferred = infer_slots(loaded, mask, tta=tta, batch_size=batch_size)
-    write_outputs(path, inferred, len(loaded.store.slices), loaded.store.spec.shard_slices,
-                  {"fold": k, "tta": tta, "names": list(loaded.names), "checkpoint": str(fold_dir(exp, k) / "best.pt")})
+    group = _outputs_group(path, len(loaded.store.slices), loaded.store.spec.shard_slices, inferred)
+    group.attrs.update({"tta": tta, "names": list(loaded.names)})
+    write_outputs(group, inferred, k)
     logger.info("fold %d: %d slots exported to %s (features %d-d)", k, len(inferred.slots), path,
                 inferred.features.shape[1])
-    return path
 
 
 def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
     """Every readable slot's stage-1 outputs from the fold model that did not train on it."""
-    ok = store.slices["ok"].to_numpy(bool)
-    parts = [read_outputs(fold_dir(experiment.path, k) / OUTPUTS, np.flatnonzero((experiment.fold == k) & ok))
-             for k in range(experiment.folds)]
-    slots = np.concatenate([p.slots for p in parts])
-    order = np.argsort(slots, kind="stable")
-    return Inferred(slots[order], np.concatenate([p.logits for p in parts])[order],
-                    np.concatenate([p.features for p in parts])[order])
+    slots = np.flatnonzero(store.slices["ok"].to_numpy(bool))
+    return read_outputs(experiment.path / OUTPUTS, slots, experiment.folds)
 
 
 # ---------------------------------------------------------------- scores

@@ -273,13 +273,16 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
               help="flip: average each slice with its mirror image.")
 @click.option("--no-seq", is_flag=True, help="Experiments: stage 1 only (the folds' mean), even when EXP/seq exists.")
+@click.option("--raw-any", is_flag=True,
+              help="Write the model's own 'any'; by default it is raised to the largest subtype probability.")
 @click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--allow-subtypes-only", is_flag=True,
               help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
                    "never saw a normal slice).")
-def predict(sources, store, dicom_dir, output, tta, no_seq, device, batch_size, workers, allow_subtypes_only) -> None:
+def predict(sources, store, dicom_dir, output, tta, no_seq, raw_any, device, batch_size, workers,
+            allow_subtypes_only) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
     SOURCES are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
@@ -289,7 +292,7 @@ def predict(sources, store, dicom_dir, output, tta, no_seq, device, batch_size, 
     if (store is None) == (dicom_dir is None):
         raise click.UsageError("give exactly one of --store STORE or --dicom-dir DIR")
     options = {"device": device, "batch_size": batch_size, "workers": workers, "tta": tta, "use_seq": not no_seq,
-               "allow_subtypes_only": allow_subtypes_only}
+               "any_at_least_subtypes": not raw_any, "allow_subtypes_only": allow_subtypes_only}
     try:
         if store is not None:
             frame = predict_store(sources, store, output, **options)

@@ -33,7 +33,7 @@ from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_ex
 from .metrics import per_class_log_loss, weighted_log_loss
 from .predict import CLIP, check_task, kaggle_rows, load_for_store, six_columns
 from .seq import load_seq, predict as seq_predict
-from .stage2 import SEQ_DIR, SEQ_MODEL, seq_inputs
+from .stage2 import SEQ_DIR, SEQ_MODEL, any_max, seq_inputs
 from .train import write_figures
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,12 @@ def _kaggle_table(probs: SourceProbs) -> KaggleTable:
 
 def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_csv, *, device: str = "auto",
                   batch_size: int = 64, workers: int = 2, tta: str = "none", use_seq: bool = True,
-                  unreadable: list[str] | None = None, allow_subtypes_only: bool = False) -> pd.DataFrame:
+                  any_at_least_subtypes: bool = True, unreadable: list[str] | None = None,
+                  allow_subtypes_only: bool = False) -> pd.DataFrame:
     """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
 
-    Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
+    ``any_at_least_subtypes`` raises ``any`` to the largest subtype probability (a bleed of any kind is a
+    bleed).  Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
     checkpoint unless ``allow_subtypes_only``.
     """
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
@@ -125,6 +127,8 @@ def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_cs
                                          batch_size=batch_size, workers=workers,
                                          allow_subtypes_only=allow_subtypes_only)) for s in sources]
     table = np.mean([t.table for t in tables], axis=0)
+    if any_at_least_subtypes:
+        table = any_max(table, LABELS)
     store = open_store(store_path)
     ok = store.slices["ok"].to_numpy(bool)
     image_ids = store.slices["image_id"].astype(str).tolist()

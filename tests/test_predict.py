@@ -36,6 +36,19 @@ def test_predict_store_writes_kaggle_format(tiny_run, easy_store, tmp_path):
     np.testing.assert_allclose(got, state["train_prevalence"], atol=1e-6)
 
 
+def test_any_is_raised_to_the_largest_subtype_unless_raw(tiny_run, easy_store, tmp_path):
+    tables = {}
+    for raw in (False, True):
+        predict_store(tiny_run / "best.pt", easy_store, tmp_path / f"{raw}.csv", workers=0, any_at_least_subtypes=not raw)
+        frame = pd.read_csv(tmp_path / f"{raw}.csv")
+        tables[raw] = frame["Label"].to_numpy().reshape(-1, len(LABELS))
+    subtypes = tables[False][:, :-1].max(axis=1)
+    assert (tables[False][:, -1] >= subtypes - 1e-6).all()
+    np.testing.assert_allclose(tables[False][:, :-1], tables[True][:, :-1])
+    np.testing.assert_allclose(tables[False][:, -1], np.maximum(tables[True][:, -1], tables[True][:, :-1].max(axis=1)),
+                               atol=1e-6)
+
+
 def test_predict_dicoms_equals_predict_store_and_lists_unreadable(tiny_run, easy_store, tmp_path):
     dicoms = easy_store.parent / "data" / "stage_2_train"
     folder = tmp_path / "dicoms"
@@ -98,17 +111,17 @@ def test_cli_train_variants(easy_store, tmp_path, extra):
 
 def test_submission_probabilities_are_clipped(tiny_run, easy_store, tmp_path, monkeypatch):
     """A probability of 3e-7 must not be written as 0 (or 1 - 3e-7 as 1): log loss would be infinite."""
-    import ichtrain.predict as predict_module
+    import ichtrain.submit as submit_module
 
-    real = predict_module._run
+    real = submit_module.infer_slots
 
     def extreme(*args, **kwargs):
-        preds = real(*args, **kwargs)
-        probs = np.where(np.arange(preds.probs.size).reshape(preds.probs.shape) % 2, 3e-7, 1 - 3e-7)
-        return preds._replace(probs=probs.astype(np.float32))
+        out = real(*args, **kwargs)
+        logits = np.where(np.arange(out.logits.size).reshape(out.logits.shape) % 2, -15.0, 15.0)  # p = 3e-7, 1 - 3e-7
+        return out._replace(logits=logits.astype(np.float32))
 
-    monkeypatch.setattr(predict_module, "_run", extreme)
-    predict_store(tiny_run / "best.pt", easy_store, tmp_path / "sub.csv", workers=0)
+    monkeypatch.setattr(submit_module, "infer_slots", extreme)
+    predict_store(tiny_run / "best.pt", easy_store, tmp_path / "sub.csv", workers=0, any_at_least_subtypes=False)
     labels = pd.read_csv(tmp_path / "sub.csv")["Label"]
     assert labels.min() == pytest.approx(1e-6) and labels.max() == pytest.approx(1 - 1e-6)
 

@@ -292,3 +292,25 @@ def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int
     how = "copied byte for byte" if summary.copied_verbatim else f"re-sharded into {summary.n_shards} shards"
     click.echo(f"exported {summary.n_studies} studies ({summary.n_slices} slices) to {dest}, {how}; "
                f"check it with: ichprep verify {dest}")
+
+
+@main.command()
+@click.argument("store", type=StoreParam())
+@click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the restated manifest here, e.g. over data_manifests/NAME.json.")
+def upgrade(store: Path, manifest_out: Path | None) -> None:
+    """Bring STORE to the current store format by rewriting its metadata (shards are left byte for byte)."""
+    from .upgrade import upgrade_store
+
+    try:
+        summary = upgrade_store(store, manifest_out)
+    except (IchprepError, OSError) as exc:
+        _fail(exc)
+    if not summary.rewritten:
+        click.echo(f"{store} is already store format {summary.to_version}; nothing to do")
+        return
+    click.echo(f"upgraded {store} from store format {summary.from_version} to {summary.to_version}: rewrote "
+               f"{', '.join(summary.rewritten)}; shards untouched; check it with: ichprep verify {store}")
+    if "manifest.json" in summary.rewritten and manifest_out is None:
+        click.echo("the manifest changed: replace any published copy of it (e.g. data_manifests/NAME.json) "
+                   f"with {store}/manifest.json")

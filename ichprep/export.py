@@ -21,7 +21,8 @@ import pandas as pd
 from .errors import StoreExistsError, StoreError
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
-from .store import MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, open_reader, open_store, write_shard
+from .store import (MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, images_layout,
+                    open_reader, open_store, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +90,14 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     slices = store.slices.iloc[slots].reset_index(drop=True)
 
     create_images(dest, len(slots), spec)
-    reader = open_reader(src)
+    reader, layout = open_reader(src), images_layout(dest)  # each array's metadata read once
     results = []
     for index, first in enumerate(range(0, len(slots), spec.shard_slices)):
         part = slots[first : first + spec.shard_slices]
         buffer = np.empty((len(part),) + store.images.shape[1:], dtype=np.uint8)
         for at, a, b in _runs(part):
             buffer[at : at + (b - a)] = reader[a:b]
-        results.append(write_shard(dest, spec, index, first, buffer))
+        results.append(write_shard(dest, spec, index, first, buffer, layout))
         if progress:
             progress(len(part))
 

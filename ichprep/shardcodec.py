@@ -8,9 +8,16 @@ crc32c.  zarr-python spends ~0.3 ms per slice around a 0.2 ms zstd call when wri
 here, with a reused context) and ~0.12 ms around a 0.07 ms decode when reading (BENCHMARKS.md);
 encoding and decoding here gives the same bytes (tested against zarr) at the cost of the codec alone.  zarr still reads and writes these
 stores: the format is the standard one, only the code path is shorter.
+
+This is one layout among the valid Zarr v3 ones: :func:`fast_layout` checks an array's own ``zarr.json``
+against it (index position, index codecs, inner chunk shape, codecs, fill value, key encoding), and
+ichprep's readers and writers use this module only where it matches, zarr everywhere else.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -23,6 +30,97 @@ from .location import Location
 
 EMPTY = 0xFFFF_FFFF_FFFF_FFFF
 _ENTRY = 16  # bytes per index entry: offset and nbytes, uint64 each
+
+
+@dataclass(frozen=True)
+class FastLayout:
+    """The one ``images`` layout this module reads and writes; anything else goes through zarr."""
+
+    shape: tuple[int, ...]  # (N, C, H, W)
+    shard_slices: int
+    level: int              # zstd level of the inner chunks (the encoder writes the same frames as zarr)
+
+
+class Mismatch(NamedTuple):
+    """Where an array's metadata leaves the fast layout: ``field`` (a path in zarr.json), what it is, what is needed."""
+
+    field: str
+    found: object
+    expected: object
+
+    @property
+    def zarr_only(self) -> bool:
+        """Whether zarr still reads this as ichkit images (uint8, 4-D); False: no reader in ichkit can use it."""
+        return self.field not in _NOT_IMAGES
+
+    def __str__(self) -> str:
+        return f"images/zarr.json {self.field} is {self.found!r}, the direct shard codec needs {self.expected!r}"
+
+
+#: Fields whose mismatch makes the array unusable as ichkit images whichever library reads it.
+_NOT_IMAGES = frozenset({"zarr_format", "node_type", "data_type", "shape"})
+_ABSENT = "(absent)"
+
+
+def _first_mismatch(checks) -> Mismatch | None:
+    return next((Mismatch(field, found, expected) for field, found, expected in checks if found != expected), None)
+
+
+def _array_mismatch(meta: dict) -> Mismatch | None:
+    """The array-level fields: format, type, shape, fill value, key encoding, grid, transformers."""
+    shape = meta.get("shape", [])
+    keys = meta.get("chunk_key_encoding", {})
+    grid = meta.get("chunk_grid", {})
+    shard = grid.get("configuration", {}).get("chunk_shape", [])
+    return _first_mismatch([
+        ("zarr_format", meta.get("zarr_format"), 3),
+        ("node_type", meta.get("node_type"), "array"),
+        ("data_type", meta.get("data_type"), "uint8"),
+        ("shape", len(shape), 4),  # found/expected: the number of axes (slice, channel, y, x)
+        ("fill_value", meta.get("fill_value"), 0),
+        ("chunk_key_encoding.name", keys.get("name"), "default"),
+        # The v3 default chunk key encoding's separator is "/" unless configured otherwise.
+        ("chunk_key_encoding.configuration.separator", keys.get("configuration", {}).get("separator", "/"), "/"),
+        ("chunk_grid.name", grid.get("name"), "regular"),
+        ("chunk_grid.configuration.chunk_shape[1:]", list(shard[1:]), list(shape[1:])),
+        ("chunk_grid.configuration.chunk_shape[0] >= 1", len(shard) == 4 and shard[0] >= 1, True),
+        ("storage_transformers", meta.get("storage_transformers", []), []),
+    ])
+
+
+def _codecs_mismatch(codecs: list, shape: list) -> Mismatch | None:
+    """The codec chain: one ``sharding_indexed`` of one-slice ``bytes`` + ``zstd`` chunks, index at the end."""
+    names = [c.get("name") for c in codecs]
+    if names != ["sharding_indexed"]:
+        return Mismatch("codecs", names, ["sharding_indexed"])
+    config = codecs[0].get("configuration", {})
+    inner, index = config.get("codecs", []), config.get("index_codecs", [])
+    zstd = inner[1].get("configuration", {}) if len(inner) == 2 else {}
+    endian = index[0].get("configuration", {}).get("endian", _ABSENT) if index else _ABSENT
+    return _first_mismatch([
+        ("codecs[0].configuration.chunk_shape", list(config.get("chunk_shape", [])), [1, *shape[1:]]),
+        ("codecs[0].configuration.codecs", [c.get("name") for c in inner], ["bytes", "zstd"]),
+        ("codecs[0].configuration.codecs[1].configuration.checksum", zstd.get("checksum", False), False),
+        ("codecs[0].configuration.index_codecs", [c.get("name") for c in index], ["bytes", "crc32c"]),
+        ("codecs[0].configuration.index_codecs[0].configuration.endian", endian, "little"),
+        # index_location is optional in the sharding spec, "end" by default.
+        ("codecs[0].configuration.index_location", config.get("index_location", "end"), "end"),
+    ])
+
+
+def fast_layout(meta: dict) -> FastLayout | Mismatch:
+    """``images/zarr.json`` (parsed) -> its :class:`FastLayout`, or the first field that differs from it.
+
+    The decision rests on the array's own metadata only: a group attribute can say zstd while the
+    array was recoded since.  ``dimension_names`` and ``attributes`` do not change the bytes and are not checked.
+    """
+    shape = meta.get("shape", [])
+    mismatch = _array_mismatch(meta) or _codecs_mismatch(meta.get("codecs", []), shape)
+    if mismatch is not None:
+        return mismatch
+    shard_slices = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    level = meta["codecs"][0]["configuration"]["codecs"][1].get("configuration", {}).get("level", 0)
+    return FastLayout(tuple(shape), int(shard_slices), int(level))
 
 
 def _index_bytes(shard_slices: int) -> int:

@@ -8,6 +8,7 @@ matches (library versions are recorded but not compared).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -15,7 +16,14 @@ import numpy as np
 
 from .windows import DEFAULT_WINDOWS, Window, preprocess
 
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: Store format. 2: ``images`` carries Zarr v3 ``dimension_names`` (same shard bytes as 1).
+FORMAT_VERSION = 2
+#: Earlier formats still read (their pixels are the same), and what each lacks; ``ichprep upgrade`` fixes them.
+OLDER_FORMATS = {1: "dimension_names on images (xarray and other Zarr v3 readers cannot name its axes)"}
+#: Axis names of ``images``, in order.
+AXES = ("slice", "channel", "y", "x")
 COMPRESSORS = ("zstd", "blosc-lz4")
 #: The steps from stored pixels to cached bytes, in order (recorded in the store).
 PIPELINE = (
@@ -89,7 +97,7 @@ class PreprocessSpec:
             **self.key(),
             "layout": {
                 "array": "images",
-                "axes": ["slice", "channel", "y", "x"],
+                "axes": list(AXES),
                 "chunk_slices": 1,
                 "shard_slices": self.shard_slices,
                 "compressor": self.compressor,
@@ -100,11 +108,8 @@ class PreprocessSpec:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "PreprocessSpec":
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"store format version {attrs.get('format_version')!r} is not {FORMAT_VERSION}; "
-                "reconvert with this ichkit version"
-            )
+        """The spec of a store's (or a checkpoint's) attributes, of the current format or an older one."""
+        check_format(attrs.get("format_version"))
         layout = attrs["layout"]
         return cls(
             windows=tuple(Window(**w) for w in attrs["windows"]),
@@ -120,3 +125,24 @@ class PreprocessSpec:
         mine, theirs = self.key(), other.key()
         diffs = [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
         return "; ".join(diffs) or None
+
+
+def check_format(found) -> None:
+    """Refuse a format version this ichkit cannot read (a newer ichkit's, or no ichkit's)."""
+    if found == FORMAT_VERSION or found in OLDER_FORMATS:
+        return
+    readable = ", ".join(map(str, sorted([*OLDER_FORMATS, FORMAT_VERSION])))
+    if isinstance(found, int) and found > FORMAT_VERSION:
+        raise ValueError(f"store format version {found} is newer than this ichkit reads ({readable}); "
+                         "update ichkit (pip install -U ichkit)")
+    raise ValueError(f"store format version {found!r} is not one this ichkit reads ({readable}); "
+                     "reconvert with this ichkit version")
+
+
+def warn_if_outdated(attrs: dict, where: str) -> None:
+    """Log what a store of an older format lacks and the command that adds it (once per ``open_store``)."""
+    found = attrs.get("format_version")
+    if found in OLDER_FORMATS:
+        logger.warning("%s is store format %s, which lacks %s; its pixels are the same. Bring it to format %d "
+                       "with `ichprep upgrade %s` (rewrites metadata only)", where, found, OLDER_FORMATS[found],
+                       FORMAT_VERSION, where)

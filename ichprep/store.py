@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from .errors import StoreError
 from .labels import LABELS
 from .location import Location, as_location
-from .shardcodec import ShardReader, encode_shard
+from .shardcodec import FastLayout, Mismatch, ShardReader, encode_shard, fast_layout
 from .spec import PreprocessSpec
+
+logger = logging.getLogger(__name__)
 
 ATTRS_KEY = "ichkit"
 IMAGES = "images"
@@ -74,37 +77,76 @@ def open_images(root: str | Path | Location, mode: str = "r") -> zarr.Array:
     return zarr.open_array(images.zarr_store(read_only=mode == "r"), mode=mode)
 
 
-def open_reader(root: str | Path | Location):
-    """Fast read access, ``reader[a:b]``: direct shard decoding for zstd stores, zarr otherwise."""
+def images_layout(root: str | Path | Location) -> FastLayout | Mismatch:
+    """The ``images`` array's own metadata checked against the direct shard codec's layout (one small read)."""
+    return fast_layout(as_location(root).read_json(f"{IMAGES}/zarr.json"))
+
+
+def _not_images(root: Location, mismatch: Mismatch) -> StoreError:
+    return StoreError(f"{root}: {mismatch}; ichkit needs uint8 (N, C, H, W) images: rewrite the array with "
+                      "`ichprep export` from the original store, or convert again")
+
+
+def open_reader(root: str | Path | Location, layout: FastLayout | Mismatch | None = None):
+    """Fast read access, ``reader[a:b]``: direct shard decoding where the array's metadata has the one
+    layout :mod:`ichprep.shardcodec` implements, zarr for every other valid layout.
+
+    The choice is made once per call, from ``images/zarr.json`` (or ``layout``, already read by the caller).
+    """
     root = as_location(root)
-    layout = root.read_json("zarr.json")["attributes"][ATTRS_KEY]["layout"]
-    if layout["compressor"] == "zstd":
-        shape = root.read_json(f"{IMAGES}/zarr.json")["shape"]
-        return ShardReader(root, tuple(shape), int(layout["shard_slices"]))
+    layout = images_layout(root) if layout is None else layout
+    if isinstance(layout, FastLayout):
+        return ShardReader(root, layout.shape, layout.shard_slices)
+    if not layout.zarr_only:
+        raise _not_images(root, layout)
+    logger.info("%s: reading images through zarr (%s)", root, layout)
     return open_images(root)
 
 
+def _zarr_shard_file(root: Location, spec: PreprocessSpec, index: int, images: zarr.Array) -> str:
+    """The file zarr writes shard ``index`` to, checked to be the one shard of ``spec.shard_slices`` slots."""
+    slots = (images.shards or images.chunks)[0]
+    if slots != spec.shard_slices:
+        raise StoreError(f"{root}: images has {slots} slices per shard (file), the conversion "
+                         f"{spec.shard_slices}; convert into a new store or with --shard-slices {slots}")
+    return IMAGES + "/" + images.metadata.encode_chunk_key((index, 0, 0, 0))
+
+
 def write_shard(root: str | Path | Location, spec: PreprocessSpec, index: int, start: int,
-                buffer: np.ndarray) -> dict:
+                buffer: np.ndarray, layout: FastLayout | Mismatch | None = None) -> dict:
     """Write shard ``index`` whole, in one write (never a partial shard write), and record its checksum.
 
-    zstd shards are encoded here (same bytes as zarr, see :mod:`ichprep.shardcodec`) and written
-    atomically; other codecs go through zarr. A shard that is all fill value (every slot zero-filled)
-    has no file, as zarr would leave it: sha256 None.
+    Where the array's metadata (``layout``, or read here) has the direct codec's layout, the shard is
+    encoded here (same bytes as zarr, see :mod:`ichprep.shardcodec`) and written atomically; any other
+    layout goes through zarr. A shard that is all fill value (every slot zero-filled) has no file, as
+    zarr would leave it: sha256 None.
     """
     root = as_location(root)
-    name = shard_path(index)
+    layout = images_layout(root) if layout is None else layout
     record = {"index": index, "start": start, "stop": start + len(buffer), "sha256": None, "size": 0}
-    if spec.compressor == "zstd":
-        if buffer.any():
-            # Hash the bytes we hold rather than reading the shard back (a second GET on object stores).
-            data = encode_shard(buffer, spec.shard_slices, spec.compression_level)
-            root.write_bytes(name, data)
-            record.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-        return record
-    open_images(root, "r+")[start : start + len(buffer)] = buffer
+    if isinstance(layout, FastLayout) and layout.shard_slices == spec.shard_slices \
+            and layout.shape[1:] == buffer.shape[1:]:
+        return _write_direct(root, layout, index, buffer, record)
+    if isinstance(layout, Mismatch) and not layout.zarr_only:
+        raise _not_images(root, layout)
+    logger.debug("%s: writing shard %d through zarr (%s)", root, index, layout)
+    images = open_images(root, "r+")
+    name = _zarr_shard_file(root, spec, index, images)
+    images[start : start + len(buffer)] = buffer
     if root.isfile(name):
         record.update(sha256=root.sha256(name), size=root.size(name))
+    return record
+
+
+def _write_direct(root: Location, layout: FastLayout, index: int, buffer: np.ndarray, record: dict) -> dict:
+    name = shard_path(index)
+    if buffer.any():
+        # Hash the bytes we hold rather than reading the shard back (a second GET on object stores).
+        data = encode_shard(buffer, layout.shard_slices, layout.level)
+        root.write_bytes(name, data)
+        record.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    elif root.exists(name):  # an earlier run's file: zarr deletes a shard that became all fill value
+        root.remove(name)
     return record
 
 

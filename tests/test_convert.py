@@ -188,7 +188,7 @@ def test_verify_catches_damage(store6, tmp_path, damage):
     report = verify_store(root)
     assert not report.ok
     kinds = {p.kind for p in report.problems if p.path == shard_path(2)}
-    assert kinds == {{"flip": "altered", "truncate": "truncated", "delete": "missing"}[damage]}
+    assert kinds == {{"flip": "altered", "truncate": "size", "delete": "missing"}[damage]}
 
 
 def test_verify_refuses_manifest_paths_outside_the_store(store6, tmp_path):

@@ -1,0 +1,116 @@
+"""``ichprep upgrade``: bring a store of an older format to the current one, rewriting metadata only.
+
+Format 1 -> 2 adds ``dimension_names`` to ``images/zarr.json`` and sets ``format_version`` in the
+group's attributes. Shards, tables and ``rejected.csv`` keep every byte. Both ``zarr.json`` files are
+serialised by zarr itself, so an upgraded store has the bytes (and manifest) of one converted by this
+version. The manifest lists both files: their entries, its spec block and ``store_bytes`` are
+restated, so ``ichprep verify`` passes; a copy published elsewhere (``data_manifests/``) must be
+replaced by the new one (``--manifest-out``). ``.ichprep/run.json`` gets the new version too, so
+rerunning the same ``ichprep convert`` resumes instead of refusing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+
+from .errors import StoreError
+from .location import Location, as_location
+from .lock import store_lock
+from .manifest import load_manifest, with_metadata, write_manifest
+from .spec import AXES, FORMAT_VERSION, check_format
+from .store import ATTRS_KEY, IMAGES, MANIFEST, STATE
+
+logger = logging.getLogger(__name__)
+
+GROUP_META = "zarr.json"
+IMAGES_META = f"{IMAGES}/zarr.json"
+RUN_FILE = f"{STATE}/run.json"
+
+
+class UpgradeSummary(NamedTuple):
+    store: str
+    from_version: int
+    to_version: int
+    rewritten: tuple[str, ...]  # files written, in order (empty: the store was already current)
+
+
+def _zarr_bytes(metadata) -> bytes:
+    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _store_format(root: Location):
+    """The format version in the group's attributes, refused unless this ichkit reads it."""
+    attrs = root.read_json(GROUP_META).get("attributes", {})
+    if ATTRS_KEY not in attrs:
+        raise StoreError(f"{root} is a Zarr group but not an ichkit store (no '{ATTRS_KEY}' attribute)")
+    found = attrs[ATTRS_KEY].get("format_version")
+    try:
+        check_format(found)
+    except ValueError as exc:
+        raise StoreError(f"{root}: {exc}") from None
+    return found
+
+
+def _current_metadata(root: Location) -> tuple[dict, dict[str, bytes]]:
+    """The group's spec attributes and the current-format bytes of both zarr.json files."""
+    group = GroupMetadata.from_dict(root.read_json(GROUP_META))
+    spec = {**group.attributes[ATTRS_KEY], "format_version": FORMAT_VERSION}
+    group = dataclasses.replace(group, attributes={**group.attributes, ATTRS_KEY: spec})
+    images = dataclasses.replace(ArrayV3Metadata.from_dict(root.read_json(IMAGES_META)), dimension_names=AXES)
+    return spec, {IMAGES_META: _zarr_bytes(images), GROUP_META: _zarr_bytes(group)}
+
+
+def _check_unaltered(root: Location, manifest: dict, new: dict[str, bytes]) -> None:
+    """Refuse to restate the manifest over a zarr.json that is neither as listed nor already upgraded."""
+    for name, data in new.items():
+        expected = manifest["files"].get(name, {}).get("sha256")
+        if expected not in (root.sha256(name), hashlib.sha256(data).hexdigest()):
+            raise StoreError(f"{root}/{name} differs from the manifest; run `ichprep verify {root}` and repair "
+                             "or reconvert the store before upgrading it")
+
+
+def _restate_run(root: Location) -> bytes | None:
+    """run.json with the new format version (its spec is what a rerun of convert compares), if there is one."""
+    if not root.isfile(RUN_FILE):
+        return None
+    run = root.read_json(RUN_FILE)
+    run["spec"] = {**run.get("spec", {}), "format_version": FORMAT_VERSION}
+    return (json.dumps(run, indent=2, sort_keys=True) + "\n").encode()  # as Location.write_json
+
+
+def upgrade_store(root: str | Path | Location, manifest_out: str | Path | None = None) -> UpgradeSummary:
+    """Rewrite the metadata of ``root`` to the current format; see the module docstring."""
+    root = as_location(root)
+    if not root.isfile(GROUP_META) or not root.isfile(IMAGES_META):
+        raise StoreError(f"{root} is not an ichkit store (no zarr.json or images/zarr.json); "
+                         "create one with `ichprep convert`")
+    with store_lock(root):
+        found = _store_format(root)
+        if found == FORMAT_VERSION:
+            return UpgradeSummary(root.url, found, FORMAT_VERSION, ())
+        spec, new = _current_metadata(root)
+        manifest = load_manifest(None, root) if root.isfile(MANIFEST) else None
+        if manifest is not None:
+            _check_unaltered(root, manifest, new)
+        writes = {IMAGES_META: new[IMAGES_META]}
+        run = _restate_run(root)
+        if run is not None:
+            writes[RUN_FILE] = run
+        for name, data in writes.items():
+            root.write_bytes(name, data)
+        if manifest is not None:
+            write_manifest(root, with_metadata(manifest, new, spec), extra_copy=manifest_out)
+        # The group's format_version goes last: until it is written, a rerun redoes every step.
+        root.write_bytes(GROUP_META, new[GROUP_META])
+    rewritten = (*writes, *([MANIFEST] if manifest is not None else []), GROUP_META)
+    logger.info("upgraded %s from store format %s to %d (%s)", root, found, FORMAT_VERSION, ", ".join(rewritten))
+    return UpgradeSummary(root.url, found, FORMAT_VERSION, rewritten)

@@ -29,7 +29,7 @@ from .errors import StoreError
 from .labels import LABELS
 from .location import Location, as_location
 from .shardcodec import FastLayout, Mismatch, ShardReader, encode_shard, fast_layout
-from .spec import PreprocessSpec
+from .spec import AXES, PreprocessSpec, warn_if_outdated
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def create_images(root: str | Path | Location, n_slices: int, spec: PreprocessSp
         dtype="uint8",
         fill_value=0,
         compressors=compressor(spec),
+        dimension_names=AXES,  # what Zarr v3 readers (xarray) name the axes by; shard bytes do not change
     )
 
 
@@ -220,7 +221,9 @@ def open_store(root: str | Path | Location) -> Store:
     slices = read_parquet(root, SLICES)
     if len(slices) != images.shape[0]:
         raise StoreError(f"{root}: slices.parquet has {len(slices)} rows but images has {images.shape[0]} slices")
-    return Store(root, PreprocessSpec.from_attrs(attrs), images, slices, read_parquet(root, STUDIES))
+    spec = PreprocessSpec.from_attrs(attrs)
+    warn_if_outdated(attrs, str(root))
+    return Store(root, spec, images, slices, read_parquet(root, STUDIES))
 
 
 def read_parquet(root: Location, name: str, columns: list[str] | None = None) -> pd.DataFrame:

@@ -36,12 +36,13 @@ from .labels import read_labels
 from .manifest import build_manifest, source_digest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
+from .shardcodec import FastLayout, Mismatch
 from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
 from .store import (
-    IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, n_shards, shard_path,
-    write_shard,
+    IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, images_layout, n_shards,
+    shard_path, write_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,10 +102,12 @@ def _completed(root: Location, index: int, digest: str) -> dict | None:
     return done
 
 
-def convert_shard(root: str, index: int, start: int, paths: list[str], spec: PreprocessSpec) -> dict:
+def convert_shard(root: str, index: int, start: int, paths: list[str], spec: PreprocessSpec,
+                  layout: FastLayout | Mismatch | None = None) -> dict:
     """Decode, preprocess and write one whole shard; return its completion record.
 
-    Pixel failures keep their slot (zero-filled) and are listed in ``errors``.
+    Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
+    checked metadata (:func:`ichprep.store.images_layout`), read once by the caller for many shards.
     """
     root = Location(root)
     digest = _inputs_digest(start, paths)
@@ -127,7 +130,7 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
             reason, detail = "missing", "the file was removed after the header scan"
         buffer[i] = 0  # the slot stays, zero-filled
         errors.append([start + i, reason, detail])
-    done = {**write_shard(root, spec, index, start, buffer), "inputs": digest, "errors": errors}
+    done = {**write_shard(root, spec, index, start, buffer, layout=layout), "inputs": digest, "errors": errors}
     root.write_json(_marker(index), done)
     return {**done, "skipped": False}
 
@@ -181,7 +184,8 @@ def _tasks(plan: pd.DataFrame, shard_slices: int) -> list[tuple[int, int, list[s
 
 def convert_shards(root: str, shards: list[tuple[int, int, list[str]]], spec: PreprocessSpec) -> list[dict]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
-    return [convert_shard(root, index, start, paths, spec) for index, start, paths in shards]
+    layout = images_layout(root)  # one metadata read per task, not per shard
+    return [convert_shard(root, index, start, paths, spec, layout) for index, start, paths in shards]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
@@ -197,8 +201,9 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
 def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress) -> list[dict]:
     results = []
     if client is None:
+        layout = images_layout(root)
         for index, start, paths in tasks:
-            results.append(convert_shard(root.url, index, start, paths, spec))
+            results.append(convert_shard(root.url, index, start, paths, spec, layout))
             if progress:
                 progress(len(paths))
         return results

@@ -14,7 +14,7 @@ For every ``D``:
 * baseline: one shuffled pass of :func:`ichtrain.seq.iter_batches` over every study.  It gathers the float16
   rows, standardises them to float32 and pads them: the data work of an epoch, with no model.  The
   standardisation statistics pass (:func:`ichtrain.seq.standardisation`, once per fit) is timed apart;
-* each model kind, with the default :class:`~ichtrain.seq.SeqConfig`: the same batches, each followed by
+* each model kind, with the default :class:`~ichtrain.config.SeqConfig`: the same batches, each followed by
   :func:`ichtrain.seq.train_step` (forward, masked RSNA-weighted BCE, backward, AdamW, cosine step).
   Two untimed warm-up batches come first.  Then ``--batches`` batches are timed and the time is
   extrapolated to one epoch of ``ceil(studies / batch_studies)`` batches (``--batches 0``: the whole
@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from ichtrain import seq
-from ichtrain.seq import SeqConfig, SeqInputs
+from ichtrain.config import SeqConfig
+from ichtrain.seq import SeqInputs
 
 from .measure import load_average, ratio
 from .report import _grid, _num, machine_info, write_json

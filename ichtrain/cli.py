@@ -186,14 +186,18 @@ def cv(store, out, folds, tta, **options) -> None:
               help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
                    "way). Features only mean the same thing across folds when every fold started from the same "
                    "--pretrained weights.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Stage-2 epochs (default 15).")
-@click.option("--hidden", type=click.IntRange(min=1), default=None, help="Hidden units (default 64).")
-@click.option("--layers", type=click.IntRange(min=1), default=None, help="Recurrent or encoder layers (default 2).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3).")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Share of each fold's training studies that picks the epoch, the untrained model (= stage 1) "
-                   "included (default 0.2; 0 keeps the last epoch).")
-@click.option("--batch-studies", type=click.IntRange(min=1), default=None, help="Studies per batch (default 32).")
+@click.option("--epochs", type=click.IntRange(min=1), default=config.SeqConfig.epochs, show_default=True,
+              help="Stage-2 epochs (the best is kept, see --holdout).")
+@click.option("--hidden", type=click.IntRange(min=1), default=config.SeqConfig.hidden, show_default=True,
+              help="Hidden units.")
+@click.option("--layers", type=click.IntRange(min=1), default=config.SeqConfig.layers, show_default=True,
+              help="Recurrent or encoder layers.")
+@click.option("--lr", type=float, default=config.SeqConfig.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=config.SeqConfig.holdout,
+              show_default=True, help="Share of each fold's training studies that picks the epoch, the untrained "
+                                      "model (= stage 1) included; 0 keeps the last epoch.")
+@click.option("--batch-studies", type=click.IntRange(min=1), default=config.SeqConfig.batch_studies,
+              show_default=True, help="Studies per batch.")
 @click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
 @click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
 def seq(exp, out, model, inputs, **options) -> None:
@@ -203,13 +207,12 @@ def seq(exp, out, model, inputs, **options) -> None:
     so no slice's prediction comes from a model (stage 1 or 2) that trained on its patient.
     """
     from .experiment import open_experiment
-    from .seq import SeqConfig
     from .stage2 import compare_table, run_seq
 
     try:
         given = {k: v for k, v in options.items() if v is not None}
         given.setdefault("seed", open_experiment(exp).cfg.seed)
-        summary = run_seq(exp, out, SeqConfig(model=model, **given), kind=inputs)
+        summary = run_seq(exp, out, config.SeqConfig(model=model, **given), kind=inputs)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(f"out of fold, every labelled slice; stage 1 = the fold CNNs, stage 2 = {model} on {inputs}:")

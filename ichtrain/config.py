@@ -42,6 +42,8 @@ MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
 SEQ_MODELS = ("gru", "transformer")   # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
 SEQ_INPUTS = ("features", "logits")   # stage 2 reads stage 1's penultimate features or its logits
+#: Attention heads of the stage-2 transformer; its ``hidden`` must be a multiple of this.
+HEADS = 4
 TTAS = ("none", "flip")               # test-time augmentation: flip averages the horizontally flipped image
 
 
@@ -124,3 +126,41 @@ class TrainConfig:
     def from_dict(cls, data: dict, **overrides) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in data.items() if k in known}, **overrides})
+
+
+@dataclass(frozen=True)
+class SeqConfig:
+    """Stage-2 training settings (how the defaults were chosen: BENCHMARKS.md, "Stage 2")."""
+
+    model: str = "gru"
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.2
+    epochs: int = 15
+    batch_studies: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    concat_logits: bool = True  # stage-1 logits appended to the standardised input
+    holdout: float = 0.2        # share of the training studies that picks the epoch (0 = keep the last epoch)
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, SEQ_MODELS)
+        _choice("device", self.device, DEVICES)
+        for name, low in (("hidden", 1), ("layers", 1), ("epochs", 1), ("batch_studies", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.model == "transformer" and self.hidden % HEADS:
+            raise ConfigError(f"transformer hidden must be a multiple of {HEADS} (attention heads), got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

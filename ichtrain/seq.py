@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,14 +29,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .checkpoint import safe_load, save_checkpoint
-from .config import DEVICES, SEQ_INPUTS, SEQ_MODELS, _choice
+from .config import HEADS, SEQ_INPUTS, SEQ_MODELS, SeqConfig, _choice
 from .engine import loss_weights
 from .errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-#: Attention heads of the transformer; its ``hidden`` must be a multiple of this.
-HEADS = 4
 #: Rows of the feature array converted at a time when computing the standardisation (bounded memory at D = 2048).
 STATS_CHUNK = 16_384
 #: Gradient-norm clip of every step (recurrent nets occasionally spike).
@@ -56,41 +54,6 @@ class SeqInputs(NamedTuple):
     starts: np.ndarray      # (n_studies,) int64
     stops: np.ndarray       # (n_studies,) int64
     study_fold: np.ndarray  # (n_studies,) int64: the stage-1 fold of each study, -1 = in no fold
-
-
-@dataclass(frozen=True)
-class SeqConfig:
-    """Stage-2 training settings (how the defaults were chosen: BENCHMARKS.md, "Stage 2")."""
-
-    model: str = "gru"
-    hidden: int = 64
-    layers: int = 2
-    dropout: float = 0.2
-    epochs: int = 15
-    batch_studies: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
-    seed: int = 0
-    device: str = "cpu"
-    concat_logits: bool = True  # stage-1 logits appended to the standardised input
-    holdout: float = 0.2        # share of the training studies that picks the epoch (0 = keep the last epoch)
-
-    def __post_init__(self) -> None:
-        _choice("model", self.model, SEQ_MODELS)
-        _choice("device", self.device, DEVICES)
-        for name, low in (("hidden", 1), ("layers", 1), ("epochs", 1), ("batch_studies", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.model == "transformer" and self.hidden % HEADS:
-            raise ConfigError(f"transformer hidden must be a multiple of {HEADS} (attention heads), got {self.hidden}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 def _shape_error(what: str, shape, expected: str) -> DataError:

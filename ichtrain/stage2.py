@@ -19,14 +19,14 @@ import numpy as np
 
 from ichprep.store import Store
 
-from .config import SEQ_INPUTS
+from .config import SEQ_INPUTS, SeqConfig
 from .data import study_bounds, targets
 from .errors import ConfigError
 from .experiment import (Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots,
                          sigmoid)
 from .metrics import weighted_log_loss
 from .plots import plot_compare, plot_study
-from .seq import SeqConfig, SeqInputs, cross_fit, save_seq
+from .seq import SeqInputs, cross_fit, save_seq
 from .train import write_predictions
 
 logger = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from ichprep.labels import LABELS
+from ichtrain.config import SeqConfig
 from ichtrain.errors import CheckpointError, ConfigError, DataError
 from ichtrain.metrics import weighted_log_loss
 from ichtrain.seq import (
     Fitted,
-    SeqConfig,
     SeqInputs,
     build_seq_model,
     cross_fit,

@@ -19,7 +19,7 @@ from ichprep.synth import generate
 from ichtrain.config import TrainConfig
 from ichtrain.errors import ConfigError
 from ichtrain.experiment import OOF, cross_validate, fold_dir, open_experiment
-from ichtrain.seq import SeqConfig
+from ichtrain.config import SeqConfig
 from ichtrain.stage2 import run_seq
 from ichtrain.submit import evaluate_experiment, predict_store, score_submission
 

@@ -218,5 +218,9 @@ def evaluate(model: torch.nn.Module, loader, *, image_size: int, device: torch.d
     """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
     out = infer(model, loader, image_size=image_size, device=device, amp_dtype=amp_dtype,
                 channels_last=channels_last, tta=tta, on_step=on_step)
-    probs = 1.0 / (1.0 + np.exp(-out.logits.astype(np.float64)))
-    return Predictions(probs.astype(np.float32), out.targets, out.slots)
+    return Predictions(sigmoid(out.logits), out.targets, out.slots)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """float32 probabilities of logits, computed in float64 (no overflow warning at |logit| > 88)."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)

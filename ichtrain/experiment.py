@@ -28,7 +28,7 @@ from ichprep.store import Store, open_store
 
 from .config import TrainConfig
 from .data import ShardStream, TASKS, targets, train_candidates
-from .engine import infer
+from .engine import infer, sigmoid
 from .errors import ConfigError, DataError
 from .folds import assign_folds, folds_table
 from .predict import Loaded, load_for_store
@@ -83,7 +83,7 @@ def open_training_store(experiment: Experiment) -> Store:
 
 
 def _shared_config(base: TrainConfig, folds: int, identity: str) -> dict:
-    return {"config": {**base.to_dict(), "out": str(base.out), "resume": None, "folds": None, "fold": None},
+    return {"config": {**base.to_dict(), "resume": None, "folds": None, "fold": None},
             "folds": folds, "store_identity": identity}
 
 
@@ -226,10 +226,6 @@ def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
 
 
 # ---------------------------------------------------------------- scores
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)
-
 
 def oof_block(store: Store, slots: np.ndarray, probs: np.ndarray, names: tuple[str, ...], task: str,
               seed: int) -> dict:

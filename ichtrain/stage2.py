@@ -20,10 +20,10 @@ import numpy as np
 from ichprep.store import Store
 
 from .config import SEQ_INPUTS, SeqConfig
-from .data import study_bounds, targets
+from .data import targets
 from .errors import ConfigError
-from .experiment import (Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots,
-                         sigmoid)
+from .engine import sigmoid
+from .experiment import Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots
 from .metrics import weighted_log_loss
 from .plots import plot_compare, plot_study
 from .seq import SeqInputs, cross_fit, save_seq
@@ -37,9 +37,8 @@ SEQ_MODEL = "seq.pt"
 
 def study_ranges(store: Store) -> tuple[np.ndarray, np.ndarray]:
     """(starts, stops) of every study in slot order: each study's slices are contiguous and z-sorted."""
-    start, stop = study_bounds(store.studies, len(store.slices))
-    firsts = np.flatnonzero(np.r_[True, start[1:] != start[:-1]])
-    return start[firsts].astype(np.int64), stop[firsts].astype(np.int64)
+    studies = store.studies.sort_values("start")
+    return studies["start"].to_numpy(np.int64), studies["stop"].to_numpy(np.int64)
 
 
 def seq_inputs(store: Store, outputs: Inferred, *, kind: str, task: str, slot_fold: np.ndarray) -> SeqInputs:

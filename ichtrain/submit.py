@@ -27,9 +27,9 @@ from ichprep.store import REJECTED, open_store
 
 from .checkpoint import load_checkpoint
 from .data import targets
-from .engine import Predictions
+from .engine import Predictions, sigmoid
 from .errors import DataError
-from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots, sigmoid
+from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
 from .metrics import per_class_log_loss, weighted_log_loss
 from .predict import CLIP, check_task, kaggle_rows, load_for_store, six_columns
 from .seq import load_seq, predict as seq_predict

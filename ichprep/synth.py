@@ -2,6 +2,11 @@
 
 ``generate(out_dir, studies, seed)`` writes ``stage_2_train/ID_<9 hex>.dcm`` (one axial CT slice per
 file, flat folder, names unrelated to study or slice order) and ``stage_2_train.csv`` (Kaggle format).
+``test_studies=N`` adds a test split of other patients: ``stage_2_test/`` (no labels anywhere) and
+``stage_2_sample_submission.csv`` (six rows ``ID_<hex>_<label>,0.5`` per test image). It is planned from
+its own seed (``_test_seed``), so the train files are the same bytes whatever ``test_studies`` is.
+``as_zip=True`` writes all four into one zip under ``KAGGLE_TOP/``, as Kaggle ships the archive: members
+are streamed in one by one, with fixed dates and modes, so the same arguments give the same zip bytes.
 Slices show an elliptical head in HU (scalp, skull, CSF rim, cortex, white matter, sulci, lateral
 ventricles) and, in about 40% of studies, hemorrhages of the five subtypes with their typical shape and
 place. Labels follow the lesion pixels actually drawn. The dataset's known quirks (12-bit wrap-around,
@@ -17,13 +22,16 @@ noise comes from random crops of one precomputed bank: hundreds of slices per se
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
-from dataclasses import dataclass
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Collection, Iterable, Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -52,6 +60,15 @@ STORAGE = {"u16": (16, 0, -1024), "u12": (12, 0, -1024), "s16": (16, 1, -1024),
 IMPLEMENTATION_UID = generate_uid(entropy_srcs=["ichkit synth implementation"])
 # Tissue codes of slice_regions(); lesion i (of StudyGeometry.lesions) is LESION_CODE + i.
 AIR, SCALP, BONE, CSF, BRAIN, EDEMA, LESION_CODE = 0, 1, 2, 3, 4, 5, 10
+# The Kaggle download: one zip whose top folder holds the two DICOM folders and the two CSVs.
+KAGGLE_TOP = "rsna-intracranial-hemorrhage-detection"
+TRAIN_DIR, TRAIN_CSV = "stage_2_train", "stage_2_train.csv"
+TEST_DIR, SAMPLE_SUBMISSION = "stage_2_test", "stage_2_sample_submission.csv"
+SUBMISSION_VALUE = "0.5"
+# Test images are all meant to be predicted: none is left out of the CSV or unreadable.
+TRAIN_ONLY_QUIRKS = ("truncated_pixels", "unlabelled")
+ZIP_METHODS = {"deflated": zipfile.ZIP_DEFLATED, "stored": zipfile.ZIP_STORED}
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)        # the earliest date a zip can hold: nothing from the clock
 
 
 @dataclass(frozen=True)
@@ -83,15 +100,22 @@ class StudyGeometry:
 
 @dataclass(frozen=True)
 class SynthSummary:
-    out_dir: Path
-    dicom_dir: Path
-    labels_csv: Path
+    out_dir: Path                     # the folder written, or the zip file (then also zip_path)
+    dicom_dir: Path | str             # paths in a zip are "ZIP::INNER/PATH" strings, usable as sources
+    labels_csv: Path | str
     n_studies: int
     n_patients: int
     n_slices: int
     n_positive_slices: int            # labelled slices with any = 1
     n_unlabelled: int
     quirks: dict[str, list[str]]      # quirk name -> image ids
+    test_dir: Path | str | None = None            # None: no test split written
+    sample_submission: Path | str | None = None
+    n_test_studies: int = 0
+    n_test_patients: int = 0
+    n_test_slices: int = 0
+    test_quirks: dict[str, list[str]] = field(default_factory=dict)
+    zip_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +135,19 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 
 def _hex(*parts) -> str:
     return hashlib.sha256("/".join(map(str, ("ichkit-synth", *parts))).encode()).hexdigest()
+
+
+def _unused(make: Callable[[int], str], taken: Collection[str]) -> str:
+    """The first of make(0), make(1), ... not in taken: short hash prefixes can collide."""
+    salt = 0
+    while (name := make(salt)) in taken:
+        salt += 1
+    return name
+
+
+def _test_seed(seed: int) -> int:
+    """The test split's own seed: its studies, names and UIDs never change the train split's."""
+    return int(_hex(seed, "test-split")[:16], 16)
 
 
 def _uid(seed: int, *parts) -> str:
@@ -162,11 +199,12 @@ def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
     return counts
 
 
-def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4,
-                 min_lesion_pixels: int = MIN_LESION_PIXELS) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4, min_lesion_pixels: int = MIN_LESION_PIXELS,
+                 taken: Collection[str] = frozenset()) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices.
 
-    ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41).
+    ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41). ``taken``: image
+    and patient ids of another split, which this one must not reuse.
     """
     # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
     geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate,
@@ -176,15 +214,15 @@ def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4,
     patients, k = [], 0
     while k < studies:
         repeat = 2 if k + 1 < studies and rng.random() < 0.15 else 1
-        patients += ["ID_" + _hex(seed, "patient", k)[:8]] * repeat
+        # (salt 0 hashes without a salt part: the names of earlier versions stay)
+        patients += [_unused(lambda salt: "ID_" + _hex(seed, "patient", k, *((salt,) if salt else ()))[:8],
+                             taken)] * repeat
         k += repeat
-    plans, seen = [], set()
+    plans, seen = [], set(taken)
     for k, geom in enumerate(geoms):
         ids = []
         for z in range(geom.n_slices):
-            salt = 0
-            while (image_id := "ID_" + _hex(seed, k, z, salt)[:9]) in seen:   # names must be unique
-                salt += 1
+            image_id = _unused(lambda salt: "ID_" + _hex(seed, k, z, salt)[:9], seen)   # names must be unique
             seen.add(image_id)
             ids.append(image_id)
         srng = _rng(seed, 2, k)
@@ -197,6 +235,16 @@ def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4,
     reversed_studies = rng.choice(studies, size=max(1, studies // 10), replace=False) if studies >= 3 else []
     quirks["reversed_instance_number"] = sorted(i for k in reversed_studies for i in plans[k].image_ids)
     return plans, quirks
+
+
+def plan_test_split(studies: int, seed: int, train: list[StudyPlan], lesion_rate: float = 0.4,
+                    min_lesion_pixels: int = MIN_LESION_PIXELS) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+    """The test split beside ``train``: other patients, other names, and no quirk meant for labelled data."""
+    if studies == 0:
+        return [], {}
+    taken = {i for p in train for i in (p.patient_id, *p.image_ids)}
+    plans, quirks = plan_dataset(studies, _test_seed(seed), lesion_rate, min_lesion_pixels, taken=taken)
+    return plans, {name: ids for name, ids in quirks.items() if name not in TRAIN_ONLY_QUIRKS}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -437,71 +485,223 @@ def _dataset(seed: int, plan: StudyPlan, z: int, pixels: np.ndarray, storage: st
     return ds
 
 
-def _write_study(seed: int, plan: StudyPlan, dicom_dir: Path, quirk_of: dict[str, set[str]],
-                 odd_shape: dict[str, tuple[int, int]], wrap_intercept: dict[str, int]) -> dict[str, dict[str, int]]:
+class _QuirkMaps(NamedTuple):
+    """A split's quirks, by image id."""
+    of: dict[str, set[str]]                       # image id -> quirk names
+    odd_shape: dict[str, tuple[int, int]]
+    wrap_intercept: dict[str, int]
+
+
+def _quirk_maps(quirks: dict[str, list[str]]) -> _QuirkMaps:
+    of: dict[str, set[str]] = {}
+    for name, ids in quirks.items():
+        for image_id in ids:
+            of.setdefault(image_id, set()).add(name)
+    return _QuirkMaps(of, {i: ODD_SIZES[n % len(ODD_SIZES)] for n, i in enumerate(quirks.get("odd_size", ()))},
+                      {i: 1 if n % 3 == 2 else 0 for n, i in enumerate(quirks.get("wrap12", ()))})
+
+
+def _dicom_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _write_study(seed: int, plan: StudyPlan, maps: _QuirkMaps,
+                 write: Callable[[str, bytes], None]) -> dict[str, dict[str, int]]:
+    """Render and write (``write(file name, bytes)``) a study's slices; returns their labels."""
     geom, labels = plan.geometry, {}
     # Writing order is shuffled so that file timestamps do not give the slice order away.
     for z in _rng(seed, 3, plan.index).permutation(geom.n_slices).tolist():
         image_id = plan.image_ids[z]
-        quirks = quirk_of.get(image_id, set())
-        hu, pixels = render_slice(geom, z, odd_shape.get(image_id, (512, 512)), _rng(seed, 1, plan.index, z))
+        quirks = maps.of.get(image_id, set())
+        hu, pixels = render_slice(geom, z, maps.odd_shape.get(image_id, (512, 512)), _rng(seed, 1, plan.index, z))
         storage = next((q for q in ("wrap12", "signed") if q in quirks), plan.storage)
-        ds = _dataset(seed, plan, z, encode_hu(hu, storage), storage, quirks, wrap_intercept.get(image_id, 0))
-        pydicom.dcmwrite(dicom_dir / f"{image_id}.dcm", ds, enforce_file_format=True)
+        ds = _dataset(seed, plan, z, encode_hu(hu, storage), storage, quirks, maps.wrap_intercept.get(image_id, 0))
+        write(f"{image_id}.dcm", _dicom_bytes(ds))
         if "unlabelled" not in quirks:
             labels[image_id] = slice_labels(pixels, geom.min_lesion_pixels)
     return labels
 
 
-def _write_csv(path: Path, labels: dict[str, dict[str, int]]) -> None:
+class _FolderOut:
+    """Where the dataset goes: files under a folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def where(self, name: str) -> Path:
+        return self.root / name
+
+    def mkdir(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, data: bytes) -> None:
+        (self.root / name).write_bytes(data)
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.root / name, "wb")
+
+
+class _ZipOut:
+    """Where the dataset goes: members under KAGGLE_TOP/ of an open zip, with fixed dates and modes."""
+
+    def __init__(self, zf: zipfile.ZipFile, path: Path, method: int):
+        self.zf, self.path, self.method = zf, path, method
+
+    def where(self, name: str) -> str:
+        return f"{self.path}::{KAGGLE_TOP}/{name}"
+
+    def _info(self, name: str, directory: bool = False) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(f"{KAGGLE_TOP}/{name}", date_time=ZIP_DATE_TIME)
+        info.create_system = 3   # Unix on every platform, so external_attr means the same everywhere
+        info.external_attr = (0o40755 << 16 | 0x10) if directory else 0o100644 << 16
+        info.compress_type = zipfile.ZIP_STORED if directory else self.method
+        return info
+
+    def mkdir(self, name: str) -> None:
+        self.zf.writestr(self._info(f"{name}/" if name else "", directory=True), b"")
+
+    def write(self, name: str, data: bytes) -> None:
+        self.zf.writestr(self._info(name), data)
+
+    def open(self, name: str) -> BinaryIO:
+        return self.zf.open(self._info(name), "w")
+
+
+@contextmanager
+def _zip_out(path: Path, method: int) -> Iterator[_ZipOut]:
+    """A zip written under a temporary name next to ``path`` and renamed when complete, so that a killed run
+    never leaves a half zip under the final name."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "xb") as f, zipfile.ZipFile(f, "w") as zf:
+            out = _ZipOut(zf, path, method)
+            out.mkdir("")
+            yield out
+            # Members are streamed in study order; the central directory (what listings show) is by name.
+            zf.filelist.sort(key=lambda info: info.filename)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_split(out: _FolderOut | _ZipOut, folder: str, seed: int, plans: list[StudyPlan],
+                 quirks: dict[str, list[str]], progress: Callable[[int], None] | None) -> dict[str, dict[str, int]]:
+    """Write a split's DICOM files into ``folder``; returns their labels."""
+    out.mkdir(folder)
+    maps, labels = _quirk_maps(quirks), {}
+    for plan in plans:
+        labels |= _write_study(seed, plan, maps, lambda name, data: out.write(f"{folder}/{name}", data))
+        logger.debug("%s study %d: %d slices, lesions %s", folder, plan.index, plan.geometry.n_slices,
+                     [les.subtype for les in plan.geometry.lesions])
+        if progress is not None:
+            progress(plan.geometry.n_slices)
+    return labels
+
+
+def _write_csv(out: _FolderOut | _ZipOut, name: str, image_ids: Iterable[str],
+               value: Callable[[str, str], object]) -> None:
     """Kaggle layout: header ID,Label and six rows per image (subtypes, then any); images in id order."""
-    with open(path, "w", newline="\n") as f:
-        f.write("ID,Label\n")
-        for image_id in sorted(labels):
-            f.writelines(f"{image_id}_{name},{labels[image_id][name]}\n" for name in LABELS)
+    with out.open(name) as f:
+        f.write(b"ID,Label\n")
+        for image_id in sorted(image_ids):
+            f.write("".join(f"{image_id}_{label},{value(image_id, label)}\n" for label in LABELS).encode())
+
+
+def _write_dataset(out: _FolderOut | _ZipOut, seed: int, train: tuple[list[StudyPlan], dict[str, list[str]]],
+                   test: tuple[list[StudyPlan], dict[str, list[str]]] | None,
+                   progress: Callable[[int], None] | None) -> dict[str, dict[str, int]]:
+    """Both splits and both CSVs (the test part only when ``test`` is given); returns the train labels."""
+    labels = _write_split(out, TRAIN_DIR, seed, *train, progress)
+    if test is not None:
+        _write_split(out, TEST_DIR, _test_seed(seed), *test, progress)
+    _write_csv(out, TRAIN_CSV, labels, lambda image_id, label: labels[image_id][label])
+    if test is not None:
+        test_ids = [i for plan in test[0] for i in plan.image_ids]
+        _write_csv(out, SAMPLE_SUBMISSION, test_ids, lambda image_id, label: SUBMISSION_VALUE)
+    return labels
+
+
+def _is_count(value, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
+
+
+def _check_arguments(studies, seed, lesion_rate: float, min_lesion_pixels: int, test_studies, zip_method: str) -> None:
+    if min_lesion_pixels < 1:
+        raise ValueError(f"min_lesion_pixels must be >= 1, got {min_lesion_pixels}")
+    if not 0.0 <= lesion_rate <= 1.0:
+        raise ValueError(f"lesion_rate must be between 0 and 1, got {lesion_rate}")
+    if not _is_count(studies, 1):
+        raise ValueError(f"studies must be an integer >= 1, got {studies!r}")
+    if not _is_count(seed, 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if test_studies is not None and not _is_count(test_studies, 0):
+        raise ValueError(f"test_studies must be an integer >= 0, got {test_studies!r}")
+    if zip_method not in ZIP_METHODS:
+        raise ValueError(f"zip_method must be one of {', '.join(ZIP_METHODS)}, got {zip_method!r}")
+
+
+def _check_folder(out_dir: Path, folders: Iterable[str]) -> None:
+    for folder in folders:
+        if (out_dir / folder).is_dir() and any((out_dir / folder).glob("*.dcm")):
+            raise FileExistsError(f"{out_dir / folder} already holds DICOM files; synth writes into an empty "
+                                  "folder only")
 
 
 def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
              progress: Callable[[int], None] | None = None, lesion_rate: float = 0.4,
-             min_lesion_pixels: int = MIN_LESION_PIXELS) -> SynthSummary:
+             min_lesion_pixels: int = MIN_LESION_PIXELS, *, test_studies: int | None = None,
+             as_zip: bool = False, zip_method: str = "deflated") -> SynthSummary:
     """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes.
 
     ``lesion_rate``: chance that a study has hemorrhage (0.4 as in the real archive; raise it for an
     easier, positive-rich training set). ``min_lesion_pixels``: a lesion covering fewer pixels (at 512²)
     on a slice is neither drawn nor labelled there; raise it (e.g. 600) for a set whose every label is
-    visible at low resolution.
+    visible at low resolution. ``test_studies``: studies of other patients in ``stage_2_test/``, listed in
+    ``stage_2_sample_submission.csv`` (default 0 for a folder, ``max(1, studies // 5)`` for a zip); the
+    train files do not depend on it. ``as_zip``: ``out_dir`` is then a new zip file holding everything
+    under ``KAGGLE_TOP/``, compressed with ``zip_method`` ("deflated" or "stored").
     """
-    if min_lesion_pixels < 1:
-        raise ValueError(f"min_lesion_pixels must be >= 1, got {min_lesion_pixels}")
-    if not 0.0 <= lesion_rate <= 1.0:
-        raise ValueError(f"lesion_rate must be between 0 and 1, got {lesion_rate}")
-    if isinstance(studies, bool) or not isinstance(studies, (int, np.integer)) or studies < 1:
-        raise ValueError(f"studies must be an integer >= 1, got {studies!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    out_dir = Path(out_dir)
-    dicom_dir, labels_csv = out_dir / "stage_2_train", out_dir / "stage_2_train.csv"
-    if dicom_dir.is_dir() and any(dicom_dir.glob("*.dcm")):
-        raise FileExistsError(f"{dicom_dir} already holds DICOM files; synth writes into an empty folder only")
-    dicom_dir.mkdir(parents=True, exist_ok=True)
-    plans, quirks = plan_dataset(int(studies), int(seed), lesion_rate, int(min_lesion_pixels))
-    quirk_of: dict[str, set[str]] = {}
-    for name, ids in quirks.items():
-        for image_id in ids:
-            quirk_of.setdefault(image_id, set()).add(name)
-    odd_shape = {i: ODD_SIZES[n % len(ODD_SIZES)] for n, i in enumerate(quirks["odd_size"])}
-    wrap_intercept = {i: 1 if n % 3 == 2 else 0 for n, i in enumerate(quirks["wrap12"])}
-    labels: dict[str, dict[str, int]] = {}
-    for plan in plans:
-        labels |= _write_study(int(seed), plan, dicom_dir, quirk_of, odd_shape, wrap_intercept)
-        logger.debug("study %d: %d slices, lesions %s", plan.index, plan.geometry.n_slices,
-                     [les.subtype for les in plan.geometry.lesions])
-        if progress is not None:
-            progress(plan.geometry.n_slices)
-    _write_csv(labels_csv, labels)
-    n_slices = sum(p.geometry.n_slices for p in plans)
-    summary = SynthSummary(out_dir, dicom_dir, labels_csv, len(plans), len({p.patient_id for p in plans}), n_slices,
-                           sum(lab["any"] for lab in labels.values()), n_slices - len(labels), quirks)
-    logger.info("synth: %d slices of %d studies (%d positive) in %s", n_slices, len(plans),
-                summary.n_positive_slices, dicom_dir)
+    _check_arguments(studies, seed, lesion_rate, min_lesion_pixels, test_studies, zip_method)
+    out_dir, seed = Path(out_dir), int(seed)
+    if test_studies is None:
+        test_studies = max(1, studies // 5) if as_zip else 0
+    # A folder without a test split is exactly what earlier versions wrote; a zip always has the four entries.
+    with_test = as_zip or test_studies > 0
+    if as_zip and out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; synth --zip writes a new file only")
+    if not as_zip and out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file; synth writes a folder there (a zip file needs as_zip / --zip)")
+    if not as_zip:
+        _check_folder(out_dir, (TRAIN_DIR, TEST_DIR) if with_test else (TRAIN_DIR,))
+    train = plan_dataset(int(studies), seed, lesion_rate, int(min_lesion_pixels))
+    test = plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels)) if with_test else None
+    if as_zip:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with _zip_out(out_dir, ZIP_METHODS[zip_method]) as out:
+            labels = _write_dataset(out, seed, train, test, progress)
+    else:
+        out = _FolderOut(out_dir)
+        labels = _write_dataset(out, seed, train, test, progress)
+    summary = _summary(out, train=train, test=test, labels=labels, out_dir=out_dir, is_zip=as_zip)
+    logger.info("synth: %d slices of %d studies (%d positive) in %s; test split: %d slices of %d studies",
+                summary.n_slices, summary.n_studies, summary.n_positive_slices, summary.dicom_dir,
+                summary.n_test_slices, summary.n_test_studies)
     return summary
+
+
+def _summary(out: _FolderOut | _ZipOut, *, train: tuple[list[StudyPlan], dict[str, list[str]]],
+             test: tuple[list[StudyPlan], dict[str, list[str]]] | None, labels: dict[str, dict[str, int]],
+             out_dir: Path, is_zip: bool) -> SynthSummary:
+    (plans, quirks), (test_plans, test_quirks) = train, test or ([], {})
+    n_slices = sum(p.geometry.n_slices for p in plans)
+    return SynthSummary(
+        out_dir=out_dir, dicom_dir=out.where(TRAIN_DIR), labels_csv=out.where(TRAIN_CSV),
+        n_studies=len(plans), n_patients=len({p.patient_id for p in plans}), n_slices=n_slices,
+        n_positive_slices=sum(lab["any"] for lab in labels.values()), n_unlabelled=n_slices - len(labels),
+        quirks=quirks, test_dir=out.where(TEST_DIR) if test else None,
+        sample_submission=out.where(SAMPLE_SUBMISSION) if test else None, n_test_studies=len(test_plans),
+        n_test_patients=len({p.patient_id for p in test_plans}),
+        n_test_slices=sum(p.geometry.n_slices for p in test_plans), test_quirks=test_quirks,
+        zip_path=out_dir if is_zip else None)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from collections import Counter, defaultdict
 
 import cv2
 import numpy as np
 import pydicom
 import pytest
+from click.testing import CliRunner
 from pydicom.uid import UID
 
 from ichprep import synth
+from ichprep.cli import main
+from ichprep.labels import LABELS
 from ichprep.synth import LESION_CODE, SUBTYPES, generate, plan_dataset, slice_regions
 
 KAGGLE_ORDER = (*SUBTYPES, "any")
@@ -220,6 +224,8 @@ def test_plan_statistics_and_independence():
     ({"studies": 0}, "studies must be an integer >= 1"),
     ({"studies": 2.5}, "studies must be an integer >= 1"),
     ({"studies": 1, "seed": -1}, "seed must be an integer >= 0"),
+    ({"studies": 1, "test_studies": -1}, "test_studies must be an integer >= 0"),
+    ({"studies": 1, "as_zip": True, "zip_method": "bzip2"}, "zip_method must be one of deflated, stored"),
 ])
 def test_bad_arguments(tmp_path, kwargs, error):
     with pytest.raises(ValueError, match=error):
@@ -245,3 +251,138 @@ def test_uids_are_unique_across_studies_and_slices(tmp_path):
         studies.add(ds.StudyInstanceUID)
     assert len(sops) == len(set(sops))
     assert len(studies) == 13
+
+
+# ------------------------------------------------------------------------------ test split and Kaggle zip
+TOP = synth.KAGGLE_TOP
+
+
+def read_zip(path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+@pytest.fixture(scope="module")
+def kaggle(tmp_path_factory):
+    """``--studies 2 --seed 0 --test-studies 1`` as a folder, and as a zip with the default (studies // 5, >= 1)."""
+    root = tmp_path_factory.mktemp("kaggle")
+    folder = generate(root / "folder", studies=2, seed=0, test_studies=1)
+    zipped = generate(root / "out" / "rsna.zip", studies=2, seed=0, as_zip=True)
+    return folder, zipped
+
+
+def test_test_split_leaves_the_train_files_alone(ds2, tmp_path):
+    summary = generate(tmp_path, studies=2, seed=0, test_studies=2)
+    hashes, before = sha256s(tmp_path), sha256s(ds2[0].out_dir)
+    assert {name: h for name, h in hashes.items() if name.startswith("stage_2_train")} == before
+    tests = {name for name in hashes if name.startswith("stage_2_test/")}
+    assert set(hashes) == set(before) | tests | {"stage_2_sample_submission.csv"}
+    assert len(tests) == summary.n_test_slices and summary.n_test_studies == 2
+    assert summary.test_dir == tmp_path / "stage_2_test"
+    assert summary.sample_submission == tmp_path / "stage_2_sample_submission.csv"
+    assert (summary.n_slices, summary.quirks) == (ds2[0].n_slices, ds2[0].quirks)
+
+
+def test_zip_holds_the_kaggle_layout(kaggle):
+    folder, zipped = kaggle
+    files = sha256s(folder.out_dir)
+    members = read_zip(zipped.zip_path)
+    assert list(members) == sorted(members)
+    dirs = {f"{TOP}/", f"{TOP}/stage_2_train/", f"{TOP}/stage_2_test/"}
+    assert set(members) == dirs | {f"{TOP}/{name}" for name in files}
+    assert {name.split("/")[0] for name in files} == {"stage_2_train", "stage_2_test", "stage_2_train.csv",
+                                                       "stage_2_sample_submission.csv"}
+    for name, digest in files.items():
+        assert hashlib.sha256(members[f"{TOP}/{name}"]).hexdigest() == digest, name
+    assert (zipped.n_slices, zipped.n_test_slices, zipped.n_test_studies) == (folder.n_slices, folder.n_test_slices, 1)
+
+
+def test_zip_summary_names_sources_inside_the_zip(kaggle):
+    _, zipped = kaggle
+    where = f"{zipped.zip_path}::{TOP}"
+    assert zipped.zip_path.name == "rsna.zip" and zipped.out_dir == zipped.zip_path
+    assert (zipped.dicom_dir, zipped.labels_csv) == (f"{where}/stage_2_train", f"{where}/stage_2_train.csv")
+    assert (zipped.test_dir, zipped.sample_submission) == (f"{where}/stage_2_test",
+                                                           f"{where}/stage_2_sample_submission.csv")
+    assert [p.name for p in zipped.zip_path.parent.iterdir()] == ["rsna.zip"]   # no temporary file left
+
+
+def test_zip_is_deterministic_and_honours_the_method(kaggle, tmp_path):
+    _, zipped = kaggle
+    again = generate(tmp_path / "again.zip", studies=2, seed=0, as_zip=True, test_studies=1)
+    assert again.zip_path.read_bytes() == zipped.zip_path.read_bytes()
+    stored = generate(tmp_path / "stored.zip", studies=2, seed=0, as_zip=True, zip_method="stored")
+    assert read_zip(stored.zip_path) == read_zip(zipped.zip_path)
+    for path, method in ((zipped.zip_path, zipfile.ZIP_DEFLATED), (stored.zip_path, zipfile.ZIP_STORED)):
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                assert info.date_time == synth.ZIP_DATE_TIME and info.create_system == 3
+                mode = info.external_attr >> 16
+                assert mode == (0o40755 if info.is_dir() else 0o100644), info.filename
+                assert info.compress_type == (zipfile.ZIP_STORED if info.is_dir() else method), info.filename
+
+
+def test_sample_submission_lists_the_test_images(kaggle):
+    folder, _ = kaggle
+    test_ids = sorted(p.stem for p in folder.test_dir.iterdir())
+    lines = folder.sample_submission.read_text().splitlines()
+    assert lines == ["ID,Label"] + [f"{i}_{label},0.5" for i in test_ids for label in LABELS]
+    assert len(test_ids) == folder.n_test_slices and not set(test_ids) & set(read_csv(folder.labels_csv))
+
+
+def test_test_split_has_other_patients_and_readable_files(kaggle):
+    folder, _ = kaggle
+    headers = {split: [pydicom.dcmread(p) for p in sorted(d.iterdir())]
+               for split, d in (("train", folder.dicom_dir), ("test", folder.test_dir))}
+    for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        train, test = ({getattr(ds, key) for ds in headers[split]} for split in ("train", "test"))
+        assert train and test and not train & test, key
+    assert len({ds.PatientID for ds in headers["test"]}) == folder.n_test_patients
+    assert not set(folder.test_quirks) & {"truncated_pixels", "unlabelled"}
+    for ds in headers["test"]:   # every test image can be predicted
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+
+
+def test_test_split_plan_avoids_train_names():
+    train, _ = plan_dataset(300, 7)
+    test, _ = synth.plan_test_split(60, 7, train)
+    for key in (lambda p: {p.patient_id}, lambda p: set(p.image_ids)):
+        assert not set().union(*map(key, train)) & set().union(*map(key, test))
+    # Names already taken get salted instead of reused.
+    first, _ = plan_dataset(2, 0)
+    taken = {i for p in first for i in (p.patient_id, *p.image_ids)}
+    again, _ = plan_dataset(2, 0, taken=taken)
+    assert [p.geometry for p in again] == [p.geometry for p in first]
+    assert not taken & {i for p in again for i in (p.patient_id, *p.image_ids)}
+
+
+def test_killed_zip_run_leaves_no_zip(tmp_path):
+    def killed(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "rsna.zip", studies=1, seed=0, as_zip=True, progress=killed)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zip_refuses_an_existing_file_and_a_folder_path_must_not_be_a_file(kaggle):
+    _, zipped = kaggle
+    with pytest.raises(FileExistsError, match="already exists"):
+        generate(zipped.zip_path, studies=1, as_zip=True)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        generate(zipped.zip_path, studies=1)
+
+
+def test_cli_synth_zip(tmp_path):
+    out = tmp_path / "rsna.zip"
+    args = ["synth", out, "--zip", "--studies", 2, "--seed", 0, "--test-studies", 1, "--zip-method", "stored"]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"to {out}::{TOP}/stage_2_train\nlabels: {out}::{TOP}/stage_2_train.csv\n" in result.output
+    assert f"in {out}::{TOP}/stage_2_test\nsample submission: {out}::{TOP}/stage_2_sample_submission.csv" in result.output
+    assert f"zip: {out} (" in result.output and "stored" in result.output
+    with zipfile.ZipFile(out) as zf:
+        assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_STORED}
+        assert f"{TOP}/stage_2_sample_submission.csv" in zf.namelist()
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code != 0 and "already exists" in result.output

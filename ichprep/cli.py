@@ -56,6 +56,25 @@ class StoreParam(click.ParamType):
         return str(path)
 
 
+class SourceParam(click.ParamType):
+    """A DICOM source: a folder, a zip (ZIP or ZIP::FOLDER) or an fsspec URL; checked to exist, passed on as text."""
+
+    name = "SOURCE"
+
+    def convert(self, value, param, ctx):
+        from .source import parse_source
+
+        try:
+            return str(parse_source(value))
+        except IchprepError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SOURCE_HELP = ("SOURCE is a folder, a zip file (rsna.zip, or a folder inside it: "
+               "rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train) or a URL (s3://bucket/stage_2_train/).")
+LABELS_HELP = "Kaggle label CSV (ID,Label): a file, a URL, or a CSV inside the zip (rsna.zip::top/stage_2_train.csv)."
+
+
 def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc)) from exc
 
@@ -70,7 +89,7 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--studies", type=click.IntRange(min=1), default=20, show_default=True, help="Number of studies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--lesion-rate", type=click.FloatRange(0, 1), default=0.4, show_default=True,
@@ -78,20 +97,43 @@ def main(verbose: int) -> None:
 @click.option("--min-lesion-pixels", type=click.IntRange(min=1), default=20, show_default=True,
               help="Lesion cross-sections smaller than this (pixels at 512²) are neither drawn nor labelled; "
                    "raise it (e.g. 600) for an easy set whose labels are all visible at low resolution.")
-def synth(out_dir: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pixels: int) -> None:
-    """Write a synthetic RSNA-style dataset to OUT_DIR (stage_2_train/ + stage_2_train.csv)."""
+@click.option("--test-studies", type=click.IntRange(min=0), default=None,
+              help="Extra studies of other patients, unlabelled, in stage_2_test/ and listed in "
+                   "stage_2_sample_submission.csv; the train files stay the same bytes "
+                   "[default: 0, with --zip studies // 5 (at least 1)].")
+@click.option("--zip", "as_zip", is_flag=True,
+              help="OUT is a new zip file (e.g. rsna.zip) laid out like the Kaggle download: "
+                   "rsna-intracranial-hemorrhage-detection/ with both DICOM folders and both CSVs.")
+@click.option("--zip-method", type=click.Choice(["deflated", "stored"]), default="deflated", show_default=True,
+              help="Compression of the zip members (Kaggle's zip is deflated).")
+def synth(out: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pixels: int, test_studies: int | None,
+          as_zip: bool, zip_method: str) -> None:
+    """Write a synthetic RSNA-style dataset to OUT.
+
+    OUT is a folder (stage_2_train/ + stage_2_train.csv, and with --test-studies stage_2_test/ +
+    stage_2_sample_submission.csv), or with --zip a zip file holding all four under
+    rsna-intracranial-hemorrhage-detection/, whose DICOMs are then the source
+    OUT::rsna-intracranial-hemorrhage-detection/stage_2_train.
+    """
     from .synth import generate
 
     with _bar(None, "slice", "synth") as progress:
         try:
-            summary = generate(out_dir, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate,
-                               min_lesion_pixels=min_lesion_pixels)
+            summary = generate(out, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate,
+                               min_lesion_pixels=min_lesion_pixels, test_studies=test_studies, as_zip=as_zip,
+                               zip_method=zip_method)
         except (ValueError, OSError) as exc:
             _fail(exc)
     click.echo(
         f"wrote {summary.n_slices} slices of {summary.n_studies} studies ({summary.n_patients} patients, "
         f"{summary.n_positive_slices} positive slices) to {summary.dicom_dir}\nlabels: {summary.labels_csv}"
     )
+    if summary.test_dir is not None:
+        click.echo(f"test: {summary.n_test_slices} slices of {summary.n_test_studies} studies "
+                   f"({summary.n_test_patients} patients, unlabelled) in {summary.test_dir}\n"
+                   f"sample submission: {summary.sample_submission}")
+    if summary.zip_path is not None:
+        click.echo(f"zip: {summary.zip_path} ({summary.zip_path.stat().st_size} bytes, {zip_method})")
     for quirk, ids in summary.quirks.items():
         click.echo(f"  quirk {quirk}: {len(ids)} slice(s)")
 
@@ -117,15 +159,14 @@ def _cluster(workers: int | None, scheduler: str | None):
     return dask_client(workers, scheduler)
 
 
-@main.command()
-@click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Kaggle label CSV (ID,Label).")
+@main.command(epilog=SOURCE_HELP)
+@click.argument("dicom_dir", metavar="SOURCE", type=SourceParam())
+@click.option("--labels", "labels_csv", metavar="CSV", help=LABELS_HELP)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Parquet file to write, e.g. slices.parquet.")
 @cluster_options
-def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | None, scheduler: str | None) -> None:
-    """Read every DICOM header under DICOM_DIR in parallel and write one Parquet row per file."""
+def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | None, scheduler: str | None) -> None:
+    """Read every DICOM header of SOURCE in parallel and write one Parquet row per file."""
     from .scan import scan as run_scan, write_scan
 
     cluster = _cluster(workers, scheduler)  # starts nothing until entered
@@ -146,10 +187,9 @@ def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | 
     click.echo(f"wrote {output}")
 
 
-@main.command()
-@click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Kaggle label CSV (ID,Label).")
+@main.command(epilog=SOURCE_HELP)
+@click.argument("dicom_dir", metavar="SOURCE", type=SourceParam())
+@click.option("--labels", "labels_csv", metavar="CSV", help=LABELS_HELP)
 @click.option("-o", "--output", "store", type=StoreParam(exists=False), required=True,
               help="Zarr store to write: a folder (cache.zarr) or an object-store URL (s3://bucket/cache.zarr).")
 @click.option("--scan", "scan_parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -174,7 +214,7 @@ def scan(dicom_dir: Path, labels_csv: Path | None, output: Path, workers: int | 
                    "which keeps it out of the process list).")
 def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_slices, compressor, compression_level,
             workers, scheduler, overwrite, manifest_out, pseudonymize_key) -> None:
-    """Convert every DICOM slice under DICOM_DIR into one sharded Zarr v3 store.
+    """Convert every DICOM slice of SOURCE into one sharded Zarr v3 store.
 
     Rerunning the same command after an interruption resumes: completed shards
     are verified and skipped.

@@ -37,6 +37,7 @@ from .manifest import build_manifest, source_digest, source_summary, write_manif
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .shardcodec import FastLayout, Mismatch
+from .source import Member, Source, members_of, parse_source, read_member
 from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
@@ -102,14 +103,17 @@ def _completed(root: Location, index: int, digest: str) -> dict | None:
     return done
 
 
-def convert_shard(root: str, index: int, start: int, paths: list[str], spec: PreprocessSpec,
-                  layout: FastLayout | Mismatch | None = None) -> dict:
+def convert_shard(root: str, index: int, start: int, members: list[Member], spec: PreprocessSpec,
+                  layout: FastLayout | Mismatch | None = None, source: Source | None = None) -> dict:
     """Decode, preprocess and write one whole shard; return its completion record.
 
     Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
     checked metadata (:func:`ichprep.store.images_layout`), read once by the caller for many shards.
+    ``source`` says where the members' bytes are; None (or a local folder) reads each by its path.
     """
     root = Location(root)
+    by_path = source is None or source.is_local and not source.is_zip
+    paths = [m.path for m in members]
     digest = _inputs_digest(start, paths)
     done = _completed(root, index, digest)
     if done is not None:
@@ -119,9 +123,10 @@ def convert_shard(root: str, index: int, start: int, paths: list[str], spec: Pre
     # slot below is overwritten or zeroed.
     buffer = scratch.array("shard", (spec.shard_slices, spec.channels, spec.size, spec.size), np.uint8)[: len(paths)]
     errors = []
-    for i, path in enumerate(paths):
+    for i, member in enumerate(members):
         try:
-            _, hu = read_slice(path, reuse=True)
+            data = None if by_path else read_member(source, member, reuse=True)
+            _, hu = read_slice(member.path, reuse=True, data=data)
             spec.apply(hu, out=buffer[i])
             continue
         except DicomReadError as exc:
@@ -176,16 +181,17 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
     return False
 
 
-def _tasks(plan: pd.DataFrame, shard_slices: int) -> list[tuple[int, int, list[str]]]:
-    paths = plan["abs_path"].tolist()
-    return [(k, start, paths[start : start + shard_slices])
-            for k, start in enumerate(range(0, len(paths), shard_slices))]
+def _tasks(plan: pd.DataFrame, shard_slices: int) -> list[tuple[int, int, list[Member]]]:
+    members = members_of(plan.assign(path=plan["abs_path"]))
+    return [(k, start, members[start : start + shard_slices])
+            for k, start in enumerate(range(0, len(members), shard_slices))]
 
 
-def convert_shards(root: str, shards: list[tuple[int, int, list[str]]], spec: PreprocessSpec) -> list[dict]:
+def convert_shards(root: str, shards: list[tuple[int, int, list[Member]]], spec: PreprocessSpec,
+                   source: Source | None = None) -> list[dict]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
-    return [convert_shard(root, index, start, paths, spec, layout) for index, start, paths in shards]
+    return [convert_shard(root, index, start, members, spec, layout, source) for index, start, members in shards]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
@@ -198,14 +204,14 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
 
-def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress) -> list[dict]:
+def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress, source: Source) -> list[dict]:
     results = []
     if client is None:
         layout = images_layout(root)
-        for index, start, paths in tasks:
-            results.append(convert_shard(root.url, index, start, paths, spec, layout))
+        for index, start, members in tasks:
+            results.append(convert_shard(root.url, index, start, members, spec, layout, source))
             if progress:
-                progress(len(paths))
+                progress(len(members))
         return results
     from distributed import as_completed
 
@@ -213,7 +219,7 @@ def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress) ->
     batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
     # One map call (one message to the scheduler), and results that come with the completions.
     futures = client.map(convert_shards, [root.url] * len(batches), batches, [spec] * len(batches),
-                         key=[f"ichprep-shards-{b[0][0]}-{b[-1][0]}" for b in batches], retries=3, pure=False)
+                         [source] * len(batches), key=[f"ichprep-shards-{b[0][0]}-{b[-1][0]}" for b in batches], retries=3, pure=False)
     for _, done in as_completed(futures, with_results=True):
         results.extend(done)
         if progress:
@@ -232,12 +238,6 @@ def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows, columns=["path", "image_id", "stage", "reason", "detail"], dtype="string")
 
 
-def _relative(paths: list[str], root: Path) -> list[str]:
-    """``os.path.relpath(p, root)`` for each path, by prefix where the path starts with ``root`` (the scan's paths do)."""
-    prefix = os.path.join(str(root), "")
-    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
-
-
 def convert(
     dicom_dir: str | Path,
     store: str | Path,
@@ -250,7 +250,11 @@ def convert(
     pseudonymize_key: str | None = None,
     manifest_out: str | Path | None = None,
 ) -> ConvertSummary:
-    """Convert every readable slice under ``dicom_dir`` into ``store``; see the module docstring.
+    """Convert every readable slice of ``dicom_dir`` into ``store``; see the module docstring.
+
+    ``dicom_dir`` is a SOURCE: a folder, a zip (``rsna.zip::top/stage_2_train``) or an fsspec URL
+    (:mod:`ichprep.source`); the store records paths relative to it, so one archive gives one manifest
+    whichever way it is read.
 
     ``scan_table`` (from ``ichprep scan``) skips the header scan. ``client`` is a
     Dask client (None runs every shard in this process, for tests and small jobs).
@@ -261,26 +265,26 @@ def convert(
     also writes the manifest there (e.g. ``data_manifests/NAME.json``).
     """
     started = time.perf_counter()
-    dicom_dir, root = Path(dicom_dir), as_location(store)
+    source, root = parse_source(dicom_dir), as_location(store)
     if pseudonymize_key is not None:
         check_key(pseudonymize_key)  # before the long part
     root.makedirs()
     with store_lock(root):
         if scan_table is None:
-            table, _ = scan(dicom_dir, labels_csv, client=client, progress=progress)
+            table, _ = scan(source, labels_csv, client=client, progress=progress)
         else:
             table = scan_table
             if labels_csv is not None:
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
         absolute = table["path"].astype(str).tolist()
-        table = table.assign(abs_path=absolute, path=_relative(absolute, dicom_dir))
+        table = table.assign(abs_path=absolute, path=[source.relative(p) for p in absolute])
         originals = {}
         if pseudonymize_key is not None:
             table, originals = pseudonymize_scan(table, pseudonymize_key)
         plan = table[table["status"] == OK].reset_index(drop=True)
         header_failures = table[table["status"] != OK]
         if plan.empty:
-            raise DicomReadError(dicom_dir, f"no readable CT slice among {len(table)} files; see the scan for reasons")
+            raise DicomReadError(str(source), f"no readable CT slice among {len(table)} files; see the scan for reasons")
 
         identity = _identity(spec, plan)
         resuming = _prepare(root, identity, overwrite)
@@ -289,7 +293,7 @@ def convert(
             root.makedirs(f"{STATE}/shards")
             root.write_json(f"{STATE}/{RUN_FILE}", identity)
         advance = progress("convert", len(plan)) if progress else None
-        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, advance)
+        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, advance, source)
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
         slices = plan.assign(ok=[i not in errors for i in range(len(plan))],

@@ -17,6 +17,7 @@ conversion (~10 µs each).  Whatever is not plain goes through pydicom.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -46,7 +47,7 @@ from .errors import (
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
-from .plainread import NotPlain, read_plain
+from .plainread import NotPlain, parse, read_plain
 
 logger = logging.getLogger(__name__)
 
@@ -224,14 +225,15 @@ def _dcmread(fp, stop_before_pixels: bool) -> pydicom.Dataset:
         return ds
 
 
-def _open(path: str | Path, stop_before_pixels: bool) -> tuple[pydicom.Dataset, bool]:
+def _open(path: str | Path, stop_before_pixels: bool, data: bytes | None = None) -> tuple[pydicom.Dataset, bool]:
     """dcmread with every failure mapped to a DicomReadError naming the file.
 
     Returns the dataset and whether the file holds a pixel data element (a
     header-only read stops just before it, so we peek at the next tag).
+    ``data`` is the file's content where it does not lie on a local disk (a zip member, an object).
     """
     try:
-        fp = open(path, "rb")
+        fp = open(path, "rb") if data is None else io.BytesIO(data)
     except FileNotFoundError:
         raise
     except IsADirectoryError as exc:
@@ -240,7 +242,7 @@ def _open(path: str | Path, stop_before_pixels: bool) -> tuple[pydicom.Dataset, 
         raise UnreadableFileError(path, f"cannot open: {exc.strerror or exc}") from exc
     try:
         with fp:
-            if os.fstat(fp.fileno()).st_size == 0:
+            if (len(data) if data is not None else os.fstat(fp.fileno()).st_size) == 0:
                 raise EmptyFileError(path, "the file has 0 bytes")
             ds = _dcmread(fp, stop_before_pixels)
             if stop_before_pixels:
@@ -313,21 +315,28 @@ def _header(ds: pydicom.Dataset, has_pixels: bool, path: str | Path) -> SliceHea
         raise InvalidHeaderError(path, f"bad header value: {exc}") from exc
 
 
-def _read(path: str | Path, want_pixels: bool, reuse: bool, finish):
+def _read(path: str | Path, want_pixels: bool, reuse: bool, finish, data: bytes | None = None):
     """``finish(dataset, has_pixels)`` on the plain walk of the file; on pydicom's reading where the walk
     declines or anything fails on it (pydicom then words the error)."""
-    plain = read_plain(path, want_pixels=want_pixels, reuse=reuse)
+    if data is None:
+        plain = read_plain(path, want_pixels=want_pixels, reuse=reuse)
+    else:
+        plain = parse(data, want_pixels)
     if plain is not None:
         try:
             return finish(plain, plain.has_pixels)
         except (NotPlain, DicomReadError):
             pass
-    return finish(*_open(path, stop_before_pixels=not want_pixels))
+    return finish(*_open(path, stop_before_pixels=not want_pixels, data=data))
 
 
-def read_header(path: str | Path) -> SliceHeader:
-    """Header fields of one file, without decoding pixels."""
-    return _read(path, False, False, lambda ds, has_pixels: _header(ds, has_pixels, path))
+def read_header(path: str | Path, data: bytes | None = None) -> SliceHeader:
+    """Header fields of one file, without decoding pixels.
+
+    ``data``: the file's bytes where they do not lie at ``path`` on a local disk (``path`` then only
+    names the file); a prefix holding the whole header is enough.
+    """
+    return _read(path, False, False, lambda ds, has_pixels: _header(ds, has_pixels, path), data)
 
 
 def check_slice(header: SliceHeader) -> None:
@@ -396,15 +405,16 @@ def _decode(ds: pydicom.Dataset, header: SliceHeader) -> np.ndarray:
     return pixels
 
 
-def read_slice(path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.ndarray]:
+def read_slice(path: str | Path, reuse: bool = False, data: bytes | None = None) -> tuple[SliceHeader, np.ndarray]:
     """Header and HU pixels (float32, shape (rows, cols)) of one single-frame CT slice.
 
     Plain files (every RSNA file) are walked by :mod:`ichprep.plainread`; anything else, and any file
     that fails there, is read with pydicom, which then words the error.  With ``reuse`` the file and
     the HU image live in this thread's scratch buffers (:mod:`ichprep.scratch`): the returned image is
     then valid only until the next ``read_slice(..., reuse=True)`` in this thread (the converter's loop).
+    ``data``: the whole file's bytes where they do not lie at ``path`` on a local disk (a zip member).
     """
-    return _read(path, True, reuse, lambda ds, has_pixels: _slice(ds, has_pixels, path, reuse))
+    return _read(path, True, reuse, lambda ds, has_pixels: _slice(ds, has_pixels, path, reuse), data)
 
 
 def _slice(ds, has_pixels: bool, path: str | Path, reuse: bool = False) -> tuple[SliceHeader, np.ndarray]:

@@ -70,6 +70,16 @@ class PixelDecodeError(DicomReadError):
     reason = "pixel_decode"
 
 
+class ZipMemberError(DicomReadError):
+    """A zip member is damaged (CRC-32 mismatch, no local header, does not inflate) or cannot be read."""
+
+    reason = "bad_zip_member"
+
+
+class SourceError(IchprepError, FileNotFoundError):
+    """A SOURCE (folder, zip, URL) does not exist or cannot be listed; the message says which part."""
+
+
 class LabelsError(IchprepError, ValueError):
     """The label CSV is malformed; the message names the line."""
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import LabelsError
+from .errors import LabelsError, SourceError
+from .source import read_csv
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,14 @@ def _fail(path: Path, rows: pd.DataFrame, what: str, hint: str) -> None:
 def read_labels(path: str | Path) -> pd.DataFrame:
     """Parse a label CSV into one row per image: index ``image_id``, six nullable Int8 columns.
 
+    ``path``: a local file, a URL, or a CSV inside a zip (``rsna.zip::top/stage_2_train.csv``).
+
     Images with some but not all six labels get <NA> for the missing ones.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"label CSV {path} does not exist")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        raw = read_csv(path, dtype=str, keep_default_na=False)
+    except SourceError as exc:
+        raise LabelsError(f"label CSV {path}: {exc}") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise LabelsError(f"{path}: not a readable CSV ({exc})") from exc
     if list(raw.columns) != ["ID", "Label"]:

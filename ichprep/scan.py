@@ -21,6 +21,8 @@ from .dicomio import SliceHeader, check_slice, image_id_of, read_header
 from .store import count_patients
 from .errors import DicomReadError, ScanTableError
 from .labels import LABELS, read_labels
+from .plainread import HEAD_BYTES, parse
+from .source import ZIP_COLUMNS, Member, Source, list_members, parse_source, read_member
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ SCAN_DTYPES: dict[str, str] = {
                                     "window_center", "window_width")},
     **{name: "Int64" for name in ("instance_number", "rows", "cols", "bits_stored", "pixel_representation",
                                   "samples_per_pixel", "n_frames", "file_size")},
+    **{name: "Int64" for name in ZIP_COLUMNS},
     "has_pixels": "boolean",
     **{name: "Int8" for name in LABELS},
 }
@@ -55,21 +58,21 @@ class ScanSummary:
 
 
 def list_dicom_files(root: str | Path) -> list[str]:
-    """Every ``*.dcm`` file under ``root`` (recursive, sorted; symlinked folders are not followed, so loops cannot hang us)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"DICOM folder {root} does not exist or is not a folder")
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        dirs.sort()
-        found.extend(os.path.join(folder, f) for f in files if f.lower().endswith(".dcm"))
-    return sorted(found)
+    """Every ``*.dcm`` file of a source (folder, zip, URL; see :mod:`ichprep.source`), sorted by path."""
+    return [member.path for member in list_members(parse_source(root))]
 
 
-def scan_file(path: str) -> dict:
-    """One scan row; errors become a status instead of an exception."""
+def scan_file(path: str, source: Source | None = None, member: Member | None = None) -> dict:
+    """One scan row; errors become a status instead of an exception.
+
+    A local file is read by path; a zip member or an object (``source``, ``member``) by its first bytes,
+    and whole only where its header is longer than those or not plain.
+    """
     try:
-        header = read_header(path)
+        if source is None or source.is_local and not source.is_zip:
+            header = read_header(path)
+        else:
+            header = read_header(path, data=_header_bytes(source, member))
     except DicomReadError as exc:
         row = {"image_id": image_id_of(path), "path": str(path), "status": exc.reason, "error": exc.detail}
     except FileNotFoundError as exc:
@@ -81,16 +84,32 @@ def scan_file(path: str) -> dict:
             row.update(status=OK, error=None)
         except DicomReadError as exc:
             row.update(status=exc.reason, error=exc.detail)
-    try:
-        row["file_size"] = os.stat(path).st_size
-    except OSError:
-        row["file_size"] = None
+    if member is not None and member.size is not None:
+        row["file_size"] = member.size
+    else:
+        try:
+            row["file_size"] = os.stat(path).st_size
+        except OSError:
+            row["file_size"] = None
+    if member is not None and member.offset is not None:
+        row.update(zip(ZIP_COLUMNS, (member.offset, member.csize, member.method, member.crc)))
     return row
 
 
-def scan_files(paths: list[str]) -> pd.DataFrame:
-    """Scan a batch of files (one Dask task)."""
-    return to_frame([scan_file(p) for p in paths])
+def _header_bytes(source: Source, member: Member) -> bytes:
+    """The member's first HEAD_BYTES where they hold a plain header and the pixel tag, else all of it."""
+    head = read_member(source, member, head=HEAD_BYTES)
+    plain = parse(head, want_pixels=False)
+    if plain is not None and plain.has_pixels:
+        return head
+    return read_member(source, member)
+
+
+def scan_files(paths: list[str] | list[Member], source: Source | None = None) -> pd.DataFrame:
+    """Scan a batch of files (one Dask task): local paths, or the members of ``source``."""
+    if source is None:
+        return to_frame([scan_file(p) for p in paths])
+    return to_frame([scan_file(m.path, source, m) for m in paths])
 
 
 def to_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -174,7 +193,8 @@ def scan(
     batch_size: int = 256,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> tuple[pd.DataFrame, ScanSummary]:
-    """Scan every DICOM under ``dicom_dir``; returns the ordered table and a summary.
+    """Scan every DICOM of a source (``dicom_dir``: a folder, a zip, a URL; :mod:`ichprep.source`); returns the
+    ordered table and a summary.
 
     With a Dask ``client`` the headers are read on its workers in batches of
     ``batch_size`` files (retried if a worker dies); without one, in this process.
@@ -183,20 +203,21 @@ def scan(
     turns it into a progress bar).
     """
     labels = read_labels(labels_csv) if labels_csv is not None else None
-    paths = list_dicom_files(dicom_dir)
-    logger.info("scanning %d files under %s", len(paths), dicom_dir)
-    advance = progress("scan", len(paths)) if progress else None
+    source = parse_source(dicom_dir)
+    members = list_members(source)
+    logger.info("scanning %d files in %s", len(members), source)
+    advance = progress("scan", len(members)) if progress else None
     parts = []
     if client is None:
-        for batch in _batches(paths, batch_size):
-            parts.append(scan_files(batch))
+        for batch in _batches(members, batch_size):
+            parts.append(scan_files(batch, source))
             if advance:
                 advance(len(batch))
     else:
         from distributed import as_completed
 
-        batches = list(_batches(paths, batch_size))
-        futures = client.map(scan_files, batches, retries=3, pure=False)
+        batches = list(_batches(members, batch_size))
+        futures = client.map(scan_files, batches, source=source, retries=3, pure=False)
         sizes = {f.key: len(b) for f, b in zip(futures, batches)}
         for future in as_completed(futures):
             parts.append(future.result())

@@ -1,0 +1,273 @@
+"""Where the DICOM archive lies: a folder, a zip file (or a folder inside one), or an fsspec URL.
+
+A SOURCE is written as
+
+- ``stage_2_train`` or ``/data/rsna/stage_2_train``: a local folder;
+- ``s3://bucket/stage_2_train/`` (``gs://``, ``file://``, ...): every object below a prefix;
+- ``rsna.zip`` or ``rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train``: a zip file, whole or one
+  folder inside it; the zip itself may be local or a URL (``s3://bucket/rsna.zip::top/stage_2_train``).
+
+The driver lists a source once (:func:`list_members`).  For a zip that is one read of the central
+directory, and every member row records where its bytes are (local header offset, compressed size,
+method, CRC-32), so a worker reads exactly that byte range (a seek on a local or shared disk, one ranged
+GET on an object store) and never parses the central directory itself.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
+
+import fsspec
+import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
+from isal import isal_zlib
+
+from . import scratch
+from .errors import SourceError, TruncatedFileError, ZipMemberError
+
+logger = logging.getLogger(__name__)
+
+ZIP_SEP = "::"
+DICOM_SUFFIX = ".dcm"
+STORED, DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+#: Columns a zip member adds to the scan table (null for other sources).
+ZIP_COLUMNS = ("zip_offset", "zip_csize", "zip_method", "zip_crc")
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the zip local file header (APPNOTE 4.3.7)
+_LOCAL_MAGIC = b"PK\x03\x04"
+_EXTRA_SLACK = 256  # local extra fields are rarely longer: the header and the data then come in one read
+_DEFLATE_HEAD_SLACK = 1024  # incompressible data grows by at most ~0.1 % under deflate
+
+
+class Member(NamedTuple):
+    """One file of a source: its path (as reported and recorded) and, for a zip member, where its bytes are."""
+
+    path: str
+    size: int | None = None
+    offset: int | None = None  # zip: offset of the local file header
+    csize: int | None = None  # zip: compressed size
+    method: int | None = None  # zip: 0 stored, 8 deflated
+    crc: int | None = None  # zip: CRC-32 of the uncompressed bytes
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed SOURCE (see the module docstring); local paths are absolute, for workers elsewhere."""
+
+    url: str
+    inner: str = ""
+    is_zip: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.url}{ZIP_SEP}{self.inner}" if self.is_zip else self.url
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(_filesystem(self.url).fs, LocalFileSystem)
+
+    @property
+    def prefix(self) -> str:
+        """What every member path starts with; the rest is the member's name relative to the source."""
+        if self.is_zip:
+            return f"{self.url}{ZIP_SEP}{self.inner}/" if self.inner else f"{self.url}{ZIP_SEP}"
+        return self.url.rstrip("/") + "/"
+
+    def relative(self, path: str) -> str:
+        """A member path relative to the source: identical for the same archive as folder, zip or bucket."""
+        if path.startswith(self.prefix):
+            return path[len(self.prefix):]
+        return os.path.relpath(path, self.url)  # a scan table written from another spelling of the folder
+
+
+class _FS(NamedTuple):
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+
+@lru_cache(maxsize=64)
+def _filesystem(url: str) -> _FS:
+    """fsspec's filesystem and path for a URL or local path, made once per process."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return _FS(fs, path)
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
+def parse_source(text: str | os.PathLike | Source) -> Source:
+    """The :class:`Source` named by ``text``; raises SourceError saying what is wrong with it."""
+    if isinstance(text, Source):
+        return text
+    text = str(text)
+    if ZIP_SEP in text:
+        url, inner = text.split(ZIP_SEP, 1)
+        url, inner = _absolute(url), inner.strip("/")
+        fs, path = _filesystem(url)
+        if not fs.isfile(path):
+            raise SourceError(f"{url} does not exist or is not a file (the part before '{ZIP_SEP}' must be a zip file)")
+        return Source(url, inner, is_zip=True)
+    url = _absolute(text)
+    fs, path = _filesystem(url)
+    if fs.isdir(path):
+        return Source(url)
+    if fs.isfile(path):
+        return Source(url, "", is_zip=True)
+    raise SourceError(f"{text} does not exist: give a folder, a zip file (ZIP or ZIP{ZIP_SEP}FOLDER) or a URL "
+                      "(s3://bucket/prefix/)")
+
+
+# ---------------------------------------------------------------- listing (the driver, once)
+
+def list_members(source: Source) -> list[Member]:
+    """Every ``*.dcm`` file of the source, sorted by path.
+
+    A local folder is walked without following symlinked folders (so loops cannot hang us) and without
+    sizes (the workers stat the files); a bucket listing and a zip's central directory give sizes.
+    """
+    if source.is_zip:
+        return _zip_members(source)
+    fs, root = _filesystem(source.url)
+    if source.is_local:
+        found = []
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            dirs.sort()
+            found.extend(os.path.join(folder, f) for f in files if f.lower().endswith(DICOM_SUFFIX))
+        return [Member(path) for path in sorted(found)]
+    prefix = source.prefix
+    listing = fs.find(root, detail=True)
+    # fsspec paths lack the protocol: rebuild each member's URL from the source's own spelling.
+    members = [Member(prefix + name[len(root.rstrip("/")) + 1:], int(info["size"]))
+               for name, info in listing.items() if name.lower().endswith(DICOM_SUFFIX)]
+    return sorted(members)
+
+
+def _zip_members(source: Source) -> list[Member]:
+    fs, path = _filesystem(source.url)
+    inner = f"{source.inner}/" if source.inner else ""
+    try:
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise SourceError(f"{source.url} is not a readable zip file (truncated or damaged?): {exc}") from exc
+    members = [Member(f"{source.url}{ZIP_SEP}{info.filename}", info.file_size, info.header_offset,
+                      info.compress_size, info.compress_type, info.CRC)
+               for info in infos
+               if info.filename.startswith(inner) and info.filename.lower().endswith(DICOM_SUFFIX)
+               and not info.is_dir()]
+    if not members and inner and not any(info.filename.startswith(inner) for info in infos):
+        raise SourceError(f"{source.url} holds no folder {source.inner!r}; its top-level entries are: "
+                          + ", ".join(sorted({i.filename.split('/', 1)[0] for i in infos})[:10]))
+    return sorted(members)
+
+
+# ---------------------------------------------------------------- reading (a worker, per file)
+
+def read_member(source: Source, member: Member, head: int | None = None, reuse: bool = False) -> bytes | memoryview:
+    """The bytes of one member, or (``head``) at least its first ``head`` bytes where it has that many.
+
+    A whole zip member is checked against its CRC-32; every failure is a DicomReadError naming the
+    member.  With ``reuse`` a stored member is read into this thread's scratch buffer (valid until the
+    next such read).
+    """
+    if not source.is_zip:
+        fs, _ = _filesystem(source.url)
+        path = _filesystem(member.path).path
+        if head is not None:
+            return fs.cat_file(path, start=0, end=head)
+        return fs.cat_file(path)
+    return _zip_read(source, member, head, reuse)
+
+
+def _read_range(url: str, start: int, length: int, into: memoryview | None = None) -> bytes | memoryview:
+    """``length`` bytes at ``start`` of a local file (one handle per thread) or an object (one ranged GET)."""
+    fs, path = _filesystem(url)
+    if not isinstance(fs, LocalFileSystem):
+        return fs.cat_file(path, start=start, end=start + length)
+    f = scratch.reused(f"zip:{path}", lambda: open(path, "rb"))
+    f.seek(start)
+    if into is None:
+        return f.read(length)
+    return into[: f.readinto(into[:length])]
+
+
+def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> bytes | memoryview:
+    path = member.path
+    if member.method not in (STORED, DEFLATED):
+        raise ZipMemberError(path, f"compression method {member.method} is not supported (stored or deflated only)")
+    if head is None:
+        want = member.csize
+    else:
+        want = min(member.csize, head + (_DEFLATE_HEAD_SLACK if member.method == DEFLATED else 0))
+    span = _LOCAL_HEADER.size + _EXTRA_SLACK + want
+    into = scratch.byte_buffer("zip", span) if reuse and member.method == STORED and head is None else None
+    raw = _read_range(source.url, member.offset, span, into)
+    if len(raw) < _LOCAL_HEADER.size:
+        raise TruncatedFileError(path, f"the zip ends inside this member's local header (offset {member.offset})")
+    fields = _LOCAL_HEADER.unpack_from(raw)
+    if fields[0] != _LOCAL_MAGIC:
+        raise ZipMemberError(path, f"no local file header at offset {member.offset}: the zip is damaged")
+    if fields[3] & 0x1:
+        raise ZipMemberError(path, "the member is encrypted")
+    start = _LOCAL_HEADER.size + fields[10] + fields[11]
+    if start + want > len(raw):  # a long extra field: fetch the data on its own
+        raw = _read_range(source.url, member.offset + start, want, into)
+        start = 0
+    data = memoryview(raw)[start : start + want]
+    if len(data) < want:
+        raise TruncatedFileError(path, f"the zip ends inside this member ({len(data)} of {want} bytes)")
+    if member.method == DEFLATED:
+        try:
+            if head is None:
+                data = isal_zlib.decompress(data, -15, bufsize=member.size or 0)
+            else:
+                data = isal_zlib.decompressobj(-15).decompress(data, head)
+        except isal_zlib.error as exc:
+            raise ZipMemberError(path, f"deflated data does not inflate: {exc}") from exc
+    if head is None:
+        if len(data) != member.size or isal_zlib.crc32(data) != member.crc:
+            raise ZipMemberError(path, f"the member fails its CRC-32 check ({len(data)} bytes, expected "
+                                       f"{member.size}): the zip is damaged")
+    return data
+
+
+def read_file(text: str | os.PathLike) -> bytes:
+    """One whole file given as a local path, a URL, or ``ZIP::PATH/IN/ZIP`` (a CSV inside the archive)."""
+    text = str(text)
+    if ZIP_SEP not in text:
+        fs, path = _filesystem(_absolute(text))
+        if not fs.isfile(path):
+            raise SourceError(f"{text} does not exist or is not a file")
+        return fs.cat_file(path)
+    url, name = text.split(ZIP_SEP, 1)
+    fs, path = _filesystem(_absolute(url))
+    try:
+        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            return archive.read(name.strip("/"))
+    except KeyError as exc:
+        raise SourceError(f"{url} holds no file {name!r}") from exc
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise SourceError(f"cannot read {name!r} from {url}: {exc}") from exc
+
+
+def read_csv(text: str | os.PathLike, **options) -> pd.DataFrame:
+    """:func:`pandas.read_csv` of a file named as for :func:`read_file`."""
+    return pd.read_csv(io.BytesIO(read_file(text)), **options)
+
+
+def members_of(table: pd.DataFrame) -> list[Member]:
+    """The members a scan table's rows name (path, file_size and the zip columns), in row order."""
+    columns = [table["path"].astype(str).tolist(), _ints(table["file_size"])]
+    columns += [_ints(table[name]) if name in table else [None] * len(table) for name in ZIP_COLUMNS]
+    return [Member(*row) for row in zip(*columns)]
+
+
+def _ints(column: pd.Series) -> list[int | None]:
+    return [None if pd.isna(v) else int(v) for v in column.tolist()]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ichprep.cli import StoreParam
+from ichprep.cli import SourceParam, StoreParam
 
 from . import config
 from .errors import IchtrainError
@@ -269,8 +269,12 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--store", type=STORE, help="Predict every slice of this store.")
-@click.option("--dicom-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Predict DICOMs directly (converted with the first source's spec first).")
+@click.option("--dicom-dir", type=SourceParam(),
+              help="Predict DICOMs directly (converted with the first source's spec first): a folder, a zip "
+                   "(rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_test) or a URL.")
+@click.option("--sample-submission", metavar="CSV",
+              help="Kaggle's stage_2_sample_submission.csv (a file, URL or ZIP::PATH): write exactly its rows, "
+                   "in its order.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Kaggle-format CSV (ID,Label) to write; probabilities clipped to [1e-6, 1 - 1e-6].")
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
@@ -284,7 +288,7 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 @click.option("--allow-subtypes-only", is_flag=True,
               help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
                    "never saw a normal slice).")
-def predict(sources, store, dicom_dir, output, tta, no_seq, raw_any, device, batch_size, workers,
+def predict(sources, store, dicom_dir, sample_submission, output, tta, no_seq, raw_any, device, batch_size, workers,
             allow_subtypes_only) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
@@ -293,9 +297,10 @@ def predict(sources, store, dicom_dir, output, tta, no_seq, raw_any, device, bat
     from .submit import predict_dicoms, predict_store
 
     if (store is None) == (dicom_dir is None):
-        raise click.UsageError("give exactly one of --store STORE or --dicom-dir DIR")
+        raise click.UsageError("give exactly one of --store STORE or --dicom-dir SOURCE")
     options = {"device": device, "batch_size": batch_size, "workers": workers, "tta": tta, "use_seq": not no_seq,
-               "any_at_least_subtypes": not raw_any, "allow_subtypes_only": allow_subtypes_only}
+               "any_at_least_subtypes": not raw_any, "allow_subtypes_only": allow_subtypes_only,
+               "sample_submission": sample_submission}
     try:
         if store is not None:
             frame = predict_store(sources, store, output, **options)

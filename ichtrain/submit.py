@@ -22,6 +22,7 @@ import pandas as pd
 
 from ichprep.convert import convert
 from ichprep.labels import LABELS, read_labels
+from ichprep.source import read_csv
 from ichprep.spec import PreprocessSpec
 from ichprep.store import REJECTED, open_store
 
@@ -115,12 +116,13 @@ def _kaggle_table(probs: SourceProbs) -> KaggleTable:
 def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_csv, *, device: str = "auto",
                   batch_size: int = 64, workers: int = 2, tta: str = "none", use_seq: bool = True,
                   any_at_least_subtypes: bool = True, unreadable: list[str] | None = None,
-                  allow_subtypes_only: bool = False) -> pd.DataFrame:
+                  allow_subtypes_only: bool = False, sample_submission: str | Path | None = None) -> pd.DataFrame:
     """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
 
     ``any_at_least_subtypes`` raises ``any`` to the largest subtype probability (a bleed of any kind is a
     bleed).  Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
-    checkpoint unless ``allow_subtypes_only``.
+    checkpoint unless ``allow_subtypes_only``.  ``sample_submission`` (a file, URL or ``ZIP::PATH``): write
+    exactly its rows, in its order (see :func:`follow_sample`).
     """
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     tables = [_kaggle_table(source_probs(s, store_path, tta=tta, use_seq=use_seq, device=device,
@@ -141,11 +143,42 @@ def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_cs
         logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
                        ", ".join(no_pixels))
     frame = kaggle_rows(image_ids, np.clip(table, CLIP, 1 - CLIP))
+    if sample_submission is not None:
+        frame = follow_sample(frame, sample_submission, np.mean([t.fallback for t in tables], axis=0))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")
     logger.info("wrote %d predictions (%d images, %d sources, %d without readable pixels) to %s", len(frame),
                 len(image_ids), len(sources), len(no_pixels), out_csv)
     return frame
+
+
+def follow_sample(frame: pd.DataFrame, sample_submission: str | Path, fallback: np.ndarray) -> pd.DataFrame:
+    """``frame``'s rows in the order of Kaggle's sample submission, exactly its IDs.
+
+    An ID the predictions lack (its file was missing from the archive) gets its label's training
+    prevalence (``fallback``, in LABELS order), with a warning; predicted images the sample does not list are
+    left out, with a warning.
+    """
+    sample = read_csv(sample_submission, dtype={"ID": str})
+    if list(sample.columns) != ["ID", "Label"]:
+        raise DataError(f"{sample_submission}: expected the columns ID,Label of Kaggle's sample submission, "
+                        f"got {list(sample.columns)}")
+    label = sample["ID"].str.rsplit("_", n=1).str[1]
+    unknown = ~label.isin(LABELS)
+    if unknown.any():
+        raise DataError(f"{sample_submission}: ID {sample['ID'][unknown].iloc[0]!r} does not end in one of "
+                        f"{', '.join(LABELS)}")
+    predicted = frame.set_index("ID")["Label"]
+    values = predicted.reindex(sample["ID"])
+    missing = values.isna().to_numpy()
+    if missing.any():
+        logger.warning("%d rows of the sample submission have no prediction (no such file in the archive) and "
+                       "get the training prevalence, e.g. %s", int(missing.sum()), sample["ID"][missing].iloc[0])
+        values[missing] = fallback[label[missing].map(LABELS.index).to_numpy()]
+    left_out = len(predicted) - int((~missing).sum())
+    if left_out:
+        logger.warning("%d predicted rows are not in the sample submission and are left out", left_out)
+    return pd.DataFrame({"ID": sample["ID"].to_numpy(), "Label": np.clip(values.to_numpy(float), CLIP, 1 - CLIP)})
 
 
 def source_spec(source: str | Path) -> PreprocessSpec:
@@ -156,8 +189,11 @@ def source_spec(source: str | Path) -> PreprocessSpec:
 
 def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None,
                    **options) -> pd.DataFrame:
-    """Convert ``dicom_dir`` with the first source's spec into a temporary store, then predict from it."""
+    """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.source`) with the first source's spec into a
+    temporary store, then predict from it."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if options.get("sample_submission") is not None:
+        read_csv(options["sample_submission"], nrows=1)  # a wrong path fails before the conversion
     with tempfile.TemporaryDirectory(prefix="ichtrain-predict-") as tmp:
         store = Path(tmp) / "cache.zarr"
         convert(dicom_dir, store, source_spec(sources[0]), client=client)

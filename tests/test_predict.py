@@ -82,7 +82,7 @@ def test_cli_evaluate_and_predict(tiny_run, easy_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "sub.csv").shape[1] == 2
     result = runner.invoke(main, ["predict", str(tiny_run / "best.pt"), "-o", str(tmp_path / "x.csv")])
-    assert result.exit_code != 0 and "exactly one of --store STORE or --dicom-dir DIR" in result.output
+    assert result.exit_code != 0 and "exactly one of --store STORE or --dicom-dir SOURCE" in result.output
 
 
 @pytest.mark.parametrize("extra", [

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from .cluster import MIN_FILES_FOR_CLUSTER
 from .errors import IchprepError
 
 logger = logging.getLogger("ichprep")
@@ -146,17 +147,18 @@ def cluster_options(command):
     )(command)
     return click.option(
         "--workers", type=click.IntRange(min=1), default=None,
-        help="Worker processes of the local Dask cluster [default: one per core].",
+        help="Worker processes of a local Dask cluster [default: one per core, and no cluster for fewer than "
+             f"{MIN_FILES_FOR_CLUSTER} files, where starting one costs more than it saves].",
     )(command)
 
 
 def _cluster(workers: int | None, scheduler: str | None):
     """The Dask client of --workers / --scheduler (a context manager); both at once is a usage error."""
-    from .cluster import dask_client
+    from .cluster import OnDemand
 
     if workers and scheduler:
         raise click.UsageError("give --workers or --scheduler, not both")
-    return dask_client(workers, scheduler)
+    return OnDemand(workers, scheduler)
 
 
 @main.command(epilog=SOURCE_HELP)

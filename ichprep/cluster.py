@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 logger = logging.getLogger(__name__)
+
+#: Fewer files than this convert in the calling process: a local cluster's start and stop cost more than
+#: its parallel work saves there (BENCHMARKS.md, "Start-up").
+MIN_FILES_FOR_CLUSTER = 2000
 
 
 def default_workers() -> int:
@@ -63,3 +67,40 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+class OnDemand:
+    """A Dask client started only once the work is known to pay for it (the command line's default).
+
+    ``--scheduler`` or an explicit ``--workers`` always gets its cluster; otherwise fewer than
+    ``min_files`` files run in this process (:func:`resolve_client`).  Use it as a context manager: a
+    cluster it started is closed on exit.
+    """
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None,
+                 min_files: int = MIN_FILES_FOR_CLUSTER):
+        self.workers, self.scheduler, self.min_files = workers, scheduler, min_files
+        self._stack = ExitStack()
+        self._client = None
+
+    def __enter__(self) -> "OnDemand":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._client = None
+
+    def client(self, n_files: int):
+        """The client for ``n_files`` files of work, or None to run them in this process."""
+        if self._client is None and self.workers is None and self.scheduler is None and n_files < self.min_files:
+            logger.info("%d files: working in this process (a local cluster pays off from %d)", n_files,
+                        self.min_files)
+            return None
+        if self._client is None:
+            self._client = self._stack.enter_context(dask_client(self.workers, self.scheduler))
+        return self._client
+
+
+def resolve_client(client, n_files: int):
+    """A Dask client or None from what a caller passed: a client, None, or an :class:`OnDemand`."""
+    return client.client(n_files) if isinstance(client, OnDemand) else client

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from . import scratch
+from .cluster import resolve_client
 from .dicomio import read_slice
 from .errors import DicomReadError, StoreExistsError
 from .labels import read_labels
@@ -257,7 +258,8 @@ def convert(
     whichever way it is read.
 
     ``scan_table`` (from ``ichprep scan``) skips the header scan. ``client`` is a
-    Dask client (None runs every shard in this process, for tests and small jobs).
+    Dask client (None runs every shard in this process, for tests and small jobs), or an
+    :class:`ichprep.cluster.OnDemand`, which starts one only for enough files.
     ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
     "convert": slices). The store's lock is taken first, so a second converter on the same
     store stops at once instead of after its header scan. ``pseudonymize_key`` replaces every
@@ -293,7 +295,8 @@ def convert(
             root.makedirs(f"{STATE}/shards")
             root.write_json(f"{STATE}/{RUN_FILE}", identity)
         advance = progress("convert", len(plan)) if progress else None
-        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, client, advance, source)
+        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, resolve_client(client, len(plan)),
+                             advance, source)
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
         slices = plan.assign(ok=[i not in errors for i in range(len(plan))],

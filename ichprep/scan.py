@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cluster import resolve_client
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
 from .store import count_patients
 from .errors import DicomReadError, ScanTableError
@@ -196,7 +197,8 @@ def scan(
     """Scan every DICOM of a source (``dicom_dir``: a folder, a zip, a URL; :mod:`ichprep.source`); returns the
     ordered table and a summary.
 
-    With a Dask ``client`` the headers are read on its workers in batches of
+    With a Dask ``client`` (or an :class:`ichprep.cluster.OnDemand` that starts one for enough files) the
+    headers are read on its workers in batches of
     ``batch_size`` files (retried if a worker dies); without one, in this process.
     The label CSV is parsed first so a bad CSV fails before the long part.
     ``progress(stage, total)`` returns a callback given the number of files done (the CLI
@@ -208,6 +210,7 @@ def scan(
     logger.info("scanning %d files in %s", len(members), source)
     advance = progress("scan", len(members)) if progress else None
     parts = []
+    client = resolve_client(client, len(members))
     if client is None:
         for batch in _batches(members, batch_size):
             parts.append(scan_files(batch, source))

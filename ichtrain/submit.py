@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextlib import nullcontext
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from ichprep.cluster import OnDemand
 from ichprep.convert import convert
 from ichprep.labels import LABELS, read_labels
 from ichprep.source import read_csv
@@ -190,13 +192,15 @@ def source_spec(source: str | Path) -> PreprocessSpec:
 def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None,
                    **options) -> pd.DataFrame:
     """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.source`) with the first source's spec into a
-    temporary store, then predict from it."""
+    temporary store, then predict from it.  Without a ``client`` a local cluster converts where the files are
+    many enough to pay for it (:class:`ichprep.cluster.OnDemand`)."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     if options.get("sample_submission") is not None:
         read_csv(options["sample_submission"], nrows=1)  # a wrong path fails before the conversion
     with tempfile.TemporaryDirectory(prefix="ichtrain-predict-") as tmp:
         store = Path(tmp) / "cache.zarr"
-        convert(dicom_dir, store, source_spec(sources[0]), client=client)
+        with OnDemand() if client is None else nullcontext(client) as on_demand:  # closed before inference
+            convert(dicom_dir, store, source_spec(sources[0]), client=on_demand)
         rejected = pd.read_csv(store / REJECTED, dtype=str)
         unreadable = rejected.loc[rejected["stage"] == "header", "image_id"].tolist()
         return predict_store(sources, store, out_csv, unreadable=unreadable, **options)

@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 DEMO_STUDIES ?= 40
 STUDY  ?= demo_study
+KAGGLE  = $(DEMO)/rsna.zip::rsna-intracranial-hemorrhage-detection
 
 .PHONY: install test demo demo-study bench clean
 
@@ -22,15 +23,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/ichprep synth $(DEMO)/data --studies $(DEMO_STUDIES) --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
-	$(BIN)/ichprep scan $(DEMO)/data/stage_2_train --labels $(DEMO)/data/stage_2_train.csv -o $(DEMO)/scan.parquet
-	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
+	@echo "--- a Kaggle-style zip (train and test folders, both CSVs), read where it lies: nothing is unpacked"
+	$(BIN)/ichprep synth $(DEMO)/rsna.zip --zip --studies $(DEMO_STUDIES) --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
+	$(BIN)/ichprep scan $(KAGGLE)/stage_2_train --labels $(KAGGLE)/stage_2_train.csv -o $(DEMO)/scan.parquet
+	$(BIN)/ichprep convert $(KAGGLE)/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache.zarr --manifest-out $(DEMO)/manifest.json
 	$(BIN)/ichprep verify $(DEMO)/cache.zarr
 	$(BIN)/ichprep info $(DEMO)/cache.zarr
 	$(BIN)/ichprep show $(DEMO)/cache.zarr --index 30 -o $(DEMO)/montage.png
 	@echo "--- a 64x64 cache of the same slices, so a CPU can train on it in a minute"
-	$(BIN)/ichprep convert $(DEMO)/data/stage_2_train --scan $(DEMO)/scan.parquet \
+	$(BIN)/ichprep convert $(KAGGLE)/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache64.zarr --size 64 --shard-slices 32
 	$(BIN)/ichtrain train $(DEMO)/cache64.zarr --out $(DEMO)/run --arch resnet18 --image-size 64 \
 		--epochs 6 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
@@ -39,10 +41,12 @@ demo: $(STAMP)
 	$(BIN)/ichprep convert $(DEMO)/heldout/stage_2_train --labels $(DEMO)/heldout/stage_2_train.csv \
 		-o $(DEMO)/heldout64.zarr --size 64 --shard-slices 32
 	$(BIN)/ichtrain evaluate $(DEMO)/run/best.pt --store $(DEMO)/heldout64.zarr --split all --out $(DEMO)/eval --workers 1
-	$(BIN)/ichtrain predict $(DEMO)/run/best.pt --dicom-dir $(DEMO)/data/stage_2_train -o $(DEMO)/submission.csv --workers 1
+	@echo "--- a submission for the zip's test folder, in the sample submission's order"
+	$(BIN)/ichtrain predict $(DEMO)/run/best.pt --dicom-dir $(KAGGLE)/stage_2_test \
+		--sample-submission $(KAGGLE)/stage_2_sample_submission.csv -o $(DEMO)/submission.csv --workers 1
 	@echo
 	@echo "demo done:"
-	@echo "  synthetic DICOMs     $(DEMO)/data/stage_2_train  (labels: $(DEMO)/data/stage_2_train.csv)"
+	@echo "  synthetic archive    $(DEMO)/rsna.zip  (stage_2_train, stage_2_test, both CSVs)"
 	@echo "  Zarr cache           $(DEMO)/cache.zarr  (manifest: $(DEMO)/manifest.json)"
 	@echo "  montage of a study   $(DEMO)/montage.png"
 	@echo "  training run         $(DEMO)/run  (metrics.json, loss.png, roc.png, calibration.png, best.pt, last.pt)"

@@ -191,11 +191,23 @@ def _read_range(url: str, start: int, length: int, into: memoryview | None = Non
     fs, path = _filesystem(url)
     if not isinstance(fs, LocalFileSystem):
         return fs.cat_file(path, start=start, end=start + length)
-    f = scratch.reused(f"zip:{path}", lambda: open(path, "rb"))
+    f = _local_handle(path)
     f.seek(start)
     if into is None:
         return f.read(length)
     return into[: f.readinto(into[:length])]
+
+
+def _local_handle(path: str):
+    """This thread's open handle on a local zip, reopened when the file at ``path`` is replaced."""
+    stat = os.stat(path)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    slot = scratch.reused(f"zip:{path}", dict)
+    if slot.get("identity") != identity:
+        if "file" in slot:
+            slot["file"].close()
+        slot.update(identity=identity, file=open(path, "rb"))
+    return slot["file"]
 
 
 def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> bytes | memoryview:

@@ -216,3 +216,15 @@ def test_predict_from_the_zip_follows_the_sample_submission(tiny_run, archives, 
     any_rows = written[written["ID"].str.endswith("_any")]["Label"].to_numpy()
     sub_rows = written[~written["ID"].str.endswith("_any")]["Label"].to_numpy().reshape(-1, len(LABELS) - 1)
     assert (any_rows >= sub_rows.max(axis=1) - 1e-6).all()
+
+
+def test_a_zip_replaced_at_the_same_path_is_read_afresh(tmp_path):
+    """Workers keep a handle on each zip; a new file under the same name must not be read through the old one."""
+    zip_path = tmp_path / "r.zip"
+    for content in (b"first" * 100, b"second, longer" * 300):
+        with zipfile.ZipFile(tmp_path / "new.zip", "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("a/ID_1.dcm", content)
+        os.replace(tmp_path / "new.zip", zip_path)  # a new file (inode) under the old name, as synth writes
+        (member,) = [m for m in [Member(f"{zip_path}::a/ID_1.dcm", i.file_size, i.header_offset, i.compress_size,
+                                        i.compress_type, i.CRC) for i in zipfile.ZipFile(zip_path).infolist()]]
+        assert bytes(read_member(parse_source(zip_path), member)) == content

@@ -82,6 +82,7 @@ class OnDemand:
         self.workers, self.scheduler, self.min_files = workers, scheduler, min_files
         self._stack = ExitStack()
         self._client = None
+        self._said_in_process = False
 
     def __enter__(self) -> "OnDemand":
         return self
@@ -93,8 +94,10 @@ class OnDemand:
     def client(self, n_files: int):
         """The client for ``n_files`` files of work, or None to run them in this process."""
         if self._client is None and self.workers is None and self.scheduler is None and n_files < self.min_files:
-            logger.info("%d files: working in this process (a local cluster pays off from %d)", n_files,
-                        self.min_files)
+            if not self._said_in_process:  # the scan and the conversion both ask
+                logger.info("%d files: working in this process (a local cluster pays off from %d)", n_files,
+                            self.min_files)
+                self._said_in_process = True
             return None
         if self._client is None:
             self._client = self._stack.enter_context(dask_client(self.workers, self.scheduler))

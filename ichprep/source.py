@@ -99,7 +99,9 @@ def _filesystem(url: str) -> _FS:
 
 
 def _absolute(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)
+    """Local paths (``file://`` URLs too) as absolute plain paths, so every spelling names one file alike."""
+    fs, path = _filesystem(url)
+    return path if isinstance(fs, LocalFileSystem) else url
 
 
 def parse_source(text: str | os.PathLike | Source) -> Source:

@@ -151,6 +151,8 @@ def test_a_long_local_extra_field_is_read_with_a_second_range(archives, tmp_path
 def test_labels_and_relative_paths_are_the_same_from_every_source(archives, reference):
     ref = open_store(reference).slices
     folder = parse_source(archives["folder"] / "stage_2_train")
+    assert parse_source(f"file://{archives['folder']}/stage_2_train/") == folder  # one spelling per place
+    assert parse_source(f"file://{archives['stored']}").url == str(archives["stored"])
     assert folder.relative(str(archives["folder"] / "stage_2_train" / "a" / "ID_1.dcm")) == "a/ID_1.dcm"
     assert ref["path"].str.endswith(".dcm").all() and not ref["path"].str.contains("::").any()
     assert not ref["path"].str.startswith("/").any()

@@ -32,7 +32,7 @@ import pandas as pd
 from . import scratch
 from .cluster import resolve_client
 from .dicomio import read_slice
-from .errors import DicomReadError, StoreExistsError
+from .errors import DicomReadError, ScanTableError, StoreExistsError
 from .labels import read_labels
 from .manifest import build_manifest, source_digest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
@@ -113,7 +113,7 @@ def convert_shard(root: str, index: int, start: int, members: list[Member], spec
     ``source`` says where the members' bytes are; None (or a local folder) reads each by its path.
     """
     root = Location(root)
-    by_path = source is None or source.is_local and not source.is_zip
+    by_path = source is None or source.by_path
     paths = [m.path for m in members]
     digest = _inputs_digest(start, paths)
     done = _completed(root, index, digest)
@@ -239,6 +239,17 @@ def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows, columns=["path", "image_id", "stage", "reason", "detail"], dtype="string")
 
 
+def _check_scan_source(table: pd.DataFrame, source: Source) -> None:
+    """A scan table made from another SOURCE names files this one cannot read (a folder's table may be relative)."""
+    if source.by_path or table.empty:
+        return
+    paths = table["path"].astype(str)
+    foreign = ~paths.str.startswith(source.prefix)
+    if foreign.any():
+        raise ScanTableError(f"the scan table lists {paths[foreign].iloc[0]}, which is not in {source}: "
+                             "pass the SOURCE it was scanned from, or scan this SOURCE again")
+
+
 def convert(
     dicom_dir: str | Path,
     store: str | Path,
@@ -276,6 +287,7 @@ def convert(
             table, _ = scan(source, labels_csv, client=client, progress=progress)
         else:
             table = scan_table
+            _check_scan_source(table, source)
             if labels_csv is not None:
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
         absolute = table["path"].astype(str).tolist()

@@ -70,7 +70,7 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
     and whole only where its header is longer than those or not plain.
     """
     try:
-        if source is None or source.is_local and not source.is_zip:
+        if source is None or source.by_path:
             header = read_header(path)
         else:
             header = read_header(path, data=_header_bytes(source, member))

@@ -73,6 +73,11 @@ class Source:
         return isinstance(_filesystem(self.url).fs, LocalFileSystem)
 
     @property
+    def by_path(self) -> bool:
+        """A local folder: its files are read by path, everything else by :func:`read_member`."""
+        return self.is_local and not self.is_zip
+
+    @property
     def prefix(self) -> str:
         """What every member path starts with; the rest is the member's name relative to the source."""
         if self.is_zip:

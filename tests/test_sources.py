@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from ichprep.convert import convert
-from ichprep.errors import SourceError, ZipMemberError
+from ichprep.errors import ScanTableError, SourceError, ZipMemberError
 from ichprep.labels import LABELS
 from ichprep.manifest import verify_store
 from ichprep.scan import list_dicom_files, scan
@@ -230,3 +230,9 @@ def test_a_zip_replaced_at_the_same_path_is_read_afresh(tmp_path):
         (member,) = [m for m in [Member(f"{zip_path}::a/ID_1.dcm", i.file_size, i.header_offset, i.compress_size,
                                         i.compress_type, i.CRC) for i in zipfile.ZipFile(zip_path).infolist()]]
         assert bytes(read_member(parse_source(zip_path), member)) == content
+
+
+def test_a_scan_table_of_another_source_is_refused(archives, tmp_path):
+    table, _ = scan(archives["folder"] / "stage_2_train")
+    with pytest.raises(ScanTableError, match="pass the SOURCE it was scanned from"):
+        convert(_train(archives["stored"]), tmp_path / "c.zarr", SPEC, scan_table=table)

@@ -259,16 +259,13 @@ def prepare_inputs(*, work: str, slices: int, seed: int) -> Inputs:
 
 # ---------------------------------------------------------------- the no-op worker side
 
-def noop_convert_shards(root: str, shards: list[tuple[int, int, list]], spec, *source) -> list[dict]:
+def noop_convert_shards(root: str, shards: list, spec, source, plan_key: str) -> list[dict]:
     """Stands in for :func:`ichprep.convert.convert_shards` on the workers: the records of shards that
     converted without error, but nothing read or written (sha256 None, size 0: as an all-fill shard, which
-    build_manifest and verify already treat as "no file"). A shard lists paths, or members with a ``path``
-    (and convert() then also passes the source)."""
-    from ichprep.convert import _inputs_digest
-
-    return [{"index": index, "start": start, "stop": start + len(items), "sha256": None, "size": 0,
-             "inputs": _inputs_digest(start, [getattr(m, "path", m) for m in items]), "errors": [], "skipped": False}
-            for index, start, items in shards]
+    build_manifest and verify already treat as "no file"). Shards are ``(index, start, stop)``."""
+    return [{"index": index, "start": start, "stop": stop, "sha256": None, "size": 0, "inputs": plan_key,
+             "errors": [], "skipped": False}
+            for index, start, stop in shards]
 
 
 # ---------------------------------------------------------------- measuring

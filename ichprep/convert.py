@@ -17,6 +17,7 @@ so an interrupted run ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from .manifest import build_manifest, source_digest, source_summary, write_manif
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .shardcodec import FastLayout, Mismatch
-from .source import Member, Source, members_of, parse_source, read_member
+from .source import ZIP_COLUMNS, Member, Source, members_of, parse_source, read_member
 from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
@@ -50,6 +53,7 @@ from .store import (
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+PLAN = f"{STATE}/plan.parquet"
 
 
 @dataclass(frozen=True)
@@ -182,17 +186,44 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
     return False
 
 
-def _tasks(plan: pd.DataFrame, shard_slices: int) -> list[tuple[int, int, list[Member]]]:
-    members = members_of(plan.assign(path=plan["abs_path"]))
-    return [(k, start, members[start : start + shard_slices])
-            for k, start in enumerate(range(0, len(members), shard_slices))]
+class ShardTask(NamedTuple):
+    """One shard of the plan: shard ``index`` holds slots ``start`` to ``stop``."""
+
+    index: int
+    start: int
+    stop: int
 
 
-def convert_shards(root: str, shards: list[tuple[int, int, list[Member]]], spec: PreprocessSpec,
-                   source: Source | None = None) -> list[dict]:
+def _tasks(n_slots: int, shard_slices: int) -> list[ShardTask]:
+    return [ShardTask(k, start, min(start + shard_slices, n_slots))
+            for k, start in enumerate(range(0, n_slots, shard_slices))]
+
+
+def _write_plan(root: Location, plan: pd.DataFrame) -> str:
+    """Store the members to read, one row per slot, for the workers; returns the file's sha256 (its cache key).
+
+    A task then carries three numbers per shard, not its files: the driver's task graph does not grow with
+    the archive's file names.
+    """
+    buffer = io.BytesIO()
+    plan[["abs_path", "file_size", *ZIP_COLUMNS]].rename(columns={"abs_path": "path"}).to_parquet(buffer, index=False)
+    data = buffer.getvalue()
+    root.write_bytes(PLAN, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _plan_members(root: str, key: str) -> list[Member]:
+    """The plan a worker reads once per run (``key``: the plan file's sha256, so a new run is never served an old one)."""
+    return members_of(pd.read_parquet(io.BytesIO(Location(root).read_bytes(PLAN))))
+
+
+def convert_shards(root: str, shards: list[ShardTask], spec: PreprocessSpec, source: Source, plan_key: str) -> list[dict]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
-    return [convert_shard(root, index, start, members, spec, layout, source) for index, start, members in shards]
+    members = _plan_members(root, plan_key)
+    return [convert_shard(root, index, start, members[start:stop], spec, layout, source)
+            for index, start, stop in shards]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
@@ -205,22 +236,25 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
 
-def _run_tasks(root: Location, tasks, spec: PreprocessSpec, client, progress, source: Source) -> list[dict]:
+def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, client, progress, source: Source,
+               plan: pd.DataFrame) -> list[dict]:
     results = []
     if client is None:
         layout = images_layout(root)
-        for index, start, members in tasks:
-            results.append(convert_shard(root.url, index, start, members, spec, layout, source))
+        members = members_of(plan.assign(path=plan["abs_path"]))
+        for index, start, stop in tasks:
+            results.append(convert_shard(root.url, index, start, members[start:stop], spec, layout, source))
             if progress:
-                progress(len(members))
+                progress(stop - start)
         return results
+    plan_key = _write_plan(root, plan)
     from distributed import as_completed
 
     per_task = shards_per_task(len(tasks), sum(client.nthreads().values()))
     batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
     # One map call (one message to the scheduler), and results that come with the completions.
     futures = client.map(convert_shards, [root.url] * len(batches), batches, [spec] * len(batches),
-                         [source] * len(batches), key=[f"ichprep-shards-{b[0][0]}-{b[-1][0]}" for b in batches], retries=3, pure=False)
+                         [source] * len(batches), [plan_key] * len(batches), key=[f"ichprep-shards-{b[0][0]}-{b[-1][0]}" for b in batches], retries=3, pure=False)
     for _, done in as_completed(futures, with_results=True):
         results.extend(done)
         if progress:
@@ -291,7 +325,7 @@ def convert(
             if labels_csv is not None:
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
         absolute = table["path"].astype(str).tolist()
-        table = table.assign(abs_path=absolute, path=[source.relative(p) for p in absolute])
+        table = table.assign(abs_path=absolute, path=source.relative_all(absolute))
         originals = {}
         if pseudonymize_key is not None:
             table, originals = pseudonymize_scan(table, pseudonymize_key)
@@ -307,8 +341,8 @@ def convert(
             root.makedirs(f"{STATE}/shards")
             root.write_json(f"{STATE}/{RUN_FILE}", identity)
         advance = progress("convert", len(plan)) if progress else None
-        results = _run_tasks(root, _tasks(plan, spec.shard_slices), spec, resolve_client(client, len(plan)),
-                             advance, source)
+        results = _run_tasks(root, _tasks(len(plan), spec.shard_slices), spec, resolve_client(client, len(plan)),
+                             advance, source, plan)
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
         slices = plan.assign(ok=[i not in errors for i in range(len(plan))],

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from .errors import LabelsError, SourceError
 from .source import read_csv
@@ -45,7 +46,8 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     Images with some but not all six labels get <NA> for the missing ones.
     """
     try:
-        raw = read_csv(path, dtype=str, keep_default_na=False)
+        # Arrow strings: the ID regex then runs in pyarrow, not once per row in Python (4.5M rows in RSNA).
+        raw = read_csv(path, dtype=pd.ArrowDtype(pa.string()), keep_default_na=False)
     except SourceError as exc:
         raise LabelsError(f"label CSV {path}: {exc}") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
@@ -57,7 +59,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     bad_id = parts["image_id"].isna()
     if bad_id.any():
         _fail(path, raw[bad_id], "malformed ID", f"expected ID_<hex>_<subtype> with subtype one of {', '.join(LABELS)}")
-    value = pd.to_numeric(raw["Label"].str.strip(), errors="coerce")
+    value = pd.to_numeric(raw["Label"].str.strip(), errors="coerce").astype("float64")  # NaN, not NA, for junk
     bad_value = ~value.isin([0, 1])
     if bad_value.any():
         _fail(path, raw[bad_value], "Label is not 0 or 1", "labels must be 0 or 1")
@@ -79,6 +81,7 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     incomplete = wide.isna().any(axis=1)
     if incomplete.any():
         logger.warning("%s: %d images lack some of the six labels (kept as missing)", path, int(incomplete.sum()))
+    wide.index = wide.index.astype(object)
     return wide.sort_index()
 
 

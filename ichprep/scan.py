@@ -169,7 +169,7 @@ def attach_labels(table: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd.
     for name in LABELS:
         table[name] = joined[name].to_numpy()
     table = table.astype({name: "Int8" for name in LABELS})
-    missing = int((~labels.index.isin(table["image_id"].astype(str))).sum())
+    missing = len(labels.index.difference(table["image_id"].astype(str)))  # the label index is unique
     return table, missing
 
 

@@ -30,6 +30,7 @@ import pydicom
 
 from ichprep.cluster import dask_client
 from ichprep.convert import ConvertSummary, convert, convert_shard
+from ichprep.source import Member
 from ichprep.scan import OK, scan
 from ichprep.spec import PreprocessSpec
 from ichprep.store import open_store
@@ -115,7 +116,7 @@ def shard_path_only(paths: list[str], store: Path, spec: PreprocessSpec) -> Run:
         layout.marker_file(store, index).unlink(missing_ok=True)
     with watch.timing():
         for index, start in tasks:
-            convert_shard(str(store), index, start, paths[start : start + spec.shard_slices], spec)
+            convert_shard(str(store), index, start, [Member(p) for p in paths[start : start + spec.shard_slices]], spec)
     return watch.run(len(paths))
 
 

@@ -31,6 +31,7 @@ import zarr
 from numcodecs import Zstd
 
 from ichprep.convert import convert_shard
+from ichprep.source import Member
 from ichprep.dicomio import read_header, read_slice
 from ichprep.shardcodec import encode_shard
 from ichprep.spec import PreprocessSpec
@@ -111,7 +112,7 @@ def profile_all_threads(fn) -> tuple[pstats.Stats, list[str]]:
 def profile_convert_shard(paths: list[str], store: Store) -> dict:
     """Every thread's profile of ``convert_shard`` rewriting shard 0 of the converted store (marker removed)."""
     root, spec = layout.root_of(store), store.spec
-    shard = paths[: spec.shard_slices]
+    shard = [Member(p) for p in paths[: spec.shard_slices]]
     layout.marker_file(root, 0).unlink(missing_ok=True)
     stats, threads = profile_all_threads(lambda: convert_shard(str(root), 0, 0, shard, spec))
     return {"slices": len(shard), "threads": threads, **top_functions(stats)}

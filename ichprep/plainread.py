@@ -31,8 +31,8 @@ PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 TRANSFER_SYNTAX = 0x00020010
 _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _UNDEFINED = 0xFFFFFFFF
-#: A header-only read looks at this many bytes first (RSNA headers take ~1.3 kB).
-HEAD_BYTES = 1 << 16
+#: A header-only read looks at this many bytes first (RSNA headers take ~1.3 kB; longer ones are read whole).
+HEAD_BYTES = 1 << 14
 
 
 class NotPlain(Exception):

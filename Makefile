@@ -30,7 +30,7 @@ demo: $(STAMP)
 		-o $(DEMO)/cache.zarr --manifest-out $(DEMO)/manifest.json
 	$(BIN)/ichprep verify $(DEMO)/cache.zarr
 	$(BIN)/ichprep info $(DEMO)/cache.zarr
-	$(BIN)/ichprep show $(DEMO)/cache.zarr --index 30 -o $(DEMO)/montage.png
+	$(BIN)/ichprep show $(DEMO)/cache.zarr --slot 30 -o $(DEMO)/montage.png
 	@echo "--- a 64x64 cache of the same slices, so a CPU can train on it in a minute"
 	$(BIN)/ichprep convert $(KAGGLE)/stage_2_train --scan $(DEMO)/scan.parquet \
 		-o $(DEMO)/cache64.zarr --size 64 --shard-slices 32

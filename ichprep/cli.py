@@ -296,18 +296,19 @@ def info(store: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=StoreParam())
 @click.option("--study", default=None, metavar="UID", help="Show all slices of this StudyInstanceUID.")
-@click.option("--index", type=click.IntRange(min=0), default=None, help="Show the study of slice I, I highlighted.")
+@click.option("--slot", "--index", "slot", type=click.IntRange(min=0), default=None, metavar="SLOT",
+              help="Show the study of this slot (a row of the store), the slot highlighted.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
 @click.option("--max-slices", type=click.IntRange(min=1), default=40, show_default=True,
               help="Subsample longer studies evenly.")
-def show(store: Path, study: str | None, index: int | None, output: Path, max_slices: int) -> None:
+def show(store: Path, study: str | None, slot: int | None, output: Path, max_slices: int) -> None:
     """Write a montage of a study's cached slices (a panel per window, labels as captions)."""
     from .report import save_montage
 
-    if (study is None) == (index is None):
-        raise click.UsageError("give exactly one of --study UID or --index I")
+    if (study is None) == (slot is None):
+        raise click.UsageError("give exactly one of --study UID or --slot SLOT")
     try:
-        path = save_montage(store, output, study=study, index=index, max_slices=max_slices)
+        path = save_montage(store, output, study=study, index=slot, max_slices=max_slices)
     except (IchprepError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {path}")

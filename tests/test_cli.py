@@ -49,10 +49,11 @@ def test_synth_scan_convert_verify(tmp_path):
     assert result.exit_code == 0 and "stroke" in result.output and "64 x 64" in result.output
     details = json.loads(invoke("info", store, "--json").output)
     assert details["counts"]["slices"] == manifest["counts"]["slices"]
-    result = invoke("show", store, "--index", 0, "-o", tmp_path / "montage.png")
+    result = invoke("show", store, "--slot", 0, "-o", tmp_path / "montage.png")
     assert result.exit_code == 0 and (tmp_path / "montage.png").stat().st_size > 1000
+    assert invoke("show", store, "--index", 0, "-o", tmp_path / "montage2.png").exit_code == 0  # the older name
     result = invoke("show", store, "-o", tmp_path / "montage.png")
-    assert result.exit_code != 0 and "exactly one of --study UID or --index I" in result.output
+    assert result.exit_code != 0 and "exactly one of --study UID or --slot SLOT" in result.output
     result = invoke("show", store, "--study", "1.2.3", "-o", tmp_path / "montage.png")
     assert result.exit_code != 0 and "no study '1.2.3'" in result.output
     (store / shard_path(0)).unlink()

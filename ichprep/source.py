@@ -170,6 +170,9 @@ def _zip_members(source: Source) -> list[Member]:
         with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        if fs.cat_file(path, start=0, end=4) != _LOCAL_MAGIC:
+            raise SourceError(f"{source.url} is neither a folder nor a zip file: give the folder that holds the "
+                              "DICOM files, a zip, or a URL prefix") from exc
         raise SourceError(f"{source.url} is not a readable zip file (truncated or damaged?): {exc}") from exc
     members = [Member(f"{source.url}{ZIP_SEP}{info.filename}", info.file_size, info.header_offset,
                       info.compress_size, info.compress_type, info.CRC)

@@ -127,6 +127,9 @@ def test_source_errors_say_what_is_wrong(archives, tmp_path):
         parse_source(tmp_path / "nothing")
     with pytest.raises(SourceError, match="holds no folder 'nope'"):
         convert(f"{archives['stored']}::nope", tmp_path / "c.zarr", SPEC)
+    (tmp_path / "one.dcm").write_bytes(b"DICM" * 40)
+    with pytest.raises(SourceError, match="one.dcm is neither a folder nor a zip file"):
+        convert(tmp_path / "one.dcm", tmp_path / "c.zarr", SPEC)
     with pytest.raises(SourceError, match="holds no file"):
         read_file(f"{archives['stored']}::{KAGGLE_TOP}/missing.csv")
 

@@ -8,9 +8,9 @@ alone (``convert_shard`` over every shard, what grows with the archive) is repor
 Cluster start-up (worker processes, imports) and one untimed warm-up conversion are excluded.
 
 ``prototype_malloc_fix_*`` rows run the same LocalCluster with the benchmark itself telling distributed to
-leave MALLOC_TRIM_THRESHOLD_ unset on the workers (``UNSET_MALLOC_TRIM``).  Since commit 11fc8a6
-``ichprep.cluster`` does this itself, so these rows now measure the same configuration as the ``ichprep_*``
-rows (a second sample of it); before that commit they measured the proposed fix.
+leave MALLOC_TRIM_THRESHOLD_ unset on the workers (``ichprep.cluster.UNSET_MALLOC_TRIM``).  ``ichprep.cluster``
+applies that setting to every local cluster it starts, so these rows measure the same configuration as the
+``ichprep_*`` rows: a second sample of it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from ichprep.cluster import dask_client
+from ichprep.cluster import MALLOC_TRIM_KEY, UNSET_MALLOC_TRIM, dask_client
 from ichprep.convert import ConvertSummary, convert, convert_shard
 from ichprep.source import Member
 from ichprep.scan import OK, scan
@@ -112,11 +112,11 @@ def shard_path_only(paths: list[str], store: Path, spec: PreprocessSpec) -> Run:
     removed first (untimed), so the shard is decoded and written again rather than skipped."""
     tasks = list(enumerate(range(0, len(paths), spec.shard_slices)))
     watch = Stopwatch()
-    for index, start in tasks:
-        layout.marker_file(store, index).unlink(missing_ok=True)
+    for shard, start in tasks:
+        layout.marker_file(store, shard).unlink(missing_ok=True)
     with watch.timing():
-        for index, start in tasks:
-            convert_shard(str(store), index, start, [Member(p) for p in paths[start : start + spec.shard_slices]], spec)
+        for shard, start in tasks:
+            convert_shard(str(store), shard, start, [Member(p) for p in paths[start : start + spec.shard_slices]], spec)
     return watch.run(len(paths))
 
 
@@ -124,13 +124,6 @@ def _warm_worker() -> bool:
     import ichprep.convert  # noqa: F401  (imports pydicom, cv2, zarr on the worker)
 
     return True
-
-
-#: distributed's nannies export MALLOC_TRIM_THRESHOLD_=65536 to every worker they spawn; glibc then stops
-#: adapting its mmap threshold, so every allocation >= 128 KiB (each 512² pixel/HU array) is a fresh mmap
-#: with page faults. Setting the key to None in the config makes the nanny leave it unset. ichprep.cluster
-#: does the same since commit 11fc8a6 (before it, this was the prototype of that fix).
-UNSET_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 @contextmanager
@@ -161,9 +154,8 @@ def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec:
     result = summarize(runs, workers=workers)
     result["cluster_startup_s_excluded"] = round(startup, 3)
     # What the benchmark's own dask config says, read outside ichprep.cluster: it does not see the override
-    # ichprep.cluster applies around LocalCluster (since 11fc8a6), so ichprep_* rows still show 65536.
-    result["worker_malloc_trim_threshold"] = None if unset_malloc_trim else dask.config.get(
-        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_", None)
+    # ichprep.cluster applies around LocalCluster, so ichprep_* rows still show distributed's default.
+    result["worker_malloc_trim_threshold"] = None if unset_malloc_trim else dask.config.get(MALLOC_TRIM_KEY, None)
     return result
 
 

@@ -262,10 +262,10 @@ def prepare_inputs(*, work: str, slices: int, seed: int) -> Inputs:
 def noop_convert_shards(root: str, shards: list, spec, source, plan_key: str) -> list[dict]:
     """Stands in for :func:`ichprep.convert.convert_shards` on the workers: the records of shards that
     converted without error, but nothing read or written (sha256 None, size 0: as an all-fill shard, which
-    build_manifest and verify already treat as "no file"). Shards are ``(index, start, stop)``."""
-    return [{"index": index, "start": start, "stop": stop, "sha256": None, "size": 0, "inputs": plan_key,
+    build_manifest and verify already treat as "no file"). Shards are ``(shard, start, stop)``."""
+    return [{"index": shard, "start": start, "stop": stop, "sha256": None, "size": 0, "inputs": plan_key,
              "errors": [], "skipped": False}
-            for index, start, stop in shards]
+            for shard, start, stop in shards]
 
 
 # ---------------------------------------------------------------- measuring

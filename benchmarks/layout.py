@@ -1,4 +1,4 @@
-"""The store layout as the README states it (the contract), so the benchmarks do not lean on ichprep internals.
+"""The store layout as paths of a local folder: ichprep's own names (:mod:`ichprep.store`), one definition.
 
 ``images/c/k/0/0/0`` holds shard k; ``.ichprep/shards/NNNNNN.json`` is shard k's completion marker (a
 shard without one is rewritten by ``convert_shard``).  Only local stores are benchmarked.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-IMAGES = "images"
-STATE = ".ichprep"
+from ichprep.store import IMAGES, SHARD_DIR, STATE, marker_path, n_shards, shard_path
+
+__all__ = ["IMAGES", "SHARD_DIR", "STATE", "marker_file", "n_shards", "root_of", "shard_file"]
 
 
 def root_of(store) -> Path:
@@ -17,13 +18,9 @@ def root_of(store) -> Path:
     return Path(str(store.root))
 
 
-def shard_file(root: Path, index: int) -> Path:
-    return root / IMAGES / "c" / str(index) / "0" / "0" / "0"
+def shard_file(root: Path, shard: int) -> Path:
+    return root / shard_path(shard)
 
 
-def marker_file(root: Path, index: int) -> Path:
-    return root / STATE / "shards" / f"{index:06d}.json"
-
-
-def n_shards(n_slices: int, shard_slices: int) -> int:
-    return -(-n_slices // shard_slices)
+def marker_file(root: Path, shard: int) -> Path:
+    return root / marker_path(shard)

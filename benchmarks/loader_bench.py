@@ -90,8 +90,8 @@ def store_images(stream: ShardStream, epoch: int) -> Iterator[np.ndarray]:
 def store_images_batched(stream: ShardStream, epoch: int, batch_size: int) -> Iterator[np.ndarray]:
     """The same stream with zarr's codec pipeline decoding ``batch_size`` chunks per batch (default: 1).
 
-    Since commit 11fc8a6 ShardStream decodes zstd shards without zarr, so this setting has no effect on
-    them: the figure is then a second sample of the plain ShardStream one."""
+    ShardStream decodes zstd shards without zarr, so this setting has no effect on them: the figure is
+    then a second sample of the plain ShardStream one."""
     with zarr.config.set({"codec_pipeline.batch_size": batch_size}):
         yield from store_images(stream, epoch)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ichprep.cluster import MALLOC_TRIM_VAR
+
 from .report import BATCH_HEADER, MIX_HEADER, batch_notes, batch_rows, loader_figures, mix_rows
 
 
@@ -34,7 +36,7 @@ def render(r: dict) -> str:
              for k, f in conv.items() if k.startswith("ichprep_") and "_worker" in k]
     rows += [_rate("*benchmark-only*: shard loop with direct encode, no marker or checksum (same bytes)",
                    conv["prototype_direct_shard_write"])]
-    rows += [_rate(f"*benchmark-only*: LocalCluster {f['workers']}, MALLOC_TRIM_THRESHOLD_ unset by the benchmark itself", f)
+    rows += [_rate(f"*benchmark-only*: LocalCluster {f['workers']}, {MALLOC_TRIM_VAR} unset by the benchmark itself", f)
              for k, f in conv.items() if k.startswith("prototype_malloc_fix_")]
     out += ["**Conversion** (slices/s; wall seconds of each repeat)", "",
             _table(["contender", "slices/s", "per worker", "ms/slice", "repeats (s)"], rows), "",

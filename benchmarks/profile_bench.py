@@ -1,7 +1,7 @@
 """What limits each figure: cProfile of the convert path (one shard) and of the store loader (one epoch),
 plus a per-stage breakdown in ms/slice (median of repeats) of the steps those paths are made of.
 
-Since commit 11fc8a6 zstd stores are written and read without zarr (``ichprep/shardcodec.py``), so both
+zstd stores are written and read without zarr (``ichprep/shardcodec.py``), so both
 profiles normally see the main thread only; the all-thread machinery below still matters for other codecs
 and for the stage breakdown's zarr rows, which are kept as the reference for zarr's own overhead.
 

@@ -8,7 +8,7 @@ numcodecs directly gives the same pixels and, for writing, the same bytes as zar
 benchmark run: ``identical_to_zarr``, and ``decoded_equals_zarr`` for reading).  The gap between these
 and zarr's own read/write is zarr's per-chunk overhead, which the stage breakdown quantifies.
 
-Since commit 11fc8a6 ichprep does this itself (``ichprep/shardcodec.py``: ``write_shard`` for zstd stores,
+ichprep does this itself (``ichprep/shardcodec.py``: ``write_shard`` for zstd stores,
 ``ShardReader`` for ichtrain's ShardStream and ``ichprep export``).  This independent copy stays as a check
 and a reference: its write loop is ichprep's shard path without the bookkeeping (atomic write, sha256,
 completion marker), its read loop is ShardStream's decode without ShardStream (planning, per-sample copies,
@@ -51,7 +51,7 @@ def decode_shard(data: bytes, shard_slices: int, item_shape: tuple[int, ...], ch
 def convert_shards_direct(paths: list[str], out_dir: Path, spec: PreprocessSpec) -> int:
     """ichprep's shard loop (read_slice + spec.apply) with the shard encoded here instead of by zarr."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for index, start in enumerate(range(0, len(paths), spec.shard_slices)):
+    for shard, start in enumerate(range(0, len(paths), spec.shard_slices)):
         chunk = paths[start : start + spec.shard_slices]
         buffer = np.zeros((len(chunk), spec.channels, spec.size, spec.size), np.uint8)
         for i, path in enumerate(chunk):
@@ -59,7 +59,7 @@ def convert_shards_direct(paths: list[str], out_dir: Path, spec: PreprocessSpec)
                 buffer[i] = spec.apply(read_slice(path)[1])
             except (DicomReadError, FileNotFoundError):
                 pass
-        (out_dir / f"{index}").write_bytes(encode_shard(buffer, spec.shard_slices, spec.compression_level))
+        (out_dir / f"{shard}").write_bytes(encode_shard(buffer, spec.shard_slices, spec.compression_level))
     return len(paths)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .layout import IMAGES, STATE
+from .layout import SHARD_DIR, STATE
 from .measure import files_under, ratio, total_bytes
 
 
@@ -12,7 +12,7 @@ def run(paths: list[str], png_dir: Path, store: Path, n_ok: int, shard_slices: i
     """Per slice = per slot of the store (``len(paths)``: every file the converter planned; ``n_ok`` decoded)."""
     pngs = files_under(png_dir)
     store_files = [p for p in files_under(store) if f"/{STATE}/" not in p]  # conversion state is not the cache
-    shard_files = [p for p in files_under(store / IMAGES) if "/c/" in p]
+    shard_files = files_under(store / SHARD_DIR)
     source = total_bytes(paths)
     png = total_bytes(pngs)
     cache = total_bytes(store_files)

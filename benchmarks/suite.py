@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 
+from ichprep.cluster import MALLOC_TRIM_VAR
 from ichprep.spec import PreprocessSpec
 from ichprep.store import open_store
 
@@ -38,7 +39,7 @@ def run(quick: bool = False, studies: int | None = None, out: str | Path | None 
     meta = report.machine_info()
     meta.update(command=command, quick=quick, repeats=repeats, min_samples_per_loader_run=min_samples,
                 cv2_threads=cv2.getNumThreads(), work_dir=str(work), load_before=load_average(),
-                environ={k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                environ={k: os.environ.get(k) for k in (MALLOC_TRIM_VAR, "MALLOC_MMAP_THRESHOLD_",
                                                         "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     results: dict = {"meta": meta}
     try:

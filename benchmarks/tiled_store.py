@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ichprep.store import Store, build_studies, open_store
+from ichprep.store import GROUP_META, IMAGES_META, MANIFEST, SLICES, STUDIES, Store, build_studies, open_store
 
 from .layout import IMAGES, root_of, shard_file
 
@@ -31,15 +31,15 @@ def tile(store: Store, out: Path, min_slices: int) -> Store:
     src = root_of(store)
     shutil.rmtree(out, ignore_errors=True)
     (out / IMAGES).mkdir(parents=True)
-    shutil.copyfile(src / "zarr.json", out / "zarr.json")
-    meta = json.loads((src / IMAGES / "zarr.json").read_text())
+    shutil.copyfile(src / GROUP_META, out / GROUP_META)
+    meta = json.loads((src / IMAGES_META).read_text())
     meta["shape"][0] = full * s * copies
-    (out / IMAGES / "zarr.json").write_text(json.dumps(meta, indent=2))
+    (out / IMAGES_META).write_text(json.dumps(meta, indent=2))
     base = store.slices.iloc[: full * s]
     tables = []
     for c in range(copies):
-        for k in range(full):
-            source, target = shard_file(src, k), shard_file(out, c * full + k)
+        for shard in range(full):
+            source, target = shard_file(src, shard), shard_file(out, c * full + shard)
             if source.is_file():  # an all-failed shard has no file (zarr writes none for fill values)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
@@ -48,7 +48,7 @@ def tile(store: Store, out: Path, min_slices: int) -> Store:
             part[column] = part[column].astype("string") + f".tile{c}"
         tables.append(part)
     slices = pd.concat(tables, ignore_index=True)
-    slices.to_parquet(out / "slices.parquet", index=False)
-    build_studies(slices).to_parquet(out / "studies.parquet", index=False)
-    (out / "manifest.json").write_text(json.dumps({"benchmark_tile_of": str(src), "copies": copies}) + "\n")
+    slices.to_parquet(out / SLICES, index=False)
+    build_studies(slices).to_parquet(out / STUDIES, index=False)
+    (out / MANIFEST).write_text(json.dumps({"benchmark_tile_of": str(src), "copies": copies}) + "\n")
     return open_store(out)

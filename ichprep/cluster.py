@@ -10,8 +10,26 @@ from contextlib import ExitStack, contextmanager
 logger = logging.getLogger(__name__)
 
 #: Fewer files than this convert in the calling process: a local cluster's start and stop cost more than
-#: its parallel work saves there (BENCHMARKS.md, "Start-up").
+#: its parallel work saves there (see BENCHMARKS.md, "Start-up").
 MIN_FILES_FOR_CLUSTER = 2000
+
+#: The environment variable distributed's nannies export to every worker they spawn (65536 by default):
+#: with it glibc stops adapting its mmap threshold, so every multi-MB slice buffer is mmapped and
+#: page-faulted afresh.
+MALLOC_TRIM_VAR = "MALLOC_TRIM_THRESHOLD_"
+MALLOC_TRIM_KEY = f"distributed.nanny.pre-spawn-environ.{MALLOC_TRIM_VAR}"
+#: None makes the nanny leave the variable unset, so glibc keeps its adaptive thresholds.  External
+#: workers need the same in a dask config file (README, "Running on a cluster"); an environment
+#: variable cannot say it (dask lower-cases the key).
+UNSET_MALLOC_TRIM = {MALLOC_TRIM_KEY: None}
+
+#: The dask config a local cluster runs under.  The dashboard is off, so its feeds only cost CPU: the
+#: statistical profiler (stack samples in every worker) and the system monitor's default interval.
+WORKER_CONFIG = {
+    **UNSET_MALLOC_TRIM,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+}
 
 
 def default_workers() -> int:
@@ -46,20 +64,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         return
     n = workers or default_workers()
     logger.info("starting a local Dask cluster with %d worker processes", n)
-    # distributed exports MALLOC_TRIM_THRESHOLD_=65536 to its workers, which makes glibc mmap (and
-    # page-fault) every multi-MB slice buffer afresh: measured 3.8 ms/slice instead of 1.4 (BENCHMARKS.md).
-    # Let glibc keep its adaptive thresholds. External workers need the same in a dask config file
-    # (README, "Running on a cluster"); an environment variable cannot say it (dask lower-cases the key).
     # Threads per worker = 1: pydicom parsing and numpy on 512x512 slices hold the GIL
     # often enough that processes scale better than threads.
-    # The dashboard is off, so its feeds only cost CPU: the statistical profiler (a stack sample every 10 ms
-    # in each worker) and the 0.5 s system monitor took an idle 2-worker cluster from 8% to 12% of a core.
-    config = {
-        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-        "distributed.worker.profile.enabled": False,
-        "distributed.admin.system-monitor.interval": "2s",
-    }
-    with dask.config.set(config), LocalCluster(
+    with dask.config.set(WORKER_CONFIG), LocalCluster(
         n_workers=n,
         threads_per_worker=1,
         processes=True,

@@ -46,13 +46,12 @@ from .spec import PreprocessSpec
 from .location import Location, as_location
 from .lock import LOCK, store_lock
 from .store import (
-    IMAGES, REJECTED, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images, images_layout, n_shards,
-    shard_path, write_shard,
+    IMAGES, MARKERS, REJECTED, RUN_FILE, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images,
+    images_layout, marker_path, n_shards, shard_path, write_shard,
 )
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 PLAN = f"{STATE}/plan.parquet"
 
 
@@ -84,33 +83,29 @@ class ConvertSummary:
 
 # ---------------------------------------------------------------- one shard (runs on a worker)
 
-def _marker(index: int) -> str:
-    return f"{STATE}/shards/{index:06d}.json"
-
-
 def _inputs_digest(start: int, paths: list[str]) -> str:
     return hashlib.sha256(json.dumps([start, paths]).encode()).hexdigest()
 
 
-def _completed(root: Location, index: int, digest: str) -> dict | None:
+def _completed(root: Location, shard: int, digest: str) -> dict | None:
     """The shard's marker if the shard file in the store is exactly what that marker recorded."""
     try:
-        done = root.read_json(_marker(index))
+        done = root.read_json(marker_path(shard))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if done.get("inputs") != digest:
         return None
-    shard = shard_path(index)
+    name = shard_path(shard)
     if done["sha256"] is None:  # every slot failed: zarr writes no file for an all-fill shard
-        return done if not root.exists(shard) else None
-    if not root.isfile(shard) or root.size(shard) != done["size"] or root.sha256(shard) != done["sha256"]:
+        return done if not root.exists(name) else None
+    if not root.isfile(name) or root.size(name) != done["size"] or root.sha256(name) != done["sha256"]:
         return None
     return done
 
 
-def convert_shard(root: str, index: int, start: int, members: list[Member], spec: PreprocessSpec,
+def convert_shard(root: str, shard: int, start: int, members: list[Member], spec: PreprocessSpec,
                   layout: FastLayout | Mismatch | None = None, source: Source | None = None) -> dict:
-    """Decode, preprocess and write one whole shard; return its completion record.
+    """Decode, preprocess and write shard number ``shard`` whole (slots from ``start``); return its record.
 
     Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
     checked metadata (:func:`ichprep.store.images_layout`), read once by the caller for many shards.
@@ -120,11 +115,11 @@ def convert_shard(root: str, index: int, start: int, members: list[Member], spec
     by_path = source is None or source.by_path
     paths = [m.path for m in members]
     digest = _inputs_digest(start, paths)
-    done = _completed(root, index, digest)
+    done = _completed(root, shard, digest)
     if done is not None:
         return {**done, "skipped": True}
 
-    # Reused per thread (ichprep.scratch): a fresh 12 MiB buffer is ~50 page faults a slice. Every
+    # Reused per thread (ichprep.scratch): a fresh buffer is page-faulted in again on every shard. Every
     # slot below is overwritten or zeroed.
     buffer = scratch.array("shard", (spec.shard_slices, spec.channels, spec.size, spec.size), np.uint8)[: len(paths)]
     errors = []
@@ -140,8 +135,8 @@ def convert_shard(root: str, index: int, start: int, members: list[Member], spec
             reason, detail = "missing", "the file was removed after the header scan"
         buffer[i] = 0  # the slot stays, zero-filled
         errors.append([start + i, reason, detail])
-    done = {**write_shard(root, spec, index, start, buffer, layout=layout), "inputs": digest, "errors": errors}
-    root.write_json(_marker(index), done)
+    done = {**write_shard(root, spec, shard, start, buffer, layout=layout), "inputs": digest, "errors": errors}
+    root.write_json(marker_path(shard), done)
     return {**done, "skipped": False}
 
 
@@ -159,9 +154,8 @@ def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
 
 def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
     """Make ``root`` ready for this run; True when resuming an earlier run of it."""
-    run_file = f"{STATE}/{RUN_FILE}"
-    if root.isfile(run_file):
-        previous = root.read_json(run_file)
+    if root.isfile(RUN_FILE):
+        previous = root.read_json(RUN_FILE)
         if previous == identity:
             logger.info("resuming the conversion in %s", root)
             # A writer killed mid-write leaves its temporary file; nothing else writes now (we hold the lock).
@@ -187,16 +181,16 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
 
 
 class ShardTask(NamedTuple):
-    """One shard of the plan: shard ``index`` holds slots ``start`` to ``stop``."""
+    """One shard of the plan: shard number ``shard`` holds slots ``start`` to ``stop``."""
 
-    index: int
+    shard: int
     start: int
     stop: int
 
 
 def _tasks(n_slots: int, shard_slices: int) -> list[ShardTask]:
-    return [ShardTask(k, start, min(start + shard_slices, n_slots))
-            for k, start in enumerate(range(0, n_slots, shard_slices))]
+    return [ShardTask(shard, start, min(start + shard_slices, n_slots))
+            for shard, start in enumerate(range(0, n_slots, shard_slices))]
 
 
 def _write_plan(root: Location, plan: pd.DataFrame) -> str:
@@ -222,16 +216,16 @@ def convert_shards(root: str, shards: list[ShardTask], spec: PreprocessSpec, sou
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
     members = _plan_members(root, plan_key)
-    return [convert_shard(root, index, start, members[start:stop], spec, layout, source)
-            for index, start, stop in shards]
+    return [convert_shard(root, shard, start, members[start:stop], spec, layout, source)
+            for shard, start, stop in shards]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
-    """Shards per Dask task: at most 8 (~0.25 s of work), and at least 4 tasks a worker for balance.
+    """Shards per Dask task: at most 8, and at least 4 tasks a worker for balance.
 
-    A 64-slice shard is ~30 ms of work while each task costs the scheduler and client ~3 ms of CPU
-    (measured with py-spy), which a small machine takes from its workers; a big archive gets tasks of
-    a few hundred ms, as Dask recommends, and resume stays per shard (each shard keeps its marker).
+    Each task costs the scheduler and client CPU of their own, which a small machine takes from its
+    workers, so a task takes several consecutive shards: enough work for that overhead to vanish, as
+    Dask advises (figures in BENCHMARKS.md).  Resume stays per shard: each shard keeps its marker.
     """
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
@@ -242,8 +236,8 @@ def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, cli
     if client is None:
         layout = images_layout(root)
         members = members_of(plan.assign(path=plan["abs_path"]))
-        for index, start, stop in tasks:
-            results.append(convert_shard(root.url, index, start, members[start:stop], spec, layout, source))
+        for shard, start, stop in tasks:
+            results.append(convert_shard(root.url, shard, start, members[start:stop], spec, layout, source))
             if progress:
                 progress(stop - start)
         return results
@@ -254,7 +248,8 @@ def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, cli
     batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
     # One map call (one message to the scheduler), and results that come with the completions.
     futures = client.map(convert_shards, [root.url] * len(batches), batches, [spec] * len(batches),
-                         [source] * len(batches), [plan_key] * len(batches), key=[f"ichprep-shards-{b[0][0]}-{b[-1][0]}" for b in batches], retries=3, pure=False)
+                         [source] * len(batches), [plan_key] * len(batches),
+                         key=[f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches], retries=3, pure=False)
     for _, done in as_completed(futures, with_results=True):
         results.extend(done)
         if progress:
@@ -298,18 +293,57 @@ def convert(
 ) -> ConvertSummary:
     """Convert every readable slice of ``dicom_dir`` into ``store``; see the module docstring.
 
-    ``dicom_dir`` is a SOURCE: a folder, a zip (``rsna.zip::top/stage_2_train``) or an fsspec URL
-    (:mod:`ichprep.source`); the store records paths relative to it, so one archive gives one manifest
-    whichever way it is read.
+    The store's lock is taken first, so a second converter on the same store stops at once instead
+    of after its header scan.  A rerun of the same conversion resumes it.
 
-    ``scan_table`` (from ``ichprep scan``) skips the header scan. ``client`` is a
-    Dask client (None runs every shard in this process, for tests and small jobs), or an
-    :class:`ichprep.cluster.OnDemand`, which starts one only for enough files.
-    ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
-    "convert": slices). The store's lock is taken first, so a second converter on the same
-    store stops at once instead of after its header scan. ``pseudonymize_key`` replaces every
-    identifier and path written to the store by a keyed hash (see :mod:`ichprep.privacy`). ``manifest_out``
-    also writes the manifest there (e.g. ``data_manifests/NAME.json``).
+    Parameters
+    ----------
+    dicom_dir : str or PathLike
+        A SOURCE: a folder, a zip (``rsna.zip::top/stage_2_train``) or an fsspec URL
+        (:mod:`ichprep.source`).  The store records paths relative to it, so one archive gives one
+        manifest whichever way it is read.
+    store : str or PathLike
+        The store to write: a local folder or an fsspec URL.
+    spec : PreprocessSpec, optional
+        Windows, size, shard size and compression.
+    labels_csv : str or PathLike, optional
+        Kaggle's label CSV (:func:`ichprep.labels.read_labels`); without it the label columns are empty.
+    scan_table : pandas.DataFrame, optional
+        A table from ``ichprep scan`` of this same SOURCE; skips the header scan.
+    client : distributed.Client or OnDemand, optional
+        Where the shards are converted: None in this process (tests and small jobs), or an
+        :class:`ichprep.cluster.OnDemand`, which starts a cluster only for enough files.
+    overwrite : bool, optional
+        Replace a store that holds another conversion, or something else.
+    progress : callable, optional
+        ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
+        "convert": slices).
+    pseudonymize_key : str, optional
+        Replaces every identifier and path written to the store by a keyed hash (:mod:`ichprep.privacy`).
+    manifest_out : str or PathLike, optional
+        Also write the manifest there (e.g. ``data_manifests/NAME.json``).
+
+    Returns
+    -------
+    ConvertSummary
+        Counts, rejections by reason, sizes, wall time and the manifest written.
+
+    Raises
+    ------
+    SourceError
+        ``dicom_dir`` does not exist or cannot be listed.
+    LabelsError
+        ``labels_csv`` is malformed (before anything is read or written).
+    ScanTableError
+        ``scan_table`` lists files of another SOURCE.
+    StoreExistsError
+        ``store`` holds another conversion or other files, and ``overwrite`` is False.
+    StoreLockedError
+        Another converter is writing ``store``.
+    DicomReadError
+        Not one file of ``dicom_dir`` is a readable CT slice.
+    ValueError
+        ``pseudonymize_key`` is too short (:func:`ichprep.privacy.check_key`).
     """
     started = time.perf_counter()
     source, root = parse_source(dicom_dir), as_location(store)
@@ -338,8 +372,8 @@ def convert(
         resuming = _prepare(root, identity, overwrite)
         if not resuming:
             create_images(root, len(plan), spec)
-            root.makedirs(f"{STATE}/shards")
-            root.write_json(f"{STATE}/{RUN_FILE}", identity)
+            root.makedirs(MARKERS)
+            root.write_json(RUN_FILE, identity)
         advance = progress("convert", len(plan)) if progress else None
         results = _run_tasks(root, _tasks(len(plan), spec.shard_slices), spec, resolve_client(client, len(plan)),
                              advance, source, plan)

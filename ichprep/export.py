@@ -21,8 +21,8 @@ import pandas as pd
 from .errors import StoreExistsError, StoreError
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
-from .store import (MANIFEST, REJECTED, SLICES, STATE, STUDIES, build_studies, create_images, images_layout,
-                    open_reader, open_store, write_shard)
+from .store import (MANIFEST, REJECTED, SLICES, STUDIES, build_studies, create_images, images_layout, open_reader,
+                    open_store, store_files, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,36 @@ def _prepare_dest(dest: Location, overwrite: bool) -> None:
 def export_store(src: str | Path | Location, dest: str | Path | Location, studies: list[str] | None = None,
                  shard_slices: int | None = None, overwrite: bool = False,
                  progress: Callable[[int], None] | None = None) -> ExportSummary:
+    """Write a store, or some of its studies, to ``dest`` as a new store with its own manifest.
+
+    Parameters
+    ----------
+    src : str, PathLike or Location
+        The store to read (a local folder or an fsspec URL).
+    dest : str, PathLike or Location
+        The new store: a missing or empty folder (or URL prefix), unless ``overwrite``.
+    studies : list of str, optional
+        StudyInstanceUIDs to keep (:func:`read_study_list` reads them from a file); all by default.
+    shard_slices : int, optional
+        Slices per shard of the new store; by default the source's.
+    overwrite : bool, optional
+        Empty a non-empty ``dest`` first.
+    progress : callable, optional
+        Called with the number of slices written after each re-sharded shard.
+
+    Returns
+    -------
+    ExportSummary
+        ``copied_verbatim`` is True when every file was copied byte for byte (whole store, same shard
+        size): the source's manifest then holds for the copy too.
+
+    Raises
+    ------
+    StoreError
+        ``src`` is not a complete ichkit store, ``dest`` is ``src``, or a study is not in ``src``.
+    StoreExistsError
+        ``dest`` is not empty and ``overwrite`` is False.
+    """
     src, dest = as_location(src), as_location(dest)
     store = open_store(src)
     if dest.url == src.url:
@@ -75,16 +105,15 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     spec = store.spec if shard_slices is None else replace(store.spec, shard_slices=shard_slices)
 
     if studies is None and spec.shard_slices == store.spec.shard_slices:
-        for name in src.files():  # byte for byte, either way between folders and object stores
-            if not name.startswith(STATE + "/"):
-                dest.write_bytes(name, src.read_bytes(name))
+        for name in store_files(src):  # byte for byte, either way between folders and object stores
+            dest.write_bytes(name, src.read_bytes(name))
         return ExportSummary(dest.url, len(store.studies), len(store.slices), store.n_shards, copied_verbatim=True)
 
     chosen = store.studies if studies is None else store.studies[store.studies["study_uid"].isin(studies)]
     unknown = sorted(set(studies or []) - set(chosen["study_uid"]))
     if unknown:
         raise StoreError(f"{len(unknown)} studies are not in {src} (e.g. {unknown[:3]}); "
-                         "study UIDs are listed in studies.parquet")
+                         f"study UIDs are listed in {STUDIES}")
     chosen = chosen.sort_values("start")
     slots = np.concatenate([np.arange(r.start, r.stop) for r in chosen.itertuples()])
     slices = store.slices.iloc[slots].reset_index(drop=True)
@@ -92,12 +121,12 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     create_images(dest, len(slots), spec)
     reader, layout = open_reader(src), images_layout(dest)  # each array's metadata read once
     results = []
-    for index, first in enumerate(range(0, len(slots), spec.shard_slices)):
+    for shard, first in enumerate(range(0, len(slots), spec.shard_slices)):
         part = slots[first : first + spec.shard_slices]
         buffer = np.empty((len(part),) + store.images.shape[1:], dtype=np.uint8)
         for at, a, b in _runs(part):
             buffer[at : at + (b - a)] = reader[a:b]
-        results.append(write_shard(dest, spec, index, first, buffer, layout))
+        results.append(write_shard(dest, spec, shard, first, buffer, layout))
         if progress:
             progress(len(part))
 

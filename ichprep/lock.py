@@ -5,8 +5,9 @@ Local (and shared POSIX) filesystems: an exclusive ``flock`` on
 
 Object stores have no locks, so there the lock is a *lease*: a small object
 naming its owner and an expiry that a heartbeat thread pushes forward every
-30 s.  A second converter refuses while a live lease exists; a killed run's
-lease lapses within two minutes, after which a rerun takes over and resumes.
+``HEARTBEAT_SECONDS``.  A second converter refuses while a live lease exists; a
+killed run's lease lapses within ``LEASE_SECONDS``, after which a rerun takes
+over and resumes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from .errors import StoreLockedError
 from .location import Location, as_location
+from .store import STATE
 
-LOCK = ".ichprep/lock"
+LOCK = f"{STATE}/lock"
 LEASE_SECONDS = 120
 HEARTBEAT_SECONDS = 30
 

@@ -20,11 +20,12 @@ import pandas as pd
 from .errors import StoreError
 from .location import Location, as_location, read_any
 from .store import (
-    ATTRS_KEY, IMAGES, MANIFEST, REJECTED, SLICES, STUDIES, count_patients, open_store, shard_path,
+    GROUP_META, IMAGES_META, MANIFEST, REJECTED, SHARD_DIR, SLICES, STUDIES, count_patients, open_store, read_attrs,
+    shard_path,
 )
 
 MANIFEST_FORMAT = "ichkit-manifest/1"
-_TABLES = ("zarr.json", f"{IMAGES}/zarr.json", SLICES, STUDIES, REJECTED)
+_TABLES = (GROUP_META, IMAGES_META, SLICES, STUDIES, REJECTED)
 
 
 def _entry(root: Location, name: str) -> dict:
@@ -33,7 +34,7 @@ def _entry(root: Location, name: str) -> dict:
 
 def source_digest(table: pd.DataFrame) -> str:
     """sha256 over 'relative path<TAB>size' of every scanned file, in scan order."""
-    # .tolist() first: iterating arrow-backed columns element by element is ~3x slower.
+    # .tolist() first: arrow-backed columns are slow to iterate element by element.
     listing = "\n".join(f"{p}\t{s}" for p, s in zip(table["path"].astype(str).tolist(),
                                                       table["file_size"].fillna(-1).tolist()))
     return hashlib.sha256(listing.encode()).hexdigest()
@@ -49,12 +50,12 @@ def build_manifest(root: Location, shard_results: list[dict], slices: pd.DataFra
     """Manifest of a finished store from its shard records and the slices table it has just written;
     ``source`` from :func:`source_summary`."""
     files = {}
-    for result in sorted(shard_results, key=lambda r: r["index"]):
+    for result in sorted(shard_results, key=lambda r: r["index"]):  # "index": the shard number (stored key)
         if result["sha256"] is not None:
             files[shard_path(result["index"])] = {"sha256": result["sha256"], "size": result["size"]}
     for name in _TABLES:
         files[name] = _entry(root, name)
-    attrs = root.read_json("zarr.json")["attributes"][ATTRS_KEY]
+    attrs = read_attrs(root)
     return {
         "format": MANIFEST_FORMAT,
         "spec": attrs,
@@ -149,7 +150,7 @@ def _check_files(root: Location, files: dict) -> tuple[list[Problem], int, int]:
             problems.append(Problem(name, "size", detail))
         elif root.sha256(name) != expected["sha256"]:
             problems.append(Problem(name, "altered", "sha256 differs from the manifest"))
-    for name in root.files(f"{IMAGES}/c"):
+    for name in root.files(SHARD_DIR):
         if name not in files:
             problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
     return problems, checked, nbytes
@@ -180,12 +181,33 @@ def _check_tables(root: Location, manifest: dict) -> list[Problem]:
 
 
 def verify_store(root: str | Path | Location, manifest_path: str | Path | None = None) -> VerifyReport:
-    """Recompute every checksum of the manifest and check the tables against the array."""
+    """Recompute every checksum of the manifest and check the tables against the array.
+
+    Parameters
+    ----------
+    root : str, PathLike or Location
+        The store: a local folder or an fsspec URL.
+    manifest_path : str or PathLike, optional
+        A published copy of the manifest (e.g. ``data_manifests/NAME.json``, a path or a URL) to check
+        against; by default the store's own ``manifest.json``.
+
+    Returns
+    -------
+    VerifyReport
+        Files and bytes checked and every problem found (missing, resized, altered or unlisted
+        files, unsafe paths, inconsistent tables); ``report.ok`` when there is none.  Problems are
+        reported, not raised.
+
+    Raises
+    ------
+    StoreError
+        The manifest does not exist, is not valid JSON, or is not an ichkit manifest.
+    """
     root = as_location(root)
     manifest = load_manifest(manifest_path, root)
     problems, checked, nbytes = _check_files(root, manifest["files"])
     if not any(p.kind in {"unsafe_path"} for p in problems) and all(
-        p.path not in (SLICES, STUDIES, "zarr.json", f"{IMAGES}/zarr.json") for p in problems
+        p.path not in (SLICES, STUDIES, GROUP_META, IMAGES_META) for p in problems
     ):
         problems += _check_tables(root, manifest)
     return VerifyReport(root, checked, nbytes, problems)

@@ -16,6 +16,8 @@ import re
 
 import pandas as pd
 
+from .source import DICOM_SUFFIX
+
 #: Column -> pseudonym prefix.  The prefix keeps pseudonyms readable ("which kind of id is this?").
 ID_COLUMNS = {"patient_id": "P", "study_uid": "S", "series_uid": "SE", "image_id": "ID", "sop_uid": "SOP"}
 _DIGITS = 20  # 80 bits of HMAC: no collisions at archive scale, short enough to read
@@ -50,7 +52,7 @@ def pseudonymize_scan(table: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict
         mapping = {v: pseudonym(key, kind, v) for v in values.dropna().unique()}
         originals.update(mapping)
         table[column] = values.map(mapping).astype("string")
-    new_paths = table["image_id"].astype("string") + ".dcm"
+    new_paths = table["image_id"].astype("string") + DICOM_SUFFIX
     for column in ("path", "abs_path"):
         if column in table:
             originals.update({str(p): str(n) for p, n in zip(table[column], new_paths) if pd.notna(p)})

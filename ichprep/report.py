@@ -2,7 +2,7 @@
 
 Both only read: the store contract of :mod:`ichprep.store` plus ``manifest.json`` and ``rejected.csv``.
 The montage reads a study with one ``images[start:stop]`` call (studies are contiguous runs of slices in
-z order), because every zarr call costs about a millisecond and a per-slice loop would dominate.
+z order): every zarr call has a fixed cost, which a per-slice loop would pay once a slice.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 from .labels import LABELS
 from .location import as_location
 from .manifest import load_manifest
-from .store import ATTRS_KEY, REJECTED, STATE, Store, count_patients, open_store
+from .store import REJECTED, STUDIES, Store, count_patients, open_store, read_attrs, store_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def store_info(root: str | Path) -> dict:
     root = as_location(root)
     store = open_store(root)
     manifest = load_manifest(None, root)
-    attrs = root.read_json("zarr.json")["attributes"][ATTRS_KEY]
+    attrs = read_attrs(root)
     slices, spec = store.slices, store.spec
     ok = slices["ok"].to_numpy(bool)
 
@@ -55,7 +55,7 @@ def store_info(root: str | Path) -> dict:
 
     # Sizes from the files actually on disk (a copied store may differ from the manifest), leaving out
     # the converter's private state; source bytes only exist in the manifest.
-    files = [name for name in root.files() if not name.startswith(STATE + "/")]
+    files = store_files(root)
     store_bytes = sum(root.size(name) for name in files)
     source_bytes = int(manifest["source"]["bytes"])
     rejected = pd.Series(dtype=str)
@@ -227,7 +227,7 @@ def _status(row) -> tuple[list[tuple[str, tuple]], bool]:
 def _unknown_study(store: Store, study: str) -> ValueError:
     """A clear error, with the nearest UID(s) or the right option when the string is another kind of id."""
     where = f"no study {study!r} among the {len(store.studies)} studies of {store.root}"
-    how = f"study UIDs are listed in {store.root.child_url('studies.parquet')} (column study_uid); `ichprep info` shows counts"
+    how = f"study UIDs are listed in {store.root.child_url(STUDIES)} (column study_uid); `ichprep info` shows counts"
     slices = store.slices
     for column, hint in (("image_id", "that is an image id: use --index {i}"),
                          ("series_uid", "that is a series UID (slice {i}): use --index {i}")):

@@ -194,15 +194,40 @@ def scan(
     batch_size: int = 256,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> tuple[pd.DataFrame, ScanSummary]:
-    """Scan every DICOM of a source (``dicom_dir``: a folder, a zip, a URL; :mod:`ichprep.source`); returns the
-    ordered table and a summary.
+    """Read the header of every DICOM file of a source, in the order the store is written.
 
-    With a Dask ``client`` (or an :class:`ichprep.cluster.OnDemand` that starts one for enough files) the
-    headers are read on its workers in batches of
-    ``batch_size`` files (retried if a worker dies); without one, in this process.
-    The label CSV is parsed first so a bad CSV fails before the long part.
-    ``progress(stage, total)`` returns a callback given the number of files done (the CLI
-    turns it into a progress bar).
+    A file that cannot be read, or is not a single-frame CT slice, is a row with its reason in
+    ``status``; the scan does not stop for it.
+
+    Parameters
+    ----------
+    dicom_dir : str or PathLike
+        A SOURCE: a folder, a zip or an fsspec URL (:mod:`ichprep.source`).
+    labels_csv : str or PathLike, optional
+        Kaggle's label CSV, parsed first so a bad CSV fails before the long part.
+    client : distributed.Client or OnDemand, optional
+        Read the headers on its workers in batches of ``batch_size`` files (a batch is retried if a
+        worker dies); an :class:`ichprep.cluster.OnDemand` starts a cluster only for enough files;
+        None reads them in this process.
+    batch_size : int, optional
+        Files per Dask task.
+    progress : callable, optional
+        ``progress("scan", total)`` returns a callback given the number of files done (the CLI turns
+        it into a progress bar).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        One row per file (:data:`SCAN_DTYPES`): readable slices by study and z, then the rest by path.
+    summary : ScanSummary
+        Counts of files, slices, studies, patients and labels, and rejections by reason.
+
+    Raises
+    ------
+    SourceError
+        ``dicom_dir`` does not exist or cannot be listed.
+    LabelsError
+        ``labels_csv`` is malformed.
     """
     labels = read_labels(labels_csv) if labels_csv is not None else None
     source = parse_source(dicom_dir)

@@ -3,9 +3,9 @@
 Each slice passes through a 525 kB file buffer, a 1 MB float32 HU image and 256 kB resize and
 window temporaries, and each shard through a 12 MiB image buffer.  Allocated afresh, glibc serves
 these from mmap or from a heap it trims after every free, and the kernel faults the pages in again
-each time: ~40 page faults and 0.08 ms a slice on this VM, 15% of the conversion (BENCHMARKS.md).
-Reusing one buffer per thread and purpose removes them.  A buffer is valid until the next request
-for the same name in the same thread, so callers copy out what they keep.
+each time.  Reusing one buffer per thread and purpose removes those page faults (figures:
+BENCHMARKS.md).  A buffer is valid until the next request for the same name in the same thread, so
+callers copy out what they keep.
 """
 
 from __future__ import annotations

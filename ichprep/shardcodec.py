@@ -4,10 +4,10 @@ A shard of the ``images`` array (zarr v3 ``sharding_indexed``; inner chunk = one
 ``bytes`` + ``zstd``; index at the end with ``bytes`` + ``crc32c``) is the slices' zstd frames one
 after another, then an index of (offset, nbytes) little-endian uint64 pairs, one per slot, with
 (2^64-1, 2^64-1) for a slot left out because it is all zeros (the fill value), then the index's
-crc32c.  zarr-python spends ~0.3 ms per slice around a 0.2 ms zstd call when writing (0.15 ms
-here, with a reused context) and ~0.12 ms around a 0.07 ms decode when reading (BENCHMARKS.md);
-encoding and decoding here gives the same bytes (tested against zarr) at the cost of the codec alone.  zarr still reads and writes these
-stores: the format is the standard one, only the code path is shorter.
+crc32c.  zarr-python runs its codec pipeline around every one-slice chunk; encoding and decoding whole
+shards here gives the same bytes (tested against zarr) at the cost of the codec alone (figures in
+BENCHMARKS.md).  zarr still reads and writes these stores: the format is the standard one, only the
+code path is shorter.
 
 This is one layout among the valid Zarr v3 ones: :func:`fast_layout` checks an array's own ``zarr.json``
 against it (index position, index codecs, inner chunk shape, codecs, fill value, key encoding), and
@@ -30,6 +30,17 @@ from .location import Location
 
 EMPTY = 0xFFFF_FFFF_FFFF_FFFF
 _ENTRY = 16  # bytes per index entry: offset and nbytes, uint64 each
+
+#: The images array's folder in a store, its metadata file and the folder of its shard files
+#: (:mod:`ichprep.store` re-exports them).
+IMAGES = "images"
+IMAGES_META = f"{IMAGES}/zarr.json"
+SHARD_DIR = f"{IMAGES}/c"
+
+
+def shard_path(shard: int) -> str:
+    """Relative path of shard number ``shard`` in a store (default v3 chunk key encoding, '/' separator)."""
+    return f"{SHARD_DIR}/{shard}/0/0/0"
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ class Mismatch(NamedTuple):
         return self.field not in _NOT_IMAGES
 
     def __str__(self) -> str:
-        return f"images/zarr.json {self.field} is {self.found!r}, the direct shard codec needs {self.expected!r}"
+        return f"{IMAGES_META} {self.field} is {self.found!r}, the direct shard codec needs {self.expected!r}"
 
 
 #: Fields whose mismatch makes the array unusable as ichkit images whichever library reads it.
@@ -71,7 +82,7 @@ def _array_mismatch(meta: dict) -> Mismatch | None:
     shape = meta.get("shape", [])
     keys = meta.get("chunk_key_encoding", {})
     grid = meta.get("chunk_grid", {})
-    shard = grid.get("configuration", {}).get("chunk_shape", [])
+    shard_shape = grid.get("configuration", {}).get("chunk_shape", [])
     return _first_mismatch([
         ("zarr_format", meta.get("zarr_format"), 3),
         ("node_type", meta.get("node_type"), "array"),
@@ -82,8 +93,8 @@ def _array_mismatch(meta: dict) -> Mismatch | None:
         # The v3 default chunk key encoding's separator is "/" unless configured otherwise.
         ("chunk_key_encoding.configuration.separator", keys.get("configuration", {}).get("separator", "/"), "/"),
         ("chunk_grid.name", grid.get("name"), "regular"),
-        ("chunk_grid.configuration.chunk_shape[1:]", list(shard[1:]), list(shape[1:])),
-        ("chunk_grid.configuration.chunk_shape[0] >= 1", len(shard) == 4 and shard[0] >= 1, True),
+        ("chunk_grid.configuration.chunk_shape[1:]", list(shard_shape[1:]), list(shape[1:])),
+        ("chunk_grid.configuration.chunk_shape[0] >= 1", len(shard_shape) == 4 and shard_shape[0] >= 1, True),
         ("storage_transformers", meta.get("storage_transformers", []), []),
     ])
 
@@ -134,9 +145,9 @@ _WRITE_SIZE = 1 << 16
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     """One reused compression context per thread and level.
 
-    numcodecs' ``Zstd.encode`` (what zarr calls) sets up a fresh context per call: 0.22 ms per 256² slice
-    at level 1, against 0.13 ms for the same frame from a reused context (BENCHMARKS.md).  Contexts are
-    not thread-safe, hence one per thread (Dask workers may run tasks in several threads).
+    numcodecs' ``Zstd.encode`` (what zarr calls) sets up a fresh context per call; a reused one writes
+    the same frame without that setup.  Contexts are not thread-safe, hence one per thread (Dask
+    workers may run tasks in several threads).
     """
     return scratch.reused(f"zstd-compressor-{level}", lambda: zstandard.ZstdCompressor(level=level))
 
@@ -164,8 +175,8 @@ def encode_shard(buffer: np.ndarray, shard_slices: int, level: int) -> memoryvie
 
     The frames go straight into this thread's scratch buffer (:mod:`ichprep.scratch`) through a small
     write buffer: ``ZstdCompressor.compress`` allocates its worst-case output (197 kB for a 256² slice)
-    per call, which glibc mmaps and the kernel faults in each time (~30 page faults a slice, with the
-    final join).  The view returned is valid until the next encode_shard in this thread.
+    per call, which glibc mmaps and the kernel faults in afresh each time.  The view returned is valid
+    until the next encode_shard in this thread.
     """
     codec = _compressor(level)
     slice_bytes = buffer[0].nbytes if len(buffer) else 0
@@ -210,19 +221,19 @@ class ShardReader:
         a, b, _ = key.indices(self.shape[0])
         out = np.zeros((max(b - a, 0),) + self.shape[1:], np.uint8)
         s = self.shard_slices
-        for k in range(a // s, (b - 1) // s + 1) if b > a else ():
-            lo, hi = max(a, k * s), min(b, (k + 1) * s)
-            self._read_into(k, lo - k * s, hi - k * s, out[lo - a : hi - a])
+        for shard in range(a // s, (b - 1) // s + 1) if b > a else ():
+            lo, hi = max(a, shard * s), min(b, (shard + 1) * s)
+            self._read_into(shard, lo - shard * s, hi - shard * s, out[lo - a : hi - a])
         return out
 
-    def _read_into(self, k: int, first: int, stop: int, out: np.ndarray) -> None:
-        name = f"images/c/{k}/0/0/0"
+    def _read_into(self, shard: int, first: int, stop: int, out: np.ndarray) -> None:
+        name = shard_path(shard)
         try:
             handle = self.root.open(name)
         except FileNotFoundError:
             return  # a shard zarr never wrote is all fill value (zeros)
         with handle:
-            whole = first == 0 and stop >= min(self.shard_slices, self.shape[0] - k * self.shard_slices)
+            whole = first == 0 and stop >= min(self.shard_slices, self.shape[0] - shard * self.shard_slices)
             if whole:
                 data = handle.read()
                 index = _parse_index(data[-_index_bytes(self.shard_slices):], self.shard_slices, name)

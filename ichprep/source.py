@@ -117,7 +117,24 @@ def _absolute(url: str) -> str:
 
 
 def parse_source(text: str | os.PathLike | Source) -> Source:
-    """The :class:`Source` named by ``text``; raises SourceError saying what is wrong with it."""
+    """The :class:`Source` named by ``text`` (see the module docstring for the forms).
+
+    Parameters
+    ----------
+    text : str, PathLike or Source
+        A folder, ``ZIP`` or ``ZIP::FOLDER/IN/ZIP``, or an fsspec URL; a :class:`Source` is returned as is.
+
+    Returns
+    -------
+    Source
+        Local paths made absolute (workers may run elsewhere); a local file that is not a folder is
+        taken as a zip, checked when it is listed.
+
+    Raises
+    ------
+    SourceError
+        Nothing exists at ``text``, or the part before ``::`` is not a file.
+    """
     if isinstance(text, Source):
         return text
     text = str(text)
@@ -188,11 +205,33 @@ def _zip_members(source: Source) -> list[Member]:
 # ---------------------------------------------------------------- reading (a worker, per file)
 
 def read_member(source: Source, member: Member, head: int | None = None, reuse: bool = False) -> bytes | memoryview:
-    """The bytes of one member, or (``head``) at least its first ``head`` bytes where it has that many.
+    """The bytes of one member of ``source``, whole or its first bytes.
 
-    A whole zip member is checked against its CRC-32; every failure is a DicomReadError naming the
-    member.  With ``reuse`` a stored member is read into this thread's scratch buffer (valid until the
-    next such read).
+    Parameters
+    ----------
+    source : Source
+        Where the member lies (:func:`parse_source`).
+    member : Member
+        One row of :func:`list_members` (for a zip, with where its bytes are).
+    head : int, optional
+        Read at least the first ``head`` bytes where the member has that many, not the whole member.
+    reuse : bool, optional
+        Read a whole stored zip member into this thread's scratch buffer (:mod:`ichprep.scratch`),
+        valid until the next such read, instead of new memory.
+
+    Returns
+    -------
+    bytes or memoryview
+        The member's bytes; a whole zip member has passed its CRC-32 check.
+
+    Raises
+    ------
+    DicomReadError
+        A zip member that cannot be read, each naming the member: :class:`ZipMemberError` (damaged,
+        encrypted, an unsupported compression method, CRC-32 mismatch) or :class:`TruncatedFileError`
+        (the zip ends inside it).
+    FileNotFoundError
+        A file or object of a folder or URL source is gone.
     """
     if not source.is_zip:
         fs, _ = _filesystem(source.url)

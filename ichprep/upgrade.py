@@ -27,13 +27,9 @@ from .location import Location, as_location
 from .lock import store_lock
 from .manifest import load_manifest, with_metadata, write_manifest
 from .spec import AXES, FORMAT_VERSION, check_format
-from .store import ATTRS_KEY, IMAGES, MANIFEST, STATE
+from .store import ATTRS_KEY, GROUP_META, IMAGES_META, MANIFEST, RUN_FILE, read_attrs
 
 logger = logging.getLogger(__name__)
-
-GROUP_META = "zarr.json"
-IMAGES_META = f"{IMAGES}/zarr.json"
-RUN_FILE = f"{STATE}/run.json"
 
 
 class UpgradeSummary(NamedTuple):
@@ -49,10 +45,7 @@ def _zarr_bytes(metadata) -> bytes:
 
 def _store_format(root: Location):
     """The format version in the group's attributes, refused unless this ichkit reads it."""
-    attrs = root.read_json(GROUP_META).get("attributes", {})
-    if ATTRS_KEY not in attrs:
-        raise StoreError(f"{root} is a Zarr group but not an ichkit store (no '{ATTRS_KEY}' attribute)")
-    found = attrs[ATTRS_KEY].get("format_version")
+    found = read_attrs(root).get("format_version")
     try:
         check_format(found)
     except ValueError as exc:
@@ -88,10 +81,32 @@ def _restate_run(root: Location) -> bytes | None:
 
 
 def upgrade_store(root: str | Path | Location, manifest_out: str | Path | None = None) -> UpgradeSummary:
-    """Rewrite the metadata of ``root`` to the current format; see the module docstring."""
+    """Rewrite the metadata of ``root`` to the current format; see the module docstring.
+
+    Parameters
+    ----------
+    root : str, PathLike or Location
+        The store: a local folder or an fsspec URL.  Its lock is held while it is rewritten.
+    manifest_out : str or PathLike, optional
+        Also write the restated manifest there (the copy published in ``data_manifests/``).
+
+    Returns
+    -------
+    UpgradeSummary
+        The versions before and after and the files rewritten, in order (none when the store was
+        already current).
+
+    Raises
+    ------
+    StoreError
+        ``root`` is not an ichkit store, its format is one this ichkit does not read, or a
+        ``zarr.json`` differs from the manifest (altered since conversion: verify it first).
+    StoreLockedError
+        A converter or another upgrade is writing ``root``.
+    """
     root = as_location(root)
     if not root.isfile(GROUP_META) or not root.isfile(IMAGES_META):
-        raise StoreError(f"{root} is not an ichkit store (no zarr.json or images/zarr.json); "
+        raise StoreError(f"{root} is not an ichkit store (no {GROUP_META} or {IMAGES_META}); "
                          "create one with `ichprep convert`")
     with store_lock(root):
         found = _store_format(root)

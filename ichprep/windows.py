@@ -56,29 +56,29 @@ PRESETS: dict[str, Window] = {
 DEFAULT_WINDOWS: tuple[Window, ...] = (PRESETS["brain"], PRESETS["subdural"], PRESETS["soft"])
 
 
-def parse_window(spec: str) -> Window:
+def parse_window(text: str) -> Window:
     """``"brain"`` -> the preset; ``"NAME:CENTER:WIDTH"`` -> a custom window."""
-    spec = spec.strip()
-    if ":" not in spec:
-        if spec in PRESETS:
-            return PRESETS[spec]
+    text = text.strip()
+    if ":" not in text:
+        if text in PRESETS:
+            return PRESETS[text]
         raise WindowSpecError(
-            f"unknown window {spec!r}; choose one of {', '.join(PRESETS)} or give NAME:CENTER:WIDTH"
+            f"unknown window {text!r}; choose one of {', '.join(PRESETS)} or give NAME:CENTER:WIDTH"
         )
-    parts = spec.split(":")
+    parts = text.split(":")
     if len(parts) != 3:
-        raise WindowSpecError(f"window {spec!r} must look like NAME:CENTER:WIDTH, e.g. stroke:32:8")
+        raise WindowSpecError(f"window {text!r} must look like NAME:CENTER:WIDTH, e.g. stroke:32:8")
     name, center, width = parts
     try:
         return Window(name, float(center), float(width))
     except ValueError as exc:
         if isinstance(exc, WindowSpecError):
             raise
-        raise WindowSpecError(f"window {spec!r}: CENTER and WIDTH must be numbers") from None
+        raise WindowSpecError(f"window {text!r}: CENTER and WIDTH must be numbers") from None
 
 
-def parse_windows(specs: list[str] | tuple[str, ...]) -> tuple[Window, ...]:
-    windows = tuple(parse_window(s) for s in specs) if specs else DEFAULT_WINDOWS
+def parse_windows(texts: list[str] | tuple[str, ...]) -> tuple[Window, ...]:
+    windows = tuple(parse_window(t) for t in texts) if texts else DEFAULT_WINDOWS
     names = [w.name for w in windows]
     if len(set(names)) != len(names):
         raise WindowSpecError(f"window names must be unique, got {names}")

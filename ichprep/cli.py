@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .cluster import MIN_FILES_FOR_CLUSTER
 from .errors import IchprepError
+from .spec import COMPRESSORS
 
 logger = logging.getLogger("ichprep")
 
@@ -203,7 +204,7 @@ def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | No
                    "[default: brain, subdural, soft].")
 @click.option("--shard-slices", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Slices per shard file (the unit of writing and of streaming).")
-@click.option("--compressor", type=click.Choice(["zstd", "blosc-lz4"]), default="zstd", show_default=True)
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default=COMPRESSORS[0], show_default=True)
 @click.option("--compression-level", type=click.IntRange(1, 22), default=1, show_default=True,
               help="zstd level (1-22) or blosc clevel (1-9); 1 measured smallest-and-fastest on CT slices.")
 @cluster_options
@@ -354,6 +355,8 @@ def upgrade(store: Path, manifest_out: Path | None) -> None:
         return
     click.echo(f"upgraded {store} from store format {summary.from_version} to {summary.to_version}: rewrote "
                f"{', '.join(summary.rewritten)}; shards untouched; check it with: ichprep verify {store}")
-    if "manifest.json" in summary.rewritten and manifest_out is None:
+    from .store import MANIFEST
+
+    if MANIFEST in summary.rewritten and manifest_out is None:
         click.echo("the manifest changed: replace any published copy of it (e.g. data_manifests/NAME.json) "
-                   f"with {store}/manifest.json")
+                   f"with {store}/{MANIFEST}")

@@ -309,7 +309,7 @@ def show(store: Path, study: str | None, slot: int | None, output: Path, max_sli
     if (study is None) == (slot is None):
         raise click.UsageError("give exactly one of --study UID or --slot SLOT")
     try:
-        path = save_montage(store, output, study=study, index=slot, max_slices=max_slices)
+        path = save_montage(store, output, study=study, slot=slot, max_slices=max_slices)
     except (IchprepError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {path}")

@@ -229,8 +229,8 @@ def _unknown_study(store: Store, study: str) -> ValueError:
     where = f"no study {study!r} among the {len(store.studies)} studies of {store.root}"
     how = f"study UIDs are listed in {store.root.child_url(STUDIES)} (column study_uid); `ichprep info` shows counts"
     slices = store.slices
-    for column, hint in (("image_id", "that is an image id: use --index {i}"),
-                         ("series_uid", "that is a series UID (slice {i}): use --index {i}")):
+    for column, hint in (("image_id", "that is an image id: use --slot {i}"),
+                         ("series_uid", "that is a series UID (slot {i}): use --slot {i}")):
         hit = np.flatnonzero((slices[column] == study).fillna(False).to_numpy())
         if len(hit):
             return ValueError(f"{where}; {hint.format(i=int(hit[0]))}")
@@ -281,34 +281,34 @@ def _draw_row(canvas, layout: MontageLayout, r: int, i: int, row: dict, image: n
             cv2.line(canvas, (px + side - 1, py), (px, py + side - 1), FAILED, 1)
 
 
-def render_montage(root: str | Path, study: str | None = None, index: int | None = None, max_slices: int = 40,
+def render_montage(root: str | Path, study: str | None = None, slot: int | None = None, max_slices: int = 40,
                    panel: int | None = None) -> np.ndarray:
     """An (H, W, 3) uint8 RGB picture of one study: a row per slice in z order, a column per window.
 
-    Give exactly one of ``study`` (a study UID) or ``index`` (a slice of the store: its study is shown
+    Give exactly one of ``study`` (a study UID) or ``slot`` (a slice of the store: its study is shown
     and that slice framed in yellow). ``panel`` is the panel side in pixels (default 256, or 128 when
     more than 12 rows are drawn).
     """
-    if (study is None) == (index is None):
-        raise ValueError("give exactly one of study (a study UID) or index (a slice index)")
+    if (study is None) == (slot is None):
+        raise ValueError("give exactly one of study (a study UID) or slot (a row of the store)")
     if max_slices < 1:
         raise ValueError(f"max_slices must be at least 1, got {max_slices}")
     if panel is not None and not 64 <= panel <= 1024:  # below 64 px the caption no longer fits a row
         raise ValueError(f"panel must be between 64 and 1024 pixels, got {panel}")
     store = open_store(root)
     n = len(store.slices)
-    if index is not None:
-        index = operator.index(index)
-        if not 0 <= index < n:
-            raise ValueError(f"slice index {index} is out of range: {store.root} has {n} slices (0..{n - 1})")
-        hit = store.studies[(store.studies["start"] <= index) & (index < store.studies["stop"])]
+    if slot is not None:
+        slot = operator.index(slot)
+        if not 0 <= slot < n:
+            raise ValueError(f"slot {slot} is out of range: {store.root} has {n} slices (0..{n - 1})")
+        hit = store.studies[(store.studies["start"] <= slot) & (slot < store.studies["stop"])]
     else:
         hit = store.studies[store.studies["study_uid"] == study]
         if hit.empty:
             raise _unknown_study(store, study)
     info = hit.iloc[0]
     start, stop = int(info["start"]), int(info["stop"])
-    pick = _pick(stop - start, max_slices, None if index is None else index - start)
+    pick = _pick(stop - start, max_slices, None if slot is None else slot - start)
     stack = np.asarray(store.images[start:stop])[pick]  # the one read of this study
     rows = store.slices.iloc[start + pick]
 
@@ -333,14 +333,14 @@ def render_montage(root: str | Path, study: str | None = None, index: int | None
         _text(canvas, f"c {window.center:g}  w {window.width:g}", x + 2, TITLE_H + 36, DIM, 0.4, max_w=side - 4)
 
     for r, (k, row) in enumerate(zip(pick, rows.to_dict("records"))):
-        _draw_row(canvas, layout, r, start + int(k), row, stack[r], selected=start + int(k) == index)
+        _draw_row(canvas, layout, r, start + int(k), row, stack[r], selected=start + int(k) == slot)
     return canvas
 
 
-def save_montage(root: str | Path, out_png: str | Path, study: str | None = None, index: int | None = None,
+def save_montage(root: str | Path, out_png: str | Path, study: str | None = None, slot: int | None = None,
                  max_slices: int = 40, panel: int | None = None) -> Path:
     """Render :func:`render_montage` and write it as a PNG; returns the path written."""
-    image = render_montage(root, study=study, index=index, max_slices=max_slices, panel=panel)
+    image = render_montage(root, study=study, slot=slot, max_slices=max_slices, panel=panel)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):

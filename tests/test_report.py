@@ -132,7 +132,7 @@ def test_positive_and_failed_rows_are_marked(tables, store):
         stripe = (montage[y + 5, 6] == STRIPE).all()
         assert stripe == (slices["any"].iloc[int(study["start"]) + r] == 1)
     failed = int(np.flatnonzero(~slices["ok"].to_numpy())[0])
-    montage = render_montage(store, index=failed)
+    montage = render_montage(store, slot=failed)
     owner = studies[(studies["start"] <= failed) & (failed < studies["stop"])].iloc[0]
     y, x = MontageLayout(int(owner["n_slices"]), 3, SMALL_PANEL).panel_origin(failed - int(owner["start"]), 0)
     assert (montage[y + 10, x + 10] == FAILED).all()  # the zero-filled slot is crossed out
@@ -144,7 +144,7 @@ def test_index_highlights_its_row(tables, store):
     r = int(study["n_slices"]) // 2
     index = int(study["start"]) + r
     plain = render_montage(store, study=study["study_uid"])
-    marked = render_montage(store, index=index)
+    marked = render_montage(store, slot=index)
     assert marked.shape == plain.shape
     layout = MontageLayout(int(study["n_slices"]), 3, SMALL_PANEL)
     y, _ = layout.panel_origin(r, 0)
@@ -172,18 +172,18 @@ def test_montage_errors(tables, store):
     with pytest.raises(ValueError, match="exactly one"):
         render_montage(store)
     with pytest.raises(ValueError, match="exactly one"):
-        render_montage(store, study=uid, index=0)
+        render_montage(store, study=uid, slot=0)
     with pytest.raises(ValueError, match="studies.parquet") as err:
         render_montage(store, study="1.2.3.nope")
     assert "did you mean" not in str(err.value)
     with pytest.raises(ValueError, match="did you mean") as err:
         render_montage(store, study=uid[:-4] + "9999")
     assert uid in str(err.value)
-    with pytest.raises(ValueError, match="--index 3"):
+    with pytest.raises(ValueError, match="--slot 3"):
         render_montage(store, study=slices["image_id"].iloc[3])
     for bad in (-1, len(slices)):
         with pytest.raises(ValueError, match="out of range"):
-            render_montage(store, index=bad)
+            render_montage(store, slot=bad)
 
 
 def test_save_montage_png(tables, store, tmp_path):

@@ -1,23 +1,26 @@
-"""The plain case of a DICOM file, walked without pydicom: 0.03 ms a file instead of pydicom's 0.18 ms.
+"""The plain case of a DICOM file, walked by ichkit's own reader instead of ``pydicom.dcmread``.
 
 Every RSNA file is this case: a Part 10 file (128-byte preamble, ``DICM``), implicit or explicit VR
 little endian, and top-level elements of defined length up to the pixel data.  :func:`read_plain`
-walks such a file's elements with ``struct`` and hands back a :class:`PlainDataset` that answers only
-what ichprep asks of a header: raw elements by tag (``get_item``, as pydicom's own) and the transfer
-syntax.  It returns None for anything else (no preamble, another transfer syntax, an undefined length,
-a sequence of unexpected shape, elements out of order, a file cut short), and a :class:`PlainDataset`
-raises :class:`NotPlain` where only pydicom can answer (``pixel_array``, converted values).  The
-caller then reads the file again with pydicom, so every error message and every unusual file still
-goes through pydicom; this module only ever speeds up files it reads exactly as pydicom would
-(tests/test_plainread.py compares the two on every file of the synthetic set and of pydicom's own).
+walks such a file's elements with ``struct`` and returns a :class:`PlainDataset`; for anything else
+(no preamble, another transfer syntax, an undefined length, elements out of order, a file cut short)
+it returns None and the caller reads the file with pydicom.  A :class:`PlainDataset` holds pydicom
+``RawDataElement`` s, so the values it hands to pydicom (for conversion or pixel decoding) are the
+ones ``dcmread`` would have read (tests/test_plainread.py compares the two on every file of the
+synthetic set and of pydicom's own).
 """
 
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from struct import unpack_from
+from typing import NamedTuple
 
-from pydicom.dataelem import RawDataElement
+import numpy as np
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
 
 from . import scratch
 
@@ -35,16 +38,14 @@ _UNDEFINED = 0xFFFFFFFF
 HEAD_BYTES = 1 << 14
 
 
-class NotPlain(Exception):
-    """Only pydicom can answer this; read the file with pydicom instead."""
-
-
-class _Unplain(Exception):
-    """The walk met something outside the plain case."""
-
-
 class PlainDataset:
-    """Top-level elements of a plain file as pydicom ``RawDataElement`` s (values not converted)."""
+    """Top-level elements of a plain file as pydicom ``RawDataElement`` s (values not converted).
+
+    It answers what ichprep's header and pixel code asks, with the names pydicom's ``Dataset`` uses:
+    ``get_item``, ``in``, ``len``, ``keys`` and ``file_meta`` from the walk itself; ``ds[tag]`` (a
+    converted value) and ``pixel_array`` from pydicom, on a ``Dataset`` of the same raw elements.
+    A header-only walk holds no pixel element, as pydicom's ``stop_before_pixels`` holds none.
+    """
 
     def __init__(self, elements: dict[int, RawDataElement], transfer_syntax: str, has_pixels: bool):
         self._elements = elements
@@ -54,88 +55,121 @@ class PlainDataset:
     def get_item(self, tag: int) -> RawDataElement | None:
         return self._elements.get(tag)
 
-    def __getitem__(self, tag):
-        raise NotPlain(f"element {tag} needs pydicom's value conversion")
+    def __contains__(self, tag: int) -> bool:
+        return tag in self._elements
 
-    def __len__(self):
-        raise NotPlain("len() of a plain dataset")
+    def __len__(self) -> int:
+        return len(self._elements)
 
-    def __contains__(self, key):
-        raise NotPlain("membership test on a plain dataset")
+    def keys(self):
+        return self._elements.keys()
 
-    def __getattr__(self, name):  # pixel_array, get, keys, ...: pydicom's
-        raise NotPlain(f"{name} needs pydicom")
+    def __getitem__(self, tag: int) -> DataElement:
+        """The element converted by pydicom (character set, VR lookup), for values the raw bytes do not answer."""
+        return self._pydicom[tag]
+
+    @property
+    def pixel_array(self) -> np.ndarray:
+        """pydicom's decoding of the pixel data, for pixels ichprep does not read from the bytes itself."""
+        return self._pydicom.pixel_array
+
+    @cached_property
+    def _pydicom(self) -> Dataset:
+        """The same raw elements as a pydicom Dataset; pydicom converts them as it would after ``dcmread``."""
+        ds = Dataset({BaseTag(tag): elem._replace(tag=BaseTag(tag), value=_own_bytes(elem.value))
+                      for tag, elem in self._elements.items()})
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = self.file_meta["TransferSyntaxUID"]
+        ds.set_original_encoding(self.file_meta["TransferSyntaxUID"] == _IMPLICIT_LE, True)
+        return ds
 
 
-def _walk(data: bytes | memoryview, pos: int, implicit: bool, meta: bool, want_pixels: bool):
-    """Elements from ``pos``: {tag: (vr, offset, length)}, then where group 2 ends (``meta``) or the pixel element."""
+def _own_bytes(value):
+    """A copy of a value that views the file's buffer (a scratch buffer is reused by the next read)."""
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+class _Walk(NamedTuple):
+    """Where a walk over consecutive elements got to."""
+
+    elements: dict[int, tuple[str | None, int, int]]  # tag -> (VR, value offset, value length)
+    stop: int  # offset of the first element not walked (end of group 2 for the file meta)
+    pixels: tuple[int, str | None, int, int] | None  # (tag, VR, value offset, value length) of the pixel element
+
+
+def _walk(data: bytes | memoryview, pos: int, implicit: bool, meta: bool, want_pixels: bool) -> _Walk | None:
+    """Elements from ``pos`` up to where group 2 ends (``meta``) or the pixel element; None outside the plain case."""
     elements: dict[int, tuple[str | None, int, int]] = {}
     n, last = len(data), -1
     while pos + 8 <= n:
         group, number = unpack_from("<HH", data, pos)
         if meta and group != 2:
-            return elements, pos
+            return _Walk(elements, pos, None)
         tag = group << 16 | number
         if tag <= last:
-            raise _Unplain("elements out of order")
+            return None  # elements out of order
         last = tag
         if implicit:
-            vr, (length,) = None, unpack_from("<I", data, pos + 4)
-            pos += 8
+            vr, (length,), header = None, unpack_from("<I", data, pos + 4), 8
         else:
             vr = bytes(data[pos + 4 : pos + 6]).decode("latin-1")
             if vr in _LONG_VRS:
                 if pos + 12 > n:
-                    raise _Unplain("file ends in an element header")
-                (length,) = unpack_from("<I", data, pos + 8)
-                pos += 12
+                    return None  # the file ends in an element header
+                (length,), header = unpack_from("<I", data, pos + 8), 12
             elif vr in _VRS:
-                (length,) = unpack_from("<H", data, pos + 6)
-                pos += 8
+                (length,), header = unpack_from("<H", data, pos + 6), 8
             else:
-                raise _Unplain(f"unknown VR {vr!r}")
+                return None  # an unknown VR
+        pos += header
         if tag in PIXEL_TAGS:
             if want_pixels and (length == _UNDEFINED or pos + length > n):
-                raise _Unplain("encapsulated or truncated pixel data")
-            return elements, (tag, vr, pos, length)
+                return None  # encapsulated or truncated pixel data
+            return _Walk(elements, pos, (tag, vr, pos, length))
         if length == _UNDEFINED or pos + length > n:
-            raise _Unplain("undefined length or a value past the end of the data")
+            return None  # an undefined length, or a value past the end of the data
         elements[tag] = (vr, pos, length)
         pos += length
     if pos != n:
-        raise _Unplain("file ends in an element header")
-    return elements, (pos if meta else None)
+        return None  # the file ends in an element header
+    return _Walk(elements, pos, None)
+
+
+def _transfer_syntax(data: bytes | memoryview, meta: _Walk) -> str | None:
+    """The file meta's transfer syntax UID where it is ASCII text."""
+    if TRANSFER_SYNTAX not in meta.elements:
+        return None
+    _, offset, length = meta.elements[TRANSFER_SYNTAX]
+    raw = bytes(data[offset : offset + length])
+    return raw.decode("ascii").strip(" \x00") if raw.isascii() else None
 
 
 def parse(data: bytes | memoryview, want_pixels: bool = True) -> PlainDataset | None:
     """A :class:`PlainDataset` for the bytes of a plain file, else None.
 
-    With ``want_pixels`` the pixel data value must be complete (it is then the PixelData element, as a
-    memoryview into ``data``); without it the walk stops at the pixel data tag.  Other values are copied.
+    With ``want_pixels`` the pixel data value must be complete (it is then the pixel data element, a
+    memoryview into ``data``); without it the walk stops at the pixel data tag and keeps no pixel
+    element.  Other values are copied.
     """
     if len(data) < 132 or bytes(data[128:132]) != b"DICM":
         return None
-    try:
-        meta, start = _walk(data, 132, implicit=False, meta=True, want_pixels=False)
-        if TRANSFER_SYNTAX not in meta or not isinstance(start, int):
-            return None
-        _, offset, length = meta[TRANSFER_SYNTAX]
-        syntax = bytes(data[offset : offset + length]).decode("ascii").strip(" \x00")
-        if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
-            return None
-        implicit = syntax == _IMPLICIT_LE
-        if implicit and bytes(data[start + 4 : start + 6]).decode("latin-1") in _VRS:
-            return None  # declared implicit but written explicit: pydicom sorts that out
-        found, pixels = _walk(data, start, implicit, meta=False, want_pixels=want_pixels)
-    except (_Unplain, UnicodeDecodeError):
+    meta = _walk(data, 132, implicit=False, meta=True, want_pixels=False)
+    syntax = _transfer_syntax(data, meta) if meta is not None else None
+    if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
+        return None
+    implicit = syntax == _IMPLICIT_LE
+    if implicit and bytes(data[meta.stop + 4 : meta.stop + 6]).decode("latin-1") in _VRS:
+        return None  # declared implicit but written explicit: pydicom sorts that out
+    walk = _walk(data, meta.stop, implicit, meta=False, want_pixels=want_pixels)
+    if walk is None:
         return None
     elements = {tag: RawDataElement(tag, vr, length, bytes(data[offset : offset + length]), offset, implicit, True, True)
-                for tag, (vr, offset, length) in found.items()}
-    if pixels is not None:
-        tag, vr, offset, length = pixels
-        value = memoryview(data)[offset : offset + length] if want_pixels else None
+                for tag, (vr, offset, length) in walk.elements.items()}
+    if walk.pixels is not None and want_pixels:
+        tag, vr, offset, length = walk.pixels
+        value = memoryview(data)[offset : offset + length]
         elements[tag] = RawDataElement(tag, vr, length, value, offset, implicit, True, True)
-    return PlainDataset(elements, syntax, has_pixels=pixels is not None)
+    return PlainDataset(elements, syntax, has_pixels=walk.pixels is not None)
 
 
 def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainDataset | None:
@@ -159,5 +193,5 @@ def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainData
             return plain
     except FileNotFoundError:
         raise
-    except OSError:
+    except OSError:  # permission denied, a symlink loop, ...: pydicom's path words the error
         return None

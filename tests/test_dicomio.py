@@ -6,7 +6,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from conftest import pydicom_file
-from ichprep import errors
+from ichprep import dicomio, errors
 from ichprep.dicomio import first_value, needs_wrap_fix, read_header, read_slice, to_hu
 
 
@@ -178,3 +178,76 @@ def test_native_fast_path_equals_pixel_array(synth_dataset, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     ds2, has = _open(path, stop_before_pixels=False)
     assert _native_pixels(ds2, _header(ds2, has, path)) is None
+
+
+def test_read_slice_returns_a_named_header_and_hu():
+    result = read_slice(pydicom_file("CT_small.dcm"))
+    header, hu = result
+    assert result.header is header and result.hu is hu and header.rows == hu.shape[0]
+
+
+def test_truncated_pixel_data_is_worded_as_pydicom_words_it(tmp_path):
+    """Checked before decoding, on either reader's dataset; the detail stays pydicom's sentence (rejected.csv bytes)."""
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.PixelData = ds.PixelData[:1000]
+    path = tmp_path / "short.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ValueError) as pydicoms:
+        pydicom.dcmread(path).pixel_array
+    for read in (lambda: read_slice(path), lambda: read_slice("short.dcm", data=path.read_bytes())):
+        with pytest.raises(errors.TruncatedFileError) as info:
+            read()
+        assert info.value.detail == f"pixel data is truncated: {pydicoms.value}"
+
+
+def _with_syntax(tmp_path, syntax: str):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "compressed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_transfer_syntax_without_a_decoder_is_unsupported(tmp_path, monkeypatch):
+    path = _with_syntax(tmp_path, "1.2.840.10008.1.2.4.100")  # MPEG2: pydicom has no decoder
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("tried to decode")))
+    with pytest.raises(errors.UnsupportedTransferSyntaxError, match="no decoder"):
+        read_slice(path)
+
+
+def test_a_decoder_without_its_plugins_is_unsupported(tmp_path, monkeypatch):
+    path = _with_syntax(tmp_path, pydicom.uid.JPEG2000Lossless)
+
+    class Missing:
+        is_available, is_native, missing_dependencies = False, False, ["pylibjpeg - requires pylibjpeg"]
+
+    monkeypatch.setattr("ichprep.dicomio.get_decoder", lambda uid: Missing())
+    dicomio._syntax.cache_clear()
+    try:
+        with pytest.raises(errors.UnsupportedTransferSyntaxError, match="no decoder plugin is installed"):
+            read_slice(path)
+    finally:
+        dicomio._syntax.cache_clear()
+
+
+def test_data_an_available_decoder_cannot_decode_is_a_decode_error(tmp_path):
+    path = _with_syntax(tmp_path, pydicom.uid.JPEG2000Lossless)  # raw pixels where a J2K codestream belongs
+    with pytest.raises(errors.PixelDecodeError):
+        read_slice(path)
+
+
+def test_bad_bits_allocated_and_pixel_element_are_our_errors(tmp_path):
+    """Both were read only when decoding, where pydicom's errors once escaped as they were."""
+    data = pydicom_file("CT_small.dcm").read_bytes()
+    bits = data.index(b"\x28\x00\x00\x01US\x02\x00")  # (0028,0100) BitsAllocated, explicit VR, 2 bytes
+    odd = tmp_path / "odd_bits.dcm"
+    odd.write_bytes(data[:bits] + b"\x28\x00\x00\x01UX\x02\x00" + data[bits + 8 :])
+    with pytest.raises(errors.InvalidHeaderError):
+        read_slice(odd)
+    pixel = data.index(b"\xe0\x7f\x10\x00OW")
+    unknown = tmp_path / "unknown_vr.dcm"
+    unknown.write_bytes(data[:pixel] + b"\xe0\x7f\x10\x00CW" + data[pixel + 6 :])
+    with pytest.raises(errors.DicomReadError):
+        read_slice(unknown)

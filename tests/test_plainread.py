@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from conftest import pydicom_file
 from ichprep import dicomio
 from ichprep.errors import DicomReadError
-from ichprep.plainread import HEAD_BYTES, NotPlain, parse, read_plain
+from ichprep.plainread import HEAD_BYTES, parse, read_plain
 
 
 def _read(ds, has_pixels: bool, path, stop_before_pixels: bool):
@@ -39,8 +39,8 @@ def _plain_path(path, stop_before_pixels: bool):
         return None
     try:
         return _read(plain, plain.has_pixels, path, stop_before_pixels)
-    except (NotPlain, DicomReadError):
-        return None
+    except DicomReadError as exc:
+        return type(exc), None
 
 
 def _assert_same(path, stop_before_pixels: bool) -> bool:
@@ -78,7 +78,7 @@ def test_pydicoms_own_files_read_as_pydicom_reads_them():
         try:  # the raw pixel path, whatever the modality (check_slice would turn most of them away)
             header = dicomio._header(plain, plain.has_pixels, path)
             native = dicomio._native_pixels(plain, header) if header.rows and header.cols else None
-        except (NotPlain, DicomReadError):
+        except DicomReadError:
             continue
         if native is not None:
             np.testing.assert_array_equal(native, pydicom.dcmread(path).pixel_array, err_msg=str(path))
@@ -170,18 +170,40 @@ def test_sequences_of_defined_length_are_skipped_and_undefined_ones_declined(tmp
 
 
 def test_values_it_cannot_read_go_to_pydicom(tmp_path):
-    # IS "7.0" is pydicom's to judge; the walk only reads plain integers.
+    # IS "7.0" is pydicom's to judge; the walk only reads plain integers and hands the rest to pydicom's conversion.
     path = _write(tmp_path, "is.dcm", ExplicitVRLittleEndian, InstanceNumber="7.0")
     assert read_plain(path) is not None
-    assert _plain_path(path, stop_before_pixels=True) is None
+    assert _plain_path(path, stop_before_pixels=True) == _pydicom_path(path, stop_before_pixels=True)
     assert dicomio.read_header(path) == _pydicom_path(path, stop_before_pixels=True)[0]
 
 
-def test_plain_dataset_refuses_what_only_pydicom_answers():
-    plain = read_plain(pydicom_file("CT_small.dcm"))
-    with pytest.raises(NotPlain):
-        plain.pixel_array
-    with pytest.raises(NotPlain):
-        plain[0x00100010]
-    with pytest.raises(NotPlain):
-        len(plain)
+def test_plain_dataset_answers_what_pydicom_answers():
+    """Converted values and pixel_array come from pydicom, on the very raw elements the walk read."""
+    path = pydicom_file("CT_small.dcm")
+    plain, ds = read_plain(path), pydicom.dcmread(path)
+    np.testing.assert_array_equal(plain.pixel_array, ds.pixel_array)
+    assert plain[0x00100010].value == ds[0x00100010].value
+    # The walk ends at the pixel data; pydicom also reads what trails it (here (FFFC,FFFC) padding).
+    assert set(plain.keys()) == {tag for tag in ds.keys() if tag <= 0x7FE00010} and len(plain) == len(plain.keys())
+    assert 0x00100010 in plain and 0x00100011 not in plain
+    assert not hasattr(plain, "StudyInstanceUID")  # no catch-all attribute access
+
+
+def test_a_header_only_walk_keeps_no_pixel_element_as_pydicom_keeps_none():
+    path = pydicom_file("CT_small.dcm")
+    plain, ds = read_plain(path, want_pixels=False), pydicom.dcmread(path, stop_before_pixels=True)
+    assert plain.has_pixels and 0x7FE00010 not in plain
+    assert len(plain) == len(ds) and sorted(plain.keys()) == sorted(ds.keys())
+
+
+def test_declined_pixels_are_decoded_by_pydicom_from_the_same_elements(tmp_path):
+    """Signed 12-bit data need sign extension: pixel_array of the plain walk's elements equals dcmread's."""
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.BitsStored, ds.HighBit = 12, 11
+    path = tmp_path / "signed12.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    plain = read_plain(path, reuse=True)
+    header = dicomio._header(plain, plain.has_pixels, path)
+    assert dicomio._native_pixels(plain, header) is None
+    np.testing.assert_array_equal(plain.pixel_array, pydicom.dcmread(path).pixel_array)
+    assert _assert_same(path, stop_before_pixels=False)

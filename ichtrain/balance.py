@@ -12,9 +12,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-#: One definition of the balance choices; the config and the CLI derive theirs from it.
-BALANCES = ("hybrid", "none")
-
 
 class Rates(NamedTuple):
     """Expected times per epoch a positive (``r_pos``) and a negative (``p_neg``) candidate is shown."""

@@ -117,7 +117,7 @@ def weighted_auc_ap(y_true, y_score, sample_weight) -> AucAp:
     if not y_true.shape == y_score.shape == weight.shape or y_true.ndim != 1:
         raise ValueError("y_true, y_score and sample_weight must be 1-D arrays of the same length")
     n = len(y_true)
-    result = _ScoreGroups(Ranking(y_true, y_score, np.arange(n)), n).auc_ap(weight[:, None])
+    result = _ScoreGroups(Ranking(y=y_true, score=y_score, unit=np.arange(n)), n).auc_ap(weight[:, None])
     return AucAp(auc=float(result.auc[0]), ap=float(result.ap[0]))
 
 

@@ -11,6 +11,7 @@ import click
 from ichprep.cli import SourceParam, StoreParam
 
 from . import config
+from .config import SeqConfig, TrainConfig
 from .errors import IchtrainError
 
 logger = logging.getLogger("ichtrain")
@@ -49,55 +50,91 @@ STORE = StoreParam()  # a folder or an s3://... URL
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+def _fraction(interval: config.Interval) -> click.FloatRange:
+    """The CLI's check of a fraction: the bounds the config itself enforces."""
+    return click.FloatRange(interval.low, interval.high, min_open=interval.low_open, max_open=interval.high_open)
+
+
+def _at_least(minimums: dict[str, int], name: str) -> click.IntRange:
+    return click.IntRange(min=minimums[name])
+
+
+def _device_option():
+    return click.option("--device", type=click.Choice(config.DEVICES), default=TrainConfig.device, show_default=True)
+
+
+def _inference_options(command):
+    """--device, --batch-size and --workers of evaluate and predict."""
+    for option in reversed((
+        _device_option(),
+        click.option("--batch-size", type=_at_least(config.TRAIN_MINIMUMS, "batch_size"),
+                     default=config.INFER_BATCH_SIZE, show_default=True),
+        click.option("--workers", type=_at_least(config.TRAIN_MINIMUMS, "workers"), default=config.INFER_WORKERS,
+                     show_default=True),
+    )):
+        command = option(command)
+    return command
+
+
 TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume and the fold options
-    click.option("--task", type=click.Choice(config.TASKS), default="rsna", show_default=True,
+    click.option("--task", type=click.Choice(tuple(config.TASKS)), default=TrainConfig.task, show_default=True,
                  help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only."),
-    click.option("--arch", type=click.Choice(config.ARCHS), default="resnet152", show_default=True, metavar="NAME",
+    click.option("--arch", type=click.Choice(config.ARCHS), default=TrainConfig.arch, show_default=True, metavar="NAME",
                  help="Any torchvision classification model that takes a 64+ pixel input: resnet*, resnext*, "
                       "wide_resnet*, densenet*, efficientnet_b0-b7/v2_*, convnext_*, regnet_*, swin_*, mobilenet_*, "
                       "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all). Its first "
                       "convolution is widened to the store's channels and its classifier replaced."),
     click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."),
-    click.option("--image-size", type=click.IntRange(min=16), default=224, show_default=True,
+    click.option("--image-size", type=_at_least(config.TRAIN_MINIMUMS, "image_size"), default=TrainConfig.image_size,
+                 show_default=True,
                  help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
                       "stored image to it; training resizes the same way, then takes a random crop of 80-100% of the "
                       "area (aspect kept) with a flip and a small rotation."),
-    click.option("--context", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+    # No upper bound here: TrainConfig's error says why 8 is the most.
+    click.option("--context", type=click.IntRange(min=0), default=TrainConfig.context, show_default=True, metavar="N",
                  help="2.5D: stack N neighbour slices on each side of the slice (same study, clamped at its ends), "
                       "(2N+1) x windows input channels (9 for N=1, 15 for N=2 with 3 windows); at most 8. Each "
                       "sample carries 2N+1 slices, so loader copies, host-to-GPU transfer, augmentation and the "
                       "first convolution cost 2N+1 times as much; the rest of the network does not grow."),
-    click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
-    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-    click.option("--lr", type=float, default=1e-3, show_default=True),
-    click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default="sgd", show_default=True,
-                 help="sgd uses momentum 0.9 (the reference method)."),
-    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default="plateau", show_default=True),
-    click.option("--balance", type=click.Choice(config.BALANCES), default="hybrid", show_default=True,
+    click.option("--epochs", type=_at_least(config.TRAIN_MINIMUMS, "epochs"), default=TrainConfig.epochs,
+                 show_default=True),
+    click.option("--batch-size", type=_at_least(config.TRAIN_MINIMUMS, "batch_size"), default=TrainConfig.batch_size,
+                 show_default=True),
+    click.option("--lr", type=float, default=TrainConfig.lr, show_default=True),
+    click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default=TrainConfig.optimizer, show_default=True,
+                 help=f"sgd uses momentum {TrainConfig.momentum} (the reference method)."),
+    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default=TrainConfig.scheduler,
+                 show_default=True),
+    click.option("--balance", type=click.Choice(config.BALANCES), default=TrainConfig.balance, show_default=True,
                  help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
                       "loss weighted by 1 / its expected repeats so that probabilities stay calibrated."),
-    click.option("--pos-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+    click.option("--pos-fraction", type=_fraction(config.FRACTION), default=TrainConfig.pos_fraction,
                  show_default=True, help="Target share of positive slices per epoch with --balance hybrid."),
-    click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+    click.option("--val-fraction", type=_fraction(config.FRACTION), default=TrainConfig.val_fraction,
                  show_default=True),
-    click.option("--split-by", type=click.Choice(config.SPLITS), default="patient", show_default=True,
+    click.option("--split-by", type=click.Choice(config.SPLITS), default=TrainConfig.split_by, show_default=True,
                  help="slice reproduces the reference method's random slice split, which leaks patients (do not "
                       "report it as a result)."),
-    click.option("--slice-selection", default="all", show_default=True, metavar="all|middle:K",
+    click.option("--slice-selection", default=TrainConfig.slice_selection, show_default=True, metavar="all|middle:K",
                  help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
                       "method). Validation always covers every labelled slice; middle-slice figures are added."),
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers."),
-    click.option("--buffer-shards", type=click.IntRange(min=1), default=config.TrainConfig.buffer_shards,
+    click.option("--seed", type=int, default=TrainConfig.seed, show_default=True),
+    click.option("--workers", type=_at_least(config.TRAIN_MINIMUMS, "workers"), default=TrainConfig.workers,
+                 show_default=True, help="DataLoader workers."),
+    click.option("--buffer-shards", type=_at_least(config.TRAIN_MINIMUMS, "buffer_shards"),
+                 default=TrainConfig.buffer_shards,
                  show_default=True,
                  help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
                       "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
                       "for 23)."),
-    click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True),
-    click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA (fp16 + scaler on old GPUs)."),
+    _device_option(),
+    click.option("--amp/--no-amp", default=TrainConfig.amp, show_default=True,
+                 help="bf16 autocast on CUDA (fp16 + scaler on old GPUs)."),
     click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
-    click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap training steps per epoch."),
-    click.option("--bn-refresh-batches", type=click.IntRange(min=0), default=config.TrainConfig.bn_refresh_batches,
+    click.option("--max-steps", type=_at_least(config.TRAIN_MINIMUMS, "max_steps"), default=TrainConfig.max_steps,
+                 help="Cap training steps per epoch."),
+    click.option("--bn-refresh-batches", type=_at_least(config.TRAIN_MINIMUMS, "bn_refresh_batches"),
+                 default=TrainConfig.bn_refresh_batches,
                  show_default=True,
                  help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
                       "epoch's final weights (0: keep the running averages, which lag behind at a high lr)."),
@@ -110,19 +147,19 @@ def train_options(command):
     return command
 
 
-def _train_config(store, out, options: dict, **extra) -> config.TrainConfig:
+def _train_config(store, out, options: dict, **extra) -> TrainConfig:
     """A TrainConfig from the shared options' values (click names -> config fields)."""
     options = dict(options)
     pretrained = options.pop("pretrained")
-    return config.TrainConfig(store=str(store), out=str(out), pretrained=str(pretrained) if pretrained else None,
-                              compile=options.pop("compile_model"), **options, **extra)
+    return TrainConfig(store=str(store), out=str(out), pretrained=str(pretrained) if pretrained else None,
+                       compile=options.pop("compile_model"), **options, **extra)
 
 
 @main.command()
 @click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
-@click.option("--folds", type=click.IntRange(2, config.MAX_FOLDS), default=None,
+@click.option("--folds", type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS), default=TrainConfig.folds,
               help="Split the patients into K folds (grouped, stratified by bleeding; fixed by --seed) ...")
 @click.option("--fold", type=click.IntRange(min=0), default=None, help="... and validate on fold k (0 .. K-1).")
 @train_options
@@ -150,7 +187,7 @@ def train(store, out, resume, folds, fold, **options) -> None:
 @click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Experiment folder: folds.parquet, fold0 .. fold{K-1} (each a train run), oof.parquet, metrics.json.")
-@click.option("--folds", type=click.IntRange(2, config.MAX_FOLDS), default=5, show_default=True,
+@click.option("--folds", type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS), default=5, show_default=True,
               help="Patient folds (grouped, stratified by bleeding, fixed by --seed); fold k's model scores fold k.")
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
               help="Test-time augmentation for the out-of-fold outputs (flip: average with the mirrored slice).")
@@ -180,26 +217,27 @@ def cv(store, out, folds, tta, **options) -> None:
 @click.argument("exp", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Stage-2 folder (seq.pt, oof.parquet, metrics.json); default EXP/seq.")
-@click.option("--model", type=click.Choice(config.SEQ_MODELS), default="gru", show_default=True,
+@click.option("--model", type=click.Choice(config.SEQ_MODELS), default=SeqConfig.model, show_default=True,
               help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.")
 @click.option("--inputs", type=click.Choice(config.SEQ_INPUTS), default="logits", show_default=True,
               help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
                    "way). Features only mean the same thing across folds when every fold started from the same "
                    "--pretrained weights.")
-@click.option("--epochs", type=click.IntRange(min=1), default=config.SeqConfig.epochs, show_default=True,
+@click.option("--epochs", type=_at_least(config.SEQ_MINIMUMS, "epochs"), default=SeqConfig.epochs, show_default=True,
               help="Stage-2 epochs (the best is kept, see --holdout).")
-@click.option("--hidden", type=click.IntRange(min=1), default=config.SeqConfig.hidden, show_default=True,
+@click.option("--hidden", type=_at_least(config.SEQ_MINIMUMS, "hidden"), default=SeqConfig.hidden, show_default=True,
               help="Hidden units.")
-@click.option("--layers", type=click.IntRange(min=1), default=config.SeqConfig.layers, show_default=True,
+@click.option("--layers", type=_at_least(config.SEQ_MINIMUMS, "layers"), default=SeqConfig.layers, show_default=True,
               help="Recurrent or encoder layers.")
-@click.option("--lr", type=float, default=config.SeqConfig.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=config.SeqConfig.holdout,
+@click.option("--lr", type=float, default=SeqConfig.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--holdout", type=_fraction(config.OFF_OR_FRACTION), default=SeqConfig.holdout,
               show_default=True, help="Share of each fold's training studies that picks the epoch, the untrained "
                                       "model (= stage 1) included; 0 keeps the last epoch.")
-@click.option("--batch-studies", type=click.IntRange(min=1), default=config.SeqConfig.batch_studies,
-              show_default=True, help="Studies per batch.")
+@click.option("--batch-studies", type=_at_least(config.SEQ_MINIMUMS, "batch_studies"),
+              default=SeqConfig.batch_studies, show_default=True, help="Studies per batch.")
 @click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
-@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
+# Stage 2 runs where stage 1 did (auto); SeqConfig's own default, the CPU, is for deterministic library use.
+@_device_option()
 def seq(exp, out, model, inputs, **options) -> None:
     """Stage 2: a sequence model over each study's z-ordered slices, cross-fitted on EXP's folds.
 
@@ -212,7 +250,7 @@ def seq(exp, out, model, inputs, **options) -> None:
     try:
         given = {k: v for k, v in options.items() if v is not None}
         given.setdefault("seed", open_experiment(exp).cfg.seed)
-        summary = run_seq(exp, out, config.SeqConfig(model=model, **given), kind=inputs)
+        summary = run_seq(exp, out, SeqConfig(model=model, **given), kind=inputs)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(f"out of fold, every labelled slice; stage 1 = the fold CNNs, stage 2 = {model} on {inputs}:")
@@ -235,9 +273,7 @@ SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an expe
                    "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
-@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@_inference_options
 def evaluate(source, store, split, out, tta, device, batch_size, workers) -> None:
     """Metrics, predictions, ROC and calibration plots of SOURCE (RUN/best.pt or an experiment) on STORE.
 
@@ -253,7 +289,8 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
             metrics = evaluate_experiment(source, store, out, tta=tta, device=device, batch_size=batch_size,
                                           workers=workers)
         else:
-            metrics = {"final": evaluate_checkpoint(source, store, out, split, device, batch_size, workers, tta=tta)}
+            metrics = {"final": evaluate_checkpoint(source, store, out, split=split, device=device,
+                                                    batch_size=batch_size, workers=workers, tta=tta)}
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     for stage in ("stage1", "stage2"):
@@ -282,9 +319,7 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 @click.option("--no-seq", is_flag=True, help="Experiments: stage 1 only (the folds' mean), even when EXP/seq exists.")
 @click.option("--raw-any", is_flag=True,
               help="Write the model's own 'any'; by default it is raised to the largest subtype probability.")
-@click.option("--device", type=click.Choice(config.DEVICES), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@_inference_options
 @click.option("--allow-subtypes-only", is_flag=True,
               help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
                    "never saw a normal slice).")

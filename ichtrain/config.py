@@ -1,18 +1,24 @@
-"""The training run's configuration: one frozen, validated dataclass, saved in every checkpoint."""
+"""The training run's configuration: one frozen, validated dataclass, saved in every checkpoint.
+
+Every choice list, mapping and bound is defined here once; the CLI, the data pipeline and the library
+functions take theirs from this module and validate with its helpers (no torch import, so --help is quick).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .balance import BALANCES
+import numpy as np
+
+from ichprep.labels import LABELS, SUBTYPES
+
 from .errors import ConfigError
 
-# One definition of every choice; the CLI builds its options from these (no torch import needed for --help).
-TASKS = ("rsna", "binary", "subtypes")
-#: Every torchvision classification model that takes any square input >= 64 and ends in a linear classifier,
-#: grouped by family (ichtrain.model.UNSUPPORTED lists the others and why; a test keeps both in step with torchvision).
-ARCHS = (
+#: Output columns of each task, in order (``rsna``: Kaggle's order, ``any`` last).
+TASKS: dict[str, tuple[str, ...]] = {"rsna": LABELS, "binary": ("any",), "subtypes": SUBTYPES}
+#: Every torchvision classification model that takes any square input >= 64 and ends in a linear classifier.
+ARCHS = (  # by family; ichtrain.model.UNSUPPORTED lists the others and why, a test keeps both in step with torchvision
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "densenet121", "densenet161", "densenet169", "densenet201",
@@ -34,22 +40,105 @@ ARCHS = (
 MAX_CONTEXT = 8
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("plateau", "cosine")
-SPLITS = ("patient", "study", "slice")
+#: hybrid: undersample negatives and repeat positives (:mod:`ichtrain.balance`); none: every candidate once.
+BALANCES = ("hybrid", "none")
+#: Splits that keep each group's slices on one side (the folds' only choices).
+GROUPINGS = ("patient", "study")
+SPLITS = (*GROUPINGS, "slice")  # slice: the reference method's leaky random split of slices
+#: The two sides of a run's split.
+SPLIT_PARTS = ("train", "val")
 DEVICES = ("auto", "cpu", "cuda")
-#: Decoded shards a loader worker mixes: a batch of 32 then spans a median of >= 25 studies at RSNA scale.
+#: Decoded shards a loader worker mixes into its batches (how 23 was chosen: BENCHMARKS.md, ``buffer_shards``).
 BUFFER_SHARDS = 23
+MIN_FOLDS = 2
 MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
 SEQ_MODELS = ("gru", "transformer")   # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
 SEQ_INPUTS = ("features", "logits")   # stage 2 reads stage 1's penultimate features or its logits
 #: Attention heads of the stage-2 transformer; its ``hidden`` must be a multiple of this.
 HEADS = 4
-TTAS = ("none", "flip")               # test-time augmentation: flip averages the horizontally flipped image
+#: Test-time augmentation: the views averaged per choice (True = flipped left-right).
+TTA_VIEWS: dict[str, tuple[bool, ...]] = {"none": (False,), "flip": (False, True)}
+TTAS = tuple(TTA_VIEWS)
+#: Evaluation and prediction: samples per batch and loader workers (no dataclass holds these).
+INFER_BATCH_SIZE = 64
+INFER_WORKERS = 2
+SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's middle slice)"
 
 
-def _choice(name: str, value, choices) -> None:
+# ---------------------------------------------------------------- validation helpers
+
+def check_choice(name: str, value, choices) -> None:
+    """Refuse a value that is not one of ``choices`` (a tuple, or a dict's keys), listing them."""
     if value not in choices:
         raise ConfigError(f"invalid {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_int(name: str, value, low: int = 0) -> int:
+    """``value`` as an int, refused unless it is an integer (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The range of a float setting; an open end is left out."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+#: val_fraction, pos_fraction: both sides of the split (both classes of the mix) keep something.
+FRACTION = Interval(0, 1, low_open=True, high_open=True)
+#: holdout, dropout: 0 turns it off, 1 would leave nothing to fit.
+OFF_OR_FRACTION = Interval(0, 1, low_open=False, high_open=True)
+
+
+def check_fraction(name: str, value, interval: Interval = FRACTION) -> float:
+    """``value`` as a float, refused unless it is a number in ``interval``."""
+    if is_number(value) and float(value) in interval:
+        return float(value)
+    ends = ((interval.low, interval.low_open), (interval.high, interval.high_open))
+    excluded = " and ".join(f"{end:g}" for end, is_open in ends if is_open)
+    raise ConfigError(f"{name} must be in {interval}, a number between {interval.low:g} and {interval.high:g}"
+                      f"{f' ({excluded} excluded)' if excluded else ''}, got {value!r}")
+
+
+def middle_count(selection) -> int | None:
+    """K of a ``'middle:K'`` slice selection, None for ``'all'``; anything else is refused."""
+    match = re.fullmatch(r"all|middle:([1-9][0-9]*)", selection) if isinstance(selection, str) else None
+    if match is None:
+        raise ConfigError(f"invalid slice selection {selection!r}; use {SELECTION_FORMS}")
+    return None if match.group(1) is None else int(match.group(1))
+
+
+#: Smallest accepted value of TrainConfig's integer settings (the CLI's IntRange takes the same).
+TRAIN_MINIMUMS = {"image_size": 16, "epochs": 1, "batch_size": 1, "buffer_shards": 1, "workers": 0,
+                  "bn_refresh_batches": 0, "max_steps": 1}
+#: Smallest accepted value of SeqConfig's integer settings.
+SEQ_MINIMUMS = {"hidden": 1, "layers": 1, "epochs": 1, "batch_studies": 1}
+
+
+def _check_minimums(cfg, minimums: dict[str, int]) -> None:
+    for name, low in minimums.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -86,44 +175,33 @@ class TrainConfig:
     buffer_shards: int = BUFFER_SHARDS
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, TASKS)
-        _choice("arch", self.arch, ARCHS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _choice("balance", self.balance, BALANCES)
-        _choice("split_by", self.split_by, SPLITS)
-        _choice("device", self.device, DEVICES)
+        check_choice("task", self.task, TASKS)
+        check_choice("arch", self.arch, ARCHS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_choice("balance", self.balance, BALANCES)
+        check_choice("split_by", self.split_by, SPLITS)
+        check_choice("device", self.device, DEVICES)
         if isinstance(self.context, bool) or not isinstance(self.context, int) or not 0 <= self.context <= MAX_CONTEXT:
             raise ConfigError(f"context must be an integer from 0 to {MAX_CONTEXT} (neighbour slices on each side; "
                               f"{MAX_CONTEXT} already stacks {2 * MAX_CONTEXT + 1} slices), got {self.context!r}")
-        if not re.fullmatch(r"all|middle:[1-9][0-9]*", self.slice_selection):
-            raise ConfigError(f"invalid slice selection {self.slice_selection!r}; use 'all' or 'middle:K' (K >= 1)")
-        for name, low in (("image_size", 16), ("epochs", 1), ("batch_size", 1), ("buffer_shards", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.bn_refresh_batches < 0:
-            raise ConfigError(f"bn_refresh_batches must be >= 0, got {self.bn_refresh_batches}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        middle_count(self.slice_selection)
+        _check_minimums(self, TRAIN_MINIMUMS)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        check_fraction("val_fraction", self.val_fraction)
+        check_fraction("pos_fraction", self.pos_fraction)
         if (self.folds is None) != (self.fold is None):
             raise ConfigError("give --folds K and --fold k together (k in 0 .. K-1), or neither")
-        if self.folds is not None and not (2 <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):
-            raise ConfigError(f"need 2 <= folds <= {MAX_FOLDS} and 0 <= fold < folds, got folds={self.folds}, "
-                              f"fold={self.fold}")
-        if not 0 < self.pos_fraction < 1:
-            raise ConfigError(f"pos_fraction must be in (0, 1), got {self.pos_fraction}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.folds is not None and not (MIN_FOLDS <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):
+            raise ConfigError(f"need {MIN_FOLDS} <= folds <= {MAX_FOLDS} and 0 <= fold < folds, got "
+                              f"folds={self.folds}, fold={self.fold}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, **overrides) -> "TrainConfig":
+    def from_dict(cls, data: dict, **overrides) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in data.items() if k in known}, **overrides})
 
@@ -146,21 +224,17 @@ class SeqConfig:
     holdout: float = 0.2        # share of the training studies that picks the epoch (0 = keep the last epoch)
 
     def __post_init__(self) -> None:
-        _choice("model", self.model, SEQ_MODELS)
-        _choice("device", self.device, DEVICES)
-        for name, low in (("hidden", 1), ("layers", 1), ("epochs", 1), ("batch_studies", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_choice("model", self.model, SEQ_MODELS)
+        check_choice("device", self.device, DEVICES)
+        _check_minimums(self, SEQ_MINIMUMS)
         if self.model == "transformer" and self.hidden % HEADS:
             raise ConfigError(f"transformer hidden must be a multiple of {HEADS} (attention heads), got {self.hidden}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_fraction("dropout", self.dropout, OFF_OR_FRACTION)
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout}")
+        check_fraction("holdout", self.holdout, OFF_OR_FRACTION)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,8 +4,8 @@ Everything but :class:`ShardStream` works without I/O (pure functions of the sto
 stream's shuffle orders of sample counts and an rng), so the trainer can log, test and checkpoint the
 decisions (split, candidates, per-epoch repeat counts) separately from I/O.
 
-The stream reads the store the way it is laid out: one ``images[a:b]`` call per shard (a zarr call costs
-about 1 ms, so per-slice reads would be I/O-bound), shards visited in a shuffled order, the samples of
+The stream reads the store the way it is laid out: one ``images[a:b]`` call per shard (each zarr call has a
+fixed cost, so per-slice reads would be I/O-bound), shards visited in a shuffled order, the samples of
 ``buffer_shards`` shards mixed and written straight into finished batches.  An epoch is described by
 ``counts``: how many times each slot is emitted (0 = not at all, and a shard whose slots are all 0 is
 never read).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -26,30 +25,14 @@ import pandas as pd
 import torch
 import torch.utils.data
 
-from ichprep.labels import LABELS, SUBTYPES
 from ichprep.location import as_location
 from ichprep.store import open_reader
 
-from .balance import BALANCES, sampling_rates
-from .config import BUFFER_SHARDS
+from .balance import sampling_rates
+from .config import BALANCES, SPLIT_PARTS, TASKS, TrainConfig, check_choice, check_fraction, check_int, middle_count
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-#: Output columns of each task, in order (``rsna``: Kaggle's order, ``any`` last).
-TASKS: dict[str, tuple[str, ...]] = {"rsna": LABELS, "binary": ("any",), "subtypes": SUBTYPES}
-SPLIT_PARTS = ("train", "val")
-SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's middle slice)"
-
-
-def _task_columns(task: str) -> tuple[str, ...]:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[task]
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
 def _check_columns(frame: pd.DataFrame, columns, what: str) -> None:
@@ -60,7 +43,8 @@ def _check_columns(frame: pd.DataFrame, columns, what: str) -> None:
 
 def targets(slices: pd.DataFrame, task: str) -> np.ndarray:
     """float32 (N, K) targets of ``task``; an unlabelled slice (null label) gives NaN there (a NaN row)."""
-    columns = _task_columns(task)
+    check_choice("task", task, TASKS)
+    columns = TASKS[task]
     _check_columns(slices, columns, "slices")
     return slices[list(columns)].to_numpy(dtype=np.float32, na_value=np.nan)
 
@@ -78,12 +62,9 @@ def select_slices(slices: pd.DataFrame, studies: pd.DataFrame, selection: str = 
     ``start + n // 2`` (the reference method trains on these), the whole study when it has fewer than K.
     """
     n = len(slices)
-    if selection == "all":
+    k = middle_count(selection)
+    if k is None:
         return np.ones(n, bool)
-    match = re.fullmatch(r"middle:(\d+)", selection) if isinstance(selection, str) else None
-    if match is None or int(match.group(1)) < 1:
-        raise ConfigError(f"unknown slice selection {selection!r}; use {SELECTION_FORMS}")
-    k = int(match.group(1))
     start, stop = study_bounds(studies, n)
     # Per study the window is [mid - k//2, mid - k//2 + k); it only leaves the study when n_study < k.
     mid = start + (stop - start) // 2
@@ -110,14 +91,13 @@ def study_bounds(studies: pd.DataFrame, n_slices: int) -> tuple[np.ndarray, np.n
 
 def train_candidates(slices: pd.DataFrame, split: np.ndarray, selection_mask: np.ndarray | None, task: str,
                      part: str = "train") -> np.ndarray:
-    """Sorted slot indices eligible for ``part`` of ``task``.
+    """Sorted slots eligible for ``part`` of ``task``.
 
     Eligible: ``ok`` (not zero-filled), every task label present, ``split == part``, selected
     (``selection_mask``; None = all).  Task ``subtypes`` models only bleeding slices, so it also requires
     ``any == 1``.
     """
-    if part not in SPLIT_PARTS:
-        raise ConfigError(f"unknown split part {part!r}; choose one of {', '.join(SPLIT_PARTS)}")
+    check_choice("split part", part, SPLIT_PARTS)
     n = len(slices)
     split = np.asarray(split)
     if split.shape != (n,):
@@ -132,14 +112,8 @@ def train_candidates(slices: pd.DataFrame, split: np.ndarray, selection_mask: np
     return np.flatnonzero(keep)
 
 
-def _check_int(name: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hybrid", pos_fraction: float = 0.5,
-               seed: int = 0, epoch: int = 0) -> np.ndarray:
+def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = TrainConfig.balance,
+               pos_fraction: float = TrainConfig.pos_fraction, seed: int = 0, epoch: int = 0) -> np.ndarray:
     """int64 (N,) repeat counts of one epoch: 0 for non-candidates, N = ``len(positive)``.
 
     ``"none"``: every candidate once.  ``"hybrid"`` (the reference method's mix of under- and
@@ -150,21 +124,19 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = "hyb
     changes; with no positives or no negatives it falls back to "none" (with a warning).
     Random draws depend on (seed, epoch) only.
     """
-    if balance not in BALANCES:
-        raise ConfigError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCES)}")
-    if not _is_number(pos_fraction) or not 0.0 < float(pos_fraction) < 1.0:
-        raise ConfigError(f"pos_fraction must be a number strictly between 0 and 1, got {pos_fraction!r}")
-    seed, epoch = _check_int("seed", seed), _check_int("epoch", epoch)
+    check_choice("balance", balance, BALANCES)
+    check_fraction("pos_fraction", pos_fraction)
+    seed, epoch = check_int("seed", seed), check_int("epoch", epoch)
     positive = np.asarray(positive)
     if positive.ndim != 1 or positive.dtype != bool:
         raise DataError(f"positive must be a 1-D bool array (one entry per slot), "
                         f"got {positive.dtype} {positive.shape}")
     candidates = np.asarray(candidates)
     if candidates.ndim != 1 or (candidates.size and not np.issubdtype(candidates.dtype, np.integer)):
-        raise DataError(f"candidates must be a 1-D array of slot indices, got {candidates.dtype} {candidates.shape}")
+        raise DataError(f"candidates must be a 1-D integer array of slots, got {candidates.dtype} {candidates.shape}")
     n_slots = len(positive)
     if candidates.size and (candidates.min() < 0 or candidates.max() >= n_slots):
-        raise DataError(f"candidates must be slot indices in [0, {n_slots})")
+        raise DataError(f"candidates must be slots in [0, {n_slots})")
     if len(np.unique(candidates)) != len(candidates):
         raise DataError("candidates holds a slot twice; repeats are the plan's job")
 
@@ -225,7 +197,7 @@ def epoch_layout(counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int
     if world_size > 1 and total % world_size:
         logger.debug("epoch %d: %d of %d samples dropped to give %d ranks equal length",
                      epoch, total % world_size, total, world_size)
-    return Layout(order, totals[order], ends, total // world_size)
+    return Layout(order=order, totals=totals[order], ends=ends, per_rank=total // world_size)
 
 
 class Piece(NamedTuple):
@@ -340,8 +312,7 @@ class _Loaded(NamedTuple):
 def _empty_images(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
     if not shared:
         return torch.empty(shape, dtype=torch.uint8)
-    # Born in shared memory (what default_collate does in workers): share_memory_() on an empty tensor
-    # would first copy its uninitialised bytes into a new segment.
+    # Born shared (as default_collate does in workers): share_memory_() would first copy uninitialised bytes.
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
@@ -377,13 +348,13 @@ class _BatchWriter:
             f = self._filled
             k = min(len(samples), len(self._slots) - f)
             take, samples = samples[:k], samples[k:]
-            # The one copy of each slice, block -> batch; mode "clip" (rows are in range) because with
-            # "raise" numpy fills a temporary and copies that into ``out``.
+            # The one copy of each slice; "clip" (rows are in range) because "raise" copies through a temporary.
             np.take(loaded.block, loaded.rows[take], axis=0, out=self._stacked[f:f + k], mode="clip")
             self._slots[f:f + k] = loaded.slots[take]
             self._filled += k
             if self._filled == len(self._slots):
-                yield Batch(self._images, torch.from_numpy(self._targets[self._slots]), torch.from_numpy(self._slots))
+                yield Batch(images=self._images, targets=torch.from_numpy(self._targets[self._slots]),
+                            slots=torch.from_numpy(self._slots))
                 if self._left:
                     self._start()
 
@@ -418,10 +389,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``shuffle=True``: each sample goes out in one of the ``buffer_shards`` rounds after its shard is read,
     at random (rng per (seed, epoch, rank, worker); :class:`WindowShuffle`), so a batch mixes the
     ``buffer_shards`` latest shards evenly (the first batch waits for ``buffer_shards`` reads) and a
-    worker holds ``buffer_shards`` decoded shards:
-    ``buffer_shards * shard_slices * C * H * W`` bytes, 289 MB (276 MiB) for 23 x 64 x 3 x 256².  The
-    default 23 is the smallest that gives batches of 32 a median of >= 25 distinct studies on an RSNA-like
-    table with the hybrid plan (``benchmarks.batch_bench.buffer_mix``; BENCHMARKS.md has the table).
+    worker holds ``buffer_shards`` decoded shards: ``buffer_shards * shard_slices * C * H * W`` bytes (how the
+    default was chosen, and what it costs: BENCHMARKS.md, ``buffer_shards``).
     ``shuffle=False`` yields batches in sequence order (evaluation), holding one shard at a time.
     Call :meth:`set_epoch` before each epoch and build the DataLoader without ``persistent_workers``:
     workers get a copy of the stream when they start, so a persistent worker never sees a new epoch.
@@ -432,18 +401,18 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, root, counts: np.ndarray, targets: np.ndarray, shard_slices: int, studies_start: np.ndarray,
                  studies_stop: np.ndarray, context: int = 0, shuffle: bool = True, seed: int = 0,
-                 buffer_shards: int = BUFFER_SHARDS, rank: int = 0, world_size: int = 1, ok: np.ndarray | None = None,
-                 batch_size: int = 32):
+                 buffer_shards: int = TrainConfig.buffer_shards, rank: int = 0, world_size: int = 1,
+                 ok: np.ndarray | None = None, batch_size: int = TrainConfig.batch_size):
         self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
         for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),
                                  ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1),
                                  ("batch_size", batch_size, 1)):
-            _check_int(name, value, low)
+            check_int(name, value, low)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
         self.shard_slices, self.context, self.buffer_shards = int(shard_slices), int(context), int(buffer_shards)
         self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
-        self.shuffle, self.seed, self.epoch = bool(shuffle), _check_int("seed", seed), 0
+        self.shuffle, self.seed, self.epoch = bool(shuffle), check_int("seed", seed), 0
 
         images = _open_images(self.root)
         n = images.shape[0]
@@ -470,11 +439,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.counts = self._check_counts(counts)
 
     @classmethod
-    def from_store(cls, store, counts: np.ndarray, targets: np.ndarray, **kwargs) -> "ShardStream":
+    def from_store(cls, store, counts: np.ndarray, targets: np.ndarray, **kwargs) -> ShardStream:
         """Build from an opened :class:`ichprep.store.Store` (shard size, study bounds and ``ok`` from it)."""
         start, stop = study_bounds(store.studies, len(store.slices))
         kwargs.setdefault("ok", store.slices["ok"].to_numpy(dtype=bool))
-        return cls(store.root, counts, targets, store.shard_slices, start, stop, **kwargs)
+        return cls(store.root, counts=counts, targets=targets, shard_slices=store.shard_slices, studies_start=start,
+                   studies_stop=stop, **kwargs)
 
     def _check_counts(self, counts) -> np.ndarray:
         counts = np.asarray(counts)
@@ -487,7 +457,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int, counts: np.ndarray | None = None) -> None:
         """Switch to ``epoch`` (new shard order and buffer draws), optionally with that epoch's plan."""
-        self.epoch = _check_int("epoch", epoch)
+        self.epoch = check_int("epoch", epoch)
         if counts is not None:
             self.counts = self._check_counts(counts)
         self._layout = None
@@ -516,7 +486,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def batches(self, batch_size: int, num_workers: int, drop_last: bool = False) -> int:
         """Batches of ``batch_size`` this rank yields this epoch with ``num_workers`` (each batches its own piece)."""
-        _check_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         sizes = [g1 - g0 for g0, g1 in self._worker_ranges(max(1, num_workers))]  # num_workers 0 = main process
         return sum(s // batch_size if drop_last else -(-s // batch_size) for s in sizes)
 
@@ -558,10 +528,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     @staticmethod
     def _load(images, piece: Piece) -> _Loaded:
-        """One range read; repeats expand row and slot indices only, never pixels."""
+        """One range read; repeats expand rows and slots only, never pixels."""
         sample = np.repeat(np.arange(len(piece.slots)), piece.repeats)
-        return _Loaded(np.asarray(images[piece.lo:piece.hi]), (piece.neighbours - piece.lo)[sample],
-                       piece.slots[sample])
+        return _Loaded(block=np.asarray(images[piece.lo:piece.hi]), rows=(piece.neighbours - piece.lo)[sample],
+                       slots=piece.slots[sample])
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -574,7 +544,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = WindowShuffle(self.buffer_shards, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
         else:
             order = SequenceOrder()
-        writer = _BatchWriter(g1 - g0, self.batch_size, self.sample_shape, 2 * self.context + 1, self.targets,
+        writer = _BatchWriter(total=g1 - g0, batch_size=self.batch_size, sample_shape=self.sample_shape,
+                              stack=2 * self.context + 1, targets=self.targets,
                               shared=info is not None and self._share_in_workers)
         loaded = (self._load(images, piece) for piece in self._pieces(g0, g1))
         for step in emissions(order, loaded, lambda piece: len(piece.slots)):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import eval_batch, train_batch
+from .config import TTA_VIEWS, TTAS, check_choice
 from .metrics import label_weights
 
 
@@ -121,7 +122,7 @@ def train_one_epoch(setup: StepSetup, loader, *, max_steps: int | None = None, l
     rate = seen / seconds if seconds > 0 else 0.0
     if on_log is not None and steps > logged:
         on_log(steps - logged, mean_loss, rate)
-    return EpochStats(mean_loss, seen, seconds, rate)
+    return EpochStats(train_loss=mean_loss, train_images=seen, train_seconds=seconds, train_images_per_s=rate)
 
 
 @torch.no_grad()
@@ -169,9 +170,6 @@ class Outputs(NamedTuple):
     slots: np.ndarray            # int64 (n,)
 
 
-TTA_VIEWS = {"none": (False,), "flip": (False, True)}  # per TTA: the views averaged (True = flipped left-right)
-
-
 @torch.no_grad()
 def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
           amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: str = "none",
@@ -183,6 +181,7 @@ def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.devi
     """
     from .model import classifier
 
+    check_choice("tta", tta, TTAS)
     model.eval()
     caught: list[torch.Tensor] = []
     hook = classifier(model).register_forward_hook(lambda m, args, out: caught.append(args[0])) if features else None
@@ -206,7 +205,8 @@ def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.devi
             hook.remove()
     if not logits:
         empty = np.zeros((0, 0), np.float32)
-        return Outputs(empty, empty.astype(np.float16) if features else None, empty, np.zeros(0, np.int64))
+        return Outputs(logits=empty, features=empty.astype(np.float16) if features else None, targets=empty,
+                       slots=np.zeros(0, np.int64))
     return Outputs(logits=torch.cat(logits).cpu().numpy(),
                    features=torch.cat(feats).cpu().numpy() if features else None,
                    targets=np.concatenate(targets), slots=np.concatenate(slots).astype(np.int64))
@@ -218,7 +218,7 @@ def evaluate(model: torch.nn.Module, loader, *, image_size: int, device: torch.d
     """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
     out = infer(model, loader, image_size=image_size, device=device, amp_dtype=amp_dtype,
                 channels_last=channels_last, tta=tta, on_step=on_step)
-    return Predictions(sigmoid(out.logits), out.targets, out.slots)
+    return Predictions(probs=sigmoid(out.logits), targets=out.targets, slots=out.slots)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -26,13 +26,13 @@ import zarr
 
 from ichprep.store import Store, open_store
 
-from .config import TrainConfig
-from .data import ShardStream, TASKS, targets, train_candidates
-from .engine import infer, sigmoid
+from .config import INFER_BATCH_SIZE, TASKS, TrainConfig
+from .data import targets, train_candidates
+from .engine import sigmoid
 from .errors import ConfigError, DataError
 from .folds import assign_folds, folds_table
-from .predict import Loaded, load_for_store
-from .train import RESUME_FIXED, amp_dtype_for, batch_loader, run_metrics, store_identity, train, write_predictions
+from .predict import Loaded, infer_loaded, load_for_store
+from .train import RESUME_FIXED, run_metrics, store_identity, train, write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def open_experiment(exp: str | Path) -> Experiment:
     info = json.loads((path / EXPERIMENT).read_text())
     cfg = TrainConfig.from_dict(info["config"])
     table = pd.read_parquet(path / FOLDS)
-    return Experiment(path, cfg, int(info["folds"]), table["fold"].to_numpy(np.int64),
-                      table["image_id"].astype(str), TASKS[cfg.task])
+    return Experiment(path=path, cfg=cfg, folds=int(info["folds"]), fold=table["fold"].to_numpy(np.int64),
+                      image_ids=table["image_id"].astype(str), names=TASKS[cfg.task])
 
 
 def open_training_store(experiment: Experiment) -> Store:
@@ -98,7 +98,7 @@ def _check_same(path: Path, new: dict) -> None:
                           f"{[old['config'].get(k, old.get(k)) for k in differ]}); use a new --out or the same options")
 
 
-def _check_fold_run(run: Path, base: TrainConfig, folds: int, k: int) -> None:
+def _check_fold_run(run: Path, base: TrainConfig, *, folds: int, k: int) -> None:
     """A fold trained elsewhere (``train --folds --fold``) must be fold k of this experiment's settings."""
     done = json.loads((run / "config.json").read_text())
     wanted = {**base.to_dict(), "folds": folds, "fold": k}
@@ -109,7 +109,7 @@ def _check_fold_run(run: Path, base: TrainConfig, folds: int, k: int) -> None:
                           "move it away or train the fold with the experiment's options")
 
 
-def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_size: int = 64,
+def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_size: int = INFER_BATCH_SIZE,
                    progress: Callable | None = None) -> dict:
     """Train every fold into EXP/fold{k} (finished folds are kept, interrupted ones resume), then export and score.
 
@@ -121,20 +121,20 @@ def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_si
     exp.mkdir(parents=True, exist_ok=True)
     if (exp / EXPERIMENT).exists():
         _check_same(exp / EXPERIMENT, shared)
-    fold = assign_folds(store.slices, folds, base.seed, base.split_by)
+    fold = assign_folds(store.slices, folds, seed=base.seed, by=base.split_by)
     folds_table(store.slices, fold).to_parquet(exp / FOLDS, index=False)
     (exp / EXPERIMENT).write_text(json.dumps(shared, indent=2) + "\n")
     for k in range(folds):
         run = fold_dir(exp, k)
         if (run / "metrics.json").exists():
-            _check_fold_run(run, base, folds, k)
+            _check_fold_run(run, base, folds=folds, k=k)
             logger.info("fold %d of %d: finished earlier (%s), kept", k, folds, run / "metrics.json")
         else:
             last = run / "last.pt"
             logger.info("fold %d of %d: %s", k, folds, f"resuming from {last}" if last.exists() else "training")
             train(dataclasses.replace(base, out=str(run), folds=folds, fold=k,
                                       resume=str(last) if last.exists() else None), progress=progress)
-        export_fold(exp, k, fold == k, tta=tta, batch_size=batch_size)
+        export_fold(exp, k, fold == k, store=store, device=base.device, tta=tta, batch_size=batch_size)
     return score_experiment(exp)
 
 
@@ -148,28 +148,31 @@ class Inferred(NamedTuple):
     features: np.ndarray   # float16 (m, D)
 
 
-def infer_slots(loaded: Loaded, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64,
+def infer_slots(loaded: Loaded, mask: np.ndarray, *, tta: str = "none", batch_size: int = INFER_BATCH_SIZE,
                 workers: int = 0) -> Inferred:
     """Features and logits of the readable slots in ``mask``, each shard read once in store order."""
-    store = loaded.store
-    counts = (mask & store.slices["ok"].to_numpy(bool)).astype(np.int64)
-    y = np.zeros((len(store.slices), len(loaded.names)), np.float32)
-    stream = ShardStream.from_store(store, counts, y, context=loaded.cfg.context, shuffle=False, batch_size=batch_size)
-    out = infer(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
-                device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta, features=True)
+    out = infer_loaded(loaded, mask, tta=tta, batch_size=batch_size, workers=workers, features=True)
     order = np.argsort(out.slots, kind="stable")
-    return Inferred(out.slots[order], out.logits[order], out.features[order])
+    return Inferred(slots=out.slots[order], logits=out.logits[order], features=out.features[order])
 
 
-def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
-    """(row, slot_start, slot_stop) of each run of consecutive slots in an ascending slot list."""
+class Run(NamedTuple):
+    """Consecutive slots ``[start, stop)``, held from ``row`` on in the arrays that list the slots in order."""
+
+    row: int
+    start: int
+    stop: int
+
+
+def _runs(slots: np.ndarray) -> list[Run]:
+    """Each run of consecutive slots in an ascending slot list: one read or write each."""
     breaks = np.flatnonzero(np.diff(slots) != 1) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(slots)]])
-    return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
+    return [Run(row=int(a), start=int(slots[a]), stop=int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
-def _outputs_group(path: Path, n_slots: int, shard_slices: int, inferred: Inferred) -> zarr.Group:
+def _outputs_group(path: Path, *, n_slots: int, shard_slices: int, inferred: Inferred) -> zarr.Group:
     """EXP/outputs.zarr, created on first use: ``features`` and ``logits``, one row per slot, NaN until written."""
     if path.exists():
         return zarr.open_group(str(path), mode="r+")
@@ -184,9 +187,10 @@ def _outputs_group(path: Path, n_slots: int, shard_slices: int, inferred: Inferr
 
 def write_outputs(group: zarr.Group, inferred: Inferred, fold: int) -> None:
     """Write one fold's rows, then record the fold as done (a fold interrupted half-way is redone)."""
-    for row, a, b in _runs(inferred.slots):
-        group["features"][a:b] = inferred.features[row:row + b - a]
-        group["logits"][a:b] = inferred.logits[row:row + b - a]
+    for run in _runs(inferred.slots):
+        rows = slice(run.row, run.row + run.stop - run.start)
+        group["features"][run.start:run.stop] = inferred.features[rows]
+        group["logits"][run.start:run.stop] = inferred.logits[rows]
     group.attrs["folds_done"] = sorted({*group.attrs["folds_done"], fold})
 
 
@@ -198,21 +202,25 @@ def read_outputs(path: Path, slots: np.ndarray, folds: int) -> Inferred:
         raise DataError(f"{path} lacks fold(s) {missing}; rerun `ichtrain cv` to export them")
     features = np.empty((len(slots), group["features"].shape[1]), np.float16)
     logits = np.empty((len(slots), group["logits"].shape[1]), np.float32)
-    for row, a, b in _runs(slots):
-        features[row:row + b - a] = group["features"][a:b]
-        logits[row:row + b - a] = group["logits"][a:b]
-    return Inferred(slots, logits, features)
+    for run in _runs(slots):
+        rows = slice(run.row, run.row + run.stop - run.start)
+        features[rows] = group["features"][run.start:run.stop]
+        logits[rows] = group["logits"][run.start:run.stop]
+    return Inferred(slots=slots, logits=logits, features=features)
 
 
-def export_fold(exp: Path, k: int, mask: np.ndarray, *, tta: str = "none", batch_size: int = 64) -> None:
-    """Fold k's slots through fold k's best.pt into EXP/outputs.zarr (skipped when the fold is already there)."""
+def export_fold(exp: Path, k: int, mask: np.ndarray, *, store: Store, device: str, tta: str = "none",
+                batch_size: int = INFER_BATCH_SIZE) -> None:
+    """Fold k's slots of the (open) training store through fold k's best.pt into EXP/outputs.zarr.
+
+    Skipped when the fold is already there.
+    """
     path = exp / OUTPUTS
     if path.exists() and k in zarr.open_group(str(path), mode="r").attrs.get("folds_done", []):
         return
-    info = json.loads((exp / EXPERIMENT).read_text())
-    loaded = load_for_store(fold_dir(exp, k) / "best.pt", info["config"]["store"], info["config"]["device"])
+    loaded = load_for_store(fold_dir(exp, k) / "best.pt", store, device)
     inferred = infer_slots(loaded, mask, tta=tta, batch_size=batch_size)
-    group = _outputs_group(path, len(loaded.store.slices), loaded.store.spec.shard_slices, inferred)
+    group = _outputs_group(path, n_slots=len(store.slices), shard_slices=store.spec.shard_slices, inferred=inferred)
     group.attrs.update({"tta": tta, "names": list(loaded.names)})
     write_outputs(group, inferred, k)
     logger.info("fold %d: %d slots exported to %s (features %d-d)", k, len(inferred.slots), path,
@@ -227,19 +235,19 @@ def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
 
 # ---------------------------------------------------------------- scores
 
-def oof_block(store: Store, slots: np.ndarray, probs: np.ndarray, names: tuple[str, ...], task: str,
+def oof_block(store: Store, slots: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...], task: str,
               seed: int) -> dict:
     """The usual metrics of out-of-fold probabilities, with an ``auc`` {label: value} summary."""
     y = targets(store.slices, task)[slots]
     study = store.slices["study_uid"].to_numpy()[slots]
-    metrics = run_metrics(y, probs, names, study, task, seed=seed)
+    metrics = run_metrics(y, probs, names=names, study_ids=study, task=task, seed=seed)
     return {**metrics, "auc": {n: metrics["per_class"][n]["roc_auc"] for n in names}}
 
 
 def scored_slots(store: Store, task: str) -> np.ndarray:
     """The slots every OOF metric is computed on: labelled and readable (the validation rule of a run)."""
     everything = np.full(len(store.slices), "val")
-    return np.sort(train_candidates(store.slices, everything, None, task, "val"))
+    return np.sort(train_candidates(store.slices, everything, None, task=task, part="val"))
 
 
 def score_experiment(exp: str | Path) -> dict:
@@ -250,12 +258,13 @@ def score_experiment(exp: str | Path) -> dict:
     outputs = oof_outputs(experiment, store)
     slots = scored_slots(store, task)
     probs = sigmoid(outputs.logits[np.searchsorted(outputs.slots, slots)])
-    write_predictions(experiment.path / OOF, store, slots, probs, targets(store.slices, task)[slots], names,
-                      columns={"fold": experiment.fold[slots]})
+    write_predictions(experiment.path / OOF, store, slots=slots, probs=probs, truth=targets(store.slices, task)[slots],
+                      names=names, columns={"fold": experiment.fold[slots]})
     fold_metrics = []
     for k in range(experiment.folds):
         run = json.loads((fold_dir(experiment.path, k) / "metrics.json").read_text())
         fold_metrics.append({"fold": k, "best_epoch": run["best_epoch"], **run["final"]})
-    summary = {"oof": oof_block(store, slots, probs, names, task, experiment.cfg.seed), "folds": fold_metrics}
+    summary = {"oof": oof_block(store, slots, probs, names=names, task=task, seed=experiment.cfg.seed),
+               "folds": fold_metrics}
     (experiment.path / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

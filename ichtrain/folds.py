@@ -15,13 +15,11 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .config import MAX_FOLDS
-from .config import SPLITS as SPLIT_BY
-from .data import _check_columns, _check_int, _is_number, is_positive
+from .config import GROUPINGS, MAX_FOLDS, MIN_FOLDS, SPLITS, TrainConfig, check_choice, check_fraction, check_int
+from .data import _check_columns, is_positive
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
 
 
 class Groups(NamedTuple):
@@ -35,10 +33,9 @@ class Groups(NamedTuple):
         return self.bleeding > 0
 
 
-def groups_of(slices: pd.DataFrame, by: str = "patient") -> Groups:
+def groups_of(slices: pd.DataFrame, by: str = TrainConfig.split_by) -> Groups:
     """The slots' groups (``by`` patient or study), with each group's size and whether it holds a bleed."""
-    if by not in ("patient", "study"):
-        raise ConfigError(f"unknown grouping {by!r}; choose one of patient, study")
+    check_choice("grouping", by, GROUPINGS)
     _check_columns(slices, ["study_uid", "patient_id"], "slices")
     study = slices["study_uid"].astype(object)
     if study.isna().any():
@@ -65,11 +62,12 @@ def _strata(groups: Groups, rng: np.random.Generator, block: int) -> Strata:
     bleeding = np.flatnonzero(groups.positive)
     bleeding = bleeding[rng.permutation(len(bleeding))]
     bleeding = bleeding[np.argsort(-groups.bleeding[bleeding], kind="stable")]
-    return Strata(negative[rng.permutation(len(negative))],
-                  [bleeding[i:i + block] for i in range(0, len(bleeding), block)])
+    return Strata(negative=negative[rng.permutation(len(negative))],
+                  blocks=[bleeding[i:i + block] for i in range(0, len(bleeding), block)])
 
 
-def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0, by: str = "patient") -> np.ndarray:
+def split_slices(slices: pd.DataFrame, val_fraction: float = TrainConfig.val_fraction, seed: int = 0,
+                 by: str = TrainConfig.split_by) -> np.ndarray:
     """``"train"``/``"val"`` for every slot, holding out about ``val_fraction`` of the slices.
 
     ``by="patient"`` (default) keeps each patient on one side, ``by="study"`` each study.  One bleeding group
@@ -81,12 +79,10 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     It is *leaky*: neighbouring, nearly identical slices of one study land on both sides, so validation
     scores are optimistic.  It exists only to reproduce the reference numbers.
     """
-    if not _is_number(val_fraction) or not 0.0 < float(val_fraction) < 1.0:
-        raise ConfigError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
-    if by not in SPLIT_BY:
-        raise ConfigError(f"unknown split {by!r}; choose one of {', '.join(SPLIT_BY)}")
+    check_fraction("val_fraction", val_fraction)
+    check_choice("split", by, SPLITS)
     n = len(slices)
-    rng = np.random.default_rng(_check_int("seed", seed))
+    rng = np.random.default_rng(check_int("seed", seed))
     if by == "slice":
         if n < 2:
             raise DataError(f"cannot split {n} slice(s) into train and val")
@@ -117,15 +113,15 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = 0.2, seed: int = 0,
     return split
 
 
-def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = "patient") -> np.ndarray:
+def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = TrainConfig.split_by) -> np.ndarray:
     """int64 (N,): each slot's fold in ``0 .. folds-1``; a group's slots share one fold.
 
     Bleeding groups are dealt out one per fold from each block of ``folds`` similar ones; groups without a
     bleed, largest first (equal sizes in the seeded order), each go to the fold with the fewest slices so far.
     """
-    folds, seed = _check_int("folds", folds), _check_int("seed", seed)
-    if not 2 <= folds <= MAX_FOLDS:
-        raise ConfigError(f"folds must be between 2 and {MAX_FOLDS}, got {folds}")
+    folds, seed = check_int("folds", folds), check_int("seed", seed)
+    if not MIN_FOLDS <= folds <= MAX_FOLDS:
+        raise ConfigError(f"folds must be between {MIN_FOLDS} and {MAX_FOLDS}, got {folds}")
     groups = groups_of(slices, by)
     if len(groups.keys) < folds:
         raise DataError(f"cannot make {folds} folds from {len(groups.keys)} {by}(s); use fewer folds or more data")
@@ -143,17 +139,23 @@ def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = "pat
     return fold_of[groups.inverse]
 
 
+def slot_table(slices: pd.DataFrame, **columns: np.ndarray) -> pd.DataFrame:
+    """Each slot's image_id, study_uid and patient_id, then ``columns`` (a run's split, an experiment's fold)."""
+    return pd.DataFrame({"image_id": slices["image_id"], "study_uid": slices["study_uid"],
+                         "patient_id": slices["patient_id"], **columns})
+
+
 def folds_table(slices: pd.DataFrame, fold: np.ndarray) -> pd.DataFrame:
     """The per-slot fold table written as ``EXP/folds.parquet``."""
-    return pd.DataFrame({"image_id": slices["image_id"], "study_uid": slices["study_uid"],
-                         "patient_id": slices["patient_id"], "fold": fold})
+    return slot_table(slices, fold=fold)
 
 
 def run_split(slices: pd.DataFrame, *, val_fraction: float, seed: int, by: str, folds: int | None = None,
               fold: int | None = None) -> np.ndarray:
     """A run's ``"train"``/``"val"`` per slot: fold ``fold`` of ``folds`` validates, else the fractional split."""
     if folds is None:
-        return split_slices(slices, val_fraction, seed, by)
-    if by == "slice":
-        raise ConfigError("folds group patients or studies; use --split-by patient or study with --folds")
-    return np.where(assign_folds(slices, folds, seed, by) == fold, "val", "train")
+        return split_slices(slices, val_fraction=val_fraction, seed=seed, by=by)
+    if by not in GROUPINGS:
+        choices = " or ".join(GROUPINGS)
+        raise ConfigError(f"folds keep each {choices} on one side; use --split-by {choices} with --folds")
+    return np.where(assign_folds(slices, folds=folds, seed=seed, by=by) == fold, "val", "train")

@@ -35,8 +35,7 @@ from sklearn.metrics import (
 
 from .bootstrap import LEVEL, Ranking, percentile_interval, resample
 
-#: Probabilities are clipped to [EPS, 1 - EPS] before taking logs, as in the
-#: competition: one confident wrong answer must cost a lot, but not infinity.
+#: Probabilities are clipped to [EPS, 1 - EPS] before logs, as in the competition: costly, never infinite.
 EPS = 1e-7
 #: Competition weights: ``any`` counts twice, each subtype once.
 ANY_WEIGHT = 2.0
@@ -49,8 +48,7 @@ DEFAULT_THRESHOLD = 0.5
 def _as_float_2d(values, k: int | None, what: str) -> np.ndarray:
     """(N, K) float64 array; accepts pandas (nullable Int8 with <NA> -> NaN) and 1-D for K == 1."""
     if hasattr(values, "to_numpy"):
-        # pandas nullable integers (what ichprep.labels returns) refuse a plain
-        # np.asarray(float) when <NA> is present; ask pandas for NaN explicitly.
+        # Nullable integers (what ichprep.labels returns) refuse np.asarray(float) with <NA>: ask pandas for NaN.
         values = values.to_numpy(dtype=float, na_value=np.nan)
     # float64 always: in float32, 1 - 1e-7 rounds to 1.0 and the clip would be useless.
     arr = np.asarray(values, dtype=np.float64)
@@ -63,7 +61,15 @@ def _as_float_2d(values, k: int | None, what: str) -> np.ndarray:
     return arr
 
 
-def _check(y_true, y_prob, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+class Checked(NamedTuple):
+    """Validated metric inputs: float64 (N, K) truth (NaN = missing) and probabilities, and the K names."""
+
+    y_true: np.ndarray
+    y_prob: np.ndarray
+    names: tuple[str, ...]
+
+
+def _check(y_true, y_prob, names: Sequence[str]) -> Checked:
     names = tuple(names)
     yt = _as_float_2d(y_true, len(names), "y_true")
     yp = _as_float_2d(y_prob, len(names), "y_prob")
@@ -72,13 +78,12 @@ def _check(y_true, y_prob, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray
     known = yt[~np.isnan(yt)]
     if not np.isin(known, (0.0, 1.0)).all():
         raise ValueError("y_true must contain only 0, 1 or NaN (missing label)")
-    # A NaN probability is a bug upstream (diverged model, bad batch); hiding it
-    # behind a clip or a dropped row would report a good score for a broken run.
+    # A NaN probability is a bug upstream (diverged model): a clip or a dropped row would hide a broken run.
     if not np.isfinite(yp).all():
         raise ValueError("y_prob contains NaN or inf")
     if (yp < 0).any() or (yp > 1).any():
         raise ValueError("y_prob must be probabilities in [0, 1] (apply the sigmoid first)")
-    return yt, yp, names
+    return Checked(y_true=yt, y_prob=yp, names=names)
 
 
 def label_weights(names: Sequence[str]) -> np.ndarray:
@@ -128,7 +133,8 @@ def weighted_log_loss(y_true, y_prob, names: Sequence[str]) -> float:
     of both the numerator and the denominator of their image; images with no
     label at all are ignored.
     """
-    yt, yp, names = _check(y_true, y_prob, names)
+    checked = _check(y_true, y_prob, names)
+    yt, yp, names = checked.y_true, checked.y_prob, checked.names
     images = _image_losses(yt, yp, names)
     if not images.labelled.any():
         return float("nan")
@@ -137,7 +143,8 @@ def weighted_log_loss(y_true, y_prob, names: Sequence[str]) -> float:
 
 def per_class_log_loss(y_true, y_prob, names: Sequence[str]) -> dict[str, float | None]:
     """Mean (unweighted) binary cross-entropy of each class over its labelled rows."""
-    yt, yp, names = _check(y_true, y_prob, names)
+    checked = _check(y_true, y_prob, names)
+    yt, yp, names = checked.y_true, checked.y_prob, checked.names
     bce = _bce(yt, yp)
     out: dict[str, float | None] = {}
     for j, name in enumerate(names):
@@ -159,8 +166,7 @@ def youden_threshold(y_true, y_score) -> float | None:
     if np.unique(y_true).size < 2:
         return None
     fpr, tpr, thr = roc_curve(y_true, y_score)
-    # roc_curve starts with threshold +inf (predict nothing positive); that
-    # point is never a useful operating threshold, so it is excluded.
+    # roc_curve's first threshold, +inf, predicts nothing positive: never a useful operating point.
     finite = np.isfinite(thr)
     j = np.where(finite, tpr - fpr, -np.inf)
     return float(thr[int(np.argmax(j))])  # argmax: ties -> highest threshold
@@ -171,8 +177,7 @@ def _at_threshold(yt: np.ndarray, yp: np.ndarray, threshold: float) -> dict:
     pred = (yp >= threshold).astype(int)
     yt = yt.astype(int)
     tn, fp, fn, tp = confusion_matrix(yt, pred, labels=[0, 1]).ravel()
-    # zero_division=nan: e.g. precision with no positive predictions is
-    # undefined, not 0; it becomes None in the JSON.
+    # zero_division=nan: e.g. precision without positive predictions is undefined (None in the JSON), not 0.
     return {
         "threshold": float(threshold),
         "sensitivity": _num(tp / (tp + fn)) if tp + fn else None,
@@ -290,7 +295,7 @@ def _row_nanmean(values: np.ndarray) -> np.ndarray:
     return _ratio(np.where(finite, values, 0.0).sum(axis=1), finite.sum(axis=1).astype(float))
 
 
-def _add_class_sums(sums: _UnitSums, name: str, rows: np.ndarray, yt: np.ndarray, yp: np.ndarray,
+def _add_class_sums(sums: _UnitSums, name: str, *, rows: np.ndarray, yt: np.ndarray, yp: np.ndarray,
                     threshold: float) -> None:
     called = yp >= threshold  # same operating rule as _at_threshold
     sums.add(f"{name}/n", np.ones(yt.size), rows)
@@ -323,7 +328,7 @@ class _Intervals(NamedTuple):
     info: dict
 
 
-def _bootstrap(yt: np.ndarray, yp: np.ndarray, names: tuple[str, ...], units: _Units, per_class: Mapping,
+def _bootstrap(yt: np.ndarray, yp: np.ndarray, *, names: tuple[str, ...], units: _Units, per_class: Mapping,
                study: _StudyAny | None, replicates: int, seed: int) -> _Intervals:
     """Percentile intervals of the headline metrics over ``replicates`` resamples of the units."""
     sums = _UnitSums(units.index, units.count)
@@ -334,12 +339,13 @@ def _bootstrap(yt: np.ndarray, yp: np.ndarray, names: tuple[str, ...], units: _U
     for j, name in enumerate(names):
         rows = ~np.isnan(yt[:, j])
         at = per_class[name]["at_youden"] or {}
-        _add_class_sums(sums, name, rows, yt[rows, j], yp[rows, j], at.get("threshold", DEFAULT_THRESHOLD))
+        _add_class_sums(sums, name, rows=rows, yt=yt[rows, j], yp=yp[rows, j],
+                        threshold=at.get("threshold", DEFAULT_THRESHOLD))
         if per_class[name]["roc_auc"] is not None:
             ranked.append(name)
-            rankings.append(Ranking(yt[rows, j], yp[rows, j], units.index[rows]))
+            rankings.append(Ranking(y=yt[rows, j], score=yp[rows, j], unit=units.index[rows]))
     if study is not None:
-        rankings.append(Ranking(study.y, study.p, study.unit))
+        rankings.append(Ranking(y=study.y, score=study.p, unit=study.unit))
     reps = resample(sums.matrix(), rankings, replicates, seed)
 
     nan = np.full(replicates, np.nan)
@@ -376,8 +382,7 @@ def _class_metrics(yt: np.ndarray, yp: np.ndarray, given: float | None) -> dict:
     elif youden is not None:
         op_threshold, source = youden, "youden"
     else:
-        # No ROC on these data: keep the operating point defined (so it can
-        # still be reported and passed on) but say where it came from.
+        # No ROC on these data: an operating point still, to report and pass on, that says where it came from.
         op_threshold, source = DEFAULT_THRESHOLD, "default"
     calib = calibration(yt, yp)
     return {
@@ -463,7 +468,8 @@ def compute_metrics(
     ``study_ids`` is given (their slices are correlated), single slices
     otherwise; ``bootstrap`` in the result records which.
     """
-    yt, yp, names = _check(y_true, y_prob, names)
+    checked = _check(y_true, y_prob, names)
+    yt, yp, names = checked.y_true, checked.y_prob, checked.names
     if study_ids is not None and len(study_ids) != len(yt):
         raise ValueError(f"study_ids has length {len(study_ids)}, expected {len(yt)}")
     _check_bootstrap(bootstrap, seed)
@@ -480,8 +486,7 @@ def compute_metrics(
         "n_images": int(len(yt)),
         "names": list(names),
         "weighted_log_loss": _num(weighted_log_loss(yt, yp, names)),
-        # Mean over the classes where AUC is defined (a rare class absent from
-        # a small split must not turn the whole summary into None).
+        # Over the classes with an AUC: a rare class absent from a small split must not make the summary None.
         "mean_auc": _num(np.mean(aucs)) if aucs else None,
         "mean_ece": _num(np.mean(eces)) if eces else None,
         "per_class": per_class,
@@ -500,8 +505,8 @@ def compute_metrics(
         m["ci95"] = None
     if bootstrap and len(yt):
         resampled_study = study if out["study_any_auc"] is not None else None
-        intervals = _bootstrap(yt, yp, names, _units(study_codes, len(yt)), per_class, resampled_study,
-                               int(bootstrap), int(seed))
+        intervals = _bootstrap(yt, yp, names=names, units=_units(study_codes, len(yt)), per_class=per_class,
+                               study=resampled_study, replicates=int(bootstrap), seed=int(seed))
         out["ci95"], out["bootstrap"] = intervals.overall, intervals.info
         for name, ci in intervals.per_class.items():
             per_class[name]["ci95"] = ci

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from .checkpoint import safe_load
-from .config import ARCHS
+from .config import ARCHS, TrainConfig
 from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,8 @@ UNSUPPORTED = {
     **dict.fromkeys(("squeezenet1_0", "squeezenet1_1"), "classifies with a convolution, not a linear layer"),
 }
 
-#: Constructor arguments beyond ``weights=None``.  GoogLeNet is built without its auxiliary classifiers (in
-#: training they make it return a tuple); init_weights=True keeps its default initialisation without a warning.
-_BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+#: Constructor arguments beyond ``weights=None`` (GoogLeNet's auxiliary heads would make training return a tuple).
+_BUILD_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}  # init_weights: same init, no warning
 #: Tensors of a weights file dropped with the classifier: auxiliary classifiers the built model does not have.
 _AUXILIARY = {"googlenet": ("aux1.", "aux2.")}
 
@@ -123,7 +122,7 @@ def replace_head(model: nn.Module, n_outputs: int) -> None:
     model.set_submodule(name, nn.Linear(old.in_features, n_outputs, bias=old.bias is not None))
 
 
-def build_model(arch: str = "resnet152", n_outputs: int = 6, windows: int = 3, slices: int = 1,
+def build_model(arch: str = TrainConfig.arch, n_outputs: int = 6, windows: int = 3, slices: int = 1,
                 pretrained: str | Path | None = None) -> nn.Module:
     """torchvision ``arch`` for ``windows`` channels x ``slices`` slices (2*context+1), with ``n_outputs`` logits."""
     if arch in UNSUPPORTED:

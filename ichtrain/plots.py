@@ -99,8 +99,7 @@ def plot_loss_curves(history: Sequence[Mapping], out_png) -> Path:
         ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
     ax.margins(y=0.12)  # keep markers off the frame
     ax.grid(True, alpha=0.3)
-    # Legend under the axes: it can never hide a point (with one epoch all
-    # markers share one x, where any inside placement may cover them).
+    # Legend under the axes: inside, it may cover a point (with one epoch all markers share one x).
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
     return _save(fig, out_png)
 
@@ -133,7 +132,8 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     Rows with NaN truth are dropped per class; a class with a single label
     value has no ROC curve and is listed in the legend as skipped.
     """
-    yt, yp, names = _check(y_true, y_prob, names)
+    checked = _check(y_true, y_prob, names)
+    yt, yp, names = checked.y_true, checked.y_prob, checked.names
     fig = _new_figure((6.5, 6.0))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="chance (AUC 0.5)")
@@ -164,7 +164,8 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     return _save(fig, out_png)
 
 
-def _reliability_panel(ax, name: str, t: np.ndarray, p: np.ndarray) -> None:
+def _reliability_panel(ax, name: str, labelled: _Rows) -> None:
+    t, p = labelled.t, labelled.p
     calib = calibration(t, p)
     bins = calib.reliability
     mean_p = np.array([b["mean_prob"] for b in bins])
@@ -193,19 +194,20 @@ def plot_calibration(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     marker area = rows in the bin, ECE and mean probability vs prevalence in
     the title); classes without positives are listed as skipped.
     """
-    yt, yp, names = _check(y_true, y_prob, names)
+    checked = _check(y_true, y_prob, names)
+    yt, yp, names = checked.y_true, checked.y_prob, checked.names
     shown, skipped = [], []
     for j, name in enumerate(names):
-        t, p = _class_rows(yt, yp, j)
-        if t.sum() > 0:
-            shown.append((name, t, p))
+        labelled = _class_rows(yt, yp, j)
+        if labelled.t.sum() > 0:
+            shown.append((name, labelled))
         else:
-            skipped.append(f"{name} ({_why_skipped(t)})")
+            skipped.append(f"{name} ({_why_skipped(labelled.t)})")
     cols = min(3, max(1, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
     fig = _new_figure((max(5.0, 3.1 * cols + 0.6), 3.3 * rows + 1.1))  # wide enough for the title
-    for k, (name, t, p) in enumerate(shown):
-        _reliability_panel(fig.add_subplot(rows, cols, k + 1), name, t, p)
+    for k, (name, labelled) in enumerate(shown):
+        _reliability_panel(fig.add_subplot(rows, cols, k + 1), name, labelled)
     if not shown:
         ax = fig.add_subplot()
         ax.set_axis_off()

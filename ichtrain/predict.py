@@ -17,16 +17,22 @@ import torch
 from ichprep.labels import LABELS
 from ichprep.store import Store, open_store
 
-from .checkpoint import load_checkpoint
-from .config import EVAL_SPLITS, TrainConfig
+from .config import EVAL_SPLITS, INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig, check_choice
 from .data import ShardStream, targets, train_candidates
-from .engine import Predictions, evaluate
+from .engine import Outputs, Predictions, infer, sigmoid
 from .errors import ConfigError
 from .folds import run_split
 from .metrics import youden_thresholds
 from .model import build_model
-from .train import (add_middle_block, amp_dtype_for, batch_loader, check_spec, resolve_device, run_metrics,
-                    write_figures)
+from .train import (
+    add_middle_block,
+    amp_dtype_for,
+    batch_loader,
+    checkpoint_for_store,
+    resolve_device,
+    run_metrics,
+    write_figures,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,56 +51,70 @@ class Loaded(NamedTuple):
     model: torch.nn.Module
 
 
-def load_for_store(checkpoint: str | Path, store_path: str | Path, device: str = "auto") -> Loaded:
-    """Load a checkpoint, open a store, refuse a store of another preprocessing, build the model on ``device``."""
-    state = load_checkpoint(checkpoint)
-    store = open_store(store_path)
-    check_spec(store, state["spec"], f"checkpoint {checkpoint}")
+def as_store(store: Store | str | Path) -> Store:
+    """``store`` itself when it is already open (its tables read once for many uses), else the store at that path."""
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def load_for_store(checkpoint: str | Path, store: Store | str | Path, device: str = TrainConfig.device) -> Loaded:
+    """Load a checkpoint, refuse a store of another preprocessing, build the model on ``device``."""
+    store = as_store(store)
+    state = checkpoint_for_store(checkpoint, store)
     cfg = TrainConfig.from_dict(state["config"])
     names = tuple(state["names"])
     dev = resolve_device(device)
-    model = build_model(cfg.arch, len(names), len(state["spec"]["windows"]), 2 * cfg.context + 1)
+    model = build_model(cfg.arch, n_outputs=len(names), windows=len(state["spec"]["windows"]),
+                        slices=2 * cfg.context + 1)
     model.load_state_dict(state["model"])
-    return Loaded(state, cfg, names, store, dev, model.to(dev).eval())
+    return Loaded(state=state, cfg=cfg, names=names, store=store, device=dev, model=model.to(dev).eval())
 
 
-def _run(loaded: Loaded, counts: np.ndarray, y: np.ndarray, batch_size: int, workers: int,
-         tta: str = "none") -> Predictions:
-    stream = ShardStream.from_store(loaded.store, counts, y, context=loaded.cfg.context, shuffle=False,
-                                    batch_size=batch_size)
-    return evaluate(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
-                    device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta)
+def infer_loaded(loaded: Loaded, mask: np.ndarray, *, y: np.ndarray | None = None, tta: str = "none",
+                 batch_size: int = INFER_BATCH_SIZE, workers: int = INFER_WORKERS, features: bool = False) -> Outputs:
+    """The model's outputs on the readable slots in ``mask``, each shard read once, in store order.
+
+    ``y`` (N, K) gives the targets passed along with each slot (zeros when None).
+    """
+    store = loaded.store
+    counts = (mask & store.slices["ok"].to_numpy(bool)).astype(np.int64)
+    if y is None:
+        y = np.zeros((len(store.slices), len(loaded.names)), np.float32)
+    stream = ShardStream.from_store(store, counts, y, context=loaded.cfg.context, shuffle=False, batch_size=batch_size)
+    return infer(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
+                 device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta, features=features)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store_path: str | Path, out: str | Path, split: str = "val",
-                        device: str = "auto", batch_size: int = 64, workers: int = 2, tta: str = "none") -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, store_path: Store | str | Path, out: str | Path, split: str = "val",
+                        device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
+                        workers: int = INFER_WORKERS, tta: str = "none") -> dict:
     """Metrics (with study-bootstrap intervals), predictions, ROC and calibration plots of a checkpoint.
 
     ``split="val"``: every labelled slice of the run's validation patients; ``"all"``: every labelled slice.
     """
-    if split not in EVAL_SPLITS:
-        raise ConfigError(f"invalid split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+    check_choice("split", split, EVAL_SPLITS)
     loaded = load_for_store(checkpoint, store_path, device)
-    store, cfg = loaded.store, loaded.cfg
+    store, cfg, names = loaded.store, loaded.cfg, loaded.names
     y = targets(store.slices, cfg.task)
     if split == "val":
         parts = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by,
                           folds=cfg.folds, fold=cfg.fold)
     else:
         parts = np.full(len(store.slices), "val")
-    counts = np.zeros(len(store.slices), np.int64)
-    counts[train_candidates(store.slices, parts, None, cfg.task, "val")] = 1
-    preds = _run(loaded, counts, y, batch_size, workers, tta)
-    # Sensitivity/specificity "at Youden" use the thresholds chosen on the run's validation split,
-    # so numbers on other data are what a deployed threshold would give.
+    mask = np.zeros(len(store.slices), bool)
+    mask[train_candidates(store.slices, parts, None, task=cfg.task, part="val")] = True
+    outputs = infer_loaded(loaded, mask, y=y, tta=tta, batch_size=batch_size, workers=workers)
+    preds = Predictions(probs=sigmoid(outputs.logits), targets=outputs.targets, slots=outputs.slots)
+    # "At Youden" uses the run's validation thresholds: on other data, what a deployed threshold would give.
     state = loaded.state
     thresholds = youden_thresholds(state["metrics"]) if state.get("metrics") else None
     study = store.slices["study_uid"].to_numpy()[preds.slots]
-    metrics = run_metrics(preds.targets, preds.probs, loaded.names, study, cfg.task, thresholds, seed=cfg.seed)
-    metrics = add_middle_block(metrics, preds, cfg.slice_selection, store, loaded.names, cfg.task, cfg.seed)
+    metrics = run_metrics(preds.targets, preds.probs, names=names, study_ids=study, task=cfg.task,
+                          thresholds=thresholds, seed=cfg.seed)
+    metrics = add_middle_block(metrics, preds, selection=cfg.slice_selection, store=store, names=names,
+                               task=cfg.task, seed=cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_figures(out, preds, loaded.names, store, "predictions.parquet")
+    write_figures(out, preds, names=names, store=store, predictions="predictions.parquet")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

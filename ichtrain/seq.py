@@ -13,8 +13,8 @@ on the other folds' studies, so the out-of-fold probabilities stay honest.
 
 from __future__ import annotations
 
-import logging
 import copy
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -29,9 +29,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .checkpoint import safe_load, save_checkpoint
-from .config import HEADS, SEQ_INPUTS, SEQ_MODELS, SeqConfig, _choice
+from .config import HEADS, SEQ_INPUTS, SEQ_MODELS, SeqConfig, check_choice
 from .engine import loss_weights
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ _MODELS = {"gru": GruCorrector, "transformer": TransformerCorrector}
 def build_seq_model(kind: str, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float,
                     concat_logits: bool = True) -> nn.Module:
     """A stage-2 model: ``forward(x, base, mask) -> base + correction``, the correction 0 until trained."""
-    _choice("model", kind, SEQ_MODELS)
+    check_choice("model", kind, SEQ_MODELS)
     return _MODELS[kind](in_dim=in_dim, n_out=n_out, hidden=hidden, layers=layers, dropout=dropout,
                          concat_logits=concat_logits)
 
@@ -242,7 +242,7 @@ def standardisation(inputs: SeqInputs, studies: np.ndarray) -> Norm:
     std = np.sqrt(np.maximum(squares / max(len(slots), 1) - mean**2, 0.0))
     # A constant feature (a dead unit) carries nothing: divide by 1 rather than by ~0.
     std = np.where(std > 1e-6, std, 1.0)
-    return Norm(mean.astype(np.float32), std.astype(np.float32))
+    return Norm(mean=mean.astype(np.float32), std=std.astype(np.float32))
 
 
 class SeqBatch(NamedTuple):
@@ -270,8 +270,8 @@ def make_batch(inputs: SeqInputs, studies: np.ndarray, norm: Norm) -> SeqBatch:
         targets[i, :n] = inputs.targets[a:a + n]
     mask = np.arange(t)[None, :] < lengths[:, None]
     labelled = int((~np.isnan(targets)).any(axis=2).sum())
-    return SeqBatch(studies, torch.from_numpy(x), torch.from_numpy(base), torch.from_numpy(targets),
-                    torch.from_numpy(mask), labelled)
+    return SeqBatch(studies=studies, x=torch.from_numpy(x), base=torch.from_numpy(base),
+                    targets=torch.from_numpy(targets), mask=torch.from_numpy(mask), labelled=labelled)
 
 
 def iter_batches(inputs: SeqInputs, studies: np.ndarray, batch_studies: int, norm: Norm) -> Iterator[SeqBatch]:
@@ -317,7 +317,8 @@ def make_step(model: nn.Module, cfg: SeqConfig, names: Sequence[str], total_step
     """AdamW with a cosine decay to 0 over ``total_steps`` steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    return SeqStep(model, optimizer, scheduler, loss_weights(tuple(names), device), device)
+    return SeqStep(model=model, optimizer=optimizer, scheduler=scheduler, weights=loss_weights(tuple(names), device),
+                   device=device)
 
 
 def train_step(step: SeqStep, batch: SeqBatch) -> torch.Tensor:
@@ -370,15 +371,14 @@ def _holdout(studies: np.ndarray, cfg: SeqConfig) -> tuple[np.ndarray, np.ndarra
 
 
 @torch.no_grad()
-def _loss(model: nn.Module, inputs: SeqInputs, studies: np.ndarray, norm: Norm, cfg: SeqConfig,
-          weights: torch.Tensor, device: torch.device) -> float:
+def _loss(step: SeqStep, inputs: SeqInputs, studies: np.ndarray, *, norm: Norm, batch_studies: int) -> float:
     """Mean weighted log loss per labelled slot of ``studies``."""
-    model.eval()
+    step.model.eval()
     total, labelled = 0.0, 0
-    for batch in iter_batches(inputs, studies, cfg.batch_studies, norm):
-        batch = _to(batch, device)
-        total += masked_weighted_bce(model(batch.x, batch.base, batch.mask), batch.targets, weights).item() \
-            * batch.labelled
+    for batch in iter_batches(inputs, studies, batch_studies, norm):
+        batch = _to(batch, step.device)
+        logits = step.model(batch.x, batch.base, batch.mask)
+        total += masked_weighted_bce(logits, batch.targets, step.weights).item() * batch.labelled
         labelled += batch.labelled
     return total / max(labelled, 1)
 
@@ -405,13 +405,13 @@ def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fit
         model = _model_for(cfg, inputs.x.shape[1], len(names)).to(device)
         step = make_step(model, cfg, names, cfg.epochs * steps_per_epoch, device)
         judged = len(pick_on) and _labelled_slots(inputs, pick_on)
-        best = _loss(model, inputs, pick_on, norm, cfg, step.weights, device) if judged else math.inf
+        best = _loss(step, inputs, pick_on, norm=norm, batch_studies=cfg.batch_studies) if judged else math.inf
         best_epoch, best_state = 0, copy.deepcopy(model.state_dict())
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
             order = np.random.default_rng([cfg.seed, epoch]).permutation(fit_on)
             loss = _epoch(step, iter_batches(inputs, order, cfg.batch_studies, norm))
-            held = _loss(model, inputs, pick_on, norm, cfg, step.weights, device) if judged else None
+            held = _loss(step, inputs, pick_on, norm=norm, batch_studies=cfg.batch_studies) if judged else None
             history.append({"epoch": epoch, "train_loss": loss, "holdout_loss": held,
                             "lr": step.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started})
             if not judged or held < best:
@@ -422,7 +422,7 @@ def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fit
         history[-1]["best_epoch"] = best_epoch
     logger.info("stage 2 fit on %d studies: epoch %d of %d kept (held-out studies: %d)", len(fit_on), best_epoch,
                 cfg.epochs, len(pick_on))
-    return Fitted(model.cpu().eval(), norm.mean, norm.std, history)
+    return Fitted(model=model.cpu().eval(), norm_mean=norm.mean, norm_std=norm.std, history=history)
 
 
 # ---------------------------------------------------------------- prediction
@@ -439,7 +439,7 @@ def predict(fitted: Fitted, inputs: SeqInputs, studies, *, batch_studies: int = 
         raise DataError(f"the model reads {fitted.norm_mean.shape[0]} input features, x has {inputs.x.shape[1]}")
     device = torch.device(device)
     model = fitted.model.to(device).eval()
-    norm = Norm(fitted.norm_mean, fitted.norm_std)
+    norm = Norm(mean=fitted.norm_mean, std=fitted.norm_std)
     out = np.full(inputs.logits.shape, np.nan, np.float32)
     by_length = studies[np.argsort(inputs.stops[studies] - inputs.starts[studies], kind="stable")]
     for batch in iter_batches(inputs, by_length, batch_studies, norm):
@@ -493,7 +493,7 @@ def cross_fit(inputs: SeqInputs, cfg: SeqConfig, names: Sequence[str]) -> CrossF
         rows = _slots_of(inputs, held)
         probs[rows] = part[rows]
         fitted.append(model)
-    return CrossFit(probs, fitted)
+    return CrossFit(probs=probs, fitted=fitted)
 
 
 # ---------------------------------------------------------------- saving
@@ -509,7 +509,7 @@ class LoadedSeq(NamedTuple):
 def save_seq(path, fitted_list: Sequence[Fitted], cfg: SeqConfig, *, names: Sequence[str], in_dim: int,
              inputs_kind: str) -> None:
     """One file for the per-fold models: tensors, numbers, strings, lists and dicts only (weights_only loading)."""
-    _choice("inputs_kind", inputs_kind, SEQ_INPUTS)
+    check_choice("inputs_kind", inputs_kind, SEQ_INPUTS)
     for f in fitted_list:
         if f.norm_mean.shape != (in_dim,):
             raise DataError(f"a fitted model reads {f.norm_mean.shape[0]} features, in_dim is {in_dim}")
@@ -542,6 +542,6 @@ def load_seq(path, device="cpu") -> LoadedSeq:
     for fold in state["folds"]:
         model = _model_for(cfg, state["in_dim"], len(names))
         model.load_state_dict(fold["model"])
-        fitted.append(Fitted(model.to(device).eval(), fold["norm_mean"].numpy(), fold["norm_std"].numpy(),
-                             list(fold["history"])))
-    return LoadedSeq(fitted, cfg, names, int(state["in_dim"]), state["inputs_kind"])
+        fitted.append(Fitted(model=model.to(device).eval(), norm_mean=fold["norm_mean"].numpy(),
+                             norm_std=fold["norm_std"].numpy(), history=list(fold["history"])))
+    return LoadedSeq(fitted=fitted, cfg=cfg, names=names, in_dim=int(state["in_dim"]), inputs_kind=state["inputs_kind"])

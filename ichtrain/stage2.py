@@ -19,9 +19,8 @@ import numpy as np
 
 from ichprep.store import Store
 
-from .config import SEQ_INPUTS, SeqConfig
+from .config import SEQ_INPUTS, SeqConfig, check_choice
 from .data import targets
-from .errors import ConfigError
 from .engine import sigmoid
 from .experiment import Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots
 from .metrics import weighted_log_loss
@@ -47,8 +46,7 @@ def seq_inputs(store: Store, outputs: Inferred, *, kind: str, task: str, slot_fo
     ``slot_fold`` gives each slot's fold (a study takes its first slot's); labels of slots without pixels
     are dropped, as in every metric.
     """
-    if kind not in SEQ_INPUTS:
-        raise ConfigError(f"invalid stage-2 input {kind!r}; choose one of {', '.join(SEQ_INPUTS)}")
+    check_choice("stage-2 input", kind, SEQ_INPUTS)
     n = len(store.slices)
     logits = np.empty((n, outputs.logits.shape[1]), np.float32)
     logits[:] = outputs.logits.astype(np.float64).mean(axis=0)
@@ -93,7 +91,7 @@ def compare_table(stage1: dict, stage2: dict, names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _showcase_study(inputs: SeqInputs, probs1: np.ndarray, probs2: np.ndarray, names: tuple[str, ...]) -> int:
+def _showcase_study(inputs: SeqInputs, *, probs1: np.ndarray, probs2: np.ndarray, names: tuple[str, ...]) -> int:
     """The bleeding study whose slices stage 2 improved most (weighted log loss summed over its slices)."""
     best, gain = 0, -np.inf
     for s, (a, b) in enumerate(zip(inputs.starts, inputs.stops)):
@@ -124,9 +122,10 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
     probs1, probs2 = sigmoid(inputs.logits)[slots], fitted.probs[slots].astype(np.float32)
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
-    write_predictions(out / "oof.parquet", store, slots, probs2, truth, names, columns={"fold": fold})
-    stage1 = oof_block(store, slots, probs1, names, task, seed)
-    stage2 = oof_block(store, slots, probs2, names, task, seed)
+    write_predictions(out / "oof.parquet", store, slots=slots, probs=probs2, truth=truth, names=names,
+                      columns={"fold": fold})
+    stage1 = oof_block(store, slots, probs1, names=names, task=task, seed=seed)
+    stage2 = oof_block(store, slots, probs2, names=names, task=task, seed=seed)
     per_fold = [{"fold": k, "weighted_log_loss": weighted_log_loss(truth[fold == k], probs2[fold == k], names),
                  "stage1_weighted_log_loss": weighted_log_loss(truth[fold == k], probs1[fold == k], names),
                  "history": f.history}
@@ -140,13 +139,13 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
 
     plot_compare(stage1, stage2, names, experiment.path / "compare.png")
     full1, full2 = sigmoid(inputs.logits), fitted.probs
-    s = _showcase_study(inputs, full1, full2, names)
+    s = _showcase_study(inputs, probs1=full1, probs2=full2, names=names)
     a, b = inputs.starts[s], inputs.stops[s]
     uid = str(store.slices["study_uid"].iloc[a])
     for stale in experiment.path.glob("study_*.png"):  # the showcase of an earlier stage 2
         stale.unlink()
-    plot_study(full1[a:b], full2[a:b], inputs.targets[a:b], names, f"study {uid}: stage 1 (dashed) vs stage 2",
-               experiment.path / f"study_{uid}.png")
+    plot_study(full1[a:b], full2[a:b], inputs.targets[a:b], names=names,
+               title=f"study {uid}: stage 1 (dashed) vs stage 2", out_png=experiment.path / f"study_{uid}.png")
     logger.info("stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices", cfg.model,
                 kind, stage2["weighted_log_loss"], stage1["weighted_log_loss"], len(slots))
     return summary

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,16 +26,18 @@ from ichprep.convert import convert
 from ichprep.labels import LABELS, read_labels
 from ichprep.source import read_csv
 from ichprep.spec import PreprocessSpec
-from ichprep.store import REJECTED, open_store
+from ichprep.store import REJECTED, Store
 
 from .checkpoint import load_checkpoint
+from .config import INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig
 from .data import targets
 from .engine import Predictions, sigmoid
 from .errors import DataError
-from .experiment import fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
+from .experiment import Inferred, fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
 from .metrics import per_class_log_loss, weighted_log_loss
-from .predict import CLIP, check_task, kaggle_rows, load_for_store, six_columns
-from .seq import load_seq, predict as seq_predict
+from .predict import CLIP, Loaded, as_store, check_task, kaggle_rows, load_for_store, six_columns
+from .seq import load_seq
+from .seq import predict as seq_predict
 from .stage2 import SEQ_DIR, SEQ_MODEL, any_max, seq_inputs
 from .train import write_figures
 
@@ -52,22 +54,38 @@ class SourceProbs(NamedTuple):
     staged: bool                    # True when ``probs`` came from stage 2
 
 
-def checkpoint_probs(checkpoint: str | Path, store_path, *, tta: str = "none", device: str = "auto",
-                     batch_size: int = 64, workers: int = 2, allow_subtypes_only: bool = False) -> SourceProbs:
-    loaded = load_for_store(checkpoint, store_path, device)
-    check_task(loaded, checkpoint, allow_subtypes_only)
-    n = len(loaded.store.slices)
+class StageOne(NamedTuple):
+    """A checkpoint's outputs on every slot of its store."""
+
+    inferred: Inferred       # features and logits of the readable slots
+    probs: np.ndarray        # float32 (N, K), NaN where a slot has no pixels
+    prevalence: list[float]  # the checkpoint's training prevalence per output
+
+
+def _stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> StageOne:
+    n, k = len(loaded.store.slices), len(loaded.names)
     inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
-    probs = np.full((n, len(loaded.names)), np.nan, np.float32)
+    probs = np.full((n, k), np.nan, np.float32)
     probs[inferred.slots] = sigmoid(inferred.logits)
-    prevalence = dict(zip(loaded.names, loaded.state.get("train_prevalence", [0.5] * len(loaded.names))))
-    return SourceProbs(probs, probs, loaded.names, prevalence, staged=False)
+    return StageOne(inferred=inferred, probs=probs, prevalence=loaded.state.get("train_prevalence", [0.5] * k))
 
 
-def experiment_probs(exp: str | Path, store_path, *, tta: str = "none", use_seq: bool = True, device: str = "auto",
-                     batch_size: int = 64, workers: int = 2) -> SourceProbs:
+def checkpoint_probs(checkpoint: str | Path, store: Store | str | Path, *, tta: str = "none",
+                     device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
+                     workers: int = INFER_WORKERS, allow_subtypes_only: bool = False) -> SourceProbs:
+    loaded = load_for_store(checkpoint, store, device)
+    check_task(loaded, checkpoint, allow_subtypes_only)
+    stage = _stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
+    return SourceProbs(probs=stage.probs, stage1=stage.probs, names=loaded.names,
+                       prevalence=dict(zip(loaded.names, stage.prevalence)), staged=False)
+
+
+def experiment_probs(exp: str | Path, store: Store | str | Path, *, tta: str = "none", use_seq: bool = True,
+                     device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
+                     workers: int = INFER_WORKERS) -> SourceProbs:
     """The mean over folds of stage-1 probabilities and, with EXP/seq, of each fold's stage-2 probabilities."""
     experiment = open_experiment(exp)
+    store = as_store(store)
     seq_path = experiment.path / SEQ_DIR / SEQ_MODEL
     staged = use_seq and seq_path.exists()
     if use_seq and not staged:
@@ -76,31 +94,28 @@ def experiment_probs(exp: str | Path, store_path, *, tta: str = "none", use_seq:
     seq = load_seq(seq_path) if staged else None
     stage1, stage2, prevalence = [], [], []
     for k in range(experiment.folds):
-        loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", store_path, device)
-        n = len(loaded.store.slices)
-        inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
-        probs = np.full((n, len(experiment.names)), np.nan, np.float32)
-        probs[inferred.slots] = sigmoid(inferred.logits)
-        stage1.append(probs)
-        prevalence.append(loaded.state.get("train_prevalence", [0.5] * len(experiment.names)))
+        loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", store, device)
+        stage = _stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
+        stage1.append(stage.probs)
+        prevalence.append(stage.prevalence)
         if seq is not None:
-            inputs = seq_inputs(loaded.store, inferred, kind=seq.inputs_kind, task=experiment.cfg.task,
-                                slot_fold=np.zeros(n, np.int64))
+            inputs = seq_inputs(store, stage.inferred, kind=seq.inputs_kind, task=experiment.cfg.task,
+                                slot_fold=np.zeros(len(store.slices), np.int64))
             staged_probs = seq_predict(seq.fitted[k], inputs, np.arange(len(inputs.starts)))
-            staged_probs[~loaded.store.slices["ok"].to_numpy(bool)] = np.nan
+            staged_probs[~store.slices["ok"].to_numpy(bool)] = np.nan
             stage2.append(staged_probs.astype(np.float32))
     first = np.mean(stage1, axis=0)
     final = np.mean(stage2, axis=0) if staged else first
-    return SourceProbs(final, first, experiment.names, dict(zip(experiment.names, np.mean(prevalence, axis=0))),
-                       staged=staged)
+    return SourceProbs(probs=final, stage1=first, names=experiment.names,
+                       prevalence=dict(zip(experiment.names, np.mean(prevalence, axis=0))), staged=staged)
 
 
-def source_probs(source: str | Path, store_path, **options) -> SourceProbs:
+def source_probs(source: str | Path, store: Store | str | Path, **options) -> SourceProbs:
     if is_experiment(source):
         options.pop("allow_subtypes_only", None)
-        return experiment_probs(source, store_path, **options)
+        return experiment_probs(source, store, **options)
     options.pop("use_seq", None)
-    return checkpoint_probs(source, store_path, **options)
+    return checkpoint_probs(source, store, **options)
 
 
 class KaggleTable(NamedTuple):
@@ -111,12 +126,13 @@ class KaggleTable(NamedTuple):
 def _kaggle_table(probs: SourceProbs) -> KaggleTable:
     fallback = np.array([probs.prevalence.get(n, 0.5) for n in probs.names])
     filled = np.where(np.isnan(probs.probs), fallback, probs.probs)
-    return KaggleTable(six_columns(filled, probs.names, probs.prevalence),
-                       six_columns(fallback[None], probs.names, probs.prevalence)[0])
+    return KaggleTable(table=six_columns(filled, probs.names, probs.prevalence),
+                       fallback=six_columns(fallback[None], probs.names, probs.prevalence)[0])
 
 
-def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_csv, *, device: str = "auto",
-                  batch_size: int = 64, workers: int = 2, tta: str = "none", use_seq: bool = True,
+def predict_store(sources: str | Path | Sequence[str | Path], store_path: Store | str | Path, out_csv, *,
+                  device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE, workers: int = INFER_WORKERS,
+                  tta: str = "none", use_seq: bool = True,
                   any_at_least_subtypes: bool = True, unreadable: list[str] | None = None,
                   allow_subtypes_only: bool = False, sample_submission: str | Path | None = None) -> pd.DataFrame:
     """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
@@ -127,13 +143,12 @@ def predict_store(sources: str | Path | Sequence[str | Path], store_path, out_cs
     exactly its rows, in its order (see :func:`follow_sample`).
     """
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
-    tables = [_kaggle_table(source_probs(s, store_path, tta=tta, use_seq=use_seq, device=device,
-                                         batch_size=batch_size, workers=workers,
-                                         allow_subtypes_only=allow_subtypes_only)) for s in sources]
+    store = as_store(store_path)
+    tables = [_kaggle_table(source_probs(s, store, tta=tta, use_seq=use_seq, device=device, batch_size=batch_size,
+                                         workers=workers, allow_subtypes_only=allow_subtypes_only)) for s in sources]
     table = np.mean([t.table for t in tables], axis=0)
     if any_at_least_subtypes:
         table = any_max(table, LABELS)
-    store = open_store(store_path)
     ok = store.slices["ok"].to_numpy(bool)
     image_ids = store.slices["image_id"].astype(str).tolist()
     extra = list(unreadable or [])
@@ -206,23 +221,24 @@ def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_cs
         return predict_store(sources, store, out_csv, unreadable=unreadable, **options)
 
 
-def evaluate_experiment(exp: str | Path, store_path, out: str | Path, *, tta: str = "none", device: str = "auto",
-                        batch_size: int = 64, workers: int = 2) -> dict:
+def evaluate_experiment(exp: str | Path, store_path: Store | str | Path, out: str | Path, *, tta: str = "none",
+                        device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
+                        workers: int = INFER_WORKERS) -> dict:
     """Stage 1 (mean of the folds) and stage 2 on every labelled slice of a store; the final stage's figures."""
     experiment = open_experiment(exp)
-    probs = experiment_probs(exp, store_path, tta=tta, use_seq=True, device=device, batch_size=batch_size,
+    store = as_store(store_path)
+    probs = experiment_probs(exp, store, tta=tta, use_seq=True, device=device, batch_size=batch_size,
                              workers=workers)
-    store = open_store(store_path)
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
     slots = scored_slots(store, task)
-    metrics = {"stage1": oof_block(store, slots, probs.stage1[slots], names, task, seed)}
+    metrics = {"stage1": oof_block(store, slots, probs.stage1[slots], names=names, task=task, seed=seed)}
     if probs.staged:
-        metrics["stage2"] = oof_block(store, slots, probs.probs[slots], names, task, seed)
+        metrics["stage2"] = oof_block(store, slots, probs.probs[slots], names=names, task=task, seed=seed)
     metrics["final"] = metrics["stage2" if probs.staged else "stage1"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    preds = Predictions(probs.probs[slots], targets(store.slices, task)[slots], slots)
-    write_figures(out, preds, names, store, "predictions.parquet")
+    preds = Predictions(probs=probs.probs[slots], targets=targets(store.slices, task)[slots], slots=slots)
+    write_figures(out, preds, names=names, store=store, predictions="predictions.parquet")
     if probs.staged:
         from .plots import plot_compare
 

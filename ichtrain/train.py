@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,21 +26,20 @@ import torch.distributed as dist
 from ichprep.spec import PreprocessSpec
 from ichprep.store import MANIFEST, Store, open_store
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
 from .balance import importance_weights, sampling_rates
-from .data import TASKS, ShardStream, epoch_plan, is_positive, select_slices, targets, train_candidates
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TASKS, TrainConfig
+from .data import ShardStream, epoch_plan, is_positive, select_slices, targets, train_candidates
 from .engine import Predictions, StepSetup, evaluate, loss_weights, refresh_batchnorm, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
-from .folds import run_split
+from .folds import run_split, slot_table
 from .metrics import compute_metrics, reference_table
 from .model import build_model, random_init_advice
 from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
 
 logger = logging.getLogger(__name__)
 
-#: Config fields a resumed run must share with its checkpoint (the rest, e.g. epochs or workers, may change);
-#: the store itself must also be the same, by its manifest's digest (the path may move).
+#: Config fields a resumed run shares with its checkpoint (so does the store, by manifest digest: the path may move).
 RESUME_FIXED = ("task", "arch", "context", "image_size", "split_by", "val_fraction", "folds", "fold", "slice_selection",
                 "seed", "balance", "pos_fraction", "optimizer", "scheduler")
 
@@ -85,6 +85,13 @@ def _gather(array: np.ndarray, world: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- data
 
+def checkpoint_for_store(checkpoint: str | Path, store: Store) -> dict:
+    """A checkpoint's state, refused when ``store`` was made with another preprocessing than its model saw."""
+    state = load_checkpoint(checkpoint)
+    check_spec(store, state["spec"], f"checkpoint {checkpoint}")
+    return state
+
+
 def check_spec(store: Store, spec_attrs: dict, where: str) -> None:
     """Refuse a store whose preprocessing differs from what the model was trained on."""
     trained = PreprocessSpec.from_attrs(spec_attrs)
@@ -99,26 +106,26 @@ def check_spec(store: Store, spec_attrs: dict, where: str) -> None:
 class Streams(NamedTuple):
     train: ShardStream
     val: ShardStream
-    train_idx: np.ndarray   # training candidates (slots), after --slice-selection
-    val_idx: np.ndarray     # every labelled slot of the validation patients
+    train_slots: np.ndarray   # training candidates, after --slice-selection
+    val_slots: np.ndarray     # every labelled slot of the validation patients
 
 
-def _streams(store: Store, cfg: TrainConfig, split: np.ndarray, y: np.ndarray, rank: int, world: int) -> Streams:
+def _streams(store: Store, cfg: TrainConfig, *, split: np.ndarray, y: np.ndarray, rank: int, world: int) -> Streams:
     # --slice-selection chooses what to train on; validation is always the competition's distribution.
     selection = select_slices(store.slices, store.studies, cfg.slice_selection)
-    train_idx = train_candidates(store.slices, split, selection, cfg.task, "train")
-    val_idx = train_candidates(store.slices, split, None, cfg.task, "val")
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise DataError(f"{len(train_idx)} training and {len(val_idx)} validation slices: both must be > 0 "
+    train_slots = train_candidates(store.slices, split, selection, task=cfg.task, part="train")
+    val_slots = train_candidates(store.slices, split, None, task=cfg.task, part="val")
+    if len(train_slots) == 0 or len(val_slots) == 0:
+        raise DataError(f"{len(train_slots)} training and {len(val_slots)} validation slices: both must be > 0 "
                         "(is the store labelled? is --val-fraction sensible for this many patients?)")
     val_counts = np.zeros(len(store.slices), np.int64)
-    val_counts[val_idx] = 1
+    val_counts[val_slots] = 1
     common = dict(targets=y, context=cfg.context, seed=cfg.seed, rank=rank, world_size=world,
                   batch_size=cfg.batch_size)
     train = ShardStream.from_store(store, np.zeros(len(store.slices), np.int64), shuffle=True,
                                    buffer_shards=cfg.buffer_shards, **common)
     val = ShardStream.from_store(store, val_counts, shuffle=False, **common)
-    return Streams(train, val, train_idx, val_idx)
+    return Streams(train=train, val=val, train_slots=train_slots, val_slots=val_slots)
 
 
 def batch_loader(stream: ShardStream, workers: int, device: torch.device):
@@ -162,8 +169,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 # ---------------------------------------------------------------- outputs
 
-def run_metrics(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...], study_ids: np.ndarray,
-                task: str, thresholds: dict | None = None, seed: int = 0) -> dict:
+def run_metrics(truth: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...], study_ids: np.ndarray, task: str,
+                thresholds: dict | None = None, seed: int = 0) -> dict:
     """compute_metrics (with study-bootstrap intervals), plus the reference thesis's table for --task binary.
 
     ``thresholds`` (per class) replace the Youden thresholds of these data, e.g. the validation ones.
@@ -174,18 +181,18 @@ def run_metrics(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...], st
     return metrics
 
 
-def add_middle_block(metrics: dict, preds: Predictions, selection: str, store: Store, names: tuple[str, ...],
+def add_middle_block(metrics: dict, preds: Predictions, *, selection: str, store: Store, names: tuple[str, ...],
                      task: str, seed: int) -> dict:
     """With --slice-selection middle:K, the reference method's figures on those slices, as an extra block."""
     if selection == "all":
         return metrics
     keep = select_slices(store.slices, store.studies, selection)[preds.slots]
     study = store.slices["study_uid"].to_numpy()[preds.slots[keep]]
-    block = run_metrics(preds.targets[keep], preds.probs[keep], names, study, task, seed=seed)
+    block = run_metrics(preds.targets[keep], preds.probs[keep], names=names, study_ids=study, task=task, seed=seed)
     return {**metrics, "middle_slices": {"selection": selection, **block}}
 
 
-def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
+def write_predictions(path: Path, store: Store, *, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
                       names: tuple[str, ...], columns: dict[str, np.ndarray] | None = None) -> None:
     """One row per slot: ids, any extra ``columns`` (e.g. fold), then true_<label> and prob_<label>."""
     rows = store.slices.iloc[slots]
@@ -197,9 +204,9 @@ def write_predictions(path: Path, store: Store, slots: np.ndarray, probs: np.nda
     frame.to_parquet(path, index=False)
 
 
-def write_figures(out: Path, preds: Predictions, names: tuple[str, ...], store: Store, predictions: str) -> None:
+def write_figures(out: Path, preds: Predictions, *, names: tuple[str, ...], store: Store, predictions: str) -> None:
     """The ``predictions`` parquet file, roc.png and calibration.png of one prediction set."""
-    write_predictions(out / predictions, store, preds.slots, preds.probs, preds.targets, names)
+    write_predictions(out / predictions, store, slots=preds.slots, probs=preds.probs, truth=preds.targets, names=names)
     plot_roc_curves(preds.targets, preds.probs, names, out / "roc.png")
     plot_calibration(preds.targets, preds.probs, names, out / "calibration.png")
 
@@ -228,6 +235,24 @@ def _check_resume(checkpoint: dict, cfg: TrainConfig, identity: str) -> None:
 
 # ---------------------------------------------------------------- the run
 
+@dataclass
+class RunProgress:
+    """Where a run stands: the epoch to train next, the best epoch so far, the latest metrics, every epoch's record."""
+
+    next_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> RunProgress:
+        return cls(next_epoch=checkpoint["epoch"] + 1, best_val_loss=checkpoint["best_val_loss"],
+                   best_epoch=checkpoint["best_epoch"], best_metrics=checkpoint["best_metrics"],
+                   metrics=checkpoint["metrics"], history=list(checkpoint["history"]))
+
+
 def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = None) -> dict:
     """Run training; returns the best epoch's validation metrics (those of best.pt).
 
@@ -245,62 +270,59 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
 
     checkpoint = None
     if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
-        check_spec(store, checkpoint["spec"], f"checkpoint {cfg.resume}")
+        checkpoint = checkpoint_for_store(cfg.resume, store)
         _check_resume(checkpoint, cfg, identity)
 
     y = targets(store.slices, cfg.task)
     split = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by, folds=cfg.folds,
                       fold=cfg.fold)
-    streams = _streams(store, cfg, split, y, rank, world)
+    streams = _streams(store, cfg, split=split, y=y, rank=rank, world=world)
     positive = is_positive(store.slices)
-    rates = sampling_rates(int(positive[streams.train_idx].sum()), int((~positive[streams.train_idx]).sum()),
-                           cfg.balance, cfg.pos_fraction)
+    n_pos = int(positive[streams.train_slots].sum())
+    rates = sampling_rates(n_pos, len(streams.train_slots) - n_pos, balance=cfg.balance, pos_fraction=cfg.pos_fraction)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"image_id": store.slices["image_id"], "study_uid": store.slices["study_uid"],
-                      "patient_id": store.slices["patient_id"], "split": split}).to_parquet(out / "split.parquet")
+        slot_table(store.slices, split=split).to_parquet(out / "split.parquet")
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.pretrained is None and checkpoint is None:
             logger.warning(random_init_advice(cfg.arch))
     logger.info("%d training slices (%s), %d validation slices (every labelled slice of the validation %ss); "
                 "balance %s: positives x%.2f, negatives x%.3f, loss weighted by the inverse",
-                len(streams.train_idx), cfg.slice_selection, len(streams.val_idx), cfg.split_by, cfg.balance,
+                len(streams.train_slots), cfg.slice_selection, len(streams.val_slots), cfg.split_by, cfg.balance,
                 rates.r_pos, rates.p_neg)
 
     windows = store.spec.channels
     in_channels = streams.train.sample_shape[0]
-    model = build_model(cfg.arch, len(names), windows, 2 * cfg.context + 1,
-                        cfg.pretrained if checkpoint is None else None).to(device)
+    model = build_model(cfg.arch, n_outputs=len(names), windows=windows, slices=2 * cfg.context + 1,
+                        pretrained=cfg.pretrained if checkpoint is None else None).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(model, cfg)
     amp_dtype = amp_dtype_for(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_epoch, best, best_epoch, best_metrics, metrics, history = 0, math.inf, 0, {}, {}, []
+    run = RunProgress()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best_val_loss"], list(checkpoint["history"])
-        best_epoch, best_metrics, metrics = checkpoint["best_epoch"], checkpoint["best_metrics"], checkpoint["metrics"]
+        run = RunProgress.from_checkpoint(checkpoint)
         _set_rng_state(checkpoint["rng"], device)
-        logger.info("resumed from %s at epoch %d", cfg.resume, start_epoch + 1)
+        logger.info("resumed from %s at epoch %d", cfg.resume, run.next_epoch + 1)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    sample_weights = torch.as_tensor(importance_weights(streams.train_idx, positive, rates), device=device)
+    sample_weights = torch.as_tensor(importance_weights(streams.train_slots, positive, rates), device=device)
     label_weights = loss_weights(names, device)
     study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC and the study bootstrap
-    train_prevalence = [float(np.nanmean(y[streams.train_idx, j])) for j in range(len(names))]
+    train_prevalence = [float(np.nanmean(y[streams.train_slots, j])) for j in range(len(names))]
 
-    for epoch in range(start_epoch, cfg.epochs):
-        streams.train.set_epoch(epoch, epoch_plan(streams.train_idx, positive, cfg.balance, cfg.pos_fraction,
-                                                  cfg.seed, epoch))
+    for epoch in range(run.next_epoch, cfg.epochs):
+        streams.train.set_epoch(epoch, epoch_plan(streams.train_slots, positive, balance=cfg.balance,
+                                                  pos_fraction=cfg.pos_fraction, seed=cfg.seed, epoch=epoch))
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
         setup = StepSetup(model=net, optimizer=optimizer, label_weights=label_weights,
                           sample_weights=sample_weights, image_size=cfg.image_size, generator=generator,
@@ -316,9 +338,12 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
                           batch_loader(streams.train, cfg.workers, device), max_batches=cfg.bn_refresh_batches)
         preds = evaluate(net, batch_loader(streams.val, cfg.workers, device), image_size=cfg.image_size,
                          device=device, amp_dtype=amp_dtype, channels_last=channels_last)
-        preds = Predictions(*(_gather(a, world) for a in preds))
-        metrics = run_metrics(preds.targets, preds.probs, names, study_of[preds.slots], cfg.task, seed=cfg.seed)
-        metrics = add_middle_block(metrics, preds, cfg.slice_selection, store, names, cfg.task, cfg.seed)
+        preds = preds._replace(**{key: _gather(values, world) for key, values in preds._asdict().items()})
+        metrics = run_metrics(preds.targets, preds.probs, names=names, study_ids=study_of[preds.slots], task=cfg.task,
+                              seed=cfg.seed)
+        metrics = add_middle_block(metrics, preds, selection=cfg.slice_selection, store=store, names=names,
+                                   task=cfg.task, seed=cfg.seed)
+        run.metrics = metrics
         val_loss = metrics["weighted_log_loss"]
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -333,10 +358,10 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             record["val_any_mean_prob"] = metrics["per_class"]["any"]["mean_prob"]
             record["val_study_any_auc"] = metrics.get("study_any_auc")
         record = {k: _clean(v) for k, v in record.items()}
-        history.append(record)
-        improved = val_loss < best
+        run.history.append(record)
+        improved = val_loss < run.best_val_loss
         if improved:
-            best, best_epoch, best_metrics = val_loss, epoch + 1, metrics
+            run.best_val_loss, run.best_epoch, run.best_metrics = val_loss, epoch + 1, metrics
         logger.info("epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
                     epoch + 1, stats.train_loss, stats.train_images_per_s, val_loss, metrics["mean_auc"],
                     " (best so far)" if improved else "")
@@ -344,18 +369,18 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_val_loss": best, "best_epoch": best_epoch, "best_metrics": best_metrics,
-                     "history": history, "rng": _rng_state(device), "config": cfg.to_dict(),
+                     "best_val_loss": run.best_val_loss, "best_epoch": run.best_epoch, "best_metrics": run.best_metrics,
+                     "history": run.history, "rng": _rng_state(device), "config": cfg.to_dict(),
                      "spec": store.spec.to_attrs(), "store_identity": identity, "names": list(names),
                      "in_channels": in_channels, "metrics": metrics, "train_prevalence": train_prevalence}
             save_checkpoint(state, out / "last.pt")
             if improved:
                 save_checkpoint(state, out / "best.pt")
-                write_figures(out, preds, names, store, "val_predictions.parquet")
-            plot_loss_curves(history, out / "loss.png")
+                write_figures(out, preds, names=names, store=store, predictions="val_predictions.parquet")
+            plot_loss_curves(run.history, out / "loss.png")
     if rank == 0:
-        summary = {"final": best_metrics, "best_epoch": best_epoch, "last": metrics, "history": history}
+        summary = {"final": run.best_metrics, "best_epoch": run.best_epoch, "last": run.metrics, "history": run.history}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world > 1:
         dist.barrier()
-    return {**best_metrics, "best_epoch": best_epoch}
+    return {**run.best_metrics, "best_epoch": run.best_epoch}

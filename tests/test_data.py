@@ -98,6 +98,40 @@ def test_targets_tasks_and_unlabelled_rows(store):
         targets(store.slices, "multi")
 
 
+def test_choices_bounds_and_defaults_have_one_definition():
+    """config holds every choice list and bound; data, the CLI and the library checks take theirs from it."""
+    from ichtrain import cli, config
+    from ichtrain.config import SeqConfig, TrainConfig
+
+    assert data.TASKS is config.TASKS and data.BALANCES is config.BALANCES
+    train = {param.name: param for param in cli.train.params}
+    for option, choices in (("task", tuple(config.TASKS)), ("split_by", config.SPLITS), ("balance", config.BALANCES),
+                            ("arch", config.ARCHS), ("optimizer", config.OPTIMIZERS), ("device", config.DEVICES)):
+        assert tuple(train[option].type.choices) == choices, option
+    for option in ("val_fraction", "pos_fraction"):
+        bounds = train[option].type
+        assert (bounds.min, bounds.max, bounds.min_open, bounds.max_open) == (0, 1, True, True)
+    # What --help shows is the dataclass's default wherever a dataclass holds one.
+    shown = [p for p in cli.train.params if getattr(p, "show_default", False) and hasattr(TrainConfig, p.name)]
+    assert len(shown) == 20 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
+    shown = [p for p in cli.seq.params if getattr(p, "show_default", False) and hasattr(SeqConfig, p.name)]
+    assert {p.name for p in shown} == {"model", "epochs", "hidden", "layers", "lr", "holdout", "batch_studies", "device"}
+    # Except --device: stage 2 runs where stage 1 did (auto), while the library's SeqConfig defaults to the CPU.
+    assert all(param.default == getattr(SeqConfig, param.name) for param in shown if param.name != "device")
+    # The config, the public library function and its CLI option refuse the same fractions with one message.
+    frame = fake_slices(20)
+    for bad in (0, 1, 1.5, "0.2", True):
+        with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\), a number between 0 and 1"):
+            TrainConfig(store="s", out="o", val_fraction=bad)
+        with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\), a number between 0 and 1"):
+            split_slices(frame, bad)
+    for bad in ("middle:0", "middle:01", "top:3"):
+        with pytest.raises(ConfigError, match="use 'all' or 'middle:K'"):
+            TrainConfig(store="s", out="o", slice_selection=bad)
+        with pytest.raises(ConfigError, match="use 'all' or 'middle:K'"):
+            select_slices(frame, pd.DataFrame({"start": [0], "stop": [20]}), bad)
+
+
 def test_train_candidates(store):
     slices = store.slices
     n = len(slices)

@@ -209,6 +209,14 @@ def test_bad_config_lists_the_choices(change, message):
         build_seq_model("lstm", in_dim=4, n_out=6, hidden=8, layers=1, dropout=0.0)
 
 
+def test_every_seq_model_choice_builds():
+    """config.SEQ_MODELS is the one list of choices; each is a model class here (and only those are)."""
+    from ichtrain import seq
+    from ichtrain.config import SEQ_MODELS
+
+    assert set(seq._MODELS) == set(SEQ_MODELS)
+
+
 def _bad_inputs(data: SeqInputs) -> list[tuple[SeqInputs, str]]:
     overlap = data.stops.copy()
     overlap[0] += 1

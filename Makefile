@@ -19,6 +19,8 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

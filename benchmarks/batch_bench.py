@@ -52,6 +52,7 @@ FORMER_BUFFER_SHARDS = 4  # the stream's default before the buffer simulation
 
 # ---------------------------------------------------------------- the baseline
 
+
 class FormerSampleStream(torch.utils.data.IterableDataset):
     """Baseline: ShardStream's iteration before batches, one ``(image, target, slot)`` at a time (shuffle mode).
 
@@ -63,10 +64,12 @@ class FormerSampleStream(torch.utils.data.IterableDataset):
         self.stream = stream
 
     def _samples(self, images, piece) -> list[tuple[np.ndarray, int, int]]:
-        block = np.asarray(images[piece.lo:piece.hi])
+        block = np.asarray(images[piece.lo : piece.hi])
         shape = self.stream.sample_shape
-        return [(block[piece.neighbours[j] - piece.lo].reshape(shape), int(piece.slots[j]), int(piece.repeats[j]))
-                for j in range(len(piece.slots))]
+        return [
+            (block[piece.neighbours[j] - piece.lo].reshape(shape), int(piece.slots[j]), int(piece.repeats[j]))
+            for j in range(len(piece.slots))
+        ]
 
     def _emit(self, image: np.ndarray, slot: int, repeated: bool):
         image = image.copy() if repeated else image
@@ -118,6 +121,7 @@ class PlainBatchStream(ShardStream):
 
 # ---------------------------------------------------------------- timing
 
+
 def in_process(batches: Iterable) -> Run:
     """Every batch of one epoch in this process, with one torch thread as in a DataLoader worker."""
     watch, n, threads = Stopwatch(), 0, torch.get_num_threads()
@@ -132,10 +136,10 @@ def in_process(batches: Iterable) -> Run:
 
 
 class LoaderRun(NamedTuple):
-    steady: Run             # samples after the first batch, from its arrival to the end (whole epoch if one batch)
-    first_batch_s: float    # worker start-up and buffer fill
-    worker_cpu_ms: float    # CPU of all workers per sample, whole epoch (start-up included)
-    main_cpu_ms: float      # CPU of this process per sample, whole epoch
+    steady: Run  # samples after the first batch, from its arrival to the end (whole epoch if one batch)
+    first_batch_s: float  # worker start-up and buffer fill
+    worker_cpu_ms: float  # CPU of all workers per sample, whole epoch (start-up included)
+    main_cpu_ms: float  # CPU of this process per sample, whole epoch
 
 
 def _children_cpu_s() -> float:
@@ -153,8 +157,12 @@ def through_loader(dataset, batch_size: int | None, workers: int) -> LoaderRun:
     end = time.perf_counter()
     del batches  # joins the workers, so that their CPU time is counted
     n = sum(k for _, k in arrivals)
-    cpu = LoaderRun(Run(0, 0.0, 0.0), arrivals[0][0] - started, 1e3 * (_children_cpu_s() - children) / n,
-                    1e3 * (time.process_time() - main) / n)
+    cpu = LoaderRun(
+        Run(0, 0.0, 0.0),
+        arrivals[0][0] - started,
+        1e3 * (_children_cpu_s() - children) / n,
+        1e3 * (time.process_time() - main) / n,
+    )
     if len(arrivals) == 1:
         return cpu._replace(steady=Run(n, end - started, 0.0))
     return cpu._replace(steady=Run(n - arrivals[0][1], end - arrivals[0][0], 0.0))
@@ -162,9 +170,9 @@ def through_loader(dataset, batch_size: int | None, workers: int) -> LoaderRun:
 
 class Contender(NamedTuple):
     name: str
-    where: str                       # "in process" or "DataLoader, N worker(s)"
+    where: str  # "in process" or "DataLoader, N worker(s)"
     workers: int
-    epoch: Callable[[int], object]   # epoch number -> a Run or LoaderRun
+    epoch: Callable[[int], object]  # epoch number -> a Run or LoaderRun
 
 
 def contenders(store: Store, context: int, batch: int, loader_workers: tuple[int, ...] = (1, 2)) -> list[Contender]:
@@ -174,29 +182,50 @@ def contenders(store: Store, context: int, batch: int, loader_workers: tuple[int
     def stream(cls=ShardStream, **kwargs) -> ShardStream:
         return cls.from_store(store, ok, y, context=context, batch_size=batch, shuffle=True, **kwargs)
 
-    former, new4, new, plain = (stream(buffer_shards=FORMER_BUFFER_SHARDS), stream(buffer_shards=FORMER_BUFFER_SHARDS),
-                                stream(), stream(PlainBatchStream))
+    former, new4, new, plain = (
+        stream(buffer_shards=FORMER_BUFFER_SHARDS),
+        stream(buffer_shards=FORMER_BUFFER_SHARDS),
+        stream(),
+        stream(PlainBatchStream),
+    )
 
     def at(s: ShardStream, epoch: int) -> ShardStream:
         s.set_epoch(epoch)
         return s
 
     out = [
-        Contender("former: per-sample + default_collate", "in process", 1,
-                  lambda e: in_process(collated(FormerSampleStream(at(former, e)), batch))),
+        Contender(
+            "former: per-sample + default_collate",
+            "in process",
+            1,
+            lambda e: in_process(collated(FormerSampleStream(at(former, e)), batch)),
+        ),
         Contender(f"batches, buffer_shards {FORMER_BUFFER_SHARDS}", "in process", 1, lambda e: in_process(at(new4, e))),
-        Contender(f"batches, buffer_shards {new.buffer_shards} (default)", "in process", 1,
-                  lambda e: in_process(at(new, e))),
+        Contender(
+            f"batches, buffer_shards {new.buffer_shards} (default)", "in process", 1, lambda e: in_process(at(new, e))
+        ),
     ]
     for w in loader_workers:
         where = f"DataLoader, {w} worker{'s' if w > 1 else ''}"
         out += [
-            Contender("former: per-sample, DataLoader(batch_size)", where, w,
-                      lambda e, w=w: through_loader(FormerSampleStream(at(former, e)), batch, w)),
-            Contender(f"batches, buffer_shards {new.buffer_shards} (default), DataLoader(None)", where, w,
-                      lambda e, w=w: through_loader(at(new, e), None, w)),
-            Contender("batches, plain tensors in the worker, DataLoader(None)", where, w,
-                      lambda e, w=w: through_loader(at(plain, e), None, w)),
+            Contender(
+                "former: per-sample, DataLoader(batch_size)",
+                where,
+                w,
+                lambda e, w=w: through_loader(FormerSampleStream(at(former, e)), batch, w),
+            ),
+            Contender(
+                f"batches, buffer_shards {new.buffer_shards} (default), DataLoader(None)",
+                where,
+                w,
+                lambda e, w=w: through_loader(at(new, e), None, w),
+            ),
+            Contender(
+                "batches, plain tensors in the worker, DataLoader(None)",
+                where,
+                w,
+                lambda e, w=w: through_loader(at(plain, e), None, w),
+            ),
         ]
     return out
 
@@ -210,9 +239,13 @@ def figures(contender: Contender, repeats: int, warm_up: bool = True) -> dict:
         out = summarize(results, unit="samples")
         return {**head, **out, "cpu_ms_per_sample": 1e3 * statistics.median(r.cpu_s for r in results) / results[0].n}
     out = summarize([r.steady for r in results], workers=contender.workers, unit="samples")
-    return {**head, **out, "first_batch_s": statistics.median(r.first_batch_s for r in results),
-            "cpu_ms_per_sample": statistics.median(r.worker_cpu_ms for r in results),
-            "main_cpu_ms_per_sample": statistics.median(r.main_cpu_ms for r in results)}
+    return {
+        **head,
+        **out,
+        "first_batch_s": statistics.median(r.first_batch_s for r in results),
+        "cpu_ms_per_sample": statistics.median(r.worker_cpu_ms for r in results),
+        "main_cpu_ms_per_sample": statistics.median(r.main_cpu_ms for r in results),
+    }
 
 
 def throughput(store: Store, repeats: int, quick: bool = False) -> list[dict]:
@@ -227,11 +260,16 @@ def throughput(store: Store, repeats: int, quick: bool = False) -> list[dict]:
 
 def ratios(rows: list[dict]) -> dict:
     """samples/s of each batches row over the former row of its (context, batch, where)."""
-    former = {(r["context"], r["batch"], r["where"]): r["samples_per_s"] for r in rows
-              if r["contender"].startswith("former")}
-    return {f"context {r['context']}, batch {r['batch']}, {r['where']}: {r['contender']} vs former":
-            ratio(r["samples_per_s"], former[r["context"], r["batch"], r["where"]])
-            for r in rows if not r["contender"].startswith("former")}
+    former = {
+        (r["context"], r["batch"], r["where"]): r["samples_per_s"] for r in rows if r["contender"].startswith("former")
+    }
+    return {
+        f"context {r['context']}, batch {r['batch']}, {r['where']}: {r['contender']} vs former": ratio(
+            r["samples_per_s"], former[r["context"], r["batch"], r["where"]]
+        )
+        for r in rows
+        if not r["contender"].startswith("former")
+    }
 
 
 def allocation(shape: tuple[int, ...] = (32, 9, 256, 256), repeats: int = 15) -> dict:
@@ -254,10 +292,11 @@ def allocation(shape: tuple[int, ...] = (32, 9, 256, 256), repeats: int = 15) ->
 
 # ---------------------------------------------------------------- buffer simulation
 
+
 class RsnaLike(NamedTuple):
-    counts: np.ndarray      # one epoch's hybrid plan, int64 per slot
-    study: np.ndarray       # study number per slot
-    positive: np.ndarray    # bool per slot
+    counts: np.ndarray  # one epoch's hybrid plan, int64 per slot
+    study: np.ndarray  # study number per slot
+    positive: np.ndarray  # bool per slot
 
 
 def rsna_like(studies: int = 21_744, seed: int = 0, pos_fraction: float = 0.5) -> RsnaLike:
@@ -271,18 +310,21 @@ def rsna_like(studies: int = 21_744, seed: int = 0, pos_fraction: float = 0.5) -
     runs = np.maximum(1, np.rint(sizes * rng.uniform(0.1, 0.58, studies))).astype(np.int64)
     first = starts + (rng.random(studies) * (sizes - runs + 1)).astype(np.int64)
     for a, n in zip(first[bleeding], runs[bleeding]):
-        positive[a:a + n] = True
+        positive[a : a + n] = True
     counts = epoch_plan(np.arange(len(positive)), positive, "hybrid", pos_fraction, seed=seed, epoch=0)
     return RsnaLike(counts, np.repeat(np.arange(studies), sizes), positive)
 
 
-def emitted_slots(counts: np.ndarray, shard_slices: int, buffer_shards: int, seed: int = 0,
-                  max_shards: int | None = None) -> np.ndarray:
+def emitted_slots(
+    counts: np.ndarray, shard_slices: int, buffer_shards: int, seed: int = 0, max_shards: int | None = None
+) -> np.ndarray:
     """Slots in the order one loader worker of a shuffled ShardStream emits them (whole shards as pieces)."""
     shards = epoch_layout(counts, shard_slices, shuffle=True, seed=seed, epoch=0, world_size=1).order[:max_shards]
     every = np.arange(len(counts))
-    pieces = (np.repeat(every[k * shard_slices:(k + 1) * shard_slices], counts[k * shard_slices:(k + 1) * shard_slices])
-              for k in shards)
+    pieces = (
+        np.repeat(every[k * shard_slices : (k + 1) * shard_slices], counts[k * shard_slices : (k + 1) * shard_slices])
+        for k in shards
+    )
     order = WindowShuffle(buffer_shards, np.random.default_rng([seed, 0, 0, 0]))
     out = []
     for live, emission in emissions(order, pieces, len):
@@ -304,26 +346,48 @@ def distinct_per_batch(study_of_sample: np.ndarray, batch: int) -> np.ndarray:
 BUFFER_VALUES = (1, 2, 4, 8, 12, 16, 20, 22, 23, 24, 28, 32)
 
 
-def buffer_mix(values: Iterable[int] = BUFFER_VALUES, batch: int = 32, shard_slices: int = 64,
-               image_bytes: int = 3 * 256 * 256, wanted: int = 25, studies: int = 21_744,
-               max_shards: int | None = None, seed: int = 0) -> dict:
+def buffer_mix(
+    values: Iterable[int] = BUFFER_VALUES,
+    batch: int = 32,
+    shard_slices: int = 64,
+    image_bytes: int = 3 * 256 * 256,
+    wanted: int = 25,
+    studies: int = 21_744,
+    max_shards: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Median (and 10th percentile) distinct studies per batch for each ``buffer_shards``, with decoded bytes."""
     table = rsna_like(studies, seed)
     rows = []
     for value in values:
         slots = emitted_slots(table.counts, shard_slices, value, seed, max_shards)
         distinct = distinct_per_batch(table.study[slots], batch)
-        rows.append({"buffer_shards": value, "median_distinct_studies": float(np.median(distinct)),
-                     "p10_distinct_studies": float(np.percentile(distinct, 10)),
-                     "decoded_bytes_per_worker": value * shard_slices * image_bytes, "batches": len(distinct)})
+        rows.append(
+            {
+                "buffer_shards": value,
+                "median_distinct_studies": float(np.median(distinct)),
+                "p10_distinct_studies": float(np.percentile(distinct, 10)),
+                "decoded_bytes_per_worker": value * shard_slices * image_bytes,
+                "batches": len(distinct),
+            }
+        )
     enough = [r["buffer_shards"] for r in rows if r["median_distinct_studies"] >= wanted]
-    return {"batch": batch, "shard_slices": shard_slices, "studies": studies, "slots": len(table.counts),
-            "samples_per_epoch": int(table.counts.sum()), "positive_slots": float(table.positive.mean()),
-            "positive_samples": float(table.counts[table.positive].sum() / table.counts.sum()),
-            "wanted_median": wanted, "smallest_enough": min(enough) if enough else None, "rows": rows}
+    return {
+        "batch": batch,
+        "shard_slices": shard_slices,
+        "studies": studies,
+        "slots": len(table.counts),
+        "samples_per_epoch": int(table.counts.sum()),
+        "positive_slots": float(table.positive.mean()),
+        "positive_samples": float(table.counts[table.positive].sum() / table.counts.sum()),
+        "wanted_median": wanted,
+        "smallest_enough": min(enough) if enough else None,
+        "rows": rows,
+    }
 
 
 # ---------------------------------------------------------------- the section
+
 
 def run(store: Store, work: Path, repeats: int, min_samples: int, quick: bool = False) -> dict:
     big = tiled_store.tile(store, work / "tiled-batches.zarr", min_samples)
@@ -333,8 +397,13 @@ def run(store: Store, work: Path, repeats: int, min_samples: int, quick: bool = 
         if layout.root_of(big) != layout.root_of(store):
             shutil.rmtree(layout.root_of(big), ignore_errors=True)
     mix = buffer_mix((4, 23), max_shards=200) if quick else buffer_mix()
-    return {"slices_per_epoch": int(big.slices["ok"].sum()), "rows": rows, "ratios": ratios(rows),
-            "allocation": allocation(repeats=3 if quick else 15), "buffer_mix": mix}
+    return {
+        "slices_per_epoch": int(big.slices["ok"].sum()),
+        "rows": rows,
+        "ratios": ratios(rows),
+        "allocation": allocation(repeats=3 if quick else 15),
+        "buffer_mix": mix,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ import pydicom
 
 from ichprep.cluster import MALLOC_TRIM_KEY, UNSET_MALLOC_TRIM, dask_client
 from ichprep.convert import ConvertSummary, convert, convert_shard
-from ichprep.source import Member
 from ichprep.scan import OK, scan
+from ichprep.source import Member
 from ichprep.spec import PreprocessSpec
 from ichprep.store import open_store
 
@@ -49,11 +49,12 @@ def plan_paths(table: pd.DataFrame) -> list[str]:
 
 # ---------------------------------------------------------------- floor and baseline
 
+
 def decode_floor(paths: list[str]) -> int:
     """pydicom read + pixel decode only: nothing can convert faster than this."""
     for path in paths:
         try:
-            pydicom.dcmread(path).pixel_array
+            _ = pydicom.dcmread(path).pixel_array
         except Exception:  # the truncated file: it costs its read, like in every other contender
             pass
     return len(paths)
@@ -100,8 +101,10 @@ def baseline(paths: list[str], png_dir: Path, size: int) -> int:
 
 # ---------------------------------------------------------------- ichprep
 
-def ichprep_convert(dicom_dir: Path, store: Path, spec: PreprocessSpec, table: pd.DataFrame,
-                    client=None) -> ConvertSummary:
+
+def ichprep_convert(
+    dicom_dir: Path, store: Path, spec: PreprocessSpec, table: pd.DataFrame, client=None
+) -> ConvertSummary:
     shutil.rmtree(store, ignore_errors=True)  # a rerun on the same store would resume (skip every shard)
     return convert(dicom_dir, store, spec, scan_table=table, client=client)
 
@@ -112,7 +115,7 @@ def shard_path_only(paths: list[str], store: Path, spec: PreprocessSpec) -> Run:
     removed first (untimed), so the shard is decoded and written again rather than skipped."""
     tasks = list(enumerate(range(0, len(paths), spec.shard_slices)))
     watch = Stopwatch()
-    for shard, start in tasks:
+    for shard, _start in tasks:
         layout.marker_file(store, shard).unlink(missing_ok=True)
     with watch.timing():
         for shard, start in tasks:
@@ -137,11 +140,22 @@ def _environ_restored():
         os.environ.update(saved)
 
 
-def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec: PreprocessSpec,
-                 table: pd.DataFrame, n: int, unset_malloc_trim: bool = False) -> dict:
+def cluster_runs(
+    workers: int,
+    repeats: int,
+    dicom_dir: Path,
+    store: Path,
+    spec: PreprocessSpec,
+    table: pd.DataFrame,
+    n: int,
+    unset_malloc_trim: bool = False,
+) -> dict:
     started = time.perf_counter()
-    with _environ_restored(), dask.config.set(UNSET_MALLOC_TRIM if unset_malloc_trim else {}), \
-            dask_client(workers=workers) as client:
+    with (
+        _environ_restored(),
+        dask.config.set(UNSET_MALLOC_TRIM if unset_malloc_trim else {}),
+        dask_client(workers=workers) as client,
+    ):
         client.run(_warm_worker)
         startup = time.perf_counter() - started
         ichprep_convert(dicom_dir, store, spec, table, client)  # warm-up, untimed
@@ -160,6 +174,7 @@ def cluster_runs(workers: int, repeats: int, dicom_dir: Path, store: Path, spec:
 
 
 # ---------------------------------------------------------------- the machine's own ceiling
+
 
 def _shard_loop_seconds(paths: list[str], store: str, spec: PreprocessSpec) -> float:
     """In a fresh process: :func:`shard_path_only` over ``paths`` into a private store, once to warm up, then timed."""
@@ -183,7 +198,9 @@ def process_ceiling(paths: list[str], work: Path, spec: PreprocessSpec, repeats:
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         for _ in range(repeats):
             alone.append(pool.starmap(_shard_loop_seconds, [(paths, stores[0], spec)])[0])
-            together.append(max(pool.starmap(_shard_loop_seconds, [(paths, stores[0], spec), (paths, stores[1], spec)])))
+            together.append(
+                max(pool.starmap(_shard_loop_seconds, [(paths, stores[0], spec), (paths, stores[1], spec)]))
+            )
     for store in stores:
         shutil.rmtree(store, ignore_errors=True)
     one, two = statistics.median(alone), statistics.median(together)
@@ -191,6 +208,7 @@ def process_ceiling(paths: list[str], work: Path, spec: PreprocessSpec, repeats:
 
 
 # ---------------------------------------------------------------- the section
+
 
 def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers=(1, 2)) -> tuple[dict, dict]:
     """Returns (figures, artefacts): artefacts name the store, PNG folder and scan table for later sections."""
@@ -227,14 +245,16 @@ def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers
     out["ichprep_in_process"] = summarize(repeat(lambda: timed(in_process), repeats))
     out["ichprep_shard_path"] = summarize(repeat(lambda: shard_path_only(paths, store, spec), repeats))
     direct = work / "direct-shards"
-    out["prototype_direct_shard_write"] = summarize(repeat(
-        lambda: timed(lambda: shard_codec.convert_shards_direct(paths, direct, spec)), repeats))
+    out["prototype_direct_shard_write"] = summarize(
+        repeat(lambda: timed(lambda: shard_codec.convert_shards_direct(paths, direct, spec)), repeats)
+    )
     out["prototype_direct_shard_write"]["identical_to_zarr"] = shard_codec.identical_to_zarr(direct, open_store(store))
     shutil.rmtree(direct, ignore_errors=True)
     for prefix, unset in (("ichprep", False), ("prototype_malloc_fix", True)):
         for workers in cluster_workers:
             out[f"{prefix}_{workers}_worker{'s' if workers > 1 else ''}"] = cluster_runs(
-                workers, repeats, dicom_dir, work / f"cache-{workers}w.zarr", spec, table, n, unset)
+                workers, repeats, dicom_dir, work / f"cache-{workers}w.zarr", spec, table, n, unset
+            )
             shutil.rmtree(work / f"cache-{workers}w.zarr", ignore_errors=True)
 
     if 2 in cluster_workers:
@@ -246,21 +266,24 @@ def run(dataset, work: Path, spec: PreprocessSpec, repeats: int, cluster_workers
         "convert_in_process_time_vs_floor": ratio(out["floor_decode"][rate], out["ichprep_in_process"][rate]),
         "shard_path_time_vs_floor": ratio(out["floor_decode"][rate], out["ichprep_shard_path"][rate]),
         "shard_path_vs_png_baseline": ratio(out["ichprep_shard_path"][rate], out["baseline_png"][rate]),
-        "prototype_direct_write_time_vs_floor": ratio(out["floor_decode"][rate],
-                                                      out["prototype_direct_shard_write"][rate]),
+        "prototype_direct_write_time_vs_floor": ratio(
+            out["floor_decode"][rate], out["prototype_direct_shard_write"][rate]
+        ),
     }
     if "ichprep_1_worker" in out:
-        ratios["convert_1_worker_vs_png_baseline"] = ratio(out["ichprep_1_worker"][per_worker],
-                                                           out["baseline_png"][rate])
+        ratios["convert_1_worker_vs_png_baseline"] = ratio(
+            out["ichprep_1_worker"][per_worker], out["baseline_png"][rate]
+        )
     if "ichprep_1_worker" in out and "ichprep_2_workers" in out:
         ratios["scaling_2_workers_vs_1"] = ratio(out["ichprep_2_workers"][rate], out["ichprep_1_worker"][rate])
-        ratios["prototype_malloc_fix_scaling_2_workers_vs_1"] = ratio(out["prototype_malloc_fix_2_workers"][rate],
-                                                                      out["prototype_malloc_fix_1_worker"][rate])
+        ratios["prototype_malloc_fix_scaling_2_workers_vs_1"] = ratio(
+            out["prototype_malloc_fix_2_workers"][rate], out["prototype_malloc_fix_1_worker"][rate]
+        )
     if "ichprep_1_worker" in out:
-        ratios["prototype_malloc_fix_1_worker_vs_default"] = ratio(out["prototype_malloc_fix_1_worker"][rate],
-                                                                   out["ichprep_1_worker"][rate])
-        ratios["convert_1_worker_vs_in_process"] = ratio(out["ichprep_1_worker"][rate],
-                                                         out["ichprep_in_process"][rate])
+        ratios["prototype_malloc_fix_1_worker_vs_default"] = ratio(
+            out["prototype_malloc_fix_1_worker"][rate], out["ichprep_1_worker"][rate]
+        )
+        ratios["convert_1_worker_vs_in_process"] = ratio(out["ichprep_1_worker"][rate], out["ichprep_in_process"][rate])
     out["ratios"] = ratios
     out["slices_converted"] = summaries[-1].n_slices
     out["files_in_plan"] = n

@@ -15,19 +15,25 @@ from ichprep.synth import generate
 class Dataset:
     dicom_dir: Path
     labels_csv: Path | None
-    source: str                 # "synthetic" or "folder"
-    studies: int | None         # synthetic only
+    source: str  # "synthetic" or "folder"
+    studies: int | None  # synthetic only
     seed: int | None
-    synth_s: float | None       # time to generate it (not a benchmark figure)
+    synth_s: float | None  # time to generate it (not a benchmark figure)
 
     def describe(self) -> dict:
-        return {"source": self.source, "dicom_dir": str(self.dicom_dir),
-                "labels_csv": str(self.labels_csv) if self.labels_csv else None,
-                "studies_requested": self.studies, "seed": self.seed, "synth_s": self.synth_s}
+        return {
+            "source": self.source,
+            "dicom_dir": str(self.dicom_dir),
+            "labels_csv": str(self.labels_csv) if self.labels_csv else None,
+            "studies_requested": self.studies,
+            "seed": self.seed,
+            "synth_s": self.synth_s,
+        }
 
 
-def prepare(work: Path, studies: int, seed: int = 0, dicom_dir: str | Path | None = None,
-            labels_csv: str | Path | None = None) -> Dataset:
+def prepare(
+    work: Path, studies: int, seed: int = 0, dicom_dir: str | Path | None = None, labels_csv: str | Path | None = None
+) -> Dataset:
     if dicom_dir is not None:
         dicom_dir = Path(dicom_dir)
         if not dicom_dir.is_dir():
@@ -46,5 +52,6 @@ def prepare(work: Path, studies: int, seed: int = 0, dicom_dir: str | Path | Non
     # The real archive's lesion rate; lesions and labels do not change any speed figure.
     summary = generate(out, studies=studies, seed=seed)
     marker.write_text(json.dumps(wanted) + "\n")
-    return Dataset(summary.dicom_dir, summary.labels_csv, "synthetic", studies, seed,
-                   round(time.perf_counter() - started, 3))
+    return Dataset(
+        summary.dicom_dir, summary.labels_csv, "synthetic", studies, seed, round(time.perf_counter() - started, 3)
+    )

@@ -68,8 +68,13 @@ DICOM_FOLDER = "stage_2_train"  # an empty folder in the work folder: convert() 
 #: The real archive (stage_2_train), which --slices scales down.
 RSNA_SLICES, RSNA_STUDIES, RSNA_PATIENTS = 752_803, 21_744, 18_938
 #: Per-slice label rates of the real archive.
-SUBTYPE_RATES = {"epidural": 0.0042, "intraparenchymal": 0.048, "intraventricular": 0.035,
-                 "subarachnoid": 0.047, "subdural": 0.063}
+SUBTYPE_RATES = {
+    "epidural": 0.0042,
+    "intraparenchymal": 0.048,
+    "intraventricular": 0.035,
+    "subarachnoid": 0.047,
+    "subdural": 0.063,
+}
 ANY_RATE = 0.143
 BAD_FRACTION = 1e-4
 DUPLICATE_LABEL_IMAGES = 4
@@ -80,6 +85,7 @@ MIB = 2**20
 
 # ---------------------------------------------------------------- the simulated archive
 
+
 class Simulated(NamedTuple):
     table: pd.DataFrame  # the scan table in path order (as the scan's batches arrive), labels not attached
     labels: np.ndarray  # (rows, 6) int8 in LABELS order, row i labels table row i
@@ -87,6 +93,7 @@ class Simulated(NamedTuple):
 
 class Expected(NamedTuple):
     """What the simulated archive must give, computed from the simulation itself."""
+
     n_files: int
     n_ok: int
     n_rejected: int
@@ -150,8 +157,9 @@ def draw_labels(*, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.c_[sub, positive].astype(np.int8)
 
 
-def _slice_columns(*, sizes: np.ndarray, patient_of_study: np.ndarray, dicom_dir: str,
-                   rng: np.random.Generator) -> dict:
+def _slice_columns(
+    *, sizes: np.ndarray, patient_of_study: np.ndarray, dicom_dir: str, rng: np.random.Generator
+) -> dict:
     """Header fields of every slice, grouped by study, slices in z order."""
     n_studies, n = len(sizes), int(sizes.sum())
     study = np.repeat(np.arange(n_studies), sizes)
@@ -174,10 +182,18 @@ def _slice_columns(*, sizes: np.ndarray, patient_of_study: np.ndarray, dicom_dir
         "modality": "CT",
         "transfer_syntax": "1.2.840.10008.1.2",
         "z": np.round(z0[study] + spacing[study] * position, 3),
-        "pixel_spacing_row": 0.488281, "pixel_spacing_col": 0.488281,
-        "slope": 1.0, "intercept": -1024.0, "window_center": 40.0, "window_width": 80.0,
+        "pixel_spacing_row": 0.488281,
+        "pixel_spacing_col": 0.488281,
+        "slope": 1.0,
+        "intercept": -1024.0,
+        "window_center": 40.0,
+        "window_width": 80.0,
         "instance_number": position + 1,
-        "rows": 512, "cols": 512, "bits_stored": 12, "pixel_representation": 0, "samples_per_pixel": 1,
+        "rows": 512,
+        "cols": 512,
+        "bits_stored": 12,
+        "pixel_representation": 0,
+        "samples_per_pixel": 1,
         "n_frames": 1,
         "file_size": 524_288 + rng.integers(700, 1_501, n),
         "has_pixels": True,
@@ -223,8 +239,13 @@ def expected_of(sim: Simulated) -> Expected:
         n_studies=len(sizes),
         n_patients=int(table.loc[ok, "patient_id"].nunique()),
         label_rows=len(table) * len(LABELS) + DUPLICATE_LABEL_IMAGES * len(LABELS),
-        study_sizes={"mean": round(float(sizes.mean()), 2), "p5": int(np.percentile(sizes, 5)),
-                     "p50": int(np.median(sizes)), "p95": int(np.percentile(sizes, 95)), "max": int(sizes.max())},
+        study_sizes={
+            "mean": round(float(sizes.mean()), 2),
+            "p5": int(np.percentile(sizes, 5)),
+            "p50": int(np.median(sizes)),
+            "p95": int(np.percentile(sizes, 95)),
+            "max": int(sizes.max()),
+        },
         label_rates={name: round(float(good[:, j].mean()), 4) for j, name in enumerate(LABELS)},
     )
 
@@ -235,8 +256,13 @@ def write_label_csv(*, image_ids: list[str], labels: np.ndarray, path: Path, dup
     with open(path, "w") as f:
         f.write("ID,Label\n")
         for start in range(0, len(rows), 100_000):  # bounded memory: 600,000 lines per write
-            f.write("".join(f"{image_ids[i]}_{name},{labels[i, j]}\n"
-                            for i in rows[start : start + 100_000] for j, name in enumerate(LABELS)))
+            f.write(
+                "".join(
+                    f"{image_ids[i]}_{name},{labels[i, j]}\n"
+                    for i in rows[start : start + 100_000]
+                    for j, name in enumerate(LABELS)
+                )
+            )
 
 
 class Inputs(NamedTuple):
@@ -252,23 +278,39 @@ def prepare_inputs(*, work: str, slices: int, seed: int) -> Inputs:
     sim = simulate(slices=slices, seed=seed, dicom_dir=str(dicom_dir))
     raw, csv = Path(work) / "raw_scan.parquet", Path(work) / "stage_2_train.csv"
     sim.table.to_parquet(raw, index=False)
-    write_label_csv(image_ids=sim.table["image_id"].astype(str).tolist(), labels=sim.labels, path=csv,
-                    duplicates=DUPLICATE_LABEL_IMAGES)
+    write_label_csv(
+        image_ids=sim.table["image_id"].astype(str).tolist(),
+        labels=sim.labels,
+        path=csv,
+        duplicates=DUPLICATE_LABEL_IMAGES,
+    )
     return Inputs(raw, csv, expected_of(sim))
 
 
 # ---------------------------------------------------------------- the no-op worker side
 
+
 def noop_convert_shards(root: str, shards: list, spec, source, plan_key: str) -> list[dict]:
     """Stands in for :func:`ichprep.convert.convert_shards` on the workers: the records of shards that
     converted without error, but nothing read or written (sha256 None, size 0: as an all-fill shard, which
     build_manifest and verify already treat as "no file"). Shards are ``(shard, start, stop)``."""
-    return [{"index": shard, "start": start, "stop": stop, "sha256": None, "size": 0, "inputs": plan_key,
-             "errors": [], "skipped": False}
-            for shard, start, stop in shards]
+    return [
+        {
+            "index": shard,
+            "start": start,
+            "stop": stop,
+            "sha256": None,
+            "size": 0,
+            "inputs": plan_key,
+            "errors": [],
+            "skipped": False,
+        }
+        for shard, start, stop in shards
+    ]
 
 
 # ---------------------------------------------------------------- measuring
+
 
 class Mark(NamedTuple):
     t: float
@@ -338,9 +380,11 @@ class Recorder:
 
 def timed(recorder: Recorder, name: str, fn: Callable) -> Callable:
     """``fn`` with its every call marked as ``name`` (the last call's marks are kept)."""
+
     def wrapper(*args, **kwargs):
         with recorder.interval(name):
             return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -363,11 +407,13 @@ class TimedClient:
 
 def _first_result_marked(recorder: Recorder, real):
     """``distributed.as_completed`` that marks when the first result reaches the driver."""
+
     def as_completed(*args, **kwargs):
         for n, item in enumerate(real(*args, **kwargs)):
             if n == 0:
                 recorder.mark("first result")
             yield item
+
     return as_completed
 
 
@@ -377,12 +423,21 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
     import distributed
 
     import ichprep.convert as convert_mod
+    from benchmarks.driver_bench import noop_convert_shards  # by this name, so workers import it (not __main__)
     from ichprep.location import Location
 
-    from benchmarks.driver_bench import noop_convert_shards  # by this name, so workers import it (not __main__)
-
-    steps = ("_identity", "_prepare", "create_images", "_tasks", "_run_tasks", "build_studies", "_rejected_table",
-             "source_summary", "build_manifest", "write_manifest")
+    steps = (
+        "_identity",
+        "_prepare",
+        "create_images",
+        "_tasks",
+        "_run_tasks",
+        "build_studies",
+        "_rejected_table",
+        "source_summary",
+        "build_manifest",
+        "write_manifest",
+    )
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(convert_mod, "convert_shards", noop_convert_shards))
         for name in steps:
@@ -390,8 +445,9 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
         for method in ("write_parquet", "write_csv"):
             real = getattr(Location, method)
             stack.enter_context(mock.patch.object(Location, method, _named_write(recorder, real)))
-        stack.enter_context(mock.patch.object(distributed, "as_completed",
-                                              _first_result_marked(recorder, distributed.as_completed)))
+        stack.enter_context(
+            mock.patch.object(distributed, "as_completed", _first_result_marked(recorder, distributed.as_completed))
+        )
         yield
 
 
@@ -399,10 +455,12 @@ def _named_write(recorder: Recorder, real: Callable) -> Callable:
     def write(self, name, frame):
         with recorder.interval(f"write {name}"):
             return real(self, name, frame)
+
     return write
 
 
 # ---------------------------------------------------------------- the stages
+
 
 def measured(recorder: Recorder, name: str, fn: Callable, *args) -> tuple[object, Stage]:
     """``fn(*args)`` as one counted stage."""
@@ -431,8 +489,9 @@ def scan_stages(recorder: Recorder, inputs: Inputs, work: Path) -> tuple[list[St
     parts = batch_frames(inputs.raw_scan)
     gc.collect()
     stages = []
-    labels, stage = measured(recorder, f"scan: read_labels ({inputs.expected.label_rows:,}-row CSV)", read_labels,
-                             inputs.labels_csv)
+    labels, stage = measured(
+        recorder, f"scan: read_labels ({inputs.expected.label_rows:,}-row CSV)", read_labels, inputs.labels_csv
+    )
     stages.append(stage)
     table, stage = measured(recorder, f"scan: concat {len(parts):,} batch frames + to_frame", concat_batches, parts)
     stages.append(stage)
@@ -449,8 +508,9 @@ def scan_stages(recorder: Recorder, inputs: Inputs, work: Path) -> tuple[list[St
     return stages + [stage], scan_parquet, dataclasses.asdict(summary)
 
 
-def convert_stages(recorder: Recorder, scan_parquet: Path, store: Path,
-                   client) -> tuple[list[Stage], object, int, list[str]]:
+def convert_stages(
+    recorder: Recorder, scan_parquet: Path, store: Path, client
+) -> tuple[list[Stage], object, int, list[str]]:
     """``ichprep convert --scan-table scan.parquet``: read the table, then convert() with no-op tasks; also
     returns the warnings convert() raised (first line of each)."""
     from ichprep.convert import convert
@@ -500,6 +560,7 @@ def convert_breakdown(recorder: Recorder, *, n_tasks: int) -> list[Stage]:
 
 
 # ---------------------------------------------------------------- the run
+
 
 class DriverReport(NamedTuple):
     command: str
@@ -567,6 +628,7 @@ def release_memory() -> None:
 
 def code_state() -> str:
     """``git describe``-like: the commit, plus the ichprep files edited but not committed."""
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
@@ -574,7 +636,9 @@ def code_state() -> str:
             return ""
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "ichprep").splitlines()]  # "XY path"
-    return f"commit {git('rev-parse', '--short', 'HEAD').strip() or '?'}" + (f", uncommitted: {', '.join(dirty)}" if dirty else "")
+    return f"commit {git('rev-parse', '--short', 'HEAD').strip() or '?'}" + (
+        f", uncommitted: {', '.join(dirty)}" if dirty else ""
+    )
 
 
 def import_on_worker() -> bool:
@@ -590,8 +654,15 @@ def make_inputs(*, work: Path, slices: int, seed: int) -> Inputs:
         return pool.submit(prepare_inputs, work=str(work), slices=slices, seed=seed).result()
 
 
-def run(*, slices: int = RSNA_SLICES, workers: int = 2, seed: int = 0, work: Path, command: str = "",
-        profile: Path | None = None) -> DriverReport:
+def run(
+    *,
+    slices: int = RSNA_SLICES,
+    workers: int = 2,
+    seed: int = 0,
+    work: Path,
+    command: str = "",
+    profile: Path | None = None,
+) -> DriverReport:
     """Simulate the inputs into ``work`` (a child process), then measure the driver's stages; the store is
     ``work/cache.zarr``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -618,18 +689,38 @@ def run(*, slices: int = RSNA_SLICES, workers: int = 2, seed: int = 0, work: Pat
                 profiler.dump_stats(profile)
     stages = scan + conv
     return DriverReport(
-        command=command, date_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        load_before=load_before, load_after=load_average(), slices=slices, workers=workers, seed=seed,
-        expected=inputs.expected, stages=stages, total_s=sum(s.wall_s for s in stages if s.counted),
-        peak_rss_mib=_high_water() / MIB, setup_high_water_mib=setup_high_water,
-        convert_start_rss_mib=convert_start_rss, cluster_start_s=cluster_start, warnings=said, code=code_state(),
-        n_tasks=n_tasks, n_shards=summary.n_shards, scan_summary=scan_summary,
-        convert_summary={"n_slices": summary.n_slices, "n_studies": summary.n_studies, "n_shards": summary.n_shards,
-                         "rejected": summary.rejected, "wall_s": summary.wall_s},
-        store=str(store))
+        command=command,
+        date_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        load_before=load_before,
+        load_after=load_average(),
+        slices=slices,
+        workers=workers,
+        seed=seed,
+        expected=inputs.expected,
+        stages=stages,
+        total_s=sum(s.wall_s for s in stages if s.counted),
+        peak_rss_mib=_high_water() / MIB,
+        setup_high_water_mib=setup_high_water,
+        convert_start_rss_mib=convert_start_rss,
+        cluster_start_s=cluster_start,
+        warnings=said,
+        code=code_state(),
+        n_tasks=n_tasks,
+        n_shards=summary.n_shards,
+        scan_summary=scan_summary,
+        convert_summary={
+            "n_slices": summary.n_slices,
+            "n_studies": summary.n_studies,
+            "n_shards": summary.n_shards,
+            "rejected": summary.rejected,
+            "wall_s": summary.wall_s,
+        },
+        store=str(store),
+    )
 
 
 # ---------------------------------------------------------------- output
+
 
 def table(report: DriverReport) -> str:
     lines = ["| stage | wall s | peak RSS MiB | high-water MiB |", "|---|---:|---:|---:|"]
@@ -644,20 +735,24 @@ def verdict(report: DriverReport) -> str:
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    return (f"Verdict: driver {report.total_s:.1f} s (target < {TARGET_S:.0f} s: {met(report.time_met)}), "
-            f"peak RSS {report.peak_rss_mib:,.0f} MiB = {report.peak_rss_mib * MIB / 1e9:.2f} GB "
-            f"(target < {TARGET_BYTES / 1e9:.0f} GB: {met(report.memory_met)}).")
+    return (
+        f"Verdict: driver {report.total_s:.1f} s (target < {TARGET_S:.0f} s: {met(report.time_met)}), "
+        f"peak RSS {report.peak_rss_mib:,.0f} MiB = {report.peak_rss_mib * MIB / 1e9:.2f} GB "
+        f"(target < {TARGET_BYTES / 1e9:.0f} GB: {met(report.memory_met)})."
+    )
 
 
 def describe(report: DriverReport) -> str:
     e = report.expected
-    return (f"{report.date_utc}, `{report.command}`: {e.n_files:,} files ({e.n_ok:,} ok, {e.n_rejected} rejected), "
-            f"{e.n_studies:,} studies, {e.n_patients:,} patients, study sizes {e.study_sizes}, "
-            f"{report.n_shards:,} shards in {report.n_tasks:,} tasks on {report.workers} worker(s); "
-            f"cluster start {report.cluster_start_s:.1f} s (not counted); high-water before the first stage "
-            f"{report.setup_high_water_mib:,.0f} MiB; RSS when convert began {report.convert_start_rss_mib:,.0f} MiB; "
-            f"load average before {report.load_before}, after {report.load_after}; {report.code}."
-            + "".join(f" convert() warned: {w}." for w in report.warnings))
+    return (
+        f"{report.date_utc}, `{report.command}`: {e.n_files:,} files ({e.n_ok:,} ok, {e.n_rejected} rejected), "
+        f"{e.n_studies:,} studies, {e.n_patients:,} patients, study sizes {e.study_sizes}, "
+        f"{report.n_shards:,} shards in {report.n_tasks:,} tasks on {report.workers} worker(s); "
+        f"cluster start {report.cluster_start_s:.1f} s (not counted); high-water before the first stage "
+        f"{report.setup_high_water_mib:,.0f} MiB; RSS when convert began {report.convert_start_rss_mib:,.0f} MiB; "
+        f"load average before {report.load_before}, after {report.load_after}; {report.code}."
+        + "".join(f" convert() warned: {w}." for w in report.warnings)
+    )
 
 
 def print_profile(path: Path, top: int = 25) -> None:
@@ -668,9 +763,13 @@ def print_profile(path: Path, top: int = 25) -> None:
 
 
 def to_json(report: DriverReport) -> dict:
-    return {**report._asdict(), "expected": report.expected._asdict(),
-            "stages": [s._asdict() for s in report.stages], "time_met": report.time_met,
-            "memory_met": report.memory_met}
+    return {
+        **report._asdict(),
+        "expected": report.expected._asdict(),
+        "stages": [s._asdict() for s in report.stages],
+        "time_met": report.time_met,
+        "memory_met": report.memory_met,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -696,8 +795,14 @@ def main(argv: list[str] | None = None) -> DriverReport:
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="ichkit-driver-bench-")) if own_work else Path(args.work)
     try:
-        report = run(slices=args.slices, workers=args.workers, seed=args.seed, work=work, command=command,
-                     profile=Path(args.profile) if args.profile else None)
+        report = run(
+            slices=args.slices,
+            workers=args.workers,
+            seed=args.seed,
+            work=work,
+            command=command,
+            profile=Path(args.profile) if args.profile else None,
+        )
     finally:
         if own_work and not args.keep:
             shutil.rmtree(work, ignore_errors=True)

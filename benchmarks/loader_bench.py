@@ -40,9 +40,8 @@ from ichtrain.data import ShardStream, targets
 
 from . import layout, tiled_store
 from .convert_bench import kaggle_slice
+from .measure import Run, Stopwatch, evict, files_under, ratio, read_all, resident_fraction, summarize, total_bytes
 from .shard_codec import decoded_equals_zarr, direct_store_images
-from .measure import (Run, Stopwatch, evict, files_under, ratio, read_all, resident_fraction, summarize,
-                      total_bytes)
 
 BATCH = 64
 
@@ -56,8 +55,9 @@ def crop_flip(image: np.ndarray, out: np.ndarray, rng: np.random.Generator) -> N
     out[...] = view[:, :, ::-1] if rng.random() < 0.5 else view
 
 
-def batches(images: Iterable[np.ndarray], channels: int, crop: int, rng: np.random.Generator,
-            batch_size: int = BATCH) -> Iterator[torch.Tensor]:
+def batches(
+    images: Iterable[np.ndarray], channels: int, crop: int, rng: np.random.Generator, batch_size: int = BATCH
+) -> Iterator[torch.Tensor]:
     """Crop/flip each image into uint8 batches of ``batch_size`` (the last one may be short)."""
     buffer = np.empty((batch_size, channels, crop, crop), np.uint8)
     filled = 0
@@ -73,6 +73,7 @@ def batches(images: Iterable[np.ndarray], channels: int, crop: int, rng: np.rand
 
 
 # ---------------------------------------------------------------- the three sources
+
 
 def store_stream(store: Store) -> ShardStream:
     """Every ok slot once per epoch, shuffled as in training."""
@@ -115,8 +116,15 @@ def png_images(paths: list[str], epoch: int) -> Iterator[np.ndarray]:
 
 # ---------------------------------------------------------------- timing
 
-def timed_epochs(epoch_images: Callable[[int], Iterable[np.ndarray]], epochs: int, channels: int, crop: int,
-                 cold_files: list[str] | None, first_epoch: int) -> Run:
+
+def timed_epochs(
+    epoch_images: Callable[[int], Iterable[np.ndarray]],
+    epochs: int,
+    channels: int,
+    crop: int,
+    cold_files: list[str] | None,
+    first_epoch: int,
+) -> Run:
     """``epochs`` passes; before each, evict ``cold_files`` (untimed) when given."""
     watch = Stopwatch()
     n = 0
@@ -130,14 +138,28 @@ def timed_epochs(epoch_images: Callable[[int], Iterable[np.ndarray]], epochs: in
     return watch.run(n)
 
 
-def loader_figures(name: str, epoch_images, files: list[str], n_per_epoch: int, channels: int, crop: int,
-                   repeats: int, min_samples: int) -> dict:
+def loader_figures(
+    name: str,
+    epoch_images,
+    files: list[str],
+    n_per_epoch: int,
+    channels: int,
+    crop: int,
+    repeats: int,
+    min_samples: int,
+) -> dict:
     epochs = max(1, math.ceil(min_samples / n_per_epoch))
     timed_epochs(epoch_images, 1, channels, crop, None, 10_000)  # warm-up: page cache, imports, allocator
     warm = [timed_epochs(epoch_images, epochs, channels, crop, None, 100 * r) for r in range(repeats)]
     cold = [timed_epochs(epoch_images, epochs, channels, crop, files, 100 * r + 50) for r in range(repeats)]
-    return {"source": name, "epochs_per_run": epochs, "files": len(files), "bytes": total_bytes(files),
-            "warm": summarize(warm), "cold": summarize(cold)}
+    return {
+        "source": name,
+        "epochs_per_run": epochs,
+        "files": len(files),
+        "bytes": total_bytes(files),
+        "warm": summarize(warm),
+        "cold": summarize(cold),
+    }
 
 
 class CropFlipStream(torch.utils.data.IterableDataset):
@@ -158,8 +180,9 @@ class CropFlipStream(torch.utils.data.IterableDataset):
                 yield torch.from_numpy(out), target
 
 
-def dataloader_epochs(stream: ShardStream, crop: int, workers: int, epochs: int, cold_files: list[str] | None,
-                      first_epoch: int) -> tuple[Run, float]:
+def dataloader_epochs(
+    stream: ShardStream, crop: int, workers: int, epochs: int, cold_files: list[str] | None, first_epoch: int
+) -> tuple[Run, float]:
     """(whole epochs including each epoch's worker start-up, median seconds to an epoch's first batch)."""
     dataset = CropFlipStream(stream, crop)
     total = Stopwatch()
@@ -169,8 +192,9 @@ def dataloader_epochs(stream: ShardStream, crop: int, workers: int, epochs: int,
         if cold_files is not None:
             evict(cold_files)
         stream.set_epoch(e)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers,
-                                             prefetch_factor=4 if workers else None)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=BATCH, num_workers=workers, prefetch_factor=4 if workers else None
+        )
         started, first = time.perf_counter(), None
         with total.timing():
             for images, _target in loader:
@@ -193,14 +217,29 @@ def io_probe(name: str, files: list[str]) -> dict:
     started = time.perf_counter()
     read_all(files)
     cold = time.perf_counter() - started
-    return {"files": name, "bytes": nbytes, "warm_MB_per_s": nbytes / warm / 1e6, "cold_MB_per_s": nbytes / cold / 1e6,
-            "resident_fraction_warm": resident_warm, "resident_fraction_after_evict": resident_cold}
+    return {
+        "files": name,
+        "bytes": nbytes,
+        "warm_MB_per_s": nbytes / warm / 1e6,
+        "cold_MB_per_s": nbytes / cold / 1e6,
+        "resident_fraction_warm": resident_warm,
+        "resident_fraction_after_evict": resident_cold,
+    }
 
 
 # ---------------------------------------------------------------- the section
 
-def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, repeats: int, min_samples: int,
-        dataloader_workers: int = 2) -> dict:
+
+def run(
+    store: Store,
+    dicom_dir: Path,
+    png_dir: Path,
+    work: Path,
+    crop: int,
+    repeats: int,
+    min_samples: int,
+    dataloader_workers: int = 2,
+) -> dict:
     ok = store.slices["ok"].to_numpy(bool)
     rel = store.slices.loc[ok, "path"].astype(str).tolist()
     dicoms = [str(dicom_dir / p) for p in rel]
@@ -213,26 +252,65 @@ def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, rep
     stream = store_stream(store)
 
     out = {
-        "crop": crop, "batch": BATCH, "slices_per_epoch": n,
+        "crop": crop,
+        "batch": BATCH,
+        "slices_per_epoch": n,
         "io_probe": [io_probe("dicom", dicoms), io_probe("store shards", store_files), io_probe("png", pngs)],
-        "store": loader_figures("store (ShardStream)", lambda e: store_images(stream, e), store_files, n, channels,
-                                crop, repeats, min_samples),
-        "dicom": loader_figures("DICOM on the fly", lambda e: dicom_images(dicoms, store.spec, e), dicoms, n,
-                                channels, crop, repeats, min_samples),
-        "dicom_reference": loader_figures("DICOM on the fly, float64 windows at 512² (Kaggle style)",
-                                          lambda e: dicom_reference_images(dicoms, store.spec.size, e), dicoms, n,
-                                          channels, crop, repeats, min_samples),
-        "png": loader_figures("PNG per slice (cv2.imread)", lambda e: png_images(pngs, e), pngs, n, channels, crop,
-                              repeats, min_samples),
+        "store": loader_figures(
+            "store (ShardStream)",
+            lambda e: store_images(stream, e),
+            store_files,
+            n,
+            channels,
+            crop,
+            repeats,
+            min_samples,
+        ),
+        "dicom": loader_figures(
+            "DICOM on the fly",
+            lambda e: dicom_images(dicoms, store.spec, e),
+            dicoms,
+            n,
+            channels,
+            crop,
+            repeats,
+            min_samples,
+        ),
+        "dicom_reference": loader_figures(
+            "DICOM on the fly, float64 windows at 512² (Kaggle style)",
+            lambda e: dicom_reference_images(dicoms, store.spec.size, e),
+            dicoms,
+            n,
+            channels,
+            crop,
+            repeats,
+            min_samples,
+        ),
+        "png": loader_figures(
+            "PNG per slice (cv2.imread)", lambda e: png_images(pngs, e), pngs, n, channels, crop, repeats, min_samples
+        ),
     }
     out["store_zarr_batched_prototype"] = loader_figures(
         f"store (ShardStream), zarr codec_pipeline.batch_size={store.shard_slices} set (prototype; "
         "no effect on direct shard reads)",
-        lambda e: store_images_batched(stream, e, store.shard_slices), store_files, n, channels, crop, repeats,
-        min_samples)
+        lambda e: store_images_batched(stream, e, store.shard_slices),
+        store_files,
+        n,
+        channels,
+        crop,
+        repeats,
+        min_samples,
+    )
     out["store_direct_prototype"] = loader_figures(
-        "store, direct shard decode (prototype)", lambda e: direct_store_images(store, e), store_files, n, channels,
-        crop, repeats, min_samples)
+        "store, direct shard decode (prototype)",
+        lambda e: direct_store_images(store, e),
+        store_files,
+        n,
+        channels,
+        crop,
+        repeats,
+        min_samples,
+    )
     big = tiled_store.tile(store, work / "tiled.zarr", min_samples)
     big_stream = store_stream(big)
     big_files = files_under(layout.root_of(big) / layout.IMAGES)
@@ -240,10 +318,14 @@ def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, rep
     out["store_direct_prototype"]["identical_to_zarr"] = decoded_equals_zarr(store)
     epochs = max(1, math.ceil(min_samples / big_n))
     dataloader_epochs(big_stream, crop, dataloader_workers, 1, None, 20_000)  # warm-up
-    figures = {"workers": dataloader_workers, "epochs_per_run": epochs, "slices_per_epoch": big_n,
-               "tiled_from_slices": n,
-               "note": "the store's full shards copied until one epoch >= --min-samples slices; each epoch builds a "
-                       "new DataLoader iterator as ichtrain does, so worker start-up is included"}
+    figures = {
+        "workers": dataloader_workers,
+        "epochs_per_run": epochs,
+        "slices_per_epoch": big_n,
+        "tiled_from_slices": n,
+        "note": "the store's full shards copied until one epoch >= --min-samples slices; each epoch builds a "
+        "new DataLoader iterator as ichtrain does, so worker start-up is included",
+    }
     for mode, files in (("warm", None), ("cold", big_files)):
         first_epochs = [30_000 + 100 * r + (mode == "cold") for r in range(repeats)]
         runs = [dataloader_epochs(big_stream, crop, dataloader_workers, epochs, files, e) for e in first_epochs]
@@ -256,15 +338,19 @@ def run(store: Store, dicom_dir: Path, png_dir: Path, work: Path, crop: int, rep
     rate = "slices_per_s"
     out["ratios"] = {
         f"store_vs_{other}_{mode}": ratio(out["store"][mode][rate], out[other][mode][rate])
-        for mode in ("warm", "cold") for other in ("dicom", "dicom_reference", "png")
+        for mode in ("warm", "cold")
+        for other in ("dicom", "dicom_reference", "png")
     }
     for mode in ("warm", "cold"):
         out["ratios"][f"store_direct_prototype_vs_dicom_{mode}"] = ratio(
-            out["store_direct_prototype"][mode][rate], out["dicom"][mode][rate])
+            out["store_direct_prototype"][mode][rate], out["dicom"][mode][rate]
+        )
         out["ratios"][f"store_direct_prototype_vs_store_{mode}"] = ratio(
-            out["store_direct_prototype"][mode][rate], out["store"][mode][rate])
+            out["store_direct_prototype"][mode][rate], out["store"][mode][rate]
+        )
         out["ratios"][f"store_zarr_batched_prototype_vs_store_{mode}"] = ratio(
-            out["store_zarr_batched_prototype"][mode][rate], out["store"][mode][rate])
+            out["store_zarr_batched_prototype"][mode][rate], out["store"][mode][rate]
+        )
     out["ratios"]["store_cold_vs_warm"] = ratio(out["store"]["cold"][rate], out["store"]["warm"][rate])
     out["ratios"]["dicom_cold_vs_warm"] = ratio(out["dicom"]["cold"][rate], out["dicom"]["warm"][rate])
     out["ratios"]["dataloader_2w_vs_in_process_warm"] = ratio(figures["warm"][rate], out["store"]["warm"][rate])

@@ -85,6 +85,7 @@ def ratio(a: float, b: float) -> float:
 
 # ---------------------------------------------------------------- files and the page cache
 
+
 def files_under(root: str | Path) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file())
 

@@ -29,14 +29,14 @@ import numpy as np
 import pydicom
 import zarr
 from numcodecs import Zstd
+from zarr.codecs import ZstdCodec
 
 from ichprep.convert import convert_shard
-from ichprep.source import Member
 from ichprep.dicomio import read_header, read_slice
 from ichprep.shardcodec import encode_shard
+from ichprep.source import Member
 from ichprep.spec import PreprocessSpec
 from ichprep.store import Store
-from zarr.codecs import ZstdCodec
 
 from . import layout
 from .loader_bench import batches, crop_flip, store_images, store_stream
@@ -52,8 +52,12 @@ def _name(key: tuple) -> str:
 
 
 #: Functions in which a thread sleeps (waiting for another thread or for I/O readiness), not works.
-WAITS = ("<method 'acquire' of '_thread.lock' objects>", "<method 'get' of '_queue.SimpleQueue' objects>",
-         "<method 'poll' of 'select.epoll' objects>", "<method 'acquire' of '_thread.RLock' objects>")
+WAITS = (
+    "<method 'acquire' of '_thread.lock' objects>",
+    "<method 'get' of '_queue.SimpleQueue' objects>",
+    "<method 'poll' of 'select.epoll' objects>",
+    "<method 'acquire' of '_thread.RLock' objects>",
+)
 
 
 def top_functions(stats: pstats.Stats, n: int = 12) -> dict:
@@ -66,9 +70,16 @@ def top_functions(stats: pstats.Stats, n: int = 12) -> dict:
     return {
         "busy_s": total,
         "waiting_s": waiting,
-        "by_tottime": [{"function": _name(k), "ncalls": v[1], "tottime_s": round(v[2], 4),
-                        "cumtime_s": round(v[3], 4), "share": round(v[2] / total, 3) if total else None}
-                       for k, v in rows],
+        "by_tottime": [
+            {
+                "function": _name(k),
+                "ncalls": v[1],
+                "tottime_s": round(v[2], 4),
+                "cumtime_s": round(v[3], 4),
+                "share": round(v[2] / total, 3) if total else None,
+            }
+            for k, v in rows
+        ],
     }
 
 
@@ -158,7 +169,7 @@ def stage_breakdown(paths: list[str], spec: PreprocessSpec, work: Path, crop: in
     def floor():
         for p in files:
             try:
-                pydicom.dcmread(p).pixel_array
+                _ = pydicom.dcmread(p).pixel_array
             except Exception:
                 pass
 
@@ -182,9 +193,16 @@ def stage_breakdown(paths: list[str], spec: PreprocessSpec, work: Path, crop: in
     store = work / "stage.zarr"
     shutil.rmtree(store, ignore_errors=True)
     # The store's array layout (README): chunk = 1 slice, shard = shard_slices slices, zstd.
-    images = zarr.create_array(str(store), shape=shard.shape, chunks=(1,) + shard.shape[1:],
-                               shards=(spec.shard_slices,) + shard.shape[1:], dtype="uint8", fill_value=0,
-                               compressors=ZstdCodec(level=spec.compression_level), zarr_format=3)
+    images = zarr.create_array(
+        str(store),
+        shape=shard.shape,
+        chunks=(1,) + shard.shape[1:],
+        shards=(spec.shard_slices,) + shard.shape[1:],
+        dtype="uint8",
+        fill_value=0,
+        compressors=ZstdCodec(level=spec.compression_level),
+        zarr_format=3,
+    )
 
     def write():
         images[0 : len(shard)] = shard
@@ -205,20 +223,25 @@ def stage_breakdown(paths: list[str], spec: PreprocessSpec, work: Path, crop: in
         "pydicom_parse_and_pixel_array (floor)": _per_item_ms(floor, n, repeats),
         "ichprep_read_slice (parse, header fields, decode, HU)": _per_item_ms(ichprep_read, n, repeats),
         "ichprep_read_header (scan)": _per_item_ms(header_only, n, repeats),
-        "ichprep_spec_apply (pad, resize, 3 windows)": _per_item_ms(lambda: [spec.apply(h) for h in hus], m,
-                                                                    repeats),
+        "ichprep_spec_apply (pad, resize, 3 windows)": _per_item_ms(lambda: [spec.apply(h) for h in hus], m, repeats),
         "zstd_encode_raw (numcodecs)": _per_item_ms(lambda: [codec.encode(s) for s in shard], m, repeats),
         "ichprep_encode_shard (reused zstd context)": _per_item_ms(
-            lambda: encode_shard(shard, spec.shard_slices, spec.compression_level), m, repeats),
+            lambda: encode_shard(shard, spec.shard_slices, spec.compression_level), m, repeats
+        ),
         "zarr_shard_write (zstd inside)": _per_item_ms(write, m, repeats),
         "zstd_decode_raw (numcodecs)": _per_item_ms(lambda: [codec.decode(e) for e in encoded], m, repeats),
         "zarr_shard_read (zstd inside)": _per_item_ms(read, m, repeats),
         "crop_flip_copy": _per_item_ms(crop_only, m, repeats),
     }
     shutil.rmtree(store, ignore_errors=True)
-    return {"slices": n, "ms_per_slice": {k: round(v, 4) for k, v in stages.items()},
-            "zarr_config": {"threading.max_workers": zarr.config.get("threading.max_workers"),
-                            "async.concurrency": zarr.config.get("async.concurrency")}}
+    return {
+        "slices": n,
+        "ms_per_slice": {k: round(v, 4) for k, v in stages.items()},
+        "zarr_config": {
+            "threading.max_workers": zarr.config.get("threading.max_workers"),
+            "async.concurrency": zarr.config.get("async.concurrency"),
+        },
+    }
 
 
 def run(paths: list[str], store: Store, work: Path, crop: int, repeats: int) -> dict:

@@ -58,6 +58,7 @@ WARMUP_BATCHES = 2
 
 # ---------------------------------------------------------------- the simulated stage-1 outputs
 
+
 def study_lengths(studies: int, slots: int, seed: int = 0) -> np.ndarray:
     """``studies`` lengths in 20..60 summing to exactly ``slots`` (24 + gamma, then +-1 slice to the total)."""
     if not 20 * studies <= slots <= 60 * studies:
@@ -85,13 +86,15 @@ def simulate(studies: int, slots: int, dim: int, seed: int = 0) -> SeqInputs:
     runs = np.maximum(1, np.rint(lengths[bleeding] * rng.uniform(0.1, 0.58, len(bleeding)))).astype(np.int64)
     firsts = starts[bleeding] + (rng.random(len(bleeding)) * (lengths[bleeding] - runs + 1)).astype(np.int64)
     for first, run, subtype in zip(firsts, runs, rng.integers(0, 5, len(bleeding))):
-        targets[first:first + run, [subtype, 5]] = 1
+        targets[first : first + run, [subtype, 5]] = 1
     logits = (rng.standard_normal(targets.shape) + 2 * targets - 2).astype(np.float32)
-    return SeqInputs(x=x, logits=logits, targets=targets, starts=starts, stops=stops,
-                     study_fold=np.zeros(studies, np.int64))
+    return SeqInputs(
+        x=x, logits=logits, targets=targets, starts=starts, stops=stops, study_fold=np.zeros(studies, np.int64)
+    )
 
 
 # ---------------------------------------------------------------- memory
+
 
 def release_freed() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so the next RSS rise is that contender's own."""
@@ -134,13 +137,24 @@ def peak_rss(interval_s: float = 0.005):
 
 # ---------------------------------------------------------------- timing
 
-def _row(label: str, dim: int, seconds: float, slots: int, timed_batches: int, epoch_batches: int, extra_rss: int,
-         **more) -> dict:
+
+def _row(
+    label: str, dim: int, seconds: float, slots: int, timed_batches: int, epoch_batches: int, extra_rss: int, **more
+) -> dict:
     epoch_s = seconds * epoch_batches / timed_batches
-    return {"contender": label, "dim": dim, "timed_batches": timed_batches, "epoch_batches": epoch_batches,
-            "extrapolated": timed_batches < epoch_batches, "timed_s": seconds, "timed_slots": slots,
-            "epoch_s": epoch_s, "slots_per_s": slots / seconds if seconds > 0 else float("nan"),
-            "peak_extra_mib": extra_rss / 2**20, **more}
+    return {
+        "contender": label,
+        "dim": dim,
+        "timed_batches": timed_batches,
+        "epoch_batches": epoch_batches,
+        "extrapolated": timed_batches < epoch_batches,
+        "timed_s": seconds,
+        "timed_slots": slots,
+        "epoch_s": epoch_s,
+        "slots_per_s": slots / seconds if seconds > 0 else float("nan"),
+        "peak_extra_mib": extra_rss / 2**20,
+        **more,
+    }
 
 
 def baseline(inputs: SeqInputs, order: np.ndarray, cfg: SeqConfig, norm: seq.Norm) -> dict:
@@ -151,8 +165,9 @@ def baseline(inputs: SeqInputs, order: np.ndarray, cfg: SeqConfig, norm: seq.Nor
         started = time.perf_counter()
         slots = sum(int(b.mask.sum()) for b in seq.iter_batches(inputs, order, cfg.batch_studies, norm))
         seconds = time.perf_counter() - started
-    return _row("read + standardise", inputs.x.shape[1], seconds, slots, epoch_batches, epoch_batches,
-                peak.rss - before)
+    return _row(
+        "read + standardise", inputs.x.shape[1], seconds, slots, epoch_batches, epoch_batches, peak.rss - before
+    )
 
 
 def training(inputs: SeqInputs, order: np.ndarray, cfg: SeqConfig, norm: seq.Norm, batches: int) -> dict:
@@ -161,29 +176,45 @@ def training(inputs: SeqInputs, order: np.ndarray, cfg: SeqConfig, norm: seq.Nor
     timed = epoch_batches if batches <= 0 else min(batches, epoch_batches)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = seq.build_seq_model(cfg.model, in_dim=inputs.x.shape[1], n_out=len(LABELS), hidden=cfg.hidden,
-                                layers=cfg.layers, dropout=cfg.dropout, concat_logits=cfg.concat_logits).to(device)
+    model = seq.build_seq_model(
+        cfg.model,
+        in_dim=inputs.x.shape[1],
+        n_out=len(LABELS),
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+        concat_logits=cfg.concat_logits,
+    ).to(device)
     model.train()
     step = seq.make_step(model, cfg, LABELS, epoch_batches + WARMUP_BATCHES, device)
-    warm = order[-WARMUP_BATCHES * cfg.batch_studies:]
+    warm = order[-WARMUP_BATCHES * cfg.batch_studies :]
     with peak_rss() as peak:
         before = peak.rss
         for batch in seq.iter_batches(inputs, warm, cfg.batch_studies, norm):
             seq.train_step(step, batch)
         slots, last = 0, torch.zeros(())
         started = time.perf_counter()
-        for batch in seq.iter_batches(inputs, order[:timed * cfg.batch_studies], cfg.batch_studies, norm):
+        for batch in seq.iter_batches(inputs, order[: timed * cfg.batch_studies], cfg.batch_studies, norm):
             last = seq.train_step(step, batch)
             slots += int(batch.mask.sum())
         last.item()  # the device finishes the queued steps inside the timed span
         seconds = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters())
-    return _row(cfg.model, inputs.x.shape[1], seconds, slots, timed, epoch_batches, peak.rss - before,
-                parameters=params)
+    return _row(
+        cfg.model, inputs.x.shape[1], seconds, slots, timed, epoch_batches, peak.rss - before, parameters=params
+    )
 
 
-def run(studies: int = RSNA_STUDIES, slots: int | None = None, dims=(512, 2048), models=("gru", "transformer"),
-        batches: int = 40, seed: int = 0, device: str = "cpu", command: str = "") -> dict:
+def run(
+    studies: int = RSNA_STUDIES,
+    slots: int | None = None,
+    dims=(512, 2048),
+    models=("gru", "transformer"),
+    batches: int = 40,
+    seed: int = 0,
+    device: str = "cpu",
+    command: str = "",
+) -> dict:
     slots = slots if slots is not None else round(studies * RSNA_SLOTS / RSNA_STUDIES)
     cfg = replace(SeqConfig(), device=device)
     rows = []
@@ -196,8 +227,14 @@ def run(studies: int = RSNA_STUDIES, slots: int | None = None, dims=(512, 2048),
         norm = seq.standardisation(inputs, every)
         stats_s = time.perf_counter() - started
         order = np.random.default_rng(seed).permutation(every)
-        rows.append({**baseline(inputs, order, cfg, norm), "array_mib": inputs.x.nbytes / 2**20,
-                     "standardisation_stats_s": stats_s, "simulate_s": made_s})
+        rows.append(
+            {
+                **baseline(inputs, order, cfg, norm),
+                "array_mib": inputs.x.nbytes / 2**20,
+                "standardisation_stats_s": stats_s,
+                "simulate_s": made_s,
+            }
+        )
         for kind in models:
             rows.append(training(inputs, order, replace(cfg, model=kind), norm, batches))
         del inputs
@@ -206,11 +243,19 @@ def run(studies: int = RSNA_STUDIES, slots: int | None = None, dims=(512, 2048),
         row["epoch_vs_baseline"] = ratio(row["epoch_s"], base["epoch_s"])
     lengths = study_lengths(studies, slots, seed)
     return {
-        "meta": {**machine_info(), "command": command, "load_before": load_average(), "device": device,
-                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
-        "studies": studies, "slots": slots, "mean_length": float(lengths.mean()),
+        "meta": {
+            **machine_info(),
+            "command": command,
+            "load_before": load_average(),
+            "device": device,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        },
+        "studies": studies,
+        "slots": slots,
+        "mean_length": float(lengths.mean()),
         "length_p5_p50_p95": [float(q) for q in np.percentile(lengths, [5, 50, 95])],
-        "config": asdict(cfg), "rows": rows,
+        "config": asdict(cfg),
+        "rows": rows,
     }
 
 
@@ -220,19 +265,34 @@ HEADER = ["D", "contender", "timed", "epoch s", "slots/s", "x baseline", "peak M
 def format_seq(section: dict) -> str:
     rows = []
     for r in section["rows"]:
-        timed = (f"{r['timed_batches']} of {r['epoch_batches']} batches, extrapolated" if r["extrapolated"]
-                 else f"whole epoch, {r['epoch_batches']} batches")
-        rows.append([str(r["dim"]), r["contender"], timed, _num(r["epoch_s"], 1), _num(r["slots_per_s"]),
-                     _num(r["epoch_vs_baseline"], 1), _num(r["peak_extra_mib"])])
+        timed = (
+            f"{r['timed_batches']} of {r['epoch_batches']} batches, extrapolated"
+            if r["extrapolated"]
+            else f"whole epoch, {r['epoch_batches']} batches"
+        )
+        rows.append(
+            [
+                str(r["dim"]),
+                r["contender"],
+                timed,
+                _num(r["epoch_s"], 1),
+                _num(r["slots_per_s"]),
+                _num(r["epoch_vs_baseline"], 1),
+                _num(r["peak_extra_mib"]),
+            ]
+        )
     cfg, meta = section["config"], section["meta"]
     notes = [
         f"{section['studies']:,} studies, {section['slots']:,} slots (mean {section['mean_length']:.1f} slices, "
         f"5/50/95th percentile {'/'.join(f'{q:g}' for q in section['length_p5_p50_p95'])}); SeqConfig defaults: "
         f"hidden {cfg['hidden']}, layers {cfg['layers']}, batch {cfg['batch_studies']} studies; "
         f"{meta['device']}, {meta['torch_threads']} torch threads, load average before {meta['load_before']}",
-        "feature array: " + ", ".join(f"D={r['dim']} {r['array_mib']:,.0f} MiB float16 (statistics pass "
-                                      f"{r['standardisation_stats_s']:.1f} s)"
-                                      for r in section["rows"] if "array_mib" in r)
+        "feature array: "
+        + ", ".join(
+            f"D={r['dim']} {r['array_mib']:,.0f} MiB float16 (statistics pass {r['standardisation_stats_s']:.1f} s)"
+            for r in section["rows"]
+            if "array_mib" in r
+        )
         + f"; process peak RSS {meta['peak_rss_mib']:,.0f} MiB",
     ]
     return "\n".join([_grid(HEADER, rows), *notes])
@@ -242,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.seq_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--dims", default="512,2048", help="feature widths, comma-separated (default 512,2048)")
     parser.add_argument("--models", default="gru,transformer", help="model kinds (default gru,transformer)")
-    parser.add_argument("--batches", type=int, default=40,
-                        help="timed training batches per contender, extrapolated to an epoch (0: a whole epoch)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=40,
+        help="timed training batches per contender, extrapolated to an epoch (0: a whole epoch)",
+    )
     parser.add_argument("--studies", type=int, default=RSNA_STUDIES, help="simulated studies (default RSNA's 21,744)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -254,8 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python -m benchmarks.seq_bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = run(studies=args.studies, dims=dims, models=models, batches=args.batches, device=args.device,
-                  command=command.strip())
+    section = run(
+        studies=args.studies,
+        dims=dims,
+        models=models,
+        batches=args.batches,
+        device=args.device,
+        command=command.strip(),
+    )
     print(format_seq(section))
     if args.out:
         write_json(section, args.out)

@@ -33,7 +33,6 @@ from ichprep.store import Store
 from .layout import n_shards, root_of, shard_file
 
 
-
 def decode_shard(data: bytes, shard_slices: int, item_shape: tuple[int, ...], check: bool = True) -> np.ndarray:
     size = 16 * shard_slices
     raw = data[len(data) - size - 4 : len(data) - 4]
@@ -65,8 +64,10 @@ def convert_shards_direct(paths: list[str], out_dir: Path, spec: PreprocessSpec)
 
 def identical_to_zarr(direct_dir: Path, store: Store) -> bool:
     root = root_of(store)
-    return all((direct_dir / f"{k}").read_bytes() == shard_file(root, k).read_bytes()
-               for k in range(n_shards(len(store.slices), store.shard_slices)))
+    return all(
+        (direct_dir / f"{k}").read_bytes() == shard_file(root, k).read_bytes()
+        for k in range(n_shards(len(store.slices), store.shard_slices))
+    )
 
 
 def decoded_equals_zarr(store: Store) -> bool:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import resource
-import zipfile
-import shutil
 import subprocess
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,26 +85,62 @@ def run_one(archive: Path, kind: str, workers: int, spec: PreprocessSpec, cold: 
 
                 def advance(n: int) -> None:
                     marks.setdefault(f"{stage}-first", time.perf_counter())
+
                 return advance
 
             before = _io_total(client)
             called = time.perf_counter()
-            summary = convert(source, Path(tmp) / "cache.zarr", spec, labels_csv=labels, client=client,
-                              progress=progress)
+            summary = convert(
+                source, Path(tmp) / "cache.zarr", spec, labels_csv=labels, client=client, progress=progress
+            )
             after = _io_total(client)
-    return SourceRun(kind, workers, summary.n_slices, cluster_start, marks["convert-first"] - called,
-                     marks["convert"] - called, summary.wall_s, after["rchar"] - before["rchar"],
-                     after["read_bytes"] - before["read_bytes"])
+    return SourceRun(
+        kind,
+        workers,
+        summary.n_slices,
+        cluster_start,
+        marks["convert-first"] - called,
+        marks["convert"] - called,
+        summary.wall_s,
+        after["rchar"] - before["rchar"],
+        after["read_bytes"] - before["read_bytes"],
+    )
 
 
 def report(runs: list[SourceRun]) -> str:
     folder = {r.workers: r.slices / r.wall_s for r in runs if r.kind == "folder"}
-    rows = [[r.kind, str(r.workers), str(r.slices), f"{r.cluster_start_s:.1f}", f"{r.first_slice_s:.1f}", f"{r.scan_s:.1f}",
-             f"{r.wall_s:.1f}", f"{r.slices / r.wall_s:.0f}",
-             f"{(r.slices / r.wall_s) / folder[r.workers]:.2f}" if r.workers in folder else "",
-             f"{r.rchar / r.slices / 1e3:.0f}", f"{r.disk_read / r.slices / 1e3:.0f}"] for r in runs]
-    return markdown_table(["source", "workers", "slices", "cluster start s", "call to first shard s", "scan s",
-                           "convert s", "slices/s", "x folder", "kB asked/slice", "kB from disk/slice"], rows)
+    rows = [
+        [
+            r.kind,
+            str(r.workers),
+            str(r.slices),
+            f"{r.cluster_start_s:.1f}",
+            f"{r.first_slice_s:.1f}",
+            f"{r.scan_s:.1f}",
+            f"{r.wall_s:.1f}",
+            f"{r.slices / r.wall_s:.0f}",
+            f"{(r.slices / r.wall_s) / folder[r.workers]:.2f}" if r.workers in folder else "",
+            f"{r.rchar / r.slices / 1e3:.0f}",
+            f"{r.disk_read / r.slices / 1e3:.0f}",
+        ]
+        for r in runs
+    ]
+    return markdown_table(
+        [
+            "source",
+            "workers",
+            "slices",
+            "cluster start s",
+            "call to first shard s",
+            "scan s",
+            "convert s",
+            "slices/s",
+            "x folder",
+            "kB asked/slice",
+            "kB from disk/slice",
+        ],
+        rows,
+    )
 
 
 def listing(folder: Path, members: int) -> str:
@@ -121,8 +156,10 @@ def listing(folder: Path, members: int) -> str:
     found = list_members(parse_source(f"{zip_path}::{KAGGLE_TOP}/stage_2_train"))
     wall = time.perf_counter() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (f"listing {len(found):,} of {members:,} members ({zip_path.stat().st_size / 1e6:.0f} MB zip): {wall:.1f} s, "
-            f"peak RSS {rss / 1024:.0f} MiB (before: {rss_before / 1024:.0f} MiB)")
+    return (
+        f"listing {len(found):,} of {members:,} members ({zip_path.stat().st_size / 1e6:.0f} MB zip): {wall:.1f} s, "
+        f"peak RSS {rss / 1024:.0f} MiB (before: {rss_before / 1024:.0f} MiB)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

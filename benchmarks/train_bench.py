@@ -23,13 +23,34 @@ from ichtrain.model import build_model
 
 def settings(device: torch.device, quick: bool) -> dict:
     if device.type == "cuda":
-        return {"arch": "resnet152", "batch": 128, "image_size": 224, "warmup": 5 if not quick else 1,
-                "steps": 20 if not quick else 2, "amp": "bfloat16", "channels_last": True}
+        return {
+            "arch": "resnet152",
+            "batch": 128,
+            "image_size": 224,
+            "warmup": 5 if not quick else 1,
+            "steps": 20 if not quick else 2,
+            "amp": "bfloat16",
+            "channels_last": True,
+        }
     if quick:
-        return {"arch": "resnet18", "batch": 2, "image_size": 64, "warmup": 1, "steps": 1, "amp": None,
-                "channels_last": False}
-    return {"arch": "resnet152", "batch": 4, "image_size": 224, "warmup": 1, "steps": 3, "amp": None,
-            "channels_last": False}
+        return {
+            "arch": "resnet18",
+            "batch": 2,
+            "image_size": 64,
+            "warmup": 1,
+            "steps": 1,
+            "amp": None,
+            "channels_last": False,
+        }
+    return {
+        "arch": "resnet152",
+        "batch": 4,
+        "image_size": 224,
+        "warmup": 1,
+        "steps": 3,
+        "amp": None,
+        "channels_last": False,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -37,8 +58,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(quick: bool, stored_size: int = 256, channels: int = 3, device: str | None = None,
-        compile_model: bool = False) -> dict:
+def run(
+    quick: bool, stored_size: int = 256, channels: int = 3, device: str | None = None, compile_model: bool = False
+) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = settings(device, quick)
     if device.type == "cuda":
@@ -50,11 +72,16 @@ def run(quick: bool, stored_size: int = 256, channels: int = 3, device: str | No
     net = torch.compile(model) if compile_model else model
     n_slots = 4 * cfg["batch"]
     # The trainer's own step: same StepSetup, importance weights indexed by slot, augmentation on the device.
-    setup = StepSetup(model=net, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4),
-                      label_weights=loss_weights(LABELS, device),
-                      sample_weights=torch.rand(n_slots, device=device) + 0.5, image_size=cfg["image_size"],
-                      generator=torch.Generator(device=device).manual_seed(0),
-                      amp_dtype=getattr(torch, cfg["amp"]) if cfg["amp"] else None, channels_last=cfg["channels_last"])
+    setup = StepSetup(
+        model=net,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4),
+        label_weights=loss_weights(LABELS, device),
+        sample_weights=torch.rand(n_slots, device=device) + 0.5,
+        image_size=cfg["image_size"],
+        generator=torch.Generator(device=device).manual_seed(0),
+        amp_dtype=getattr(torch, cfg["amp"]) if cfg["amp"] else None,
+        channels_last=cfg["channels_last"],
+    )
     pin = device.type == "cuda"
     images = torch.randint(0, 256, (cfg["batch"], channels, stored_size, stored_size), dtype=torch.uint8)
     target = torch.randint(0, 2, (cfg["batch"], len(LABELS))).float()
@@ -83,7 +110,7 @@ def run(quick: bool, stored_size: int = 256, channels: int = 3, device: str | No
         "median_step_s": median,
         "images_per_s": cfg["batch"] / median,
         "note": "ichtrain.engine.train_step on a pinned uint8 batch in host memory (copied to the device "
-                "inside the step, as in training); compare with the loader figures",
+        "inside the step, as in training); compare with the loader figures",
     }
 
 
@@ -99,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = [run(args.quick, device=args.device, compile_model=flag) for flag in (False, True)]
     for row in rows:
-        print(f"{row['arch']} {row['image_size']}² batch {row['batch']} {row['amp'] or 'fp32'} "
-              f"channels_last={row['channels_last']} compile={row['compile']} on {row['device_name']}: "
-              f"{row['images_per_s']:.0f} images/s (median step {row['median_step_s'] * 1000:.1f} ms)")
+        print(
+            f"{row['arch']} {row['image_size']}² batch {row['batch']} {row['amp'] or 'fp32'} "
+            f"channels_last={row['channels_last']} compile={row['compile']} on {row['device_name']}: "
+            f"{row['images_per_s']:.0f} images/s (median step {row['median_step_s'] * 1000:.1f} ms)"
+        )
     print(f"compile on / off: {rows[1]['images_per_s'] / rows[0]['images_per_s']:.2f}x")
     if args.out:
         with open(args.out, "w") as f:

@@ -72,8 +72,10 @@ class SourceParam(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-SOURCE_HELP = ("SOURCE is a folder, a zip file (rsna.zip, or a folder inside it: "
-               "rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train) or a URL (s3://bucket/stage_2_train/).")
+SOURCE_HELP = (
+    "SOURCE is a folder, a zip file (rsna.zip, or a folder inside it: "
+    "rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train) or a URL (s3://bucket/stage_2_train/)."
+)
 LABELS_HELP = "Kaggle label CSV (ID,Label): a file, a URL, or a CSV inside the zip (rsna.zip::top/stage_2_train.csv)."
 
 
@@ -94,22 +96,53 @@ def main(verbose: int) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--studies", type=click.IntRange(min=1), default=20, show_default=True, help="Number of studies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
-@click.option("--lesion-rate", type=click.FloatRange(0, 1), default=0.4, show_default=True,
-              help="Chance that a study has hemorrhage (real archive ~0.41).")
-@click.option("--min-lesion-pixels", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Lesion cross-sections smaller than this (pixels at 512²) are neither drawn nor labelled; "
-                   "raise it (e.g. 600) for an easy set whose labels are all visible at low resolution.")
-@click.option("--test-studies", type=click.IntRange(min=0), default=None,
-              help="Extra studies of other patients, unlabelled, in stage_2_test/ and listed in "
-                   "stage_2_sample_submission.csv; the train files stay the same bytes "
-                   "[default: 0, with --zip studies // 5 (at least 1)].")
-@click.option("--zip", "as_zip", is_flag=True,
-              help="OUT is a new zip file (e.g. rsna.zip) laid out like the Kaggle download: "
-                   "rsna-intracranial-hemorrhage-detection/ with both DICOM folders and both CSVs.")
-@click.option("--zip-method", type=click.Choice(["deflated", "stored"]), default="deflated", show_default=True,
-              help="Compression of the zip members (Kaggle's zip is deflated).")
-def synth(out: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pixels: int, test_studies: int | None,
-          as_zip: bool, zip_method: str) -> None:
+@click.option(
+    "--lesion-rate",
+    type=click.FloatRange(0, 1),
+    default=0.4,
+    show_default=True,
+    help="Chance that a study has hemorrhage (real archive ~0.41).",
+)
+@click.option(
+    "--min-lesion-pixels",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Lesion cross-sections smaller than this (pixels at 512²) are neither drawn nor labelled; "
+    "raise it (e.g. 600) for an easy set whose labels are all visible at low resolution.",
+)
+@click.option(
+    "--test-studies",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Extra studies of other patients, unlabelled, in stage_2_test/ and listed in "
+    "stage_2_sample_submission.csv; the train files stay the same bytes "
+    "[default: 0, with --zip studies // 5 (at least 1)].",
+)
+@click.option(
+    "--zip",
+    "as_zip",
+    is_flag=True,
+    help="OUT is a new zip file (e.g. rsna.zip) laid out like the Kaggle download: "
+    "rsna-intracranial-hemorrhage-detection/ with both DICOM folders and both CSVs.",
+)
+@click.option(
+    "--zip-method",
+    type=click.Choice(["deflated", "stored"]),
+    default="deflated",
+    show_default=True,
+    help="Compression of the zip members (Kaggle's zip is deflated).",
+)
+def synth(
+    out: Path,
+    studies: int,
+    seed: int,
+    lesion_rate: float,
+    min_lesion_pixels: int,
+    test_studies: int | None,
+    as_zip: bool,
+    zip_method: str,
+) -> None:
     """Write a synthetic RSNA-style dataset to OUT.
 
     OUT is a folder (stage_2_train/ + stage_2_train.csv, and with --test-studies stage_2_test/ +
@@ -121,9 +154,17 @@ def synth(out: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pix
 
     with _bar(None, "slice", "synth") as progress:
         try:
-            summary = generate(out, studies=studies, seed=seed, progress=progress, lesion_rate=lesion_rate,
-                               min_lesion_pixels=min_lesion_pixels, test_studies=test_studies, as_zip=as_zip,
-                               zip_method=zip_method)
+            summary = generate(
+                out,
+                studies=studies,
+                seed=seed,
+                progress=progress,
+                lesion_rate=lesion_rate,
+                min_lesion_pixels=min_lesion_pixels,
+                test_studies=test_studies,
+                as_zip=as_zip,
+                zip_method=zip_method,
+            )
         except (ValueError, OSError) as exc:
             _fail(exc)
     click.echo(
@@ -131,9 +172,11 @@ def synth(out: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pix
         f"{summary.n_positive_slices} positive slices) to {summary.dicom_dir}\nlabels: {summary.labels_csv}"
     )
     if summary.test_dir is not None:
-        click.echo(f"test: {summary.n_test_slices} slices of {summary.n_test_studies} studies "
-                   f"({summary.n_test_patients} patients, unlabelled) in {summary.test_dir}\n"
-                   f"sample submission: {summary.sample_submission}")
+        click.echo(
+            f"test: {summary.n_test_slices} slices of {summary.n_test_studies} studies "
+            f"({summary.n_test_patients} patients, unlabelled) in {summary.test_dir}\n"
+            f"sample submission: {summary.sample_submission}"
+        )
     if summary.zip_path is not None:
         click.echo(f"zip: {summary.zip_path} ({summary.zip_path.stat().st_size} bytes, {zip_method})")
     for quirk, ids in summary.quirks.items():
@@ -143,13 +186,17 @@ def synth(out: Path, studies: int, seed: int, lesion_rate: float, min_lesion_pix
 def cluster_options(command):
     """--workers / --scheduler, shared by every command that runs on Dask."""
     command = click.option(
-        "--scheduler", metavar="ADDRESS", default=None,
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
         help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster.",
     )(command)
     return click.option(
-        "--workers", type=click.IntRange(min=1), default=None,
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
         help="Worker processes of a local Dask cluster [default: one per core, and no cluster for fewer than "
-             f"{MIN_FILES_FOR_CLUSTER} files, where starting one costs more than it saves].",
+        f"{MIN_FILES_FOR_CLUSTER} files, where starting one costs more than it saves].",
     )(command)
 
 
@@ -165,12 +212,18 @@ def _cluster(workers: int | None, scheduler: str | None):
 @main.command(epilog=SOURCE_HELP)
 @click.argument("dicom_dir", metavar="SOURCE", type=SourceParam())
 @click.option("--labels", "labels_csv", metavar="CSV", help=LABELS_HELP)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Parquet file to write, e.g. slices.parquet.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Parquet file to write, e.g. slices.parquet.",
+)
 @cluster_options
 def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | None, scheduler: str | None) -> None:
     """Read every DICOM header of SOURCE in parallel and write one Parquet row per file."""
-    from .scan import scan as run_scan, write_scan
+    from .scan import scan as run_scan
+    from .scan import write_scan
 
     cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
@@ -193,30 +246,82 @@ def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | No
 @main.command(epilog=SOURCE_HELP)
 @click.argument("dicom_dir", metavar="SOURCE", type=SourceParam())
 @click.option("--labels", "labels_csv", metavar="CSV", help=LABELS_HELP)
-@click.option("-o", "--output", "store", type=StoreParam(exists=False), required=True,
-              help="Zarr store to write: a folder (cache.zarr) or an object-store URL (s3://bucket/cache.zarr).")
-@click.option("--scan", "scan_parquet", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Use this `ichprep scan` table instead of scanning headers again.")
-@click.option("--size", type=click.IntRange(16, 2048), default=256, show_default=True,
-              help="Side of the square cached image, pixels.")
-@click.option("--window", "windows", multiple=True, metavar="NAME|NAME:CENTER:WIDTH",
-              help="A channel: preset brain, subdural, soft, bone, or a custom window. Repeat for each channel "
-                   "[default: brain, subdural, soft].")
-@click.option("--shard-slices", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="Slices per shard file (the unit of writing and of streaming).")
+@click.option(
+    "-o",
+    "--output",
+    "store",
+    type=StoreParam(exists=False),
+    required=True,
+    help="Zarr store to write: a folder (cache.zarr) or an object-store URL (s3://bucket/cache.zarr).",
+)
+@click.option(
+    "--scan",
+    "scan_parquet",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Use this `ichprep scan` table instead of scanning headers again.",
+)
+@click.option(
+    "--size",
+    type=click.IntRange(16, 2048),
+    default=256,
+    show_default=True,
+    help="Side of the square cached image, pixels.",
+)
+@click.option(
+    "--window",
+    "windows",
+    multiple=True,
+    metavar="NAME|NAME:CENTER:WIDTH",
+    help="A channel: preset brain, subdural, soft, bone, or a custom window. Repeat for each channel "
+    "[default: brain, subdural, soft].",
+)
+@click.option(
+    "--shard-slices",
+    type=click.IntRange(1, 4096),
+    default=64,
+    show_default=True,
+    help="Slices per shard file (the unit of writing and of streaming).",
+)
 @click.option("--compressor", type=click.Choice(COMPRESSORS), default=COMPRESSORS[0], show_default=True)
-@click.option("--compression-level", type=click.IntRange(1, 22), default=1, show_default=True,
-              help="zstd level (1-22) or blosc clevel (1-9); 1 measured smallest-and-fastest on CT slices.")
+@click.option(
+    "--compression-level",
+    type=click.IntRange(1, 22),
+    default=1,
+    show_default=True,
+    help="zstd level (1-22) or blosc clevel (1-9); 1 measured smallest-and-fastest on CT slices.",
+)
 @cluster_options
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other inputs or options.")
-@click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the manifest here, e.g. data_manifests/rsna-256.json.")
-@click.option("--pseudonymize-key", envvar="ICHPREP_PSEUDONYMIZE_KEY", metavar="KEY", default=None,
-              help="Replace patient/study/series/image ids and file paths in the store by HMAC-SHA256 "
-                   "pseudonyms under KEY (>= 16 characters; also read from $ICHPREP_PSEUDONYMIZE_KEY, "
-                   "which keeps it out of the process list).")
-def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_slices, compressor, compression_level,
-            workers, scheduler, overwrite, manifest_out, pseudonymize_key) -> None:
+@click.option(
+    "--manifest-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the manifest here, e.g. data_manifests/rsna-256.json.",
+)
+@click.option(
+    "--pseudonymize-key",
+    envvar="ICHPREP_PSEUDONYMIZE_KEY",
+    metavar="KEY",
+    default=None,
+    help="Replace patient/study/series/image ids and file paths in the store by HMAC-SHA256 "
+    "pseudonyms under KEY (>= 16 characters; also read from $ICHPREP_PSEUDONYMIZE_KEY, "
+    "which keeps it out of the process list).",
+)
+def convert(
+    dicom_dir,
+    labels_csv,
+    store,
+    scan_parquet,
+    size,
+    windows,
+    shard_slices,
+    compressor,
+    compression_level,
+    workers,
+    scheduler,
+    overwrite,
+    manifest_out,
+    pseudonymize_key,
+) -> None:
     """Convert every DICOM slice of SOURCE into one sharded Zarr v3 store.
 
     Rerunning the same command after an interruption resumes: completed shards
@@ -230,36 +335,61 @@ def convert(dicom_dir, labels_csv, store, scan_parquet, size, windows, shard_sli
 
     cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
-        spec = PreprocessSpec(windows=parse_windows(windows), size=size, shard_slices=shard_slices,
-                              compressor=compressor, compression_level=compression_level)
+        spec = PreprocessSpec(
+            windows=parse_windows(windows),
+            size=size,
+            shard_slices=shard_slices,
+            compressor=compressor,
+            compression_level=compression_level,
+        )
         scan_table = read_scan(scan_parquet) if scan_parquet else None
         with cluster as client, _bars() as progress:
-            summary = run_convert(dicom_dir, store, spec, labels_csv=labels_csv, scan_table=scan_table,
-                                  client=client, overwrite=overwrite, progress=progress,
-                                  pseudonymize_key=pseudonymize_key, manifest_out=manifest_out)
+            summary = run_convert(
+                dicom_dir,
+                store,
+                spec,
+                labels_csv=labels_csv,
+                scan_table=scan_table,
+                client=client,
+                overwrite=overwrite,
+                progress=progress,
+                pseudonymize_key=pseudonymize_key,
+                manifest_out=manifest_out,
+            )
     except (IchprepError, OSError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {summary.store}")
-    click.echo(f"  slices written   {summary.n_slices} in {summary.n_studies} studies, {summary.n_shards} shards"
-               + (f" ({summary.shards_skipped} already done, verified and skipped)" if summary.shards_skipped else ""))
-    click.echo(f"  rejected         {summary.n_rejected}"
-               + "".join(f"\n    {reason}: {count}" for reason, count in summary.rejected.items()))
+    click.echo(
+        f"  slices written   {summary.n_slices} in {summary.n_studies} studies, {summary.n_shards} shards"
+        + (f" ({summary.shards_skipped} already done, verified and skipped)" if summary.shards_skipped else "")
+    )
+    click.echo(
+        f"  rejected         {summary.n_rejected}"
+        + "".join(f"\n    {reason}: {count}" for reason, count in summary.rejected.items())
+    )
     click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
-    click.echo(f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
-               f"({format_bytes(summary.source_bytes)})")
+    click.echo(
+        f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
+        f"({format_bytes(summary.source_bytes)})"
+    )
     if manifest_out:
         click.echo(f"  manifest also written to {manifest_out}")
     if summary.n_rejected:
-        click.echo(f"completed with {summary.n_rejected} rejected (listed with reasons in "
-                   f"{summary.store}/rejected.csv)")
+        click.echo(
+            f"completed with {summary.n_rejected} rejected (listed with reasons in {summary.store}/rejected.csv)"
+        )
     else:
         click.echo("completed, nothing rejected")
 
 
 @main.command()
 @click.argument("store", type=StoreParam())
-@click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Check against this manifest (e.g. data_manifests/NAME.json) instead of STORE/manifest.json.")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Check against this manifest (e.g. data_manifests/NAME.json) instead of STORE/manifest.json.",
+)
 def verify(store: Path, manifest_path: Path | None) -> None:
     """Recompute every checksum of STORE and check its tables; exit 1 listing every problem."""
     from .manifest import verify_store
@@ -297,11 +427,19 @@ def info(store: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("store", type=StoreParam())
 @click.option("--study", default=None, metavar="UID", help="Show all slices of this StudyInstanceUID.")
-@click.option("--slot", "--index", "slot", type=click.IntRange(min=0), default=None, metavar="SLOT",
-              help="Show the study of this slot (a row of the store), the slot highlighted.")
+@click.option(
+    "--slot",
+    "--index",
+    "slot",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="SLOT",
+    help="Show the study of this slot (a row of the store), the slot highlighted.",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
-@click.option("--max-slices", type=click.IntRange(min=1), default=40, show_default=True,
-              help="Subsample longer studies evenly.")
+@click.option(
+    "--max-slices", type=click.IntRange(min=1), default=40, show_default=True, help="Subsample longer studies evenly."
+)
 def show(store: Path, study: str | None, slot: int | None, output: Path, max_slices: int) -> None:
     """Write a montage of a study's cached slices (a panel per window, labels as captions)."""
     from .report import save_montage
@@ -318,10 +456,18 @@ def show(store: Path, study: str | None, slot: int | None, output: Path, max_sli
 @main.command()
 @click.argument("store", type=StoreParam())
 @click.argument("dest", type=StoreParam(exists=False))
-@click.option("--studies", "studies_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Only these studies: a text file with one StudyInstanceUID per line.")
-@click.option("--shard-slices", type=click.IntRange(1, 4096), default=None,
-              help="Re-shard to this many slices per shard [default: as the source].")
+@click.option(
+    "--studies",
+    "studies_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Only these studies: a text file with one StudyInstanceUID per line.",
+)
+@click.option(
+    "--shard-slices",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Re-shard to this many slices per shard [default: as the source].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
 def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int | None, overwrite: bool) -> None:
     """Copy STORE, or a subset of its studies, to DEST as a store with its own manifest."""
@@ -334,14 +480,19 @@ def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int
     except (IchprepError, OSError) as exc:
         _fail(exc)
     how = "copied byte for byte" if summary.copied_verbatim else f"re-sharded into {summary.n_shards} shards"
-    click.echo(f"exported {summary.n_studies} studies ({summary.n_slices} slices) to {dest}, {how}; "
-               f"check it with: ichprep verify {dest}")
+    click.echo(
+        f"exported {summary.n_studies} studies ({summary.n_slices} slices) to {dest}, {how}; "
+        f"check it with: ichprep verify {dest}"
+    )
 
 
 @main.command()
 @click.argument("store", type=StoreParam())
-@click.option("--manifest-out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the restated manifest here, e.g. over data_manifests/NAME.json.")
+@click.option(
+    "--manifest-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the restated manifest here, e.g. over data_manifests/NAME.json.",
+)
 def upgrade(store: Path, manifest_out: Path | None) -> None:
     """Bring STORE to the current store format by rewriting its metadata (shards are left byte for byte)."""
     from .upgrade import upgrade_store
@@ -353,10 +504,14 @@ def upgrade(store: Path, manifest_out: Path | None) -> None:
     if not summary.rewritten:
         click.echo(f"{store} is already store format {summary.to_version}; nothing to do")
         return
-    click.echo(f"upgraded {store} from store format {summary.from_version} to {summary.to_version}: rewrote "
-               f"{', '.join(summary.rewritten)}; shards untouched; check it with: ichprep verify {store}")
+    click.echo(
+        f"upgraded {store} from store format {summary.from_version} to {summary.to_version}: rewrote "
+        f"{', '.join(summary.rewritten)}; shards untouched; check it with: ichprep verify {store}"
+    )
     from .store import MANIFEST
 
     if MANIFEST in summary.rewritten and manifest_out is None:
-        click.echo("the manifest changed: replace any published copy of it (e.g. data_manifests/NAME.json) "
-                   f"with {store}/{MANIFEST}")
+        click.echo(
+            "the manifest changed: replace any published copy of it (e.g. data_manifests/NAME.json) "
+            f"with {store}/{MANIFEST}"
+        )

@@ -41,7 +41,7 @@ def default_workers() -> int:
 
 
 @contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator["distributed.Client"]:  # noqa: F821
+def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a connected client; a LocalCluster we started is closed on exit.
 
     ``scheduler`` (e.g. ``tcp://10.0.0.5:8786``) joins an existing cluster:
@@ -66,13 +66,17 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     logger.info("starting a local Dask cluster with %d worker processes", n)
     # Threads per worker = 1: pydicom parsing and numpy on 512x512 slices hold the GIL
     # often enough that processes scale better than threads.
-    with dask.config.set(WORKER_CONFIG), LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(WORKER_CONFIG),
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -84,14 +88,15 @@ class OnDemand:
     cluster it started is closed on exit.
     """
 
-    def __init__(self, workers: int | None = None, scheduler: str | None = None,
-                 min_files: int = MIN_FILES_FOR_CLUSTER):
+    def __init__(
+        self, workers: int | None = None, scheduler: str | None = None, min_files: int = MIN_FILES_FOR_CLUSTER
+    ):
         self.workers, self.scheduler, self.min_files = workers, scheduler, min_files
         self._stack = ExitStack()
         self._client = None
         self._said_in_process = False
 
-    def __enter__(self) -> "OnDemand":
+    def __enter__(self) -> OnDemand:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -102,8 +107,9 @@ class OnDemand:
         """The client for ``n_files`` files of work, or None to run them in this process."""
         if self._client is None and self.workers is None and self.scheduler is None and n_files < self.min_files:
             if not self._said_in_process:  # the scan and the conversion both ask
-                logger.info("%d files: working in this process (a local cluster pays off from %d)", n_files,
-                            self.min_files)
+                logger.info(
+                    "%d files: working in this process (a local cluster pays off from %d)", n_files, self.min_files
+                )
                 self._said_in_process = True
             return None
         if self._client is None:

@@ -20,14 +20,13 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,17 +36,30 @@ from .cluster import resolve_client
 from .dicomio import read_slice
 from .errors import DicomReadError, ScanTableError, StoreExistsError
 from .labels import read_labels
+from .location import Location, as_location
+from .lock import LOCK, store_lock
 from .manifest import build_manifest, source_digest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
 from .scan import OK, attach_labels, scan
 from .shardcodec import FastLayout, Mismatch
 from .source import ZIP_COLUMNS, Member, Source, members_of, parse_source, read_member
 from .spec import PreprocessSpec
-from .location import Location, as_location
-from .lock import LOCK, store_lock
 from .store import (
-    IMAGES, MARKERS, REJECTED, RUN_FILE, SLICE_COLUMNS, SLICES, STATE, STUDIES, build_studies, create_images,
-    images_layout, marker_path, n_shards, shard_path, write_shard,
+    IMAGES,
+    MARKERS,
+    REJECTED,
+    RUN_FILE,
+    SLICE_COLUMNS,
+    SLICES,
+    STATE,
+    STUDIES,
+    build_studies,
+    create_images,
+    images_layout,
+    marker_path,
+    n_shards,
+    shard_path,
+    write_shard,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,6 +95,7 @@ class ConvertSummary:
 
 # ---------------------------------------------------------------- one shard (runs on a worker)
 
+
 def _inputs_digest(start: int, paths: list[str]) -> str:
     return hashlib.sha256(json.dumps([start, paths]).encode()).hexdigest()
 
@@ -103,8 +116,15 @@ def _completed(root: Location, shard: int, digest: str) -> dict | None:
     return done
 
 
-def convert_shard(root: str, shard: int, start: int, members: list[Member], spec: PreprocessSpec,
-                  layout: FastLayout | Mismatch | None = None, source: Source | None = None) -> dict:
+def convert_shard(
+    root: str,
+    shard: int,
+    start: int,
+    members: list[Member],
+    spec: PreprocessSpec,
+    layout: FastLayout | Mismatch | None = None,
+    source: Source | None = None,
+) -> dict:
     """Decode, preprocess and write shard number ``shard`` whole (slots from ``start``); return its record.
 
     Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
@@ -141,6 +161,7 @@ def convert_shard(root: str, shard: int, start: int, members: list[Member], spec
 
 
 # ---------------------------------------------------------------- the run
+
 
 def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
     """What must match for a rerun to resume instead of refusing."""
@@ -189,8 +210,10 @@ class ShardTask(NamedTuple):
 
 
 def _tasks(n_slots: int, shard_slices: int) -> list[ShardTask]:
-    return [ShardTask(shard, start, min(start + shard_slices, n_slots))
-            for shard, start in enumerate(range(0, n_slots, shard_slices))]
+    return [
+        ShardTask(shard, start, min(start + shard_slices, n_slots))
+        for shard, start in enumerate(range(0, n_slots, shard_slices))
+    ]
 
 
 def _write_plan(root: Location, plan: pd.DataFrame) -> str:
@@ -208,16 +231,19 @@ def _write_plan(root: Location, plan: pd.DataFrame) -> str:
 
 @lru_cache(maxsize=2)
 def _plan_members(root: str, key: str) -> list[Member]:
-    """The plan a worker reads once per run (``key``: the plan file's sha256, so a new run is never served an old one)."""
+    """The plan a worker reads once per run (``key``: the plan file's sha256: a new run never gets an old one)."""
     return members_of(pd.read_parquet(io.BytesIO(Location(root).read_bytes(PLAN))))
 
 
-def convert_shards(root: str, shards: list[ShardTask], spec: PreprocessSpec, source: Source, plan_key: str) -> list[dict]:
+def convert_shards(
+    root: str, shards: list[ShardTask], spec: PreprocessSpec, source: Source, plan_key: str
+) -> list[dict]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
     members = _plan_members(root, plan_key)
-    return [convert_shard(root, shard, start, members[start:stop], spec, layout, source)
-            for shard, start, stop in shards]
+    return [
+        convert_shard(root, shard, start, members[start:stop], spec, layout, source) for shard, start, stop in shards
+    ]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
@@ -230,8 +256,9 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
 
-def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, client, progress, source: Source,
-               plan: pd.DataFrame) -> list[dict]:
+def _run_tasks(
+    root: Location, tasks: list[ShardTask], spec: PreprocessSpec, client, progress, source: Source, plan: pd.DataFrame
+) -> list[dict]:
     results = []
     if client is None:
         layout = images_layout(root)
@@ -247,9 +274,17 @@ def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, cli
     per_task = shards_per_task(len(tasks), sum(client.nthreads().values()))
     batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
     # One map call (one message to the scheduler), and results that come with the completions.
-    futures = client.map(convert_shards, [root.url] * len(batches), batches, [spec] * len(batches),
-                         [source] * len(batches), [plan_key] * len(batches),
-                         key=[f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches], retries=3, pure=False)
+    futures = client.map(
+        convert_shards,
+        [root.url] * len(batches),
+        batches,
+        [spec] * len(batches),
+        [source] * len(batches),
+        [plan_key] * len(batches),
+        key=[f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches],
+        retries=3,
+        pure=False,
+    )
     for _, done in as_completed(futures, with_results=True):
         results.extend(done)
         if progress:
@@ -259,8 +294,10 @@ def _run_tasks(root: Location, tasks: list[ShardTask], spec: PreprocessSpec, cli
 
 def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
     """Header failures, then pixel failures (``error`` is "reason: detail"); built row by row, failures are few."""
-    rows = [(p, i, "header", reason, detail) for p, i, reason, detail in
-            header_failures[["path", "image_id", "status", "error"]].itertuples(index=False)]
+    rows = [
+        (p, i, "header", reason, detail)
+        for p, i, reason, detail in header_failures[["path", "image_id", "status", "error"]].itertuples(index=False)
+    ]
     failed = slices.loc[~slices["ok"], ["path", "image_id", "error"]]
     for path, image_id, error in failed.itertuples(index=False):
         reason, _, detail = str(error).partition(":")
@@ -275,8 +312,10 @@ def _check_scan_source(table: pd.DataFrame, source: Source) -> None:
     paths = table["path"].astype(str)
     foreign = ~paths.str.startswith(source.prefix)
     if foreign.any():
-        raise ScanTableError(f"the scan table lists {paths[foreign].iloc[0]}, which is not in {source}: "
-                             "pass the SOURCE it was scanned from, or scan this SOURCE again")
+        raise ScanTableError(
+            f"the scan table lists {paths[foreign].iloc[0]}, which is not in {source}: "
+            "pass the SOURCE it was scanned from, or scan this SOURCE again"
+        )
 
 
 def convert(
@@ -366,7 +405,9 @@ def convert(
         plan = table[table["status"] == OK].reset_index(drop=True)
         header_failures = table[table["status"] != OK]
         if plan.empty:
-            raise DicomReadError(str(source), f"no readable CT slice among {len(table)} files; see the scan for reasons")
+            raise DicomReadError(
+                str(source), f"no readable CT slice among {len(table)} files; see the scan for reasons"
+            )
 
         identity = _identity(spec, plan)
         resuming = _prepare(root, identity, overwrite)
@@ -375,12 +416,15 @@ def convert(
             root.makedirs(MARKERS)
             root.write_json(RUN_FILE, identity)
         advance = progress("convert", len(plan)) if progress else None
-        results = _run_tasks(root, _tasks(len(plan), spec.shard_slices), spec, resolve_client(client, len(plan)),
-                             advance, source, plan)
+        results = _run_tasks(
+            root, _tasks(len(plan), spec.shard_slices), spec, resolve_client(client, len(plan)), advance, source, plan
+        )
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
-        slices = plan.assign(ok=[i not in errors for i in range(len(plan))],
-                             error=pd.array([errors.get(i) for i in range(len(plan))], dtype="string"))
+        slices = plan.assign(
+            ok=[i not in errors for i in range(len(plan))],
+            error=pd.array([errors.get(i) for i in range(len(plan))], dtype="string"),
+        )
         slices = slices[SLICE_COLUMNS]
         if originals:  # decode errors can quote a path
             slices = slices.assign(error=scrub(slices["error"], originals))
@@ -388,8 +432,14 @@ def convert(
         root.write_parquet(STUDIES, build_studies(slices))
         rejected = _rejected_table(header_failures, slices)
         root.write_csv(REJECTED, rejected)
-        manifest = build_manifest(root, results, slices, source_summary(table), len(header_failures),
-                                  pseudonymized=pseudonymize_key is not None)
+        manifest = build_manifest(
+            root,
+            results,
+            slices,
+            source_summary(table),
+            len(header_failures),
+            pseudonymized=pseudonymize_key is not None,
+        )
         write_manifest(root, manifest, extra_copy=manifest_out)
 
     wall = time.perf_counter() - started

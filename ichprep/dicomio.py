@@ -57,8 +57,19 @@ from .plainread import PlainDataset, parse, read_plain
 logger = logging.getLogger(__name__)
 
 #: What pydicom raises on malformed bytes while parsing values (found by fuzzing; see tests/test_hostile.py).
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError,
-                 NotImplementedError, RecursionError, MemoryError, BytesLengthException)
+_PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    UnicodeError,
+    OverflowError,
+    NotImplementedError,
+    RecursionError,
+    MemoryError,
+    BytesLengthException,
+)
 
 #: Pixel data elements; any of them makes an image.
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -341,8 +352,9 @@ def _pixels(ds: AnyDataset, header: SliceHeader) -> np.ndarray:
     if pixels is None:
         pixels = _decode(ds, header)
     if pixels.shape != (header.rows, header.cols):
-        raise UnsupportedImageError(header.path, f"decoded pixels have shape {pixels.shape}, "
-                                                 f"expected ({header.rows}, {header.cols})")
+        raise UnsupportedImageError(
+            header.path, f"decoded pixels have shape {pixels.shape}, expected ({header.rows}, {header.cols})"
+        )
     return pixels
 
 
@@ -371,7 +383,8 @@ def _check_decodable(header: SliceHeader, bits_allocated: int | None, pixel_data
     syntax = _syntax(header.transfer_syntax)
     if syntax.unsupported is not None:
         raise UnsupportedTransferSyntaxError(
-            header.path, f"cannot decode transfer syntax {header.transfer_syntax}: {syntax.unsupported}")
+            header.path, f"cannot decode transfer syntax {header.transfer_syntax}: {syntax.unsupported}"
+        )
     if syntax.native and bits_allocated in _VALID_BITS_ALLOCATED and pixel_data is not None:
         _check_length(header, bits_allocated, len(pixel_data))
 
@@ -407,10 +420,14 @@ def _check_length(header: SliceHeader, bits_allocated: int, actual: int) -> None
     padded = expected + expected % 2  # an odd length is padded to even in the file
     if actual < padded and actual != expected:
         # Worded as pydicom words it, so rejected.csv reads the same whichever reader read the file.
-        raise TruncatedFileError(header.path, (
-            f"pixel data is truncated: The number of bytes of pixel data is less than expected ({actual} vs "
-            f"{padded} bytes) - the dataset may be corrupted, have an invalid group 0028 element value, or the "
-            "transfer syntax may be incorrect"))
+        raise TruncatedFileError(
+            header.path,
+            (
+                f"pixel data is truncated: The number of bytes of pixel data is less than expected ({actual} vs "
+                f"{padded} bytes) - the dataset may be corrupted, have an invalid group 0028 element value, or the "
+                "transfer syntax may be incorrect"
+            ),
+        )
 
 
 def _native_pixels(ds: AnyDataset, header: SliceHeader) -> np.ndarray | None:
@@ -483,12 +500,31 @@ def _text(value) -> str | None:
 
 #: The elements ichkit reads, with the VR the standard gives them: tag and VR let :func:`_values`
 #: read them from the raw bytes of an implicit or explicit VR little endian file.
-_ELEMENTS = {keyword: (tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword))) for keyword in (
-    "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-    "InstanceNumber", "ImagePositionPatient", "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns",
-    "PixelSpacing", "BitsAllocated", "BitsStored", "PixelRepresentation", "WindowCenter", "WindowWidth",
-    "RescaleIntercept", "RescaleSlope",
-)}
+_ELEMENTS = {
+    keyword: (tag_for_keyword(keyword), dictionary_VR(tag_for_keyword(keyword)))
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Modality",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "InstanceNumber",
+        "ImagePositionPatient",
+        "SamplesPerPixel",
+        "NumberOfFrames",
+        "Rows",
+        "Columns",
+        "PixelSpacing",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+        "WindowCenter",
+        "WindowWidth",
+        "RescaleIntercept",
+        "RescaleSlope",
+    )
+}
 _TEXT_VRS = frozenset({"UI", "CS", "LO", "SH", "DS", "IS"})
 
 

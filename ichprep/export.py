@@ -18,11 +18,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import StoreExistsError, StoreError
+from .errors import StoreError, StoreExistsError
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
-from .store import (MANIFEST, REJECTED, SLICES, STUDIES, build_studies, create_images, images_layout, open_reader,
-                    open_store, store_files, write_shard)
+from .store import (
+    MANIFEST,
+    REJECTED,
+    SLICES,
+    STUDIES,
+    build_studies,
+    create_images,
+    images_layout,
+    open_reader,
+    open_store,
+    store_files,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +75,14 @@ def _prepare_dest(dest: Location, overwrite: bool) -> None:
     dest.makedirs()
 
 
-def export_store(src: str | Path | Location, dest: str | Path | Location, studies: list[str] | None = None,
-                 shard_slices: int | None = None, overwrite: bool = False,
-                 progress: Callable[[int], None] | None = None) -> ExportSummary:
+def export_store(
+    src: str | Path | Location,
+    dest: str | Path | Location,
+    studies: list[str] | None = None,
+    shard_slices: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ExportSummary:
     """Write a store, or some of its studies, to ``dest`` as a new store with its own manifest.
 
     Parameters
@@ -112,8 +128,9 @@ def export_store(src: str | Path | Location, dest: str | Path | Location, studie
     chosen = store.studies if studies is None else store.studies[store.studies["study_uid"].isin(studies)]
     unknown = sorted(set(studies or []) - set(chosen["study_uid"]))
     if unknown:
-        raise StoreError(f"{len(unknown)} studies are not in {src} (e.g. {unknown[:3]}); "
-                         f"study UIDs are listed in {STUDIES}")
+        raise StoreError(
+            f"{len(unknown)} studies are not in {src} (e.g. {unknown[:3]}); study UIDs are listed in {STUDIES}"
+        )
     chosen = chosen.sort_values("start")
     slots = np.concatenate([np.arange(r.start, r.stop) for r in chosen.itertuples()])
     slices = store.slices.iloc[slots].reset_index(drop=True)

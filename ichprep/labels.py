@@ -71,8 +71,17 @@ def read_labels(path: str | Path) -> pd.DataFrame:
         spread = long[dup].groupby(key)["label"].transform("nunique")
         conflicts = long[dup][spread > 1]
         if len(conflicts):
-            _fail(path, conflicts, "conflicting duplicate labels", "each ID must have one label; fix or drop one of the rows")
-        logger.info("%s: %d duplicate rows that agree were merged", path, int(dup.sum() - long[dup].drop_duplicates(key).shape[0]))
+            _fail(
+                path,
+                conflicts,
+                "conflicting duplicate labels",
+                "each ID must have one label; fix or drop one of the rows",
+            )
+        logger.info(
+            "%s: %d duplicate rows that agree were merged",
+            path,
+            int(dup.sum() - long[dup].drop_duplicates(key).shape[0]),
+        )
         long = long.drop_duplicates(key)
 
     wide = long.pivot(index="image_id", columns="subtype", values="label")

@@ -96,5 +96,5 @@ def _lease(root: Location) -> Iterator[None]:
 def store_lock(root: str | os.PathLike | Location) -> Iterator[None]:
     """Hold the store's lock for the duration of the block (flock locally, a lease on object stores)."""
     root = as_location(root)
-    with (_flock(root) if root.is_local else _lease(root)):
+    with _flock(root) if root.is_local else _lease(root):
         yield

@@ -20,7 +20,16 @@ import pandas as pd
 from .errors import StoreError
 from .location import Location, as_location, read_any
 from .store import (
-    GROUP_META, IMAGES_META, MANIFEST, REJECTED, SHARD_DIR, SLICES, STUDIES, count_patients, open_store, read_attrs,
+    GROUP_META,
+    IMAGES_META,
+    MANIFEST,
+    REJECTED,
+    SHARD_DIR,
+    SLICES,
+    STUDIES,
+    count_patients,
+    open_store,
+    read_attrs,
     shard_path,
 )
 
@@ -35,8 +44,9 @@ def _entry(root: Location, name: str) -> dict:
 def source_digest(table: pd.DataFrame) -> str:
     """sha256 over 'relative path<TAB>size' of every scanned file, in scan order."""
     # .tolist() first: arrow-backed columns are slow to iterate element by element.
-    listing = "\n".join(f"{p}\t{s}" for p, s in zip(table["path"].astype(str).tolist(),
-                                                      table["file_size"].fillna(-1).tolist()))
+    listing = "\n".join(
+        f"{p}\t{s}" for p, s in zip(table["path"].astype(str).tolist(), table["file_size"].fillna(-1).tolist())
+    )
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -45,8 +55,14 @@ def source_summary(table: pd.DataFrame) -> dict:
     return {"n_files": len(table), "bytes": int(table["file_size"].fillna(0).sum()), "sha256": source_digest(table)}
 
 
-def build_manifest(root: Location, shard_results: list[dict], slices: pd.DataFrame, source: dict,
-                   header_failures: int, pseudonymized: bool = False) -> dict:
+def build_manifest(
+    root: Location,
+    shard_results: list[dict],
+    slices: pd.DataFrame,
+    source: dict,
+    header_failures: int,
+    pseudonymized: bool = False,
+) -> dict:
     """Manifest of a finished store from its shard records and the slices table it has just written;
     ``source`` from :func:`source_summary`."""
     files = {}
@@ -78,8 +94,10 @@ def build_manifest(root: Location, shard_results: list[dict], slices: pd.DataFra
 def with_metadata(manifest: dict, rewritten: dict[str, bytes], spec_attrs: dict) -> dict:
     """``manifest`` restated for metadata files rewritten in place (shards untouched): their entries,
     the spec block and the store's byte count."""
-    files = {**manifest["files"], **{name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                                     for name, data in rewritten.items()}}
+    files = {
+        **manifest["files"],
+        **{name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in rewritten.items()},
+    }
     counts = {**manifest["counts"], "store_bytes": sum(f["size"] for f in files.values())}
     return {**manifest, "spec": spec_attrs, "counts": counts, "files": files}
 

@@ -76,8 +76,12 @@ class PlainDataset:
     @cached_property
     def _pydicom(self) -> Dataset:
         """The same raw elements as a pydicom Dataset; pydicom converts them as it would after ``dcmread``."""
-        ds = Dataset({BaseTag(tag): elem._replace(tag=BaseTag(tag), value=_own_bytes(elem.value))
-                      for tag, elem in self._elements.items()})
+        ds = Dataset(
+            {
+                BaseTag(tag): elem._replace(tag=BaseTag(tag), value=_own_bytes(elem.value))
+                for tag, elem in self._elements.items()
+            }
+        )
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = self.file_meta["TransferSyntaxUID"]
         ds.set_original_encoding(self.file_meta["TransferSyntaxUID"] == _IMPLICIT_LE, True)
@@ -163,8 +167,10 @@ def parse(data: bytes | memoryview, want_pixels: bool = True) -> PlainDataset | 
     walk = _walk(data, meta.stop, implicit, meta=False, want_pixels=want_pixels)
     if walk is None:
         return None
-    elements = {tag: RawDataElement(tag, vr, length, bytes(data[offset : offset + length]), offset, implicit, True, True)
-                for tag, (vr, offset, length) in walk.elements.items()}
+    elements = {
+        tag: RawDataElement(tag, vr, length, bytes(data[offset : offset + length]), offset, implicit, True, True)
+        for tag, (vr, offset, length) in walk.elements.items()
+    }
     if walk.pixels is not None and want_pixels:
         tag, vr, offset, length = walk.pixels
         value = memoryview(data)[offset : offset + length]
@@ -187,8 +193,12 @@ def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainData
             else:
                 data = f.read() if want_pixels else f.read(HEAD_BYTES)
             plain = parse(data, want_pixels)
-            if (not want_pixels and len(data) == HEAD_BYTES and (plain is None or not plain.has_pixels)
-                    and data[128:132] == b"DICM"):
+            if (
+                not want_pixels
+                and len(data) == HEAD_BYTES
+                and (plain is None or not plain.has_pixels)
+                and data[128:132] == b"DICM"
+            ):
                 plain = parse(data + f.read(), want_pixels)  # a DICOM header longer than HEAD_BYTES
             return plain
     except FileNotFoundError:

@@ -30,8 +30,10 @@ def pseudonym(key: str, kind: str, value: str) -> str:
 
 def check_key(key: str) -> str:
     if len(key) < 16:
-        raise ValueError("--pseudonymize-key must be at least 16 characters (it is the only secret protecting "
-                         "the identifiers); generate one with: python -c 'import secrets; print(secrets.token_hex(16))'")
+        raise ValueError(
+            "--pseudonymize-key must be at least 16 characters (it is the only secret protecting "
+            "the identifiers); generate one with: python -c 'import secrets; print(secrets.token_hex(16))'"
+        )
     return key
 
 
@@ -65,5 +67,8 @@ def pseudonymize_scan(table: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict
 def scrub(texts: pd.Series, originals: dict[str, str]) -> pd.Series:
     """Replace every original identifier or path quoted in free text by its pseudonym (longest first)."""
     pattern = re.compile("|".join(re.escape(o) for o in sorted(originals, key=len, reverse=True)))
-    return texts.astype("string").map(lambda t: pattern.sub(lambda m: originals[m.group(0)], t),
-                                      na_action="ignore").astype("string")
+    return (
+        texts.astype("string")
+        .map(lambda t: pattern.sub(lambda m: originals[m.group(0)], t), na_action="ignore")
+        .astype("string")
+    )

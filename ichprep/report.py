@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- info
 
+
 def _fraction(part: int, whole: int) -> float | None:
     return part / whole if whole else None  # None, not NaN: the dict must stay valid JSON
 
@@ -46,8 +47,11 @@ def store_info(root: str | Path) -> dict:
     for name in LABELS:
         known = ok & slices[name].notna().to_numpy()
         positive = int((slices.loc[known, name] == 1).sum())
-        prevalence[name] = {"positive": positive, "labelled": int(known.sum()),
-                            "fraction": _fraction(positive, int(known.sum()))}
+        prevalence[name] = {
+            "positive": positive,
+            "labelled": int(known.sum()),
+            "fraction": _fraction(positive, int(known.sum())),
+        }
     # A study is positive when any of its labelled, decoded slices is; it counts once however many are.
     labelled_any = slices.loc[ok & slices["any"].notna().to_numpy(), ["study_uid", "any"]]
     per_study = labelled_any.groupby("study_uid")["any"].max()
@@ -86,8 +90,11 @@ def store_info(root: str | Path) -> dict:
         "labels": {
             "slices": prevalence,
             "unlabelled_slices": int(slices[list(LABELS)].isna().all(axis=1).sum()),
-            "studies_any": {"positive": studies_positive, "labelled": len(per_study),
-                            "fraction": _fraction(studies_positive, len(per_study))},
+            "studies_any": {
+                "positive": studies_positive,
+                "labelled": len(per_study),
+                "fraction": _fraction(studies_positive, len(per_study)),
+            },
         },
         "size": {
             "store_bytes": store_bytes,
@@ -156,7 +163,7 @@ def format_info(info: dict) -> str:
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 GAP, CAPTION_W, TITLE_H, HEADER_H, LINE_H = 8, 240, 74, 44, 18
-BIG_PANEL, SMALL_PANEL, BIG_PANEL_ROWS = 256, 128, 12   # at most 12 rows get full-size panels
+BIG_PANEL, SMALL_PANEL, BIG_PANEL_ROWS = 256, 128, 12  # at most 12 rows get full-size panels
 # RGB colours (the image is RGB; save_montage converts to OpenCV's BGR).
 BG, TEXT, DIM = (20, 20, 24), (230, 230, 230), (150, 150, 160)
 POSITIVE, STRIPE, NEGATIVE = (255, 150, 40), (230, 45, 45), (140, 200, 140)
@@ -229,8 +236,10 @@ def _unknown_study(store: Store, study: str) -> ValueError:
     where = f"no study {study!r} among the {len(store.studies)} studies of {store.root}"
     how = f"study UIDs are listed in {store.root.child_url(STUDIES)} (column study_uid); `ichprep info` shows counts"
     slices = store.slices
-    for column, hint in (("image_id", "that is an image id: use --slot {i}"),
-                         ("series_uid", "that is a series UID (slot {i}): use --slot {i}")):
+    for column, hint in (
+        ("image_id", "that is an image id: use --slot {i}"),
+        ("series_uid", "that is a series UID (slot {i}): use --slot {i}"),
+    ):
         hit = np.flatnonzero((slices[column] == study).fillna(False).to_numpy())
         if len(hit):
             return ValueError(f"{where}; {hint.format(i=int(hit[0]))}")
@@ -261,28 +270,33 @@ def _draw_row(canvas, layout: MontageLayout, r: int, i: int, row: dict, image: n
     if selected:  # framed in the gap around the row, so the panel pixels stay untouched
         cv2.rectangle(canvas, (2, y - GAP // 2 - 1), (layout.width - 3, y + side + GAP // 2), HIGHLIGHT, 3)
     if positive:  # a red bar down the row's left edge: positives stand out when scrolling a long study
-        canvas[y:y + side, 4:9] = STRIPE
+        canvas[y : y + side, 4:9] = STRIPE
     z = "n/a" if pd.isna(row["z"]) else f"{row['z']:.1f}"
     inst = "n/a" if pd.isna(row["instance_number"]) else str(row["instance_number"])
-    lines = [(f"#{i}" + ("  < selected" if selected else ""), HIGHLIGHT if selected else TEXT, 0.5),
-             (str(row["image_id"]), DIM, 0.4), (f"z {z}  inst {inst}", TEXT, 0.45)]
+    lines = [
+        (f"#{i}" + ("  < selected" if selected else ""), HIGHLIGHT if selected else TEXT, 0.5),
+        (str(row["image_id"]), DIM, 0.4),
+        (f"z {z}  inst {inst}", TEXT, 0.45),
+    ]
     lines += [(line, colour, 0.45) for text, colour in status for line in _wrap(text, CAPTION_W - 24)]
     for n, (text, colour, scale) in enumerate(lines):
         if 16 + n * LINE_H <= side:  # never spill into the next row
             _text(canvas, text, 16, y + 16 + n * LINE_H, colour, scale, max_w=CAPTION_W - 24)
     for c, channel in enumerate(image):
         if side != channel.shape[0]:  # INTER_AREA to shrink (no aliasing), nearest to enlarge (no blur)
-            channel = cv2.resize(channel, (side, side),
-                                 interpolation=cv2.INTER_AREA if side < channel.shape[0] else cv2.INTER_NEAREST)
+            channel = cv2.resize(
+                channel, (side, side), interpolation=cv2.INTER_AREA if side < channel.shape[0] else cv2.INTER_NEAREST
+            )
         py, px = layout.panel_origin(r, c)
-        canvas[py:py + side, px:px + side] = channel[..., None]
+        canvas[py : py + side, px : px + side] = channel[..., None]
         if not row["ok"]:  # zero-filled slot: cross it out so it is not mistaken for an empty slice
             cv2.line(canvas, (px, py), (px + side - 1, py + side - 1), FAILED, 1)
             cv2.line(canvas, (px + side - 1, py), (px, py + side - 1), FAILED, 1)
 
 
-def render_montage(root: str | Path, study: str | None = None, slot: int | None = None, max_slices: int = 40,
-                   panel: int | None = None) -> np.ndarray:
+def render_montage(
+    root: str | Path, study: str | None = None, slot: int | None = None, max_slices: int = 40, panel: int | None = None
+) -> np.ndarray:
     """An (H, W, 3) uint8 RGB picture of one study: a row per slice in z order, a column per window.
 
     Give exactly one of ``study`` (a study UID) or ``slot`` (a slice of the store: its study is shown
@@ -322,8 +336,14 @@ def render_montage(root: str | Path, study: str | None = None, slot: int | None 
     # worded like a slice caption).
     study_labels, colour = _status({**info, "ok": True})[0][0]
     _text(canvas, f"study {info['study_uid']}", 10, 22, TEXT, 0.5, max_w=layout.width - 20)
-    _text(canvas, f"patient {info['patient_id']}   slices {start}:{stop} ({stop - start}, showing {len(pick)})",
-          10, 44, DIM, max_w=layout.width - 20)
+    _text(
+        canvas,
+        f"patient {info['patient_id']}   slices {start}:{stop} ({stop - start}, showing {len(pick)})",
+        10,
+        44,
+        DIM,
+        max_w=layout.width - 20,
+    )
     _text(canvas, f"study labels: {study_labels}", 10, 64, colour, max_w=layout.width - 20)
     # Header row: the caption column's legend, then each window's name and HU range.
     _text(canvas, "slice / z / instance / labels", 10, TITLE_H + 26, DIM, 0.4)
@@ -337,8 +357,14 @@ def render_montage(root: str | Path, study: str | None = None, slot: int | None 
     return canvas
 
 
-def save_montage(root: str | Path, out_png: str | Path, study: str | None = None, slot: int | None = None,
-                 max_slices: int = 40, panel: int | None = None) -> Path:
+def save_montage(
+    root: str | Path,
+    out_png: str | Path,
+    study: str | None = None,
+    slot: int | None = None,
+    max_slices: int = 40,
+    panel: int | None = None,
+) -> Path:
     """Render :func:`render_montage` and write it as a PNG; returns the path written."""
     image = render_montage(root, study=study, slot=slot, max_slices=max_slices, panel=panel)
     out = Path(out_png)

@@ -19,11 +19,11 @@ import pandas as pd
 
 from .cluster import resolve_client
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
-from .store import count_patients
 from .errors import DicomReadError, ScanTableError
 from .labels import LABELS, read_labels
 from .plainread import HEAD_BYTES, parse
 from .source import ZIP_COLUMNS, Member, Source, list_members, parse_source, read_member
+from .store import count_patients
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,47 @@ OK = "ok"
 _HEADER_COLUMNS = [f.name for f in fields(SliceHeader)]
 #: pandas dtypes of the scan table (nullable, so a table of failures keeps its schema).
 SCAN_DTYPES: dict[str, str] = {
-    **{name: "string" for name in ("image_id", "path", "study_uid", "series_uid", "patient_id", "sop_uid",
-                                   "modality", "transfer_syntax", "status", "error", "order_by")},
-    **{name: "Float64" for name in ("z", "pixel_spacing_row", "pixel_spacing_col", "slope", "intercept",
-                                    "window_center", "window_width")},
-    **{name: "Int64" for name in ("instance_number", "rows", "cols", "bits_stored", "pixel_representation",
-                                  "samples_per_pixel", "n_frames", "file_size")},
+    **{
+        name: "string"
+        for name in (
+            "image_id",
+            "path",
+            "study_uid",
+            "series_uid",
+            "patient_id",
+            "sop_uid",
+            "modality",
+            "transfer_syntax",
+            "status",
+            "error",
+            "order_by",
+        )
+    },
+    **{
+        name: "Float64"
+        for name in (
+            "z",
+            "pixel_spacing_row",
+            "pixel_spacing_col",
+            "slope",
+            "intercept",
+            "window_center",
+            "window_width",
+        )
+    },
+    **{
+        name: "Int64"
+        for name in (
+            "instance_number",
+            "rows",
+            "cols",
+            "bits_stored",
+            "pixel_representation",
+            "samples_per_pixel",
+            "n_frames",
+            "file_size",
+        )
+    },
     **{name: "Int64" for name in ZIP_COLUMNS},
     "has_pixels": "boolean",
     **{name: "Int8" for name in LABELS},
@@ -115,7 +150,7 @@ def scan_files(paths: list[str] | list[Member], source: Source | None = None) ->
 
 def to_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    for name, dtype in SCAN_DTYPES.items():
+    for name in SCAN_DTYPES:
         if name not in frame:
             frame[name] = None
     return frame[list(SCAN_DTYPES)].astype(SCAN_DTYPES)
@@ -136,8 +171,10 @@ def order_slices(table: pd.DataFrame) -> pd.DataFrame:
     ok = table["status"] == OK
     good, bad = table[ok], table[~ok]
     all_z = good["z"].notna().groupby(good["study_uid"]).transform("all")
-    good = good.assign(order_by=all_z.map({True: "z", False: "instance_number"}).astype("string"),
-                       _key=good["z"].where(all_z, good["instance_number"].astype("Float64")))
+    good = good.assign(
+        order_by=all_z.map({True: "z", False: "instance_number"}).astype("string"),
+        _key=good["z"].where(all_z, good["instance_number"].astype("Float64")),
+    )
     good = good.sort_values(["study_uid", "_key", "instance_number", "image_id"], na_position="last", kind="stable")
     bad = bad.sort_values("path", kind="stable")
     return pd.concat([good.drop(columns="_key"), bad]).reset_index(drop=True)
@@ -260,11 +297,16 @@ def scan(
 def read_scan(path: str | Path) -> pd.DataFrame:
     """A table written by ``ichprep scan`` (refuses other Parquet files, e.g. a store's slices.parquet)."""
     frame = pd.read_parquet(path)
-    missing = [c for c in ("image_id", "path", "study_uid", "z", "instance_number", "status", "file_size")
-               if c not in frame.columns]
+    missing = [
+        c
+        for c in ("image_id", "path", "study_uid", "z", "instance_number", "status", "file_size")
+        if c not in frame.columns
+    ]
     if missing:
-        raise ScanTableError(f"{path} is not an `ichprep scan` table (no column {', '.join(missing)}); "
-                             "make one with `ichprep scan DICOM_DIR -o slices.parquet`")
+        raise ScanTableError(
+            f"{path} is not an `ichprep scan` table (no column {', '.join(missing)}); "
+            "make one with `ichprep scan DICOM_DIR -o slices.parquet`"
+        )
     return to_frame(frame)
 
 

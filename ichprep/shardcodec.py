@@ -49,7 +49,7 @@ class FastLayout:
 
     shape: tuple[int, ...]  # (N, C, H, W)
     shard_slices: int
-    level: int              # zstd level of the inner chunks (the encoder writes the same frames as zarr)
+    level: int  # zstd level of the inner chunks (the encoder writes the same frames as zarr)
 
 
 class Mismatch(NamedTuple):
@@ -83,20 +83,22 @@ def _array_mismatch(meta: dict) -> Mismatch | None:
     keys = meta.get("chunk_key_encoding", {})
     grid = meta.get("chunk_grid", {})
     shard_shape = grid.get("configuration", {}).get("chunk_shape", [])
-    return _first_mismatch([
-        ("zarr_format", meta.get("zarr_format"), 3),
-        ("node_type", meta.get("node_type"), "array"),
-        ("data_type", meta.get("data_type"), "uint8"),
-        ("shape", len(shape), 4),  # found/expected: the number of axes (slice, channel, y, x)
-        ("fill_value", meta.get("fill_value"), 0),
-        ("chunk_key_encoding.name", keys.get("name"), "default"),
-        # The v3 default chunk key encoding's separator is "/" unless configured otherwise.
-        ("chunk_key_encoding.configuration.separator", keys.get("configuration", {}).get("separator", "/"), "/"),
-        ("chunk_grid.name", grid.get("name"), "regular"),
-        ("chunk_grid.configuration.chunk_shape[1:]", list(shard_shape[1:]), list(shape[1:])),
-        ("chunk_grid.configuration.chunk_shape[0] >= 1", len(shard_shape) == 4 and shard_shape[0] >= 1, True),
-        ("storage_transformers", meta.get("storage_transformers", []), []),
-    ])
+    return _first_mismatch(
+        [
+            ("zarr_format", meta.get("zarr_format"), 3),
+            ("node_type", meta.get("node_type"), "array"),
+            ("data_type", meta.get("data_type"), "uint8"),
+            ("shape", len(shape), 4),  # found/expected: the number of axes (slice, channel, y, x)
+            ("fill_value", meta.get("fill_value"), 0),
+            ("chunk_key_encoding.name", keys.get("name"), "default"),
+            # The v3 default chunk key encoding's separator is "/" unless configured otherwise.
+            ("chunk_key_encoding.configuration.separator", keys.get("configuration", {}).get("separator", "/"), "/"),
+            ("chunk_grid.name", grid.get("name"), "regular"),
+            ("chunk_grid.configuration.chunk_shape[1:]", list(shard_shape[1:]), list(shape[1:])),
+            ("chunk_grid.configuration.chunk_shape[0] >= 1", len(shard_shape) == 4 and shard_shape[0] >= 1, True),
+            ("storage_transformers", meta.get("storage_transformers", []), []),
+        ]
+    )
 
 
 def _codecs_mismatch(codecs: list, shape: list) -> Mismatch | None:
@@ -108,15 +110,17 @@ def _codecs_mismatch(codecs: list, shape: list) -> Mismatch | None:
     inner, index = config.get("codecs", []), config.get("index_codecs", [])
     zstd = inner[1].get("configuration", {}) if len(inner) == 2 else {}
     endian = index[0].get("configuration", {}).get("endian", _ABSENT) if index else _ABSENT
-    return _first_mismatch([
-        ("codecs[0].configuration.chunk_shape", list(config.get("chunk_shape", [])), [1, *shape[1:]]),
-        ("codecs[0].configuration.codecs", [c.get("name") for c in inner], ["bytes", "zstd"]),
-        ("codecs[0].configuration.codecs[1].configuration.checksum", zstd.get("checksum", False), False),
-        ("codecs[0].configuration.index_codecs", [c.get("name") for c in index], ["bytes", "crc32c"]),
-        ("codecs[0].configuration.index_codecs[0].configuration.endian", endian, "little"),
-        # index_location is optional in the sharding spec, "end" by default.
-        ("codecs[0].configuration.index_location", config.get("index_location", "end"), "end"),
-    ])
+    return _first_mismatch(
+        [
+            ("codecs[0].configuration.chunk_shape", list(config.get("chunk_shape", [])), [1, *shape[1:]]),
+            ("codecs[0].configuration.codecs", [c.get("name") for c in inner], ["bytes", "zstd"]),
+            ("codecs[0].configuration.codecs[1].configuration.checksum", zstd.get("checksum", False), False),
+            ("codecs[0].configuration.index_codecs", [c.get("name") for c in index], ["bytes", "crc32c"]),
+            ("codecs[0].configuration.index_codecs[0].configuration.endian", endian, "little"),
+            # index_location is optional in the sharding spec, "end" by default.
+            ("codecs[0].configuration.index_location", config.get("index_location", "end"), "end"),
+        ]
+    )
 
 
 def fast_layout(meta: dict) -> FastLayout | Mismatch:
@@ -236,7 +240,7 @@ class ShardReader:
             whole = first == 0 and stop >= min(self.shard_slices, self.shape[0] - shard * self.shard_slices)
             if whole:
                 data = handle.read()
-                index = _parse_index(data[-_index_bytes(self.shard_slices):], self.shard_slices, name)
+                index = _parse_index(data[-_index_bytes(self.shard_slices) :], self.shard_slices, name)
                 base = 0
             else:
                 size = handle.seek(0, 2)

@@ -87,9 +87,8 @@ class Source:
     def relative(self, path: str) -> str:
         """A member path relative to the source: identical for the same archive as folder, zip or bucket."""
         if path.startswith(self.prefix):
-            return path[len(self.prefix):]
+            return path[len(self.prefix) :]
         return os.path.relpath(path, self.url)  # a scan table written from another spelling of the folder
-
 
     def relative_all(self, paths: list[str]) -> list[str]:
         """:meth:`relative` of many paths (the prefix computed once)."""
@@ -151,11 +150,13 @@ def parse_source(text: str | os.PathLike | Source) -> Source:
         return Source(url)
     if fs.isfile(path):
         return Source(url, "", is_zip=True)
-    raise SourceError(f"{text} does not exist: give a folder, a zip file (ZIP or ZIP{ZIP_SEP}FOLDER) or a URL "
-                      "(s3://bucket/prefix/)")
+    raise SourceError(
+        f"{text} does not exist: give a folder, a zip file (ZIP or ZIP{ZIP_SEP}FOLDER) or a URL (s3://bucket/prefix/)"
+    )
 
 
 # ---------------------------------------------------------------- listing (the driver, once)
+
 
 def list_members(source: Source) -> list[Member]:
     """Every ``*.dcm`` file of the source, sorted by path.
@@ -175,8 +176,11 @@ def list_members(source: Source) -> list[Member]:
     prefix = source.prefix
     listing = fs.find(root, detail=True)
     # fsspec paths lack the protocol: rebuild each member's URL from the source's own spelling.
-    members = [Member(prefix + name[len(root.rstrip("/")) + 1:], int(info["size"]))
-               for name, info in listing.items() if name.lower().endswith(DICOM_SUFFIX)]
+    members = [
+        Member(prefix + name[len(root.rstrip("/")) + 1 :], int(info["size"]))
+        for name, info in listing.items()
+        if name.lower().endswith(DICOM_SUFFIX)
+    ]
     return sorted(members)
 
 
@@ -188,21 +192,33 @@ def _zip_members(source: Source) -> list[Member]:
             infos = archive.infolist()
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         if fs.cat_file(path, start=0, end=4) != _LOCAL_MAGIC:
-            raise SourceError(f"{source.url} is neither a folder nor a zip file: give the folder that holds the "
-                              "DICOM files, a zip, or a URL prefix") from exc
+            raise SourceError(
+                f"{source.url} is neither a folder nor a zip file: give the folder that holds the "
+                "DICOM files, a zip, or a URL prefix"
+            ) from exc
         raise SourceError(f"{source.url} is not a readable zip file (truncated or damaged?): {exc}") from exc
-    members = [Member(f"{source.url}{ZIP_SEP}{info.filename}", info.file_size, info.header_offset,
-                      info.compress_size, info.compress_type, info.CRC)
-               for info in infos
-               if info.filename.startswith(inner) and info.filename.lower().endswith(DICOM_SUFFIX)
-               and not info.is_dir()]
+    members = [
+        Member(
+            f"{source.url}{ZIP_SEP}{info.filename}",
+            info.file_size,
+            info.header_offset,
+            info.compress_size,
+            info.compress_type,
+            info.CRC,
+        )
+        for info in infos
+        if info.filename.startswith(inner) and info.filename.lower().endswith(DICOM_SUFFIX) and not info.is_dir()
+    ]
     if not members and inner and not any(info.filename.startswith(inner) for info in infos):
-        raise SourceError(f"{source.url} holds no folder {source.inner!r}; its top-level entries are: "
-                          + ", ".join(sorted({i.filename.split('/', 1)[0] for i in infos})[:10]))
+        raise SourceError(
+            f"{source.url} holds no folder {source.inner!r}; its top-level entries are: "
+            + ", ".join(sorted({i.filename.split("/", 1)[0] for i in infos})[:10])
+        )
     return sorted(members)
 
 
 # ---------------------------------------------------------------- reading (a worker, per file)
+
 
 def read_member(source: Source, member: Member, head: int | None = None, reuse: bool = False) -> bytes | memoryview:
     """The bytes of one member of ``source``, whole or its first bytes.
@@ -301,8 +317,10 @@ def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> 
             raise ZipMemberError(path, f"deflated data does not inflate: {exc}") from exc
     if head is None:
         if len(data) != member.size or isal_zlib.crc32(data) != member.crc:
-            raise ZipMemberError(path, f"the member fails its CRC-32 check ({len(data)} bytes, expected "
-                                       f"{member.size}): the zip is damaged")
+            raise ZipMemberError(
+                path,
+                f"the member fails its CRC-32 check ({len(data)} bytes, expected {member.size}): the zip is damaged",
+            )
     return data
 
 

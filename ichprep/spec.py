@@ -107,7 +107,7 @@ class PreprocessSpec:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "PreprocessSpec":
+    def from_attrs(cls, attrs: dict) -> PreprocessSpec:
         """The spec of a store's (or a checkpoint's) attributes, of the current format or an older one."""
         check_format(attrs.get("format_version"))
         layout = attrs["layout"]
@@ -120,7 +120,7 @@ class PreprocessSpec:
             versions=dict(attrs.get("versions", {})),
         )
 
-    def describe_mismatch(self, other: "PreprocessSpec") -> str | None:
+    def describe_mismatch(self, other: PreprocessSpec) -> str | None:
         """None when compatible, else which fields differ (for error messages)."""
         mine, theirs = self.key(), other.key()
         diffs = [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
@@ -133,16 +133,25 @@ def check_format(found) -> None:
         return
     readable = ", ".join(map(str, sorted([*OLDER_FORMATS, FORMAT_VERSION])))
     if isinstance(found, int) and found > FORMAT_VERSION:
-        raise ValueError(f"store format version {found} is newer than this ichkit reads ({readable}); "
-                         "update ichkit (pip install -U ichkit)")
-    raise ValueError(f"store format version {found!r} is not one this ichkit reads ({readable}); "
-                     "reconvert with this ichkit version")
+        raise ValueError(
+            f"store format version {found} is newer than this ichkit reads ({readable}); "
+            "update ichkit (pip install -U ichkit)"
+        )
+    raise ValueError(
+        f"store format version {found!r} is not one this ichkit reads ({readable}); reconvert with this ichkit version"
+    )
 
 
 def warn_if_outdated(attrs: dict, where: str) -> None:
     """Log what a store of an older format lacks and the command that adds it (once per ``open_store``)."""
     found = attrs.get("format_version")
     if found in OLDER_FORMATS:
-        logger.warning("%s is store format %s, which lacks %s; its pixels are the same. Bring it to format %d "
-                       "with `ichprep upgrade %s` (rewrites metadata only)", where, found, OLDER_FORMATS[found],
-                       FORMAT_VERSION, where)
+        logger.warning(
+            "%s is store format %s, which lacks %s; its pixels are the same. Bring it to format %d "
+            "with `ichprep upgrade %s` (rewrites metadata only)",
+            where,
+            found,
+            OLDER_FORMATS[found],
+            FORMAT_VERSION,
+            where,
+        )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +45,22 @@ RUN_FILE = f"{STATE}/run.json"
 MARKERS = f"{STATE}/shards"
 
 #: Columns of slices.parquet, in order.
-SLICE_COLUMNS = ["image_id", "study_uid", "series_uid", "patient_id", "z", "instance_number", "order_by",
-                 *LABELS, "ok", "error", "path", "file_size", "rows", "cols"]
+SLICE_COLUMNS = [
+    "image_id",
+    "study_uid",
+    "series_uid",
+    "patient_id",
+    "z",
+    "instance_number",
+    "order_by",
+    *LABELS,
+    "ok",
+    "error",
+    "path",
+    "file_size",
+    "rows",
+    "cols",
+]
 
 
 def compressor(spec: PreprocessSpec):
@@ -58,7 +71,9 @@ def compressor(spec: PreprocessSpec):
 
 
 def create_images(root: str | Path | Location, n_slices: int, spec: PreprocessSpec) -> zarr.Array:
-    group = zarr.open_group(as_location(root).zarr_store(), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()})
+    group = zarr.open_group(
+        as_location(root).zarr_store(), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()}
+    )
     shape = (n_slices, spec.channels, spec.size, spec.size)
     return group.create_array(
         IMAGES,
@@ -106,8 +121,10 @@ def images_layout(root: str | Path | Location) -> FastLayout | Mismatch:
 
 
 def _not_images(root: Location, mismatch: Mismatch) -> StoreError:
-    return StoreError(f"{root}: {mismatch}; ichkit needs uint8 (N, C, H, W) images: rewrite the array with "
-                      "`ichprep export` from the original store, or convert again")
+    return StoreError(
+        f"{root}: {mismatch}; ichkit needs uint8 (N, C, H, W) images: rewrite the array with "
+        "`ichprep export` from the original store, or convert again"
+    )
 
 
 def open_reader(root: str | Path | Location, layout: FastLayout | Mismatch | None = None):
@@ -130,13 +147,21 @@ def _zarr_shard_file(root: Location, spec: PreprocessSpec, shard: int, images: z
     """The file zarr writes shard ``shard`` to, checked to be the one shard of ``spec.shard_slices`` slots."""
     slots = (images.shards or images.chunks)[0]
     if slots != spec.shard_slices:
-        raise StoreError(f"{root}: images has {slots} slices per shard (file), the conversion "
-                         f"{spec.shard_slices}; convert into a new store or with --shard-slices {slots}")
+        raise StoreError(
+            f"{root}: images has {slots} slices per shard (file), the conversion "
+            f"{spec.shard_slices}; convert into a new store or with --shard-slices {slots}"
+        )
     return IMAGES + "/" + images.metadata.encode_chunk_key((shard, 0, 0, 0))
 
 
-def write_shard(root: str | Path | Location, spec: PreprocessSpec, shard: int, start: int,
-                buffer: np.ndarray, layout: FastLayout | Mismatch | None = None) -> dict:
+def write_shard(
+    root: str | Path | Location,
+    spec: PreprocessSpec,
+    shard: int,
+    start: int,
+    buffer: np.ndarray,
+    layout: FastLayout | Mismatch | None = None,
+) -> dict:
     """Write shard ``shard`` whole, in one write (never a partial shard write), and record its checksum.
 
     Where the array's metadata (``layout``, or read here) has the direct codec's layout, the shard is
@@ -148,8 +173,11 @@ def write_shard(root: str | Path | Location, spec: PreprocessSpec, shard: int, s
     layout = images_layout(root) if layout is None else layout
     # "index" holds the shard number: the key is stored in every marker on disk, so it keeps its name.
     record = {"index": shard, "start": start, "stop": start + len(buffer), "sha256": None, "size": 0}
-    if isinstance(layout, FastLayout) and layout.shard_slices == spec.shard_slices \
-            and layout.shape[1:] == buffer.shape[1:]:
+    if (
+        isinstance(layout, FastLayout)
+        and layout.shard_slices == spec.shard_slices
+        and layout.shape[1:] == buffer.shape[1:]
+    ):
         return _write_direct(root, layout, shard, buffer, record)
     if isinstance(layout, Mismatch) and not layout.zarr_only:
         raise _not_images(root, layout)
@@ -195,14 +223,16 @@ def build_studies(slices: pd.DataFrame) -> pd.DataFrame:
     if len(set(study[starts])) != len(starts):
         raise StoreError("studies are not contiguous runs of slices; the slice order is broken")
     run = np.repeat(np.arange(len(starts)), stops - starts)
-    studies = pd.DataFrame({
-        "study_uid": pd.array(study[starts], dtype=slices["study_uid"].dtype),
-        "patient_id": slices["patient_id"].groupby(run).first().reindex(range(len(starts))).array,
-        "start": starts.astype(np.int64),
-        "stop": stops,
-        "n_slices": stops - starts,
-        "n_ok": np.add.reduceat(slices["ok"].to_numpy(np.int64), starts) if n else np.zeros(0, np.int64),
-    })
+    studies = pd.DataFrame(
+        {
+            "study_uid": pd.array(study[starts], dtype=slices["study_uid"].dtype),
+            "patient_id": slices["patient_id"].groupby(run).first().reindex(range(len(starts))).array,
+            "start": starts.astype(np.int64),
+            "stop": stops,
+            "n_slices": stops - starts,
+            "n_ok": np.add.reduceat(slices["ok"].to_numpy(np.int64), starts) if n else np.zeros(0, np.int64),
+        }
+    )
     for label in LABELS:  # max over the run; NA only where the whole run is unlabelled
         values = slices[label].to_numpy(dtype=np.float64, na_value=np.nan)
         maxima = np.fmax.reduceat(values, starts) if n else values

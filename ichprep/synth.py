@@ -27,11 +27,12 @@ import logging
 import math
 import os
 import zipfile
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Callable, Collection, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import cv2
 import numpy as np
@@ -43,20 +44,24 @@ from .labels import LABELS, SUBTYPES
 
 logger = logging.getLogger(__name__)
 
-MIN_LESION_PIXELS = 20            # a lesion with fewer pixels on a slice does not label it
+MIN_LESION_PIXELS = 20  # a lesion with fewer pixels on a slice does not label it
 SLICE_MM = 5.0
 AIR_HU, SCALP_HU, CSF_HU, GRAY_HU, WHITE_HU, EDEMA_HU = -1000.0, 35.0, 7.0, 38.0, 29.0, 19.0
 SCALP_MM, CSF_RIM_MM = 4.0, 1.5
 NOISE_SD, TEXTURE_HU, BANK_SIZE = 5.0, 2.5, 1024
-LUT_STEP, LUT_START = 0.25, -(SCALP_MM + 2.0)          # depth look-up table: mm per entry, first depth
+LUT_STEP, LUT_START = 0.25, -(SCALP_MM + 2.0)  # depth look-up table: mm per entry, first depth
 SPACINGS = (0.429688, 0.449219, 0.46875, 0.488281, 0.5)
-ODD_SIZES = ((630, 630), (512, 640), (768, 512))      # (Rows, Columns)
-SUBTYPE_WEIGHTS = (0.08, 0.25, 0.18, 0.24, 0.25)      # epidural rarest, as in the real data
-QUIRKS = ("truncated_pixels", "wrap12", "signed", "multiwindow", "odd_size", "unlabelled",
-          "reversed_instance_number")
+ODD_SIZES = ((630, 630), (512, 640), (768, 512))  # (Rows, Columns)
+SUBTYPE_WEIGHTS = (0.08, 0.25, 0.18, 0.24, 0.25)  # epidural rarest, as in the real data
+QUIRKS = ("truncated_pixels", "wrap12", "signed", "multiwindow", "odd_size", "unlabelled", "reversed_instance_number")
 # Normal storage kinds (bits stored, pixel representation, intercept), plus the two quirky ones.
-STORAGE = {"u16": (16, 0, -1024), "u12": (12, 0, -1024), "s16": (16, 1, -1024),
-           "wrap12": (12, 0, 0), "signed": (16, 1, 0)}
+STORAGE = {
+    "u16": (16, 0, -1024),
+    "u12": (12, 0, -1024),
+    "s16": (16, 1, -1024),
+    "wrap12": (12, 0, 0),
+    "signed": (16, 1, 0),
+}
 IMPLEMENTATION_UID = generate_uid(entropy_srcs=["ichkit synth implementation"])
 # Tissue codes of slice_regions(); lesion i (of StudyGeometry.lesions) is LESION_CODE + i.
 AIR, SCALP, BONE, CSF, BRAIN, EDEMA, LESION_CODE = 0, 1, 2, 3, 4, 5, 10
@@ -68,48 +73,48 @@ SUBMISSION_VALUE = "0.5"
 # Test images are all meant to be predicted: none is left out of the CSV or unreadable.
 TRAIN_ONLY_QUIRKS = ("truncated_pixels", "unlabelled")
 ZIP_METHODS = {"deflated": zipfile.ZIP_DEFLATED, "stored": zipfile.ZIP_STORED}
-ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)        # the earliest date a zip can hold: nothing from the clock
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can hold: nothing from the clock
 
 
 @dataclass(frozen=True)
 class Lesion:
     subtype: str
-    first: int        # first and last slice index (inclusive)
+    first: int  # first and last slice index (inclusive)
     last: int
-    angle: float      # rad, where around the head (theta = atan2(AP, lateral)); IVH: side 0 left, 1 right, 2 both
-    extent: float     # extra-axial: angular half-width (rad); IPH: radial position (0-1); IVH: filled fraction
-    size: float       # mm: maximum thickness (extra-axial) or radius (IPH)
-    hu: float         # blood density
+    angle: float  # rad, where around the head (theta = atan2(AP, lateral)); IVH: side 0 left, 1 right, 2 both
+    extent: float  # extra-axial: angular half-width (rad); IPH: radial position (0-1); IVH: filled fraction
+    size: float  # mm: maximum thickness (extra-axial) or radius (IPH)
+    hu: float  # blood density
 
 
 @dataclass(frozen=True)
 class StudyGeometry:
     n_slices: int
-    z0: float                         # ImagePositionPatient[2] of slice 0, mm
-    spacing: float                    # PixelSpacing, mm
-    center: tuple[float, float]       # head center offset from the image center (x, y), mm
-    tilt: float                       # in-plane head rotation, rad
-    axes: tuple[float, float]         # outer-skull semi-axes (lateral, AP) on the widest slice, mm
+    z0: float  # ImagePositionPatient[2] of slice 0, mm
+    spacing: float  # PixelSpacing, mm
+    center: tuple[float, float]  # head center offset from the image center (x, y), mm
+    tilt: float  # in-plane head rotation, rad
+    axes: tuple[float, float]  # outer-skull semi-axes (lateral, AP) on the widest slice, mm
     skull_mm: float
-    ventricles: tuple[int, int]       # first, last slice showing the lateral ventricles
-    vent_axes: tuple[float, float]    # ventricle semi-axes (lateral, AP), mm
-    sulci: tuple[int, float]          # number of sulci around the head, phase
+    ventricles: tuple[int, int]  # first, last slice showing the lateral ventricles
+    vent_axes: tuple[float, float]  # ventricle semi-axes (lateral, AP), mm
+    sulci: tuple[int, float]  # number of sulci around the head, phase
     lesions: tuple[Lesion, ...]
-    min_lesion_pixels: int = MIN_LESION_PIXELS   # smaller lesion cross-sections are neither drawn nor labelled
+    min_lesion_pixels: int = MIN_LESION_PIXELS  # smaller lesion cross-sections are neither drawn nor labelled
 
 
 @dataclass(frozen=True)
 class SynthSummary:
-    out_dir: Path                     # the folder written, or the zip file (then also zip_path)
-    dicom_dir: Path | str             # paths in a zip are "ZIP::INNER/PATH" strings, usable as sources
+    out_dir: Path  # the folder written, or the zip file (then also zip_path)
+    dicom_dir: Path | str  # paths in a zip are "ZIP::INNER/PATH" strings, usable as sources
     labels_csv: Path | str
     n_studies: int
     n_patients: int
     n_slices: int
-    n_positive_slices: int            # labelled slices with any = 1
+    n_positive_slices: int  # labelled slices with any = 1
     n_unlabelled: int
-    quirks: dict[str, list[str]]      # quirk name -> image ids
-    test_dir: Path | str | None = None            # None: no test split written
+    quirks: dict[str, list[str]]  # quirk name -> image ids
+    test_dir: Path | str | None = None  # None: no test split written
     sample_submission: Path | str | None = None
     n_test_studies: int = 0
     n_test_patients: int = 0
@@ -123,8 +128,8 @@ class StudyPlan:
     index: int
     geometry: StudyGeometry
     patient_id: str
-    image_ids: tuple[str, ...]        # by slice index (z order)
-    storage: str                      # a key of STORAGE
+    image_ids: tuple[str, ...]  # by slice index (z order)
+    storage: str  # a key of STORAGE
     window: tuple[float, float]
 
 
@@ -160,7 +165,7 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
     lo, hi = geom_vent if subtype == "intraventricular" else (int(0.15 * n), int(0.85 * n))
     length = int(min(rng.integers(3, 11), hi - lo + 1))
     first = int(rng.integers(lo, hi - length + 2))
-    lateral = rng.choice([0.0, math.pi]) + rng.normal(0, 0.45)   # convexity lesions sit mostly laterally
+    lateral = rng.choice([0.0, math.pi]) + rng.normal(0, 0.45)  # convexity lesions sit mostly laterally
     # (all five entries are drawn, so every lesion consumes the same random numbers whatever its subtype)
     angle, extent, size = {
         "epidural": (lateral, rng.uniform(0.3, 0.5), rng.uniform(8, 15)),
@@ -169,12 +174,17 @@ def _lesion(subtype: str, n: int, geom_vent: tuple[int, int], rng: np.random.Gen
         "intraparenchymal": (rng.uniform(-math.pi, math.pi), rng.uniform(0.2, 0.55), rng.uniform(7, 16)),
         "intraventricular": (float(rng.integers(0, 3)), rng.uniform(0.35, 0.7), 0.0),
     }[subtype]
-    return Lesion(subtype, first, first + length - 1, float(angle), float(extent), float(size),
-                  float(rng.uniform(62, 78)))
+    return Lesion(
+        subtype, first, first + length - 1, float(angle), float(extent), float(size), float(rng.uniform(62, 78))
+    )
 
 
-def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion_rate: float = 0.4,
-                    min_lesion_pixels: int = MIN_LESION_PIXELS) -> StudyGeometry:
+def _study_geometry(
+    rng: np.random.Generator,
+    force_lesion: bool = False,
+    lesion_rate: float = 0.4,
+    min_lesion_pixels: int = MIN_LESION_PIXELS,
+) -> StudyGeometry:
     n = int(rng.integers(20, 41))
     lateral = rng.uniform(64, 72)
     vent = (int(0.38 * n), int(0.70 * n))
@@ -183,51 +193,80 @@ def _study_geometry(rng: np.random.Generator, force_lesion: bool = False, lesion
         kinds = rng.choice(SUBTYPES, size=2 if rng.random() < 0.25 else 1, replace=False, p=SUBTYPE_WEIGHTS)
         lesions = tuple(_lesion(str(k), n, vent, rng) for k in kinds)
     return StudyGeometry(
-        n_slices=n, z0=round(float(rng.uniform(-150, 30)), 1), spacing=float(rng.choice(SPACINGS)),
-        center=(float(rng.normal(0, 5)), float(rng.normal(0, 5))), tilt=float(rng.normal(0, 0.06)),
-        axes=(float(lateral), float(lateral * rng.uniform(1.15, 1.28))), skull_mm=float(rng.uniform(5, 7.5)),
-        ventricles=vent, vent_axes=(float(rng.uniform(4, 6.5)), float(rng.uniform(17, 25))),
-        sulci=(int(rng.integers(16, 26)), float(rng.uniform(0, 2 * math.pi))), lesions=lesions,
-        min_lesion_pixels=min_lesion_pixels)
+        n_slices=n,
+        z0=round(float(rng.uniform(-150, 30)), 1),
+        spacing=float(rng.choice(SPACINGS)),
+        center=(float(rng.normal(0, 5)), float(rng.normal(0, 5))),
+        tilt=float(rng.normal(0, 0.06)),
+        axes=(float(lateral), float(lateral * rng.uniform(1.15, 1.28))),
+        skull_mm=float(rng.uniform(5, 7.5)),
+        ventricles=vent,
+        vent_axes=(float(rng.uniform(4, 6.5)), float(rng.uniform(17, 25))),
+        sulci=(int(rng.integers(16, 26)), float(rng.uniform(0, 2 * math.pi))),
+        lesions=lesions,
+        min_lesion_pixels=min_lesion_pixels,
+    )
 
 
 def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
     counts = {"truncated_pixels": 1, "wrap12": max(1, n_slices // 150)}
-    if n_studies >= 2:   # a one-study dataset stays (almost) clean
-        counts |= {"signed": max(1, n_slices // 150), "multiwindow": max(1, n_slices // 100),
-                   "odd_size": max(2, n_slices // 200), "unlabelled": max(1, n_slices // 200)}
+    if n_studies >= 2:  # a one-study dataset stays (almost) clean
+        counts |= {
+            "signed": max(1, n_slices // 150),
+            "multiwindow": max(1, n_slices // 100),
+            "odd_size": max(2, n_slices // 200),
+            "unlabelled": max(1, n_slices // 200),
+        }
     return counts
 
 
-def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4, min_lesion_pixels: int = MIN_LESION_PIXELS,
-                 taken: Collection[str] = frozenset()) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+def plan_dataset(
+    studies: int,
+    seed: int,
+    lesion_rate: float = 0.4,
+    min_lesion_pixels: int = MIN_LESION_PIXELS,
+    taken: Collection[str] = frozenset(),
+) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices.
 
     ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41). ``taken``: image
     and patient ids of another split, which this one must not reuse.
     """
     # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
-    geoms = [_study_geometry(_rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate,
-                             min_lesion_pixels=min_lesion_pixels) for k in range(studies)]
+    geoms = [
+        _study_geometry(
+            _rng(seed, 1, k), force_lesion=k == 0, lesion_rate=lesion_rate, min_lesion_pixels=min_lesion_pixels
+        )
+        for k in range(studies)
+    ]
     rng = _rng(seed, 0)
     # about 15% of patients have two studies
     patients, k = [], 0
     while k < studies:
         repeat = 2 if k + 1 < studies and rng.random() < 0.15 else 1
         # (salt 0 hashes without a salt part: the names of earlier versions stay)
-        patients += [_unused(lambda salt: "ID_" + _hex(seed, "patient", k, *((salt,) if salt else ()))[:8],
-                             taken)] * repeat
+        patients += [
+            _unused(lambda salt: "ID_" + _hex(seed, "patient", k, *((salt,) if salt else ()))[:8], taken)  # noqa: B023 (called at once)
+        ] * repeat
         k += repeat
     plans, seen = [], set(taken)
     for k, geom in enumerate(geoms):
         ids = []
         for z in range(geom.n_slices):
-            image_id = _unused(lambda salt: "ID_" + _hex(seed, k, z, salt)[:9], seen)   # names must be unique
+            image_id = _unused(lambda salt: "ID_" + _hex(seed, k, z, salt)[:9], seen)  # noqa: B023 (called at once)
             seen.add(image_id)
             ids.append(image_id)
         srng = _rng(seed, 2, k)
-        plans.append(StudyPlan(k, geom, patients[k], tuple(ids), str(srng.choice(["u16", "u12", "s16"],
-                               p=[0.5, 0.3, 0.2])), (float(srng.choice([40, 36, 30])), 80.0)))
+        plans.append(
+            StudyPlan(
+                k,
+                geom,
+                patients[k],
+                tuple(ids),
+                str(srng.choice(["u16", "u12", "s16"], p=[0.5, 0.3, 0.2])),
+                (float(srng.choice([40, 36, 30])), 80.0),
+            )
+        )
     all_ids = [i for p in plans for i in p.image_ids]
     counts = _quirk_counts(len(all_ids), studies)
     picks = iter(rng.choice(len(all_ids), size=sum(counts.values()), replace=False).tolist())
@@ -237,8 +276,13 @@ def plan_dataset(studies: int, seed: int, lesion_rate: float = 0.4, min_lesion_p
     return plans, quirks
 
 
-def plan_test_split(studies: int, seed: int, train: list[StudyPlan], lesion_rate: float = 0.4,
-                    min_lesion_pixels: int = MIN_LESION_PIXELS) -> tuple[list[StudyPlan], dict[str, list[str]]]:
+def plan_test_split(
+    studies: int,
+    seed: int,
+    train: list[StudyPlan],
+    lesion_rate: float = 0.4,
+    min_lesion_pixels: int = MIN_LESION_PIXELS,
+) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """The test split beside ``train``: other patients, other names, and no quirk meant for labelled data."""
     if studies == 0:
         return [], {}
@@ -298,27 +342,30 @@ def _taper(j: int, first: int, last: int) -> float:
 @dataclass
 class _Frame:
     """What one slice's drawing steps share: the head's bounding box and its coordinates (all float32, mm)."""
+
     win: tuple[slice, slice]
-    A: float                 # outer-skull semi-axes on this slice
+    A: float  # outer-skull semi-axes on this slice
     B: float
-    u: np.ndarray            # lateral, AP, angle around the head
+    u: np.ndarray  # lateral, AP, angle around the head
     v: np.ndarray
     theta: np.ndarray
-    depth: np.ndarray        # radial depth below the outer skull surface
-    inner: np.ndarray        # depth below the inner skull surface
+    depth: np.ndarray  # radial depth below the outer skull surface
+    inner: np.ndarray  # depth below the inner skull surface
     sulci: np.ndarray | None = None
     vent: np.ndarray | None = None
-    vent_level: tuple[float, float] = (0.0, 0.0)   # ventricles' AP center and semi-axis
+    vent_level: tuple[float, float] = (0.0, 0.0)  # ventricles' AP center and semi-axis
 
 
 def _frame(geom: StudyGeometry, z: int, shape: tuple[int, int]) -> _Frame:
-    s = math.sqrt(max(0.25, 1 - (1.7 * ((z + 0.5) / geom.n_slices - 0.5)) ** 2))   # head narrows at top/bottom
+    s = math.sqrt(max(0.25, 1 - (1.7 * ((z + 0.5) / geom.n_slices - 0.5)) ** 2))  # head narrows at top/bottom
     A, B = geom.axes[0] * s, geom.axes[1] * s
     # Only the head's bounding box needs drawing; the rest is air.
     (rows, cols), half = shape, (max(A, B) + SCALP_MM + 2) / geom.spacing
     cr, cc = (rows - 1) / 2 + geom.center[1] / geom.spacing, (cols - 1) / 2 + geom.center[0] / geom.spacing
-    win = (slice(max(0, int(cr - half)), min(rows, int(cr + half) + 2)),
-           slice(max(0, int(cc - half)), min(cols, int(cc + half) + 2)))
+    win = (
+        slice(max(0, int(cr - half)), min(rows, int(cr + half) + 2)),
+        slice(max(0, int(cc - half)), min(cols, int(cc + half) + 2)),
+    )
     u, v, rho, theta = (g[win] for g in _grids(shape, geom.spacing, geom.center, geom.tilt, geom.sulci[0])[:4])
     r = np.sqrt((u / np.float32(A)) ** 2 + (v / np.float32(B)) ** 2)
     # Oblique cuts near the vertex and the skull base show a thicker skull: shrink depth there.
@@ -331,12 +378,12 @@ def _draw_anatomy(geom: StudyGeometry, z: int, shape: tuple[int, int], fr: _Fram
     lut = _depth_lut(geom.skull_mm)
     w = lut[np.clip((fr.depth - LUT_START) * (1 / LUT_STEP), 0, len(lut) - 1).astype(np.intp)]
     ck, sk, deep = (g[fr.win] for g in _grids(shape, geom.spacing, geom.center, geom.tilt, geom.sulci[0])[4:])
-    brain, phase = fr.inner > CSF_RIM_MM, geom.sulci[1] + 0.9 * z     # sulci move a little from slice to slice
+    brain, phase = fr.inner > CSF_RIM_MM, geom.sulci[1] + 0.9 * z  # sulci move a little from slice to slice
     fr.sulci = brain & (fr.inner < 12) & (ck * math.cos(phase) - sk * math.sin(phase) > 0.9 + deep * fr.inner)
-    fr.sulci |= brain & (np.abs(fr.u) < 0.9) & (np.abs(fr.v) > 0.4 * fr.B)    # interhemispheric fissure
+    fr.sulci |= brain & (np.abs(fr.u) < 0.9) & (np.abs(fr.v) > 0.4 * fr.B)  # interhemispheric fissure
     w[fr.sulci] = CSF_HU
     v0, v1 = geom.ventricles
-    if v0 <= z <= v1:   # paired lateral ventricles, close together in front, diverging posteriorly
+    if v0 <= z <= v1:  # paired lateral ventricles, close together in front, diverging posteriorly
         f = _taper(z, v0, v1)
         a, b, vc = geom.vent_axes[0] * f, geom.vent_axes[1] * f, -0.05 * fr.B
         dv = fr.v - np.float32(vc)
@@ -351,16 +398,16 @@ def _lesion_mask(les: Lesion, f: float, fr: _Frame) -> np.ndarray:
     if les.subtype in ("epidural", "subdural", "subarachnoid"):
         half_width = les.extent * (f if les.subtype == "subarachnoid" else 1)
         dth = np.abs((fr.theta - np.float32(les.angle - math.pi)) % np.float32(2 * math.pi) - np.float32(math.pi))
-        dth *= np.float32(1 / half_width)   # 0 at the lesion's center angle, 1 at its ends
-        if les.subtype == "subarachnoid":   # thin blood along the brain surface and down the sulci
+        dth *= np.float32(1 / half_width)  # 0 at the lesion's center angle, 1 at its ends
+        if les.subtype == "subarachnoid":  # thin blood along the brain surface and down the sulci
             return (dth < 1) & (((fr.inner > 0.2) & (fr.inner < 1.8)) | (fr.sulci & (fr.inner < 12 * f)))
-        profile = 1 - dth ** 2 if les.subtype == "epidural" else 1 - dth ** 4   # biconvex lens vs crescent
+        profile = 1 - dth**2 if les.subtype == "epidural" else 1 - dth**4  # biconvex lens vs crescent
         return (dth < 1) & (fr.inner > -0.5) & (fr.inner < les.size * f * profile)
-    if les.subtype == "intraparenchymal":   # a rounded blob in the brain tissue
+    if les.subtype == "intraparenchymal":  # a rounded blob in the brain tissue
         radial = les.extent * (fr.A - 15)
         uc, vc, r = radial * math.cos(les.angle), radial * math.sin(les.angle) * fr.B / fr.A, les.size * f
         return (((fr.u - uc) / r) ** 2 + ((fr.v - vc) / (0.8 * r)) ** 2 < 1) & (fr.inner > CSF_RIM_MM)
-    if fr.vent is None:   # intraventricular: the dependent (posterior) part of the ventricles fills with blood
+    if fr.vent is None:  # intraventricular: the dependent (posterior) part of the ventricles fills with blood
         return np.zeros(fr.u.shape, bool)
     vc, b = fr.vent_level
     side = {0: fr.u < 0, 1: fr.u > 0, 2: True}[int(les.angle)]
@@ -369,10 +416,13 @@ def _lesion_mask(les: Lesion, f: float, fr: _Frame) -> np.ndarray:
 
 def _draw_lesions(geom: StudyGeometry, z: int, fr: _Frame, w: np.ndarray):
     """Paint the lesions active on slice z into w; returns [(lesion index, mask)], edema mask, visible counts."""
-    masks = [(i, _lesion_mask(les, _taper(z, les.first, les.last), fr)) for i, les in enumerate(geom.lesions)
-             if les.first <= z <= les.last]
+    masks = [
+        (i, _lesion_mask(les, _taper(z, les.first, les.last), fr))
+        for i, les in enumerate(geom.lesions)
+        if les.first <= z <= les.last
+    ]
     counts, covered = {}, np.zeros(w.shape, bool)
-    for i, m in reversed(masks):   # later lesions overwrite earlier ones: count what stays visible
+    for i, m in reversed(masks):  # later lesions overwrite earlier ones: count what stays visible
         counts[i] = int(np.count_nonzero(m & ~covered))
         covered |= m
     # A sliver below the labelling threshold is not drawn either, so every drawn lesion is labelled.
@@ -384,7 +434,7 @@ def _draw_lesions(geom: StudyGeometry, z: int, fr: _Frame, w: np.ndarray):
         for _, m in masks:
             covered |= m
     edema = np.zeros(w.shape, bool)
-    for i, m in masks:   # a hypodense rim of edema around a parenchymal bleed
+    for i, m in masks:  # a hypodense rim of edema around a parenchymal bleed
         if geom.lesions[i].subtype == "intraparenchymal":
             edema |= cv2.dilate(m.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool)
     edema &= (fr.inner > CSF_RIM_MM) & ~covered
@@ -403,8 +453,11 @@ def _draw(geom: StudyGeometry, z: int, shape: tuple[int, int], codes: bool = Fal
     hu[fr.win] = w
     tissue = None
     if codes:
-        t = np.select([fr.depth < -SCALP_MM, fr.depth < 0, fr.inner < 0, (fr.inner <= CSF_RIM_MM) | fr.sulci],
-                      [AIR, SCALP, BONE, CSF], BRAIN).astype(np.uint8)
+        t = np.select(
+            [fr.depth < -SCALP_MM, fr.depth < 0, fr.inner < 0, (fr.inner <= CSF_RIM_MM) | fr.sulci],
+            [AIR, SCALP, BONE, CSF],
+            BRAIN,
+        ).astype(np.uint8)
         t[edema] = EDEMA
         if fr.vent is not None:
             t[fr.vent] = CSF
@@ -420,13 +473,14 @@ def slice_regions(geom: StudyGeometry, z: int, shape: tuple[int, int]) -> np.nda
     return _draw(geom, z, shape, codes=True)[2]
 
 
-def render_slice(geom: StudyGeometry, z: int, shape: tuple[int, int],
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, int]]:
+def render_slice(
+    geom: StudyGeometry, z: int, shape: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, int]]:
     """HU image (float32, with noise) of slice z, and the visible pixel count of each subtype drawn on it."""
     hu, counts, _ = _draw(geom, z, shape)
     rows, cols = shape
     oy, ox = (int(x) for x in rng.integers(0, [BANK_SIZE - rows + 1, BANK_SIZE - cols + 1]))
-    hu += _noise_bank()[oy:oy + rows, ox:ox + cols]
+    hu += _noise_bank()[oy : oy + rows, ox : ox + cols]
     pixels = dict.fromkeys(SUBTYPES, 0)
     for i, n in counts.items():
         pixels[geom.lesions[i].subtype] += n
@@ -452,8 +506,9 @@ def encode_hu(hu: np.ndarray, storage: str) -> np.ndarray:
     return np.clip(v, lo, hi, out=v).astype(np.int16 if signed else np.uint16)
 
 
-def _dataset(seed: int, plan: StudyPlan, z: int, pixels: np.ndarray, storage: str, quirks: set[str],
-             wrap_intercept: int) -> Dataset:
+def _dataset(
+    seed: int, plan: StudyPlan, z: int, pixels: np.ndarray, storage: str, quirks: set[str], wrap_intercept: int
+) -> Dataset:
     geom, (rows, cols) = plan.geometry, pixels.shape
     bits, signed, intercept = STORAGE[storage]
     sop_uid = _uid(seed, plan.index, z, "sop")
@@ -468,8 +523,11 @@ def _dataset(seed: int, plan: StudyPlan, z: int, pixels: np.ndarray, storage: st
     ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid(seed, plan.index, "study"), _uid(seed, plan.index, "series")
     reverse = "reversed_instance_number" in quirks
     ds.InstanceNumber = geom.n_slices - z if reverse else z + 1
-    ds.ImagePositionPatient = [f"{-(cols / 2) * geom.spacing:.3f}", f"{-(rows / 2) * geom.spacing:.3f}",
-                               f"{geom.z0 + SLICE_MM * z:.1f}"]
+    ds.ImagePositionPatient = [
+        f"{-(cols / 2) * geom.spacing:.3f}",
+        f"{-(rows / 2) * geom.spacing:.3f}",
+        f"{geom.z0 + SLICE_MM * z:.1f}",
+    ]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.SliceThickness, ds.PixelSpacing = SLICE_MM, [geom.spacing, geom.spacing]
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.Rows, ds.Columns = 1, "MONOCHROME2", rows, cols
@@ -487,7 +545,8 @@ def _dataset(seed: int, plan: StudyPlan, z: int, pixels: np.ndarray, storage: st
 
 class _QuirkMaps(NamedTuple):
     """A split's quirks, by image id."""
-    of: dict[str, set[str]]                       # image id -> quirk names
+
+    of: dict[str, set[str]]  # image id -> quirk names
     odd_shape: dict[str, tuple[int, int]]
     wrap_intercept: dict[str, int]
 
@@ -497,8 +556,11 @@ def _quirk_maps(quirks: dict[str, list[str]]) -> _QuirkMaps:
     for name, ids in quirks.items():
         for image_id in ids:
             of.setdefault(image_id, set()).add(name)
-    return _QuirkMaps(of, {i: ODD_SIZES[n % len(ODD_SIZES)] for n, i in enumerate(quirks.get("odd_size", ()))},
-                      {i: 1 if n % 3 == 2 else 0 for n, i in enumerate(quirks.get("wrap12", ()))})
+    return _QuirkMaps(
+        of,
+        {i: ODD_SIZES[n % len(ODD_SIZES)] for n, i in enumerate(quirks.get("odd_size", ()))},
+        {i: 1 if n % 3 == 2 else 0 for n, i in enumerate(quirks.get("wrap12", ()))},
+    )
 
 
 def _dicom_bytes(ds: Dataset) -> bytes:
@@ -507,8 +569,9 @@ def _dicom_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _write_study(seed: int, plan: StudyPlan, maps: _QuirkMaps,
-                 write: Callable[[str, bytes], None]) -> dict[str, dict[str, int]]:
+def _write_study(
+    seed: int, plan: StudyPlan, maps: _QuirkMaps, write: Callable[[str, bytes], None]
+) -> dict[str, dict[str, int]]:
     """Render and write (``write(file name, bytes)``) a study's slices; returns their labels."""
     geom, labels = plan.geometry, {}
     # Writing order is shuffled so that file timestamps do not give the slice order away.
@@ -554,7 +617,7 @@ class _ZipOut:
 
     def _info(self, name: str, directory: bool = False) -> zipfile.ZipInfo:
         info = zipfile.ZipInfo(f"{KAGGLE_TOP}/{name}", date_time=ZIP_DATE_TIME)
-        info.create_system = 3   # Unix on every platform, so external_attr means the same everywhere
+        info.create_system = 3  # Unix on every platform, so external_attr means the same everywhere
         info.external_attr = (0o40755 << 16 | 0x10) if directory else 0o100644 << 16
         info.compress_type = zipfile.ZIP_STORED if directory else self.method
         return info
@@ -586,22 +649,34 @@ def _zip_out(path: Path, method: int) -> Iterator[_ZipOut]:
         partial.unlink(missing_ok=True)
 
 
-def _write_split(out: _FolderOut | _ZipOut, folder: str, seed: int, plans: list[StudyPlan],
-                 quirks: dict[str, list[str]], progress: Callable[[int], None] | None) -> dict[str, dict[str, int]]:
+def _write_split(
+    out: _FolderOut | _ZipOut,
+    folder: str,
+    seed: int,
+    plans: list[StudyPlan],
+    quirks: dict[str, list[str]],
+    progress: Callable[[int], None] | None,
+) -> dict[str, dict[str, int]]:
     """Write a split's DICOM files into ``folder``; returns their labels."""
     out.mkdir(folder)
     maps, labels = _quirk_maps(quirks), {}
     for plan in plans:
         labels |= _write_study(seed, plan, maps, lambda name, data: out.write(f"{folder}/{name}", data))
-        logger.debug("%s study %d: %d slices, lesions %s", folder, plan.index, plan.geometry.n_slices,
-                     [les.subtype for les in plan.geometry.lesions])
+        logger.debug(
+            "%s study %d: %d slices, lesions %s",
+            folder,
+            plan.index,
+            plan.geometry.n_slices,
+            [les.subtype for les in plan.geometry.lesions],
+        )
         if progress is not None:
             progress(plan.geometry.n_slices)
     return labels
 
 
-def _write_csv(out: _FolderOut | _ZipOut, name: str, image_ids: Iterable[str],
-               value: Callable[[str, str], object]) -> None:
+def _write_csv(
+    out: _FolderOut | _ZipOut, name: str, image_ids: Iterable[str], value: Callable[[str, str], object]
+) -> None:
     """Kaggle layout: header ID,Label and six rows per image (subtypes, then any); images in id order."""
     with out.open(name) as f:
         f.write(b"ID,Label\n")
@@ -609,9 +684,13 @@ def _write_csv(out: _FolderOut | _ZipOut, name: str, image_ids: Iterable[str],
             f.write("".join(f"{image_id}_{label},{value(image_id, label)}\n" for label in LABELS).encode())
 
 
-def _write_dataset(out: _FolderOut | _ZipOut, seed: int, train: tuple[list[StudyPlan], dict[str, list[str]]],
-                   test: tuple[list[StudyPlan], dict[str, list[str]]] | None,
-                   progress: Callable[[int], None] | None) -> dict[str, dict[str, int]]:
+def _write_dataset(
+    out: _FolderOut | _ZipOut,
+    seed: int,
+    train: tuple[list[StudyPlan], dict[str, list[str]]],
+    test: tuple[list[StudyPlan], dict[str, list[str]]] | None,
+    progress: Callable[[int], None] | None,
+) -> dict[str, dict[str, int]]:
     """Both splits and both CSVs (the test part only when ``test`` is given); returns the train labels."""
     labels = _write_split(out, TRAIN_DIR, seed, *train, progress)
     if test is not None:
@@ -645,14 +724,23 @@ def _check_arguments(studies, seed, lesion_rate: float, min_lesion_pixels: int, 
 def _check_folder(out_dir: Path, folders: Iterable[str]) -> None:
     for folder in folders:
         if (out_dir / folder).is_dir() and any((out_dir / folder).glob("*.dcm")):
-            raise FileExistsError(f"{out_dir / folder} already holds DICOM files; synth writes into an empty "
-                                  "folder only")
+            raise FileExistsError(
+                f"{out_dir / folder} already holds DICOM files; synth writes into an empty folder only"
+            )
 
 
-def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
-             progress: Callable[[int], None] | None = None, lesion_rate: float = 0.4,
-             min_lesion_pixels: int = MIN_LESION_PIXELS, *, test_studies: int | None = None,
-             as_zip: bool = False, zip_method: str = "deflated") -> SynthSummary:
+def generate(
+    out_dir: str | os.PathLike,
+    studies: int,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    lesion_rate: float = 0.4,
+    min_lesion_pixels: int = MIN_LESION_PIXELS,
+    *,
+    test_studies: int | None = None,
+    as_zip: bool = False,
+    zip_method: str = "deflated",
+) -> SynthSummary:
     """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes.
 
     ``lesion_rate``: chance that a study has hemorrhage (0.4 as in the real archive; raise it for an
@@ -676,7 +764,9 @@ def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
     if not as_zip:
         _check_folder(out_dir, (TRAIN_DIR, TEST_DIR) if with_test else (TRAIN_DIR,))
     train = plan_dataset(int(studies), seed, lesion_rate, int(min_lesion_pixels))
-    test = plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels)) if with_test else None
+    test = (
+        plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels)) if with_test else None
+    )
     if as_zip:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with _zip_out(out_dir, ZIP_METHODS[zip_method]) as out:
@@ -685,23 +775,44 @@ def generate(out_dir: str | os.PathLike, studies: int, seed: int = 0,
         out = _FolderOut(out_dir)
         labels = _write_dataset(out, seed, train, test, progress)
     summary = _summary(out, train=train, test=test, labels=labels, out_dir=out_dir, is_zip=as_zip)
-    logger.info("synth: %d slices of %d studies (%d positive) in %s; test split: %d slices of %d studies",
-                summary.n_slices, summary.n_studies, summary.n_positive_slices, summary.dicom_dir,
-                summary.n_test_slices, summary.n_test_studies)
+    logger.info(
+        "synth: %d slices of %d studies (%d positive) in %s; test split: %d slices of %d studies",
+        summary.n_slices,
+        summary.n_studies,
+        summary.n_positive_slices,
+        summary.dicom_dir,
+        summary.n_test_slices,
+        summary.n_test_studies,
+    )
     return summary
 
 
-def _summary(out: _FolderOut | _ZipOut, *, train: tuple[list[StudyPlan], dict[str, list[str]]],
-             test: tuple[list[StudyPlan], dict[str, list[str]]] | None, labels: dict[str, dict[str, int]],
-             out_dir: Path, is_zip: bool) -> SynthSummary:
+def _summary(
+    out: _FolderOut | _ZipOut,
+    *,
+    train: tuple[list[StudyPlan], dict[str, list[str]]],
+    test: tuple[list[StudyPlan], dict[str, list[str]]] | None,
+    labels: dict[str, dict[str, int]],
+    out_dir: Path,
+    is_zip: bool,
+) -> SynthSummary:
     (plans, quirks), (test_plans, test_quirks) = train, test or ([], {})
     n_slices = sum(p.geometry.n_slices for p in plans)
     return SynthSummary(
-        out_dir=out_dir, dicom_dir=out.where(TRAIN_DIR), labels_csv=out.where(TRAIN_CSV),
-        n_studies=len(plans), n_patients=len({p.patient_id for p in plans}), n_slices=n_slices,
-        n_positive_slices=sum(lab["any"] for lab in labels.values()), n_unlabelled=n_slices - len(labels),
-        quirks=quirks, test_dir=out.where(TEST_DIR) if test else None,
-        sample_submission=out.where(SAMPLE_SUBMISSION) if test else None, n_test_studies=len(test_plans),
+        out_dir=out_dir,
+        dicom_dir=out.where(TRAIN_DIR),
+        labels_csv=out.where(TRAIN_CSV),
+        n_studies=len(plans),
+        n_patients=len({p.patient_id for p in plans}),
+        n_slices=n_slices,
+        n_positive_slices=sum(lab["any"] for lab in labels.values()),
+        n_unlabelled=n_slices - len(labels),
+        quirks=quirks,
+        test_dir=out.where(TEST_DIR) if test else None,
+        sample_submission=out.where(SAMPLE_SUBMISSION) if test else None,
+        n_test_studies=len(test_plans),
         n_test_patients=len({p.patient_id for p in test_plans}),
-        n_test_slices=sum(p.geometry.n_slices for p in test_plans), test_quirks=test_quirks,
-        zip_path=out_dir if is_zip else None)
+        n_test_slices=sum(p.geometry.n_slices for p in test_plans),
+        test_quirks=test_quirks,
+        zip_path=out_dir if is_zip else None,
+    )

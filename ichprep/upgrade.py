@@ -67,8 +67,10 @@ def _check_unaltered(root: Location, manifest: dict, new: dict[str, bytes]) -> N
     for name, data in new.items():
         expected = manifest["files"].get(name, {}).get("sha256")
         if expected not in (root.sha256(name), hashlib.sha256(data).hexdigest()):
-            raise StoreError(f"{root}/{name} differs from the manifest; run `ichprep verify {root}` and repair "
-                             "or reconvert the store before upgrading it")
+            raise StoreError(
+                f"{root}/{name} differs from the manifest; run `ichprep verify {root}` and repair "
+                "or reconvert the store before upgrading it"
+            )
 
 
 def _restate_run(root: Location) -> bytes | None:
@@ -106,8 +108,9 @@ def upgrade_store(root: str | Path | Location, manifest_out: str | Path | None =
     """
     root = as_location(root)
     if not root.isfile(GROUP_META) or not root.isfile(IMAGES_META):
-        raise StoreError(f"{root} is not an ichkit store (no {GROUP_META} or {IMAGES_META}); "
-                         "create one with `ichprep convert`")
+        raise StoreError(
+            f"{root} is not an ichkit store (no {GROUP_META} or {IMAGES_META}); create one with `ichprep convert`"
+        )
     with store_lock(root):
         found = _store_format(root)
         if found == FORMAT_VERSION:

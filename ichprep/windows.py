@@ -62,9 +62,7 @@ def parse_window(text: str) -> Window:
     if ":" not in text:
         if text in PRESETS:
             return PRESETS[text]
-        raise WindowSpecError(
-            f"unknown window {text!r}; choose one of {', '.join(PRESETS)} or give NAME:CENTER:WIDTH"
-        )
+        raise WindowSpecError(f"unknown window {text!r}; choose one of {', '.join(PRESETS)} or give NAME:CENTER:WIDTH")
     parts = text.split(":")
     if len(parts) != 3:
         raise WindowSpecError(f"window {text!r} must look like NAME:CENTER:WIDTH, e.g. stroke:32:8")
@@ -85,8 +83,9 @@ def parse_windows(texts: list[str] | tuple[str, ...]) -> tuple[Window, ...]:
     return windows
 
 
-def apply_window(hu: np.ndarray, window: Window, out: np.ndarray | None = None,
-                 temporary: np.ndarray | None = None) -> np.ndarray:
+def apply_window(
+    hu: np.ndarray, window: Window, out: np.ndarray | None = None, temporary: np.ndarray | None = None
+) -> np.ndarray:
     """One window of a float HU image as uint8 (writes into ``out`` if given).
 
     ``temporary`` (float32, the shape of ``hu``) saves an allocation per call.  The float -> uint8 cast
@@ -102,7 +101,9 @@ def apply_window(hu: np.ndarray, window: Window, out: np.ndarray | None = None,
     return out
 
 
-def apply_windows(hu: np.ndarray, windows: tuple[Window, ...] | list[Window], out: np.ndarray | None = None) -> np.ndarray:
+def apply_windows(
+    hu: np.ndarray, windows: tuple[Window, ...] | list[Window], out: np.ndarray | None = None
+) -> np.ndarray:
     """Stack windows of a (H, W) HU image into a (C, H, W) uint8 image."""
     if hu.ndim != 2:
         raise ValueError(f"expected a 2-D HU image, got shape {hu.shape}")
@@ -140,5 +141,7 @@ def preprocess(hu: np.ndarray, windows: tuple[Window, ...], size: int, out: np.n
     Resizing the HU image before windowing averages physical values (not clipped
     display values) and windows 4x fewer pixels at 512 -> 256.
     """
-    resized = resize_square(hu.astype(np.float32, copy=False), size, out=scratch.array("resized", (size, size), np.float32))
+    resized = resize_square(
+        hu.astype(np.float32, copy=False), size, out=scratch.array("resized", (size, size), np.float32)
+    )
     return apply_windows(resized, windows, out=out)

@@ -44,9 +44,13 @@ def resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def random_resized_crop(batch: torch.Tensor, generator: torch.Generator | None = None,
-                        scale: tuple[float, float] = CROP_SCALE, max_rotate_deg: float = MAX_ROTATE_DEG,
-                        flip: bool = True) -> torch.Tensor:
+def random_resized_crop(
+    batch: torch.Tensor,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = CROP_SCALE,
+    max_rotate_deg: float = MAX_ROTATE_DEG,
+    flip: bool = True,
+) -> torch.Tensor:
     """Per sample: a square crop of ``scale`` of the area at a random place, flip, rotation; same output size.
 
     ``batch`` is float (B, C, S, S).  ``generator`` must live on the batch's device.

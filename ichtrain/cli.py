@@ -42,8 +42,9 @@ def _bar_factory(desc: str, total: int):
 def main(verbose: int) -> None:
     """Train hemorrhage detectors from an ichprep Zarr cache."""
     # INFO by default: the per-epoch log line is part of the output.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 STORE = StoreParam()  # a folder or an s3://... URL
@@ -65,79 +66,161 @@ def _device_option():
 
 def _inference_options(command):
     """--device, --batch-size and --workers of evaluate and predict."""
-    for option in reversed((
-        _device_option(),
-        click.option("--batch-size", type=_at_least(config.TRAIN_MINIMUMS, "batch_size"),
-                     default=config.INFER_BATCH_SIZE, show_default=True),
-        click.option("--workers", type=_at_least(config.TRAIN_MINIMUMS, "workers"), default=config.INFER_WORKERS,
-                     show_default=True),
-    )):
+    for option in reversed(
+        (
+            _device_option(),
+            click.option(
+                "--batch-size",
+                type=_at_least(config.TRAIN_MINIMUMS, "batch_size"),
+                default=config.INFER_BATCH_SIZE,
+                show_default=True,
+            ),
+            click.option(
+                "--workers",
+                type=_at_least(config.TRAIN_MINIMUMS, "workers"),
+                default=config.INFER_WORKERS,
+                show_default=True,
+            ),
+        )
+    ):
         command = option(command)
     return command
 
 
 TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume and the fold options
-    click.option("--task", type=click.Choice(tuple(config.TASKS)), default=TrainConfig.task, show_default=True,
-                 help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only."),
-    click.option("--arch", type=click.Choice(config.ARCHS), default=TrainConfig.arch, show_default=True, metavar="NAME",
-                 help="Any torchvision classification model that takes a 64+ pixel input: resnet*, resnext*, "
-                      "wide_resnet*, densenet*, efficientnet_b0-b7/v2_*, convnext_*, regnet_*, swin_*, mobilenet_*, "
-                      "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all). Its first "
-                      "convolution is widened to the store's channels and its classifier replaced."),
-    click.option("--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."),
-    click.option("--image-size", type=_at_least(config.TRAIN_MINIMUMS, "image_size"), default=TrainConfig.image_size,
-                 show_default=True,
-                 help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
-                      "stored image to it; training resizes the same way, then takes a random crop of 80-100% of the "
-                      "area (aspect kept) with a flip and a small rotation."),
+    click.option(
+        "--task",
+        type=click.Choice(tuple(config.TASKS)),
+        default=TrainConfig.task,
+        show_default=True,
+        help="rsna: any + 5 subtypes; binary: any; subtypes: 5 subtypes on positive slices only.",
+    ),
+    click.option(
+        "--arch",
+        type=click.Choice(config.ARCHS),
+        default=TrainConfig.arch,
+        show_default=True,
+        metavar="NAME",
+        help="Any torchvision classification model that takes a 64+ pixel input: resnet*, resnext*, "
+        "wide_resnet*, densenet*, efficientnet_b0-b7/v2_*, convnext_*, regnet_*, swin_*, mobilenet_*, "
+        "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all). Its first "
+        "convolution is widened to the store's channels and its classifier replaced.",
+    ),
+    click.option(
+        "--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."
+    ),
+    click.option(
+        "--image-size",
+        type=_at_least(config.TRAIN_MINIMUMS, "image_size"),
+        default=TrainConfig.image_size,
+        show_default=True,
+        help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
+        "stored image to it; training resizes the same way, then takes a random crop of 80-100% of the "
+        "area (aspect kept) with a flip and a small rotation.",
+    ),
     # No upper bound here: TrainConfig's error says why 8 is the most.
-    click.option("--context", type=click.IntRange(min=0), default=TrainConfig.context, show_default=True, metavar="N",
-                 help="2.5D: stack N neighbour slices on each side of the slice (same study, clamped at its ends), "
-                      "(2N+1) x windows input channels (9 for N=1, 15 for N=2 with 3 windows); at most 8. Each "
-                      "sample carries 2N+1 slices, so loader copies, host-to-GPU transfer, augmentation and the "
-                      "first convolution cost 2N+1 times as much; the rest of the network does not grow."),
-    click.option("--epochs", type=_at_least(config.TRAIN_MINIMUMS, "epochs"), default=TrainConfig.epochs,
-                 show_default=True),
-    click.option("--batch-size", type=_at_least(config.TRAIN_MINIMUMS, "batch_size"), default=TrainConfig.batch_size,
-                 show_default=True),
+    click.option(
+        "--context",
+        type=click.IntRange(min=0),
+        default=TrainConfig.context,
+        show_default=True,
+        metavar="N",
+        help="2.5D: stack N neighbour slices on each side of the slice (same study, clamped at its ends), "
+        "(2N+1) x windows input channels (9 for N=1, 15 for N=2 with 3 windows); at most 8. Each "
+        "sample carries 2N+1 slices, so loader copies, host-to-GPU transfer, augmentation and the "
+        "first convolution cost 2N+1 times as much; the rest of the network does not grow.",
+    ),
+    click.option(
+        "--epochs", type=_at_least(config.TRAIN_MINIMUMS, "epochs"), default=TrainConfig.epochs, show_default=True
+    ),
+    click.option(
+        "--batch-size",
+        type=_at_least(config.TRAIN_MINIMUMS, "batch_size"),
+        default=TrainConfig.batch_size,
+        show_default=True,
+    ),
     click.option("--lr", type=float, default=TrainConfig.lr, show_default=True),
-    click.option("--optimizer", type=click.Choice(config.OPTIMIZERS), default=TrainConfig.optimizer, show_default=True,
-                 help=f"sgd uses momentum {TrainConfig.momentum} (the reference method)."),
-    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default=TrainConfig.scheduler,
-                 show_default=True),
-    click.option("--balance", type=click.Choice(config.BALANCES), default=TrainConfig.balance, show_default=True,
-                 help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
-                      "loss weighted by 1 / its expected repeats so that probabilities stay calibrated."),
-    click.option("--pos-fraction", type=_fraction(config.FRACTION), default=TrainConfig.pos_fraction,
-                 show_default=True, help="Target share of positive slices per epoch with --balance hybrid."),
-    click.option("--val-fraction", type=_fraction(config.FRACTION), default=TrainConfig.val_fraction,
-                 show_default=True),
-    click.option("--split-by", type=click.Choice(config.SPLITS), default=TrainConfig.split_by, show_default=True,
-                 help="slice reproduces the reference method's random slice split, which leaks patients (do not "
-                      "report it as a result)."),
-    click.option("--slice-selection", default=TrainConfig.slice_selection, show_default=True, metavar="all|middle:K",
-                 help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
-                      "method). Validation always covers every labelled slice; middle-slice figures are added."),
+    click.option(
+        "--optimizer",
+        type=click.Choice(config.OPTIMIZERS),
+        default=TrainConfig.optimizer,
+        show_default=True,
+        help=f"sgd uses momentum {TrainConfig.momentum} (the reference method).",
+    ),
+    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default=TrainConfig.scheduler, show_default=True),
+    click.option(
+        "--balance",
+        type=click.Choice(config.BALANCES),
+        default=TrainConfig.balance,
+        show_default=True,
+        help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
+        "loss weighted by 1 / its expected repeats so that probabilities stay calibrated.",
+    ),
+    click.option(
+        "--pos-fraction",
+        type=_fraction(config.FRACTION),
+        default=TrainConfig.pos_fraction,
+        show_default=True,
+        help="Target share of positive slices per epoch with --balance hybrid.",
+    ),
+    click.option(
+        "--val-fraction", type=_fraction(config.FRACTION), default=TrainConfig.val_fraction, show_default=True
+    ),
+    click.option(
+        "--split-by",
+        type=click.Choice(config.SPLITS),
+        default=TrainConfig.split_by,
+        show_default=True,
+        help="slice reproduces the reference method's random slice split, which leaks patients (do not "
+        "report it as a result).",
+    ),
+    click.option(
+        "--slice-selection",
+        default=TrainConfig.slice_selection,
+        show_default=True,
+        metavar="all|middle:K",
+        help="Training slices only: middle:K keeps the K slices around each study's middle (the reference "
+        "method). Validation always covers every labelled slice; middle-slice figures are added.",
+    ),
     click.option("--seed", type=int, default=TrainConfig.seed, show_default=True),
-    click.option("--workers", type=_at_least(config.TRAIN_MINIMUMS, "workers"), default=TrainConfig.workers,
-                 show_default=True, help="DataLoader workers."),
-    click.option("--buffer-shards", type=_at_least(config.TRAIN_MINIMUMS, "buffer_shards"),
-                 default=TrainConfig.buffer_shards,
-                 show_default=True,
-                 help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
-                      "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
-                      "for 23)."),
+    click.option(
+        "--workers",
+        type=_at_least(config.TRAIN_MINIMUMS, "workers"),
+        default=TrainConfig.workers,
+        show_default=True,
+        help="DataLoader workers.",
+    ),
+    click.option(
+        "--buffer-shards",
+        type=_at_least(config.TRAIN_MINIMUMS, "buffer_shards"),
+        default=TrainConfig.buffer_shards,
+        show_default=True,
+        help="Decoded shards each loader worker mixes samples from (more: more studies per batch). Memory per "
+        "worker: this x shard slices x channels x size^2 bytes (default store: 12.6 MB a shard, 290 MB "
+        "for 23).",
+    ),
     _device_option(),
-    click.option("--amp/--no-amp", default=TrainConfig.amp, show_default=True,
-                 help="bf16 autocast on CUDA (fp16 + scaler on old GPUs)."),
+    click.option(
+        "--amp/--no-amp",
+        default=TrainConfig.amp,
+        show_default=True,
+        help="bf16 autocast on CUDA (fp16 + scaler on old GPUs).",
+    ),
     click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model."),
-    click.option("--max-steps", type=_at_least(config.TRAIN_MINIMUMS, "max_steps"), default=TrainConfig.max_steps,
-                 help="Cap training steps per epoch."),
-    click.option("--bn-refresh-batches", type=_at_least(config.TRAIN_MINIMUMS, "bn_refresh_batches"),
-                 default=TrainConfig.bn_refresh_batches,
-                 show_default=True,
-                 help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
-                      "epoch's final weights (0: keep the running averages, which lag behind at a high lr)."),
+    click.option(
+        "--max-steps",
+        type=_at_least(config.TRAIN_MINIMUMS, "max_steps"),
+        default=TrainConfig.max_steps,
+        help="Cap training steps per epoch.",
+    ),
+    click.option(
+        "--bn-refresh-batches",
+        type=_at_least(config.TRAIN_MINIMUMS, "bn_refresh_batches"),
+        default=TrainConfig.bn_refresh_batches,
+        show_default=True,
+        help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
+        "epoch's final weights (0: keep the running averages, which lag behind at a high lr).",
+    ),
 )
 
 
@@ -151,16 +234,26 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
     """A TrainConfig from the shared options' values (click names -> config fields)."""
     options = dict(options)
     pretrained = options.pop("pretrained")
-    return TrainConfig(store=str(store), out=str(out), pretrained=str(pretrained) if pretrained else None,
-                       compile=options.pop("compile_model"), **options, **extra)
+    return TrainConfig(
+        store=str(store),
+        out=str(out),
+        pretrained=str(pretrained) if pretrained else None,
+        compile=options.pop("compile_model"),
+        **options,
+        **extra,
+    )
 
 
 @main.command()
 @click.argument("store", type=STORE)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
-@click.option("--folds", type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS), default=TrainConfig.folds,
-              help="Split the patients into K folds (grouped, stratified by bleeding; fixed by --seed) ...")
+@click.option(
+    "--folds",
+    type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS),
+    default=TrainConfig.folds,
+    help="Split the patients into K folds (grouped, stratified by bleeding; fixed by --seed) ...",
+)
 @click.option("--fold", type=click.IntRange(min=0), default=None, help="... and validate on fold k (0 .. K-1).")
 @train_options
 def train(store, out, resume, folds, fold, **options) -> None:
@@ -176,21 +269,39 @@ def train(store, out, resume, folds, fold, **options) -> None:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"best epoch {metrics['best_epoch']} of {cfg.epochs} (best.pt, roc.png, calibration.png, "
-                   "val_predictions.parquet; validation on every labelled slice of the validation patients):")
+        click.echo(
+            f"best epoch {metrics['best_epoch']} of {cfg.epochs} (best.pt, roc.png, calibration.png, "
+            "val_predictions.parquet; validation on every labelled slice of the validation patients):"
+        )
         click.echo(format_metrics(metrics))
-        click.echo(f"run folder: {out} (best.pt, last.pt, metrics.json, metrics.jsonl, loss.png, roc.png, "
-                   "calibration.png, val_predictions.parquet, split.parquet)")
+        click.echo(
+            f"run folder: {out} (best.pt, last.pt, metrics.json, metrics.jsonl, loss.png, roc.png, "
+            "calibration.png, val_predictions.parquet, split.parquet)"
+        )
 
 
 @main.command()
 @click.argument("store", type=STORE)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Experiment folder: folds.parquet, fold0 .. fold{K-1} (each a train run), oof.parquet, metrics.json.")
-@click.option("--folds", type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS), default=5, show_default=True,
-              help="Patient folds (grouped, stratified by bleeding, fixed by --seed); fold k's model scores fold k.")
-@click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
-              help="Test-time augmentation for the out-of-fold outputs (flip: average with the mirrored slice).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Experiment folder: folds.parquet, fold0 .. fold{K-1} (each a train run), oof.parquet, metrics.json.",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(config.MIN_FOLDS, config.MAX_FOLDS),
+    default=5,
+    show_default=True,
+    help="Patient folds (grouped, stratified by bleeding, fixed by --seed); fold k's model scores fold k.",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(config.TTAS),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation for the out-of-fold outputs (flip: average with the mirrored slice).",
+)
 @train_options
 def cv(store, out, folds, tta, **options) -> None:
     """Train every fold of STORE in turn into --out, then export and score the out-of-fold outputs.
@@ -206,8 +317,10 @@ def cv(store, out, folds, tta, **options) -> None:
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     for fold in summary["folds"]:
-        click.echo(f"fold {fold['fold']}: best epoch {fold['best_epoch']}, weighted log loss "
-                   f"{fold['weighted_log_loss']:.4f}, mean AUC {fold['mean_auc']}")
+        click.echo(
+            f"fold {fold['fold']}: best epoch {fold['best_epoch']}, weighted log loss "
+            f"{fold['weighted_log_loss']:.4f}, mean AUC {fold['mean_auc']}"
+        )
     click.echo(f"out-of-fold, every labelled slice of {store} scored by the fold that did not train on it:")
     click.echo(format_metrics(summary["oof"]))
     click.echo(f"experiment folder: {out} (folds.parquet, fold0 .. fold{folds - 1}, oof.parquet, metrics.json)")
@@ -215,26 +328,65 @@ def cv(store, out, folds, tta, **options) -> None:
 
 @main.command()
 @click.argument("exp", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Stage-2 folder (seq.pt, oof.parquet, metrics.json); default EXP/seq.")
-@click.option("--model", type=click.Choice(config.SEQ_MODELS), default=SeqConfig.model, show_default=True,
-              help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.")
-@click.option("--inputs", type=click.Choice(config.SEQ_INPUTS), default="logits", show_default=True,
-              help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
-                   "way). Features only mean the same thing across folds when every fold started from the same "
-                   "--pretrained weights.")
-@click.option("--epochs", type=_at_least(config.SEQ_MINIMUMS, "epochs"), default=SeqConfig.epochs, show_default=True,
-              help="Stage-2 epochs (the best is kept, see --holdout).")
-@click.option("--hidden", type=_at_least(config.SEQ_MINIMUMS, "hidden"), default=SeqConfig.hidden, show_default=True,
-              help="Hidden units.")
-@click.option("--layers", type=_at_least(config.SEQ_MINIMUMS, "layers"), default=SeqConfig.layers, show_default=True,
-              help="Recurrent or encoder layers.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Stage-2 folder (seq.pt, oof.parquet, metrics.json); default EXP/seq.",
+)
+@click.option(
+    "--model",
+    type=click.Choice(config.SEQ_MODELS),
+    default=SeqConfig.model,
+    show_default=True,
+    help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.",
+)
+@click.option(
+    "--inputs",
+    type=click.Choice(config.SEQ_INPUTS),
+    default="logits",
+    show_default=True,
+    help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
+    "way). Features only mean the same thing across folds when every fold started from the same "
+    "--pretrained weights.",
+)
+@click.option(
+    "--epochs",
+    type=_at_least(config.SEQ_MINIMUMS, "epochs"),
+    default=SeqConfig.epochs,
+    show_default=True,
+    help="Stage-2 epochs (the best is kept, see --holdout).",
+)
+@click.option(
+    "--hidden",
+    type=_at_least(config.SEQ_MINIMUMS, "hidden"),
+    default=SeqConfig.hidden,
+    show_default=True,
+    help="Hidden units.",
+)
+@click.option(
+    "--layers",
+    type=_at_least(config.SEQ_MINIMUMS, "layers"),
+    default=SeqConfig.layers,
+    show_default=True,
+    help="Recurrent or encoder layers.",
+)
 @click.option("--lr", type=float, default=SeqConfig.lr, show_default=True, help="AdamW learning rate.")
-@click.option("--holdout", type=_fraction(config.OFF_OR_FRACTION), default=SeqConfig.holdout,
-              show_default=True, help="Share of each fold's training studies that picks the epoch, the untrained "
-                                      "model (= stage 1) included; 0 keeps the last epoch.")
-@click.option("--batch-studies", type=_at_least(config.SEQ_MINIMUMS, "batch_studies"),
-              default=SeqConfig.batch_studies, show_default=True, help="Studies per batch.")
+@click.option(
+    "--holdout",
+    type=_fraction(config.OFF_OR_FRACTION),
+    default=SeqConfig.holdout,
+    show_default=True,
+    help="Share of each fold's training studies that picks the epoch, the untrained "
+    "model (= stage 1) included; 0 keeps the last epoch.",
+)
+@click.option(
+    "--batch-studies",
+    type=_at_least(config.SEQ_MINIMUMS, "batch_studies"),
+    default=SeqConfig.batch_studies,
+    show_default=True,
+    help="Studies per batch.",
+)
 @click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
 # Stage 2 runs where stage 1 did (auto); SeqConfig's own default, the CPU, is for deterministic library use.
 @_device_option()
@@ -256,10 +408,14 @@ def seq(exp, out, model, inputs, **options) -> None:
     click.echo(f"out of fold, every labelled slice; stage 1 = the fold CNNs, stage 2 = {model} on {inputs}:")
     click.echo(compare_table(summary["stage1"], summary["oof"], tuple(summary["oof"]["names"])))
     ratio = summary["oof"]["weighted_log_loss"] / summary["stage1"]["weighted_log_loss"]
-    click.echo(f"weighted log loss: stage 1 {summary['stage1']['weighted_log_loss']:.4f}, stage 2 "
-               f"{summary['oof']['weighted_log_loss']:.4f} ({ratio:.2f}x)")
-    click.echo(f"wrote {out or Path(exp) / 'seq'} (seq.pt, oof.parquet, metrics.json), {exp}/compare.png and a "
-               f"{exp}/study_<uid>.png")
+    click.echo(
+        f"weighted log loss: stage 1 {summary['stage1']['weighted_log_loss']:.4f}, stage 2 "
+        f"{summary['oof']['weighted_log_loss']:.4f} ({ratio:.2f}x)"
+    )
+    click.echo(
+        f"wrote {out or Path(exp) / 'seq'} (seq.pt, oof.parquet, metrics.json), {exp}/compare.png and a "
+        f"{exp}/study_<uid>.png"
+    )
 
 
 SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an experiment folder
@@ -268,9 +424,14 @@ SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an expe
 @main.command()
 @click.argument("source", type=SOURCE)
 @click.option("--store", required=True, type=STORE)
-@click.option("--split", type=click.Choice(config.EVAL_SPLITS), default="val", show_default=True,
-              help="For a checkpoint: val = every labelled slice of the run's validation patients; all = every "
-                   "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one.")
+@click.option(
+    "--split",
+    type=click.Choice(config.EVAL_SPLITS),
+    default="val",
+    show_default=True,
+    help="For a checkpoint: val = every labelled slice of the run's validation patients; all = every "
+    "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
 @_inference_options
@@ -286,17 +447,24 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 
     try:
         if is_experiment(source):
-            metrics = evaluate_experiment(source, store, out, tta=tta, device=device, batch_size=batch_size,
-                                          workers=workers)
+            metrics = evaluate_experiment(
+                source, store, out, tta=tta, device=device, batch_size=batch_size, workers=workers
+            )
         else:
-            metrics = {"final": evaluate_checkpoint(source, store, out, split=split, device=device,
-                                                    batch_size=batch_size, workers=workers, tta=tta)}
+            metrics = {
+                "final": evaluate_checkpoint(
+                    source, store, out, split=split, device=device, batch_size=batch_size, workers=workers, tta=tta
+                )
+            }
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     for stage in ("stage1", "stage2"):
         if stage in metrics:
-            click.echo(f"{stage.replace('stage', 'stage ')} (mean of the folds):" if stage == "stage1" else
-                       "stage 2 (each fold's sequence model on its stage 1, averaged):")
+            click.echo(
+                f"{stage.replace('stage', 'stage ')} (mean of the folds):"
+                if stage == "stage1"
+                else "stage 2 (each fold's sequence model on its stage 1, averaged):"
+            )
             click.echo(format_metrics(metrics[stage]))
     if "stage1" not in metrics:
         click.echo(format_metrics(metrics["final"]))
@@ -306,25 +474,58 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 @main.command()
 @click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--store", type=STORE, help="Predict every slice of this store.")
-@click.option("--dicom-dir", type=SourceParam(),
-              help="Predict DICOMs directly (converted with the first source's spec first): a folder, a zip "
-                   "(rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_test) or a URL.")
-@click.option("--sample-submission", metavar="CSV",
-              help="Kaggle's stage_2_sample_submission.csv (a file, URL or ZIP::PATH): write exactly its rows, "
-                   "in its order.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Kaggle-format CSV (ID,Label) to write; probabilities clipped to [1e-6, 1 - 1e-6].")
-@click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True,
-              help="flip: average each slice with its mirror image.")
+@click.option(
+    "--dicom-dir",
+    type=SourceParam(),
+    help="Predict DICOMs directly (converted with the first source's spec first): a folder, a zip "
+    "(rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_test) or a URL.",
+)
+@click.option(
+    "--sample-submission",
+    metavar="CSV",
+    help="Kaggle's stage_2_sample_submission.csv (a file, URL or ZIP::PATH): write exactly its rows, in its order.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Kaggle-format CSV (ID,Label) to write; probabilities clipped to [1e-6, 1 - 1e-6].",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(config.TTAS),
+    default="none",
+    show_default=True,
+    help="flip: average each slice with its mirror image.",
+)
 @click.option("--no-seq", is_flag=True, help="Experiments: stage 1 only (the folds' mean), even when EXP/seq exists.")
-@click.option("--raw-any", is_flag=True,
-              help="Write the model's own 'any'; by default it is raised to the largest subtype probability.")
+@click.option(
+    "--raw-any",
+    is_flag=True,
+    help="Write the model's own 'any'; by default it is raised to the largest subtype probability.",
+)
 @_inference_options
-@click.option("--allow-subtypes-only", is_flag=True,
-              help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
-                   "never saw a normal slice).")
-def predict(sources, store, dicom_dir, sample_submission, output, tta, no_seq, raw_any, device, batch_size, workers,
-            allow_subtypes_only) -> None:
+@click.option(
+    "--allow-subtypes-only",
+    is_flag=True,
+    help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
+    "never saw a normal slice).",
+)
+def predict(
+    sources,
+    store,
+    dicom_dir,
+    sample_submission,
+    output,
+    tta,
+    no_seq,
+    raw_any,
+    device,
+    batch_size,
+    workers,
+    allow_subtypes_only,
+) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
     SOURCES are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
@@ -333,9 +534,16 @@ def predict(sources, store, dicom_dir, sample_submission, output, tta, no_seq, r
 
     if (store is None) == (dicom_dir is None):
         raise click.UsageError("give exactly one of --store STORE or --dicom-dir SOURCE")
-    options = {"device": device, "batch_size": batch_size, "workers": workers, "tta": tta, "use_seq": not no_seq,
-               "any_at_least_subtypes": not raw_any, "allow_subtypes_only": allow_subtypes_only,
-               "sample_submission": sample_submission}
+    options = {
+        "device": device,
+        "batch_size": batch_size,
+        "workers": workers,
+        "tta": tta,
+        "use_seq": not no_seq,
+        "any_at_least_subtypes": not raw_any,
+        "allow_subtypes_only": allow_subtypes_only,
+        "sample_submission": sample_submission,
+    }
     try:
         if store is not None:
             frame = predict_store(sources, store, output, **options)
@@ -359,5 +567,7 @@ def score(submission, labels_csv) -> None:
         _fail(exc)
     for name, value in result["per_label_log_loss"].items():
         click.echo(f"{name:18s} log loss {value:.4f}")
-    click.echo(f"weighted log loss {result['weighted_log_loss']:.5f} on {result['n_images']} labelled images "
-               f"(best constant submission: {result['constant_weighted_log_loss']:.5f})")
+    click.echo(
+        f"weighted log loss {result['weighted_log_loss']:.5f} on {result['n_images']} labelled images "
+        f"(best constant submission: {result['constant_weighted_log_loss']:.5f})"
+    )

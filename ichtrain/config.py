@@ -19,22 +19,77 @@ from .errors import ConfigError
 TASKS: dict[str, tuple[str, ...]] = {"rsna": LABELS, "binary": ("any",), "subtypes": SUBTYPES}
 #: Every torchvision classification model that takes any square input >= 64 and ends in a linear classifier.
 ARCHS = (  # by family; ichtrain.model.UNSUPPORTED lists the others and why, a test keeps both in step with torchvision
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-    "densenet121", "densenet161", "densenet169", "densenet201",
-    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
-    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_s", "efficientnet_v2_m",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_b4",
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "efficientnet_v2_s",
+    "efficientnet_v2_m",
     "efficientnet_v2_l",
-    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
-    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf", "regnet_x_16gf",
-    "regnet_x_32gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
-    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
-    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b",
-    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
-    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
-    "googlenet", "alexnet",
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "convnext_tiny",
+    "convnext_small",
+    "convnext_base",
+    "convnext_large",
+    "regnet_x_400mf",
+    "regnet_x_800mf",
+    "regnet_x_1_6gf",
+    "regnet_x_3_2gf",
+    "regnet_x_8gf",
+    "regnet_x_16gf",
+    "regnet_x_32gf",
+    "regnet_y_400mf",
+    "regnet_y_800mf",
+    "regnet_y_1_6gf",
+    "regnet_y_3_2gf",
+    "regnet_y_8gf",
+    "regnet_y_16gf",
+    "regnet_y_32gf",
+    "regnet_y_128gf",
+    "swin_t",
+    "swin_s",
+    "swin_b",
+    "swin_v2_t",
+    "swin_v2_s",
+    "swin_v2_b",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "mnasnet0_5",
+    "mnasnet0_75",
+    "mnasnet1_0",
+    "mnasnet1_3",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5",
+    "shufflenet_v2_x2_0",
+    "googlenet",
+    "alexnet",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
 )
 #: --context N stacks 2N+1 slices; 8 (17 slices, half of a typical 35-slice RSNA study) is the most accepted.
 MAX_CONTEXT = 8
@@ -53,8 +108,8 @@ BUFFER_SHARDS = 23
 MIN_FOLDS = 2
 MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
-SEQ_MODELS = ("gru", "transformer")   # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
-SEQ_INPUTS = ("features", "logits")   # stage 2 reads stage 1's penultimate features or its logits
+SEQ_MODELS = ("gru", "transformer")  # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
+SEQ_INPUTS = ("features", "logits")  # stage 2 reads stage 1's penultimate features or its logits
 #: Attention heads of the stage-2 transformer; its ``hidden`` must be a multiple of this.
 HEADS = 4
 #: Test-time augmentation: the views averaged per choice (True = flipped left-right).
@@ -67,6 +122,7 @@ SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's
 
 
 # ---------------------------------------------------------------- validation helpers
+
 
 def check_choice(name: str, value, choices) -> None:
     """Refuse a value that is not one of ``choices`` (a tuple, or a dict's keys), listing them."""
@@ -115,8 +171,10 @@ def check_fraction(name: str, value, interval: Interval = FRACTION) -> float:
         return float(value)
     ends = ((interval.low, interval.low_open), (interval.high, interval.high_open))
     excluded = " and ".join(f"{end:g}" for end, is_open in ends if is_open)
-    raise ConfigError(f"{name} must be in {interval}, a number between {interval.low:g} and {interval.high:g}"
-                      f"{f' ({excluded} excluded)' if excluded else ''}, got {value!r}")
+    raise ConfigError(
+        f"{name} must be in {interval}, a number between {interval.low:g} and {interval.high:g}"
+        f"{f' ({excluded} excluded)' if excluded else ''}, got {value!r}"
+    )
 
 
 def middle_count(selection) -> int | None:
@@ -128,8 +186,15 @@ def middle_count(selection) -> int | None:
 
 
 #: Smallest accepted value of TrainConfig's integer settings (the CLI's IntRange takes the same).
-TRAIN_MINIMUMS = {"image_size": 16, "epochs": 1, "batch_size": 1, "buffer_shards": 1, "workers": 0,
-                  "bn_refresh_batches": 0, "max_steps": 1}
+TRAIN_MINIMUMS = {
+    "image_size": 16,
+    "epochs": 1,
+    "batch_size": 1,
+    "buffer_shards": 1,
+    "workers": 0,
+    "bn_refresh_batches": 0,
+    "max_steps": 1,
+}
 #: Smallest accepted value of SeqConfig's integer settings.
 SEQ_MINIMUMS = {"hidden": 1, "layers": 1, "epochs": 1, "batch_studies": 1}
 
@@ -161,7 +226,7 @@ class TrainConfig:
     pos_fraction: float = 0.5
     val_fraction: float = 0.2
     split_by: str = "patient"
-    folds: int | None = None   # K patient folds; fold ``fold`` validates (replaces val_fraction)
+    folds: int | None = None  # K patient folds; fold ``fold`` validates (replaces val_fraction)
     fold: int | None = None
     slice_selection: str = "all"
     seed: int = 0
@@ -183,8 +248,10 @@ class TrainConfig:
         check_choice("split_by", self.split_by, SPLITS)
         check_choice("device", self.device, DEVICES)
         if isinstance(self.context, bool) or not isinstance(self.context, int) or not 0 <= self.context <= MAX_CONTEXT:
-            raise ConfigError(f"context must be an integer from 0 to {MAX_CONTEXT} (neighbour slices on each side; "
-                              f"{MAX_CONTEXT} already stacks {2 * MAX_CONTEXT + 1} slices), got {self.context!r}")
+            raise ConfigError(
+                f"context must be an integer from 0 to {MAX_CONTEXT} (neighbour slices on each side; "
+                f"{MAX_CONTEXT} already stacks {2 * MAX_CONTEXT + 1} slices), got {self.context!r}"
+            )
         middle_count(self.slice_selection)
         _check_minimums(self, TRAIN_MINIMUMS)
         if not self.lr > 0:
@@ -194,8 +261,10 @@ class TrainConfig:
         if (self.folds is None) != (self.fold is None):
             raise ConfigError("give --folds K and --fold k together (k in 0 .. K-1), or neither")
         if self.folds is not None and not (MIN_FOLDS <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):
-            raise ConfigError(f"need {MIN_FOLDS} <= folds <= {MAX_FOLDS} and 0 <= fold < folds, got "
-                              f"folds={self.folds}, fold={self.fold}")
+            raise ConfigError(
+                f"need {MIN_FOLDS} <= folds <= {MAX_FOLDS} and 0 <= fold < folds, got "
+                f"folds={self.folds}, fold={self.fold}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,7 +290,7 @@ class SeqConfig:
     seed: int = 0
     device: str = "cpu"
     concat_logits: bool = True  # stage-1 logits appended to the standardised input
-    holdout: float = 0.2        # share of the training studies that picks the epoch (0 = keep the last epoch)
+    holdout: float = 0.2  # share of the training studies that picks the epoch (0 = keep the last epoch)
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, SEQ_MODELS)

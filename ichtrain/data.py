@@ -83,14 +83,17 @@ def study_bounds(studies: pd.DataFrame, n_slices: int) -> tuple[np.ndarray, np.n
     start, stop = start[order], stop[order]
     edges_ok = len(start) > 0 and start[0] == 0 and stop[-1] == n_slices and np.array_equal(start[1:], stop[:-1])
     if not edges_ok or (stop <= start).any():
-        raise DataError(f"studies do not tile the {n_slices} slots as contiguous [start, stop) runs; "
-                        "the store's studies.parquet does not match its slices")
+        raise DataError(
+            f"studies do not tile the {n_slices} slots as contiguous [start, stop) runs; "
+            "the store's studies.parquet does not match its slices"
+        )
     size = stop - start
     return np.repeat(start, size), np.repeat(stop, size)
 
 
-def train_candidates(slices: pd.DataFrame, split: np.ndarray, selection_mask: np.ndarray | None, task: str,
-                     part: str = "train") -> np.ndarray:
+def train_candidates(
+    slices: pd.DataFrame, split: np.ndarray, selection_mask: np.ndarray | None, task: str, part: str = "train"
+) -> np.ndarray:
     """Sorted slots eligible for ``part`` of ``task``.
 
     Eligible: ``ok`` (not zero-filled), every task label present, ``split == part``, selected
@@ -112,8 +115,14 @@ def train_candidates(slices: pd.DataFrame, split: np.ndarray, selection_mask: np
     return np.flatnonzero(keep)
 
 
-def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = TrainConfig.balance,
-               pos_fraction: float = TrainConfig.pos_fraction, seed: int = 0, epoch: int = 0) -> np.ndarray:
+def epoch_plan(
+    candidates: np.ndarray,
+    positive: np.ndarray,
+    balance: str = TrainConfig.balance,
+    pos_fraction: float = TrainConfig.pos_fraction,
+    seed: int = 0,
+    epoch: int = 0,
+) -> np.ndarray:
     """int64 (N,) repeat counts of one epoch: 0 for non-candidates, N = ``len(positive)``.
 
     ``"none"``: every candidate once.  ``"hybrid"`` (the reference method's mix of under- and
@@ -129,8 +138,9 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = Trai
     seed, epoch = check_int("seed", seed), check_int("epoch", epoch)
     positive = np.asarray(positive)
     if positive.ndim != 1 or positive.dtype != bool:
-        raise DataError(f"positive must be a 1-D bool array (one entry per slot), "
-                        f"got {positive.dtype} {positive.shape}")
+        raise DataError(
+            f"positive must be a 1-D bool array (one entry per slot), got {positive.dtype} {positive.shape}"
+        )
     candidates = np.asarray(candidates)
     if candidates.ndim != 1 or (candidates.size and not np.issubdtype(candidates.dtype, np.integer)):
         raise DataError(f"candidates must be a 1-D integer array of slots, got {candidates.dtype} {candidates.shape}")
@@ -158,8 +168,16 @@ def epoch_plan(candidates: np.ndarray, positive: np.ndarray, balance: str = Trai
     whole = int(np.floor(r_pos))
     counts[pos_slots] = whole + (rng.random(n_pos) < r_pos - whole)
     counts[neg_slots] = rng.random(n_neg) < p_neg
-    logger.info("epoch %d plan: %d candidates (%.3f positive) -> %d samples (%.3f positive; r_pos %.2f, p_neg %.3f)",
-                epoch, n, n_pos / n, int(counts.sum()), counts[pos_slots].sum() / max(1, counts.sum()), r_pos, p_neg)
+    logger.info(
+        "epoch %d plan: %d candidates (%.3f positive) -> %d samples (%.3f positive; r_pos %.2f, p_neg %.3f)",
+        epoch,
+        n,
+        n_pos / n,
+        int(counts.sum()),
+        counts[pos_slots].sum() / max(1, counts.sum()),
+        r_pos,
+        p_neg,
+    )
     return counts
 
 
@@ -171,22 +189,23 @@ def _open_images(root: Path):
 class Batch(NamedTuple):
     """One batch of a :class:`ShardStream`; each tensor owns its memory."""
 
-    images: torch.Tensor   # uint8 (b, C*(2*context+1), H, W)
+    images: torch.Tensor  # uint8 (b, C*(2*context+1), H, W)
     targets: torch.Tensor  # float32 (b, K)
-    slots: torch.Tensor    # int64 (b,)
+    slots: torch.Tensor  # int64 (b,)
 
 
 class Layout(NamedTuple):
     """One epoch's sample sequence, the same on every rank: the shards read, in order, and their sample counts."""
 
-    order: np.ndarray   # shard numbers in reading order
+    order: np.ndarray  # shard numbers in reading order
     totals: np.ndarray  # samples of each of those shards
-    ends: np.ndarray    # cumulative totals: shard order[p] holds samples [ends[p] - totals[p], ends[p])
-    per_rank: int       # samples of each rank (a tail shorter than world_size is dropped)
+    ends: np.ndarray  # cumulative totals: shard order[p] holds samples [ends[p] - totals[p], ends[p])
+    per_rank: int  # samples of each rank (a tail shorter than world_size is dropped)
 
 
-def epoch_layout(counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int, epoch: int,
-                 world_size: int) -> Layout:
+def epoch_layout(
+    counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int, epoch: int, world_size: int
+) -> Layout:
     """Shards holding a slot with count > 0, shuffled per (seed, epoch) or sorted, and each rank's length."""
     totals = np.add.reduceat(counts, np.arange(0, len(counts), shard_slices))
     order = np.flatnonzero(totals > 0)
@@ -195,19 +214,24 @@ def epoch_layout(counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int
     ends = np.cumsum(totals[order])
     total = int(ends[-1]) if len(ends) else 0
     if world_size > 1 and total % world_size:
-        logger.debug("epoch %d: %d of %d samples dropped to give %d ranks equal length",
-                     epoch, total % world_size, total, world_size)
+        logger.debug(
+            "epoch %d: %d of %d samples dropped to give %d ranks equal length",
+            epoch,
+            total % world_size,
+            total,
+            world_size,
+        )
     return Layout(order=order, totals=totals[order], ends=ends, per_rank=total // world_size)
 
 
 class Piece(NamedTuple):
     """One shard's (or shard part's) samples in a worker's range, and the slot range read for them."""
 
-    lo: int                 # read images[lo:hi]: the slots, widened to their 2.5D neighbours
+    lo: int  # read images[lo:hi]: the slots, widened to their 2.5D neighbours
     hi: int
-    slots: np.ndarray       # int64 (n,), ascending
+    slots: np.ndarray  # int64 (n,), ascending
     neighbours: np.ndarray  # int64 (n, 2*context+1): each slot's stack, the slot itself in the middle
-    repeats: np.ndarray     # int64 (n,) >= 1: samples of each slot in this range
+    repeats: np.ndarray  # int64 (n,) >= 1: samples of each slot in this range
 
 
 class Emission(NamedTuple):
@@ -281,7 +305,7 @@ class WindowShuffle:
 class Step(NamedTuple):
     """What to emit after one more piece arrived (or, last, after all of them)."""
 
-    live: dict          # piece number -> piece, for every piece the emission may name
+    live: dict  # piece number -> piece, for every piece the emission may name
     emission: Emission
 
 
@@ -305,7 +329,7 @@ class _Loaded(NamedTuple):
     """A piece after its one read: the block as decoded and, per sample (repeats expanded), its rows and slot."""
 
     block: np.ndarray  # uint8 (hi - lo, C, H, W)
-    rows: np.ndarray   # int64 (samples, 2*context+1): rows of block, stacked in this order
+    rows: np.ndarray  # int64 (samples, 2*context+1): rows of block, stacked in this order
     slots: np.ndarray  # int64 (samples,)
 
 
@@ -320,8 +344,15 @@ def _empty_images(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
 class _BatchWriter:
     """Writes emitted samples straight into new batch tensors of a worker's sizes; yields each full batch."""
 
-    def __init__(self, total: int, batch_size: int, sample_shape: tuple[int, int, int], stack: int,
-                 targets: np.ndarray, shared: bool):
+    def __init__(
+        self,
+        total: int,
+        batch_size: int,
+        sample_shape: tuple[int, int, int],
+        stack: int,
+        targets: np.ndarray,
+        shared: bool,
+    ):
         self._left, self._batch_size, self._sample_shape = total, batch_size, sample_shape
         self._stack, self._targets, self._shared = stack, targets, shared
         self._start()
@@ -349,12 +380,15 @@ class _BatchWriter:
             k = min(len(samples), len(self._slots) - f)
             take, samples = samples[:k], samples[k:]
             # The one copy of each slice; "clip" (rows are in range) because "raise" copies through a temporary.
-            np.take(loaded.block, loaded.rows[take], axis=0, out=self._stacked[f:f + k], mode="clip")
-            self._slots[f:f + k] = loaded.slots[take]
+            np.take(loaded.block, loaded.rows[take], axis=0, out=self._stacked[f : f + k], mode="clip")
+            self._slots[f : f + k] = loaded.slots[take]
             self._filled += k
             if self._filled == len(self._slots):
-                yield Batch(images=self._images, targets=torch.from_numpy(self._targets[self._slots]),
-                            slots=torch.from_numpy(self._slots))
+                yield Batch(
+                    images=self._images,
+                    targets=torch.from_numpy(self._targets[self._slots]),
+                    slots=torch.from_numpy(self._slots),
+                )
                 if self._left:
                     self._start()
 
@@ -399,14 +433,31 @@ class ShardStream(torch.utils.data.IterableDataset):
     #: Allocate batch images in shared memory inside DataLoader workers (a benchmark turns it off to compare).
     _share_in_workers = True
 
-    def __init__(self, root, counts: np.ndarray, targets: np.ndarray, shard_slices: int, studies_start: np.ndarray,
-                 studies_stop: np.ndarray, context: int = 0, shuffle: bool = True, seed: int = 0,
-                 buffer_shards: int = TrainConfig.buffer_shards, rank: int = 0, world_size: int = 1,
-                 ok: np.ndarray | None = None, batch_size: int = TrainConfig.batch_size):
+    def __init__(
+        self,
+        root,
+        counts: np.ndarray,
+        targets: np.ndarray,
+        shard_slices: int,
+        studies_start: np.ndarray,
+        studies_stop: np.ndarray,
+        context: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_shards: int = TrainConfig.buffer_shards,
+        rank: int = 0,
+        world_size: int = 1,
+        ok: np.ndarray | None = None,
+        batch_size: int = TrainConfig.batch_size,
+    ):
         self.root = str(root)  # a folder or an fsspec URL (s3://...); each worker opens it itself
-        for name, value, low in (("shard_slices", shard_slices, 1), ("context", context, 0),
-                                 ("buffer_shards", buffer_shards, 1), ("world_size", world_size, 1),
-                                 ("batch_size", batch_size, 1)):
+        for name, value, low in (
+            ("shard_slices", shard_slices, 1),
+            ("context", context, 0),
+            ("buffer_shards", buffer_shards, 1),
+            ("world_size", world_size, 1),
+            ("batch_size", batch_size, 1),
+        ):
             check_int(name, value, low)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be an integer in [0, world_size={world_size}), got {rank!r}")
@@ -426,8 +477,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.stop = np.asarray(studies_stop, dtype=np.int64)
         slot = np.arange(n)
         if self.start.shape != (n,) or self.stop.shape != (n,) or not ((self.start <= slot) & (slot < self.stop)).all():
-            raise DataError(f"studies_start/studies_stop must be per-slot study bounds (N={n}) "
-                            "with start <= slot < stop")
+            raise DataError(
+                f"studies_start/studies_stop must be per-slot study bounds (N={n}) with start <= slot < stop"
+            )
         self.ok = None if ok is None else np.asarray(ok, dtype=bool)
         if self.ok is not None and self.ok.shape != (n,):
             raise DataError(f"ok must have shape ({n},), got {self.ok.shape}")
@@ -443,14 +495,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Build from an opened :class:`ichprep.store.Store` (shard size, study bounds and ``ok`` from it)."""
         start, stop = study_bounds(store.studies, len(store.slices))
         kwargs.setdefault("ok", store.slices["ok"].to_numpy(dtype=bool))
-        return cls(store.root, counts=counts, targets=targets, shard_slices=store.shard_slices, studies_start=start,
-                   studies_stop=stop, **kwargs)
+        return cls(
+            store.root,
+            counts=counts,
+            targets=targets,
+            shard_slices=store.shard_slices,
+            studies_start=start,
+            studies_stop=stop,
+            **kwargs,
+        )
 
     def _check_counts(self, counts) -> np.ndarray:
         counts = np.asarray(counts)
         if counts.shape != (self.n,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
-            raise DataError(f"counts must be non-negative integers of shape ({self.n},), "
-                            f"got {counts.dtype} {counts.shape}")
+            raise DataError(
+                f"counts must be non-negative integers of shape ({self.n},), got {counts.dtype} {counts.shape}"
+            )
         if self.ok is not None and (counts[~self.ok] > 0).any():
             raise DataError("counts select zero-filled slots (ok=False); build candidates with train_candidates")
         return counts.astype(np.int64)
@@ -476,8 +536,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _plan(self) -> Layout:
         if self._layout is None:
-            self._layout = epoch_layout(self.counts, self.shard_slices, self.shuffle, self.seed, self.epoch,
-                                        self.world_size)
+            self._layout = epoch_layout(
+                self.counts, self.shard_slices, self.shuffle, self.seed, self.epoch, self.world_size
+            )
         return self._layout
 
     def __len__(self) -> int:
@@ -522,7 +583,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if self.ok is not None:
                 nb = np.where(self.ok[nb], nb, slots[:, None])
             lo, hi = int(nb.min()), int(nb.max()) + 1
-            if mine.sum() == counts.sum():       # the whole shard is ours: read it as stored
+            if mine.sum() == counts.sum():  # the whole shard is ours: read it as stored
                 lo, hi = min(lo, a), max(hi, b)
             yield Piece(lo, hi, slots, nb, mine[local])
 
@@ -530,8 +591,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _load(images, piece: Piece) -> _Loaded:
         """One range read; repeats expand rows and slots only, never pixels."""
         sample = np.repeat(np.arange(len(piece.slots)), piece.repeats)
-        return _Loaded(block=np.asarray(images[piece.lo:piece.hi]), rows=(piece.neighbours - piece.lo)[sample],
-                       slots=piece.slots[sample])
+        return _Loaded(
+            block=np.asarray(images[piece.lo : piece.hi]),
+            rows=(piece.neighbours - piece.lo)[sample],
+            slots=piece.slots[sample],
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -544,9 +608,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = WindowShuffle(self.buffer_shards, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
         else:
             order = SequenceOrder()
-        writer = _BatchWriter(total=g1 - g0, batch_size=self.batch_size, sample_shape=self.sample_shape,
-                              stack=2 * self.context + 1, targets=self.targets,
-                              shared=info is not None and self._share_in_workers)
+        writer = _BatchWriter(
+            total=g1 - g0,
+            batch_size=self.batch_size,
+            sample_shape=self.sample_shape,
+            stack=2 * self.context + 1,
+            targets=self.targets,
+            shared=info is not None and self._share_in_workers,
+        )
         loaded = (self._load(images, piece) for piece in self._pieces(g0, g1))
         for step in emissions(order, loaded, lambda piece: len(piece.slots)):
             yield from writer.write(step.live, step.emission)

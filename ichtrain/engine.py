@@ -26,8 +26,9 @@ def loss_weights(names: tuple[str, ...], device) -> torch.Tensor:
     return torch.as_tensor(label_weights(names), dtype=torch.float32, device=device)
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_bce(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, sample_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over images of ``s_i * sum_j w_j BCE_ij / sum_j w_j``: the RSNA metric, importance-weighted by ``s``."""
     per_label = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     per_image = (per_label * weights).sum(dim=1).div(weights.sum())
@@ -53,10 +54,10 @@ class StepSetup:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    label_weights: torch.Tensor           # (K,) the competition's weights
-    sample_weights: torch.Tensor | None   # (N slots,) importance weights of the balance plan, None = all 1
+    label_weights: torch.Tensor  # (K,) the competition's weights
+    sample_weights: torch.Tensor | None  # (N slots,) importance weights of the balance plan, None = all 1
     image_size: int
-    generator: torch.Generator            # on the device, for the augmentation's random numbers
+    generator: torch.Generator  # on the device, for the augmentation's random numbers
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
@@ -96,8 +97,14 @@ class EpochStats(NamedTuple):
     train_images_per_s: float
 
 
-def train_one_epoch(setup: StepSetup, loader, *, max_steps: int | None = None, log_every: int = 20,
-                    on_log: Callable[[int, float, float], None] | None = None) -> EpochStats:
+def train_one_epoch(
+    setup: StepSetup,
+    loader,
+    *,
+    max_steps: int | None = None,
+    log_every: int = 20,
+    on_log: Callable[[int, float, float], None] | None = None,
+) -> EpochStats:
     """Train for one pass over ``loader`` (batches of images, targets, slots).
 
     ``on_log(steps since the last call, mean loss so far, images/s)`` runs every ``log_every`` steps and
@@ -156,24 +163,33 @@ def refresh_batchnorm(setup: StepSetup, loader, *, max_batches: int) -> int:
 
 
 class Predictions(NamedTuple):
-    probs: np.ndarray    # float32 (n, K)
+    probs: np.ndarray  # float32 (n, K)
     targets: np.ndarray  # float32 (n, K)
-    slots: np.ndarray    # int64 (n,)
+    slots: np.ndarray  # int64 (n,)
 
 
 class Outputs(NamedTuple):
     """Everything one inference pass gives per sample, in the loader's order."""
 
-    logits: np.ndarray           # float32 (n, K)
+    logits: np.ndarray  # float32 (n, K)
     features: np.ndarray | None  # float16 (n, D): the head's input (penultimate features), when asked for
-    targets: np.ndarray          # float32 (n, K)
-    slots: np.ndarray            # int64 (n,)
+    targets: np.ndarray  # float32 (n, K)
+    slots: np.ndarray  # int64 (n,)
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
-          amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: str = "none",
-          features: bool = False, on_step: Callable[[int], None] | None = None) -> Outputs:
+def infer(
+    model: torch.nn.Module,
+    loader,
+    *,
+    image_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta: str = "none",
+    features: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> Outputs:
     """Logits (and penultimate features) of every sample of ``loader``, averaged over the ``tta`` views.
 
     The image is the whole stored slice resized to ``image_size``; features are the input of
@@ -205,19 +221,42 @@ def infer(model: torch.nn.Module, loader, *, image_size: int, device: torch.devi
             hook.remove()
     if not logits:
         empty = np.zeros((0, 0), np.float32)
-        return Outputs(logits=empty, features=empty.astype(np.float16) if features else None, targets=empty,
-                       slots=np.zeros(0, np.int64))
-    return Outputs(logits=torch.cat(logits).cpu().numpy(),
-                   features=torch.cat(feats).cpu().numpy() if features else None,
-                   targets=np.concatenate(targets), slots=np.concatenate(slots).astype(np.int64))
+        return Outputs(
+            logits=empty,
+            features=empty.astype(np.float16) if features else None,
+            targets=empty,
+            slots=np.zeros(0, np.int64),
+        )
+    return Outputs(
+        logits=torch.cat(logits).cpu().numpy(),
+        features=torch.cat(feats).cpu().numpy() if features else None,
+        targets=np.concatenate(targets),
+        slots=np.concatenate(slots).astype(np.int64),
+    )
 
 
-def evaluate(model: torch.nn.Module, loader, *, image_size: int, device: torch.device,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: str = "none",
-             on_step: Callable[[int], None] | None = None) -> Predictions:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    *,
+    image_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta: str = "none",
+    on_step: Callable[[int], None] | None = None,
+) -> Predictions:
     """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
-    out = infer(model, loader, image_size=image_size, device=device, amp_dtype=amp_dtype,
-                channels_last=channels_last, tta=tta, on_step=on_step)
+    out = infer(
+        model,
+        loader,
+        image_size=image_size,
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        tta=tta,
+        on_step=on_step,
+    )
     return Predictions(probs=sigmoid(out.logits), targets=out.targets, slots=out.slots)
 
 

@@ -54,9 +54,9 @@ class Experiment(NamedTuple):
     """An experiment folder as written by :func:`cross_validate`."""
 
     path: Path
-    cfg: TrainConfig      # the shared config (out = EXP, no fold)
+    cfg: TrainConfig  # the shared config (out = EXP, no fold)
     folds: int
-    fold: np.ndarray      # int64 (N,): each slot's fold in the training store
+    fold: np.ndarray  # int64 (N,): each slot's fold in the training store
     image_ids: pd.Series  # (N,) the training store's slots, for checking it is still the same store
     names: tuple[str, ...]
 
@@ -69,22 +69,33 @@ def open_experiment(exp: str | Path) -> Experiment:
     info = json.loads((path / EXPERIMENT).read_text())
     cfg = TrainConfig.from_dict(info["config"])
     table = pd.read_parquet(path / FOLDS)
-    return Experiment(path=path, cfg=cfg, folds=int(info["folds"]), fold=table["fold"].to_numpy(np.int64),
-                      image_ids=table["image_id"].astype(str), names=TASKS[cfg.task])
+    return Experiment(
+        path=path,
+        cfg=cfg,
+        folds=int(info["folds"]),
+        fold=table["fold"].to_numpy(np.int64),
+        image_ids=table["image_id"].astype(str),
+        names=TASKS[cfg.task],
+    )
 
 
 def open_training_store(experiment: Experiment) -> Store:
     """The store the folds were made on, refused when its slots are no longer the ones in folds.parquet."""
     store = open_store(experiment.cfg.store)
     if not store.slices["image_id"].astype(str).reset_index(drop=True).equals(experiment.image_ids):
-        raise DataError(f"{experiment.path / FOLDS} does not list the slots of {experiment.cfg.store}; "
-                        "the store changed since `ichtrain cv`")
+        raise DataError(
+            f"{experiment.path / FOLDS} does not list the slots of {experiment.cfg.store}; "
+            "the store changed since `ichtrain cv`"
+        )
     return store
 
 
 def _shared_config(base: TrainConfig, folds: int, identity: str) -> dict:
-    return {"config": {**base.to_dict(), "resume": None, "folds": None, "fold": None},
-            "folds": folds, "store_identity": identity}
+    return {
+        "config": {**base.to_dict(), "resume": None, "folds": None, "fold": None},
+        "folds": folds,
+        "store_identity": identity,
+    }
 
 
 def _check_same(path: Path, new: dict) -> None:
@@ -94,8 +105,10 @@ def _check_same(path: Path, new: dict) -> None:
     differ = [k for k in keys if old["config"].get(k) != new["config"].get(k)]
     differ += [k for k in ("folds", "store_identity") if old.get(k) != new.get(k)]
     if differ:
-        raise ConfigError(f"{path.parent} was made with other settings ({', '.join(differ)}: "
-                          f"{[old['config'].get(k, old.get(k)) for k in differ]}); use a new --out or the same options")
+        raise ConfigError(
+            f"{path.parent} was made with other settings ({', '.join(differ)}: "
+            f"{[old['config'].get(k, old.get(k)) for k in differ]}); use a new --out or the same options"
+        )
 
 
 def _check_fold_run(run: Path, base: TrainConfig, *, folds: int, k: int) -> None:
@@ -104,13 +117,21 @@ def _check_fold_run(run: Path, base: TrainConfig, *, folds: int, k: int) -> None
     wanted = {**base.to_dict(), "folds": folds, "fold": k}
     differ = [f for f in RESUME_FIXED if done.get(f) != wanted.get(f)]
     if differ:
-        raise ConfigError(f"{run} was trained with other settings ({', '.join(f'{f}={done.get(f)!r}' for f in differ)}"
-                          f"; this experiment has {', '.join(f'{f}={wanted.get(f)!r}' for f in differ)}); "
-                          "move it away or train the fold with the experiment's options")
+        raise ConfigError(
+            f"{run} was trained with other settings ({', '.join(f'{f}={done.get(f)!r}' for f in differ)}"
+            f"; this experiment has {', '.join(f'{f}={wanted.get(f)!r}' for f in differ)}); "
+            "move it away or train the fold with the experiment's options"
+        )
 
 
-def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_size: int = INFER_BATCH_SIZE,
-                   progress: Callable | None = None) -> dict:
+def cross_validate(
+    base: TrainConfig,
+    folds: int,
+    *,
+    tta: str = "none",
+    batch_size: int = INFER_BATCH_SIZE,
+    progress: Callable | None = None,
+) -> dict:
     """Train every fold into EXP/fold{k} (finished folds are kept, interrupted ones resume), then export and score.
 
     Returns EXP/metrics.json's content: the out-of-fold block and each fold's best-epoch metrics.
@@ -132,24 +153,30 @@ def cross_validate(base: TrainConfig, folds: int, *, tta: str = "none", batch_si
         else:
             last = run / "last.pt"
             logger.info("fold %d of %d: %s", k, folds, f"resuming from {last}" if last.exists() else "training")
-            train(dataclasses.replace(base, out=str(run), folds=folds, fold=k,
-                                      resume=str(last) if last.exists() else None), progress=progress)
+            train(
+                dataclasses.replace(
+                    base, out=str(run), folds=folds, fold=k, resume=str(last) if last.exists() else None
+                ),
+                progress=progress,
+            )
         export_fold(exp, k, fold == k, store=store, device=base.device, tta=tta, batch_size=batch_size)
     return score_experiment(exp)
 
 
 # ---------------------------------------------------------------- stage-1 outputs
 
+
 class Inferred(NamedTuple):
     """A model's outputs on chosen slots of a store; rows follow ``slots`` (ascending)."""
 
-    slots: np.ndarray      # int64 (m,)
-    logits: np.ndarray     # float32 (m, K)
-    features: np.ndarray   # float16 (m, D)
+    slots: np.ndarray  # int64 (m,)
+    logits: np.ndarray  # float32 (m, K)
+    features: np.ndarray  # float16 (m, D)
 
 
-def infer_slots(loaded: Loaded, mask: np.ndarray, *, tta: str = "none", batch_size: int = INFER_BATCH_SIZE,
-                workers: int = 0) -> Inferred:
+def infer_slots(
+    loaded: Loaded, mask: np.ndarray, *, tta: str = "none", batch_size: int = INFER_BATCH_SIZE, workers: int = 0
+) -> Inferred:
     """Features and logits of the readable slots in ``mask``, each shard read once in store order."""
     out = infer_loaded(loaded, mask, tta=tta, batch_size=batch_size, workers=workers, features=True)
     order = np.argsort(out.slots, kind="stable")
@@ -178,9 +205,14 @@ def _outputs_group(path: Path, *, n_slots: int, shard_slices: int, inferred: Inf
         return zarr.open_group(str(path), mode="r+")
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, values in (("features", inferred.features), ("logits", inferred.logits)):
-        group.create_array(name, shape=(n_slots, values.shape[1]), dtype=values.dtype,
-                           chunks=(shard_slices, values.shape[1]), fill_value=np.nan,
-                           dimension_names=("slice", name))
+        group.create_array(
+            name,
+            shape=(n_slots, values.shape[1]),
+            dtype=values.dtype,
+            chunks=(shard_slices, values.shape[1]),
+            fill_value=np.nan,
+            dimension_names=("slice", name),
+        )
     group.attrs["folds_done"] = []
     return group
 
@@ -189,8 +221,8 @@ def write_outputs(group: zarr.Group, inferred: Inferred, fold: int) -> None:
     """Write one fold's rows, then record the fold as done (a fold interrupted half-way is redone)."""
     for run in _runs(inferred.slots):
         rows = slice(run.row, run.row + run.stop - run.start)
-        group["features"][run.start:run.stop] = inferred.features[rows]
-        group["logits"][run.start:run.stop] = inferred.logits[rows]
+        group["features"][run.start : run.stop] = inferred.features[rows]
+        group["logits"][run.start : run.stop] = inferred.logits[rows]
     group.attrs["folds_done"] = sorted({*group.attrs["folds_done"], fold})
 
 
@@ -204,13 +236,21 @@ def read_outputs(path: Path, slots: np.ndarray, folds: int) -> Inferred:
     logits = np.empty((len(slots), group["logits"].shape[1]), np.float32)
     for run in _runs(slots):
         rows = slice(run.row, run.row + run.stop - run.start)
-        features[rows] = group["features"][run.start:run.stop]
-        logits[rows] = group["logits"][run.start:run.stop]
+        features[rows] = group["features"][run.start : run.stop]
+        logits[rows] = group["logits"][run.start : run.stop]
     return Inferred(slots=slots, logits=logits, features=features)
 
 
-def export_fold(exp: Path, k: int, mask: np.ndarray, *, store: Store, device: str, tta: str = "none",
-                batch_size: int = INFER_BATCH_SIZE) -> None:
+def export_fold(
+    exp: Path,
+    k: int,
+    mask: np.ndarray,
+    *,
+    store: Store,
+    device: str,
+    tta: str = "none",
+    batch_size: int = INFER_BATCH_SIZE,
+) -> None:
     """Fold k's slots of the (open) training store through fold k's best.pt into EXP/outputs.zarr.
 
     Skipped when the fold is already there.
@@ -223,8 +263,9 @@ def export_fold(exp: Path, k: int, mask: np.ndarray, *, store: Store, device: st
     group = _outputs_group(path, n_slots=len(store.slices), shard_slices=store.spec.shard_slices, inferred=inferred)
     group.attrs.update({"tta": tta, "names": list(loaded.names)})
     write_outputs(group, inferred, k)
-    logger.info("fold %d: %d slots exported to %s (features %d-d)", k, len(inferred.slots), path,
-                inferred.features.shape[1])
+    logger.info(
+        "fold %d: %d slots exported to %s (features %d-d)", k, len(inferred.slots), path, inferred.features.shape[1]
+    )
 
 
 def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
@@ -235,8 +276,10 @@ def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
 
 # ---------------------------------------------------------------- scores
 
-def oof_block(store: Store, slots: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...], task: str,
-              seed: int) -> dict:
+
+def oof_block(
+    store: Store, slots: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...], task: str, seed: int
+) -> dict:
     """The usual metrics of out-of-fold probabilities, with an ``auc`` {label: value} summary."""
     y = targets(store.slices, task)[slots]
     study = store.slices["study_uid"].to_numpy()[slots]
@@ -258,13 +301,22 @@ def score_experiment(exp: str | Path) -> dict:
     outputs = oof_outputs(experiment, store)
     slots = scored_slots(store, task)
     probs = sigmoid(outputs.logits[np.searchsorted(outputs.slots, slots)])
-    write_predictions(experiment.path / OOF, store, slots=slots, probs=probs, truth=targets(store.slices, task)[slots],
-                      names=names, columns={"fold": experiment.fold[slots]})
+    write_predictions(
+        experiment.path / OOF,
+        store,
+        slots=slots,
+        probs=probs,
+        truth=targets(store.slices, task)[slots],
+        names=names,
+        columns={"fold": experiment.fold[slots]},
+    )
     fold_metrics = []
     for k in range(experiment.folds):
         run = json.loads((fold_dir(experiment.path, k) / "metrics.json").read_text())
         fold_metrics.append({"fold": k, "best_epoch": run["best_epoch"], **run["final"]})
-    summary = {"oof": oof_block(store, slots, probs, names=names, task=task, seed=experiment.cfg.seed),
-               "folds": fold_metrics}
+    summary = {
+        "oof": oof_block(store, slots, probs, names=names, task=task, seed=experiment.cfg.seed),
+        "folds": fold_metrics,
+    }
     (experiment.path / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 class Groups(NamedTuple):
-    keys: np.ndarray       # (G,) sorted group keys
-    inverse: np.ndarray    # (N,) each slot's group
-    sizes: np.ndarray      # (G,) slots per group
-    bleeding: np.ndarray   # (G,) slices labelled any == 1
+    keys: np.ndarray  # (G,) sorted group keys
+    inverse: np.ndarray  # (N,) each slot's group
+    sizes: np.ndarray  # (G,) slots per group
+    bleeding: np.ndarray  # (G,) slices labelled any == 1
 
     @property
     def positive(self) -> np.ndarray:
@@ -53,7 +53,7 @@ def groups_of(slices: pd.DataFrame, by: str = TrainConfig.split_by) -> Groups:
 
 
 class Strata(NamedTuple):
-    negative: np.ndarray   # groups without a bleeding slice, in a seeded shuffled order
+    negative: np.ndarray  # groups without a bleeding slice, in a seeded shuffled order
     blocks: list[np.ndarray]  # bleeding groups ranked by their bleeding slices (ties by the seed), in blocks
 
 
@@ -62,12 +62,15 @@ def _strata(groups: Groups, rng: np.random.Generator, block: int) -> Strata:
     bleeding = np.flatnonzero(groups.positive)
     bleeding = bleeding[rng.permutation(len(bleeding))]
     bleeding = bleeding[np.argsort(-groups.bleeding[bleeding], kind="stable")]
-    return Strata(negative=negative[rng.permutation(len(negative))],
-                  blocks=[bleeding[i:i + block] for i in range(0, len(bleeding), block)])
+    return Strata(
+        negative=negative[rng.permutation(len(negative))],
+        blocks=[bleeding[i : i + block] for i in range(0, len(bleeding), block)],
+    )
 
 
-def split_slices(slices: pd.DataFrame, val_fraction: float = TrainConfig.val_fraction, seed: int = 0,
-                 by: str = TrainConfig.split_by) -> np.ndarray:
+def split_slices(
+    slices: pd.DataFrame, val_fraction: float = TrainConfig.val_fraction, seed: int = 0, by: str = TrainConfig.split_by
+) -> np.ndarray:
     """``"train"``/``"val"`` for every slot, holding out about ``val_fraction`` of the slices.
 
     ``by="patient"`` (default) keeps each patient on one side, ``by="study"`` each study.  One bleeding group
@@ -96,20 +99,28 @@ def split_slices(slices: pd.DataFrame, val_fraction: float = TrainConfig.val_fra
     is_val = np.zeros(len(groups.keys), bool)
     block = max(2, round(1 / val_fraction))
     strata = _strata(groups, rng, block=block)
-    for members in strata.blocks:   # one bleeding group of each block validates; a short last block by chance
+    for members in strata.blocks:  # one bleeding group of each block validates; a short last block by chance
         if len(members) == block or rng.random() < len(members) / block:
             is_val[members[rng.integers(len(members))]] = True
     # Groups without a bleed then bring val to the slice fraction: the shuffled prefix nearest what is missing.
     missing = val_fraction * n - groups.sizes[is_val].sum()
     cum = np.concatenate([[0], np.cumsum(groups.sizes[strata.negative])])
-    is_val[strata.negative[:int(np.argmin(np.abs(cum - max(missing, 0))))]] = True
+    is_val[strata.negative[: int(np.argmin(np.abs(cum - max(missing, 0))))]] = True
     if not is_val.any():
         is_val[rng.integers(len(is_val))] = True
     if is_val.all():
         is_val[rng.integers(len(is_val))] = False
     split = np.where(is_val[groups.inverse], "val", "train")
-    logger.info("split by %s (seed %d, stratified by bleed): %d of %d groups, %d of %d slices (%.3f) in val", by,
-                seed, int(is_val.sum()), len(is_val), int((split == "val").sum()), n, (split == "val").mean())
+    logger.info(
+        "split by %s (seed %d, stratified by bleed): %d of %d groups, %d of %d slices (%.3f) in val",
+        by,
+        seed,
+        int(is_val.sum()),
+        len(is_val),
+        int((split == "val").sum()),
+        n,
+        (split == "val").mean(),
+    )
     return split
 
 
@@ -128,21 +139,33 @@ def assign_folds(slices: pd.DataFrame, folds: int, seed: int = 0, by: str = Trai
     rng = np.random.default_rng(seed)
     fold_of, load = np.zeros(len(groups.keys), np.int64), np.zeros(folds, np.int64)
     strata = _strata(groups, rng, block=folds)
-    for members in strata.blocks:   # each fold takes one bleeding group of each block, in a seeded order
-        fold_of[members] = rng.permutation(folds)[:len(members)]
+    for members in strata.blocks:  # each fold takes one bleeding group of each block, in a seeded order
+        fold_of[members] = rng.permutation(folds)[: len(members)]
         np.add.at(load, fold_of[members], groups.sizes[members])
     for g in strata.negative[np.argsort(-groups.sizes[strata.negative], kind="stable")]:
-        fold_of[g] = int(np.argmin(load))   # largest first, each to the fold with the fewest slices so far
+        fold_of[g] = int(np.argmin(load))  # largest first, each to the fold with the fewest slices so far
         load[fold_of[g]] += groups.sizes[g]
-    logger.info("%d folds by %s (seed %d): %s slices, %s groups with a bleed", folds, by, seed, load.tolist(),
-                np.bincount(fold_of[groups.positive], minlength=folds).tolist())
+    logger.info(
+        "%d folds by %s (seed %d): %s slices, %s groups with a bleed",
+        folds,
+        by,
+        seed,
+        load.tolist(),
+        np.bincount(fold_of[groups.positive], minlength=folds).tolist(),
+    )
     return fold_of[groups.inverse]
 
 
 def slot_table(slices: pd.DataFrame, **columns: np.ndarray) -> pd.DataFrame:
     """Each slot's image_id, study_uid and patient_id, then ``columns`` (a run's split, an experiment's fold)."""
-    return pd.DataFrame({"image_id": slices["image_id"], "study_uid": slices["study_uid"],
-                         "patient_id": slices["patient_id"], **columns})
+    return pd.DataFrame(
+        {
+            "image_id": slices["image_id"],
+            "study_uid": slices["study_uid"],
+            "patient_id": slices["patient_id"],
+            **columns,
+        }
+    )
 
 
 def folds_table(slices: pd.DataFrame, fold: np.ndarray) -> pd.DataFrame:
@@ -150,8 +173,9 @@ def folds_table(slices: pd.DataFrame, fold: np.ndarray) -> pd.DataFrame:
     return slot_table(slices, fold=fold)
 
 
-def run_split(slices: pd.DataFrame, *, val_fraction: float, seed: int, by: str, folds: int | None = None,
-              fold: int | None = None) -> np.ndarray:
+def run_split(
+    slices: pd.DataFrame, *, val_fraction: float, seed: int, by: str, folds: int | None = None, fold: int | None = None
+) -> np.ndarray:
     """A run's ``"train"``/``"val"`` per slot: fold ``fold`` of ``folds`` validates, else the fractional split."""
     if folds is None:
         return split_slices(slices, val_fraction=val_fraction, seed=seed, by=by)

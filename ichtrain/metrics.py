@@ -19,7 +19,8 @@ undefined values) so the trainer can write them straight to ``metrics.json``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -295,8 +296,9 @@ def _row_nanmean(values: np.ndarray) -> np.ndarray:
     return _ratio(np.where(finite, values, 0.0).sum(axis=1), finite.sum(axis=1).astype(float))
 
 
-def _add_class_sums(sums: _UnitSums, name: str, *, rows: np.ndarray, yt: np.ndarray, yp: np.ndarray,
-                    threshold: float) -> None:
+def _add_class_sums(
+    sums: _UnitSums, name: str, *, rows: np.ndarray, yt: np.ndarray, yp: np.ndarray, threshold: float
+) -> None:
     called = yp >= threshold  # same operating rule as _at_threshold
     sums.add(f"{name}/n", np.ones(yt.size), rows)
     sums.add(f"{name}/pos", yt, rows)
@@ -328,8 +330,17 @@ class _Intervals(NamedTuple):
     info: dict
 
 
-def _bootstrap(yt: np.ndarray, yp: np.ndarray, *, names: tuple[str, ...], units: _Units, per_class: Mapping,
-               study: _StudyAny | None, replicates: int, seed: int) -> _Intervals:
+def _bootstrap(
+    yt: np.ndarray,
+    yp: np.ndarray,
+    *,
+    names: tuple[str, ...],
+    units: _Units,
+    per_class: Mapping,
+    study: _StudyAny | None,
+    replicates: int,
+    seed: int,
+) -> _Intervals:
     """Percentile intervals of the headline metrics over ``replicates`` resamples of the units."""
     sums = _UnitSums(units.index, units.count)
     images = _image_losses(yt, yp, names)
@@ -339,8 +350,9 @@ def _bootstrap(yt: np.ndarray, yp: np.ndarray, *, names: tuple[str, ...], units:
     for j, name in enumerate(names):
         rows = ~np.isnan(yt[:, j])
         at = per_class[name]["at_youden"] or {}
-        _add_class_sums(sums, name, rows=rows, yt=yt[rows, j], yp=yp[rows, j],
-                        threshold=at.get("threshold", DEFAULT_THRESHOLD))
+        _add_class_sums(
+            sums, name, rows=rows, yt=yt[rows, j], yp=yp[rows, j], threshold=at.get("threshold", DEFAULT_THRESHOLD)
+        )
         if per_class[name]["roc_auc"] is not None:
             ranked.append(name)
             rankings.append(Ranking(y=yt[rows, j], score=yp[rows, j], unit=units.index[rows]))
@@ -365,8 +377,13 @@ def _bootstrap(yt: np.ndarray, yp: np.ndarray, *, names: tuple[str, ...], units:
     return _Intervals(
         overall={key: percentile_interval(v) for key, v in overall.items()},
         per_class={name: {key: percentile_interval(v) for key, v in per_rep[name].items()} for name in names},
-        info={"replicates": int(replicates), "unit": units.kind, "units": int(units.count), "seed": seed,
-              "level": LEVEL},
+        info={
+            "replicates": int(replicates),
+            "unit": units.kind,
+            "units": int(units.count),
+            "seed": seed,
+            "level": LEVEL,
+        },
     )
 
 
@@ -435,8 +452,9 @@ def _is_int(x) -> bool:
 
 def _check_bootstrap(bootstrap, seed) -> None:
     if not _is_int(bootstrap) or bootstrap < 0:
-        raise ValueError(f"bootstrap must be a whole number of replicates >= 0 (0 turns intervals off), "
-                         f"got {bootstrap!r}")
+        raise ValueError(
+            f"bootstrap must be a whole number of replicates >= 0 (0 turns intervals off), got {bootstrap!r}"
+        )
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer (it makes the bootstrap reproducible), got {seed!r}")
 
@@ -505,8 +523,16 @@ def compute_metrics(
         m["ci95"] = None
     if bootstrap and len(yt):
         resampled_study = study if out["study_any_auc"] is not None else None
-        intervals = _bootstrap(yt, yp, names=names, units=_units(study_codes, len(yt)), per_class=per_class,
-                               study=resampled_study, replicates=int(bootstrap), seed=int(seed))
+        intervals = _bootstrap(
+            yt,
+            yp,
+            names=names,
+            units=_units(study_codes, len(yt)),
+            per_class=per_class,
+            study=resampled_study,
+            replicates=int(bootstrap),
+            seed=int(seed),
+        )
         out["ci95"], out["bootstrap"] = intervals.overall, intervals.info
         for name, ci in intervals.per_class.items():
             per_class[name]["ci95"] = ci
@@ -561,8 +587,10 @@ def format_metrics(metrics: Mapping) -> str:
     info = metrics.get("bootstrap")
     ci = metrics.get("ci95") or {}
     wide = 19 if info else 7  # room for "0.912 [0.85-0.96]"
-    header = (f"{'class':<17}{'AUC':>{wide}}{'AP':>7}{'sens':>7}{'spec':>7}{'F1':>7}"
-              f"{'thr':>7}{'prev':>8}{'mean p':>8}{'ECE':>7}{'n_pos':>8}")
+    header = (
+        f"{'class':<17}{'AUC':>{wide}}{'AP':>7}{'sens':>7}{'spec':>7}{'F1':>7}"
+        f"{'thr':>7}{'prev':>8}{'mean p':>8}{'ECE':>7}{'n_pos':>8}"
+    )
     lines = [header, "-" * len(header)]
     for name, m in metrics["per_class"].items():
         at = m["at_youden"] or {}
@@ -575,16 +603,22 @@ def format_metrics(metrics: Mapping) -> str:
     sources = {(m["at_youden"] or {}).get("source") for m in metrics["per_class"].values()} - {None}
     lines.append("-" * len(header))
     lines.append(f"sens/spec/F1 at thresholds: {', '.join(sorted(sources)) or '-'}")
-    lines.append(f"weighted log loss: {f(metrics['weighted_log_loss'], '.5f')}"
-                 f"{_ci_text(ci.get('weighted_log_loss'), info, resamples=True)}   images: {metrics['n_images']}")
+    lines.append(
+        f"weighted log loss: {f(metrics['weighted_log_loss'], '.5f')}"
+        f"{_ci_text(ci.get('weighted_log_loss'), info, resamples=True)}   images: {metrics['n_images']}"
+    )
     lines.append(f"mean AUC:          {f(metrics['mean_auc'])}{_ci_text(ci.get('mean_auc'), info)}")
     if "mean_ece" in metrics:
         lines.append(f"mean ECE:          {f(metrics['mean_ece'])}{_ci_text(ci.get('mean_ece'), info)}")
     if metrics.get("n_studies") is not None:
-        lines.append(f"study any AUC:     {f(metrics['study_any_auc'])}{_ci_text(ci.get('study_any_auc'), info)}"
-                     f"   studies: {metrics['n_studies']}")
+        lines.append(
+            f"study any AUC:     {f(metrics['study_any_auc'])}{_ci_text(ci.get('study_any_auc'), info)}"
+            f"   studies: {metrics['n_studies']}"
+        )
     if "reference_table" in metrics:  # the reference thesis reports these for its binary model (F1 0.84)
         ref = metrics["reference_table"]
-        lines.append(f"binary at 0.5:     accuracy {f(ref['accuracy'])}  recall {f(ref['recall'])}  "
-                     f"F1 {f(ref['f1'])}  ROC AUC {f(ref['roc_auc'])}")
+        lines.append(
+            f"binary at 0.5:     accuracy {f(ref['accuracy'])}  recall {f(ref['recall'])}  "
+            f"F1 {f(ref['f1'])}  ROC AUC {f(ref['roc_auc'])}"
+        )
     return "\n".join(lines)

@@ -24,8 +24,10 @@ logger = logging.getLogger(__name__)
 
 #: torchvision classification models left out of ``config.ARCHS``, and why (tests check the two cover the list).
 UNSUPPORTED = {
-    **dict.fromkeys(("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"),
-                    "takes only the one input size it was built for (its position embeddings are fixed)"),
+    **dict.fromkeys(
+        ("vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"),
+        "takes only the one input size it was built for (its position embeddings are fixed)",
+    ),
     "maxvit_t": "takes only the one input size it was built for (224: its attention partitions are fixed)",
     "inception_v3": "needs an input of at least 75 x 75 (every supported arch takes 64)",
     **dict.fromkeys(("squeezenet1_0", "squeezenet1_1"), "classifies with a convolution, not a linear layer"),
@@ -82,9 +84,14 @@ def _load_backbone(model: nn.Module, state: dict, path, auxiliary: tuple[str, ..
         detail = "; ".join(
             [f"missing {len(missing)} tensors (e.g. {missing[:3]})"] * bool(missing)
             + [f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[:3]})"] * bool(unexpected)
-            + [f"shape mismatch for {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3]]
+            + [
+                f"shape mismatch for {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in wrong[:3]
+            ]
         )
-        raise CheckpointError(f"{path} does not fit this architecture: {detail}; is it a weights file of the same --arch?")
+        raise CheckpointError(
+            f"{path} does not fit this architecture: {detail}; is it a weights file of the same --arch?"
+        )
     backbone = OrderedDict((k, state[k]) for k in own)
     # The built model's per-module versions: the names and shapes match it (MNASNet's loader needs a version).
     backbone._metadata = current._metadata
@@ -105,9 +112,18 @@ def widen_input(model: nn.Module, windows: int, slices: int = 1) -> None:
         return
     if old.groups != 1:
         raise ConfigError(f"{type(model).__name__}'s first convolution {name} is grouped; it cannot be widened")
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
-                    dilation=old.dilation, bias=old.bias is not None, padding_mode=old.padding_mode,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     with torch.no_grad():
         index = (torch.arange(in_channels) % windows) % old.in_channels
         new.weight.copy_(old.weight[:, index] * (old.in_channels / in_channels))
@@ -122,8 +138,13 @@ def replace_head(model: nn.Module, n_outputs: int) -> None:
     model.set_submodule(name, nn.Linear(old.in_features, n_outputs, bias=old.bias is not None))
 
 
-def build_model(arch: str = TrainConfig.arch, n_outputs: int = 6, windows: int = 3, slices: int = 1,
-                pretrained: str | Path | None = None) -> nn.Module:
+def build_model(
+    arch: str = TrainConfig.arch,
+    n_outputs: int = 6,
+    windows: int = 3,
+    slices: int = 1,
+    pretrained: str | Path | None = None,
+) -> nn.Module:
     """torchvision ``arch`` for ``windows`` channels x ``slices`` slices (2*context+1), with ``n_outputs`` logits."""
     if arch in UNSUPPORTED:
         raise ConfigError(f"arch {arch!r} is not supported: it {UNSUPPORTED[arch]}; choose one of {', '.join(ARCHS)}")
@@ -146,6 +167,8 @@ def classifier(model: nn.Module) -> nn.Linear:
 
 def random_init_advice(arch: str) -> str:
     """What to tell a user who trains ``arch`` without ``--pretrained`` (nothing is ever downloaded)."""
-    return (f"training {arch} from random weights; ImageNet weights help on CT. Save them once on a machine "
-            f"with internet: python -c \"import torch, torchvision; torch.save(torchvision.models.get_model("
-            f"'{arch}', weights='DEFAULT').state_dict(), '{arch}.pth')\" and pass --pretrained {arch}.pth")
+    return (
+        f"training {arch} from random weights; ImageNet weights help on CT. Save them once on a machine "
+        f'with internet: python -c "import torch, torchvision; torch.save(torchvision.models.get_model('
+        f"'{arch}', weights='DEFAULT').state_dict(), '{arch}.pth')\" and pass --pretrained {arch}.pth"
+    )

@@ -9,8 +9,9 @@ or headless machines.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,7 +27,11 @@ from .metrics import _check, calibration
 _LOSS_SERIES = (
     ("train_loss", "train loss", {"color": "tab:blue", "marker": "o"}),
     ("val_loss", "validation loss", {"color": "tab:orange", "marker": "s"}),
-    ("val_weighted_log_loss", "validation weighted log loss (RSNA)", {"color": "tab:green", "marker": "^", "linestyle": "--"}),
+    (
+        "val_weighted_log_loss",
+        "validation weighted log loss (RSNA)",
+        {"color": "tab:green", "marker": "^", "linestyle": "--"},
+    ),
 )
 
 
@@ -83,7 +88,11 @@ def plot_loss_curves(history: Sequence[Mapping], out_png) -> Path:
             best = int(np.nanargmin(y))
             what = "weighted log loss" if key == "val_weighted_log_loss" else "val loss"
             ax.axvline(
-                epochs[best], color="0.55", linestyle=":", linewidth=1.2, zorder=0,
+                epochs[best],
+                color="0.55",
+                linestyle=":",
+                linewidth=1.2,
+                zorder=0,
                 label=f"best epoch {epochs[best]:g} ({what} {y[best]:.4f})",
             )
             break
@@ -150,7 +159,11 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
         # "any" is the headline class: draw it thicker, on top.
         wide = name == "any"
         ax.plot(
-            fpr, tpr, color=colors[j % len(colors)], linewidth=2.4 if wide else 1.5, zorder=3 if wide else 2,
+            fpr,
+            tpr,
+            color=colors[j % len(colors)],
+            linewidth=2.4 if wide else 1.5,
+            zorder=3 if wide else 2,
             label=f"{name} (AUC {auc:.3f}, n+={n_pos})",
         )
     ax.set_xlim(0, 1)
@@ -183,8 +196,11 @@ def _reliability_panel(ax, name: str, labelled: _Rows) -> None:
     ax.set_xticks(ticks, ["0", "", "0.5", "", "1"])
     ax.set_yticks(ticks, ["0", "", "0.5", "", "1"])
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{name} (n={t.size}, {len(bins)} bins)\nECE {calib.ece:.3f}, mean p {calib.mean_prob:.3f} "
-                 f"vs prevalence {t.mean():.3f}", fontsize=8.5)
+    ax.set_title(
+        f"{name} (n={t.size}, {len(bins)} bins)\nECE {calib.ece:.3f}, mean p {calib.mean_prob:.3f} "
+        f"vs prevalence {t.mean():.3f}",
+        fontsize=8.5,
+    )
 
 
 def plot_calibration(y_true, y_prob, names: Sequence[str], out_png) -> Path:
@@ -289,8 +305,9 @@ def plot_study(stage1_probs, stage2_probs, truth, names: Sequence[str], title: s
     names = tuple(names)
     arrays = [np.asarray(a, dtype=float).reshape(len(a), -1) for a in (stage1_probs, stage2_probs, truth)]
     if any(a.shape != arrays[0].shape for a in arrays) or arrays[0].shape[1] != len(names):
-        raise ValueError(f"stage 1, stage 2 and truth must all be (T, {len(names)}), got "
-                         f"{', '.join(str(a.shape) for a in arrays)}")
+        raise ValueError(
+            f"stage 1, stage 2 and truth must all be (T, {len(names)}), got {', '.join(str(a.shape) for a in arrays)}"
+        )
     p1, p2, yt = arrays
     slices = np.arange(len(yt))
     cols = min(3, len(names))
@@ -310,13 +327,14 @@ def plot_study(stage1_probs, stage2_probs, truth, names: Sequence[str], title: s
         if j >= len(names) - cols:  # the lowest panel of its column
             ax.set_xlabel("slice index (z order)", fontsize=8.5)
             ax.xaxis.set_tick_params(labelbottom=True)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_axis_off()
     handles = [*axes[0].get_lines(), Patch(color="tab:red", alpha=0.15, label="positive slice")]
     if np.isnan(yt).any():
         handles.append(Patch(color="0.5", alpha=0.5, label="unlabelled slice"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles) if cols > 1 else 2, fontsize=8.5,
-               frameon=False)
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(handles) if cols > 1 else 2, fontsize=8.5, frameon=False
+    )
     fig.suptitle(title, fontsize=10.5)
     fig.supylabel("probability", fontsize=9)
     return _save(fig, out_png)

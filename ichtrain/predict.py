@@ -63,14 +63,23 @@ def load_for_store(checkpoint: str | Path, store: Store | str | Path, device: st
     cfg = TrainConfig.from_dict(state["config"])
     names = tuple(state["names"])
     dev = resolve_device(device)
-    model = build_model(cfg.arch, n_outputs=len(names), windows=len(state["spec"]["windows"]),
-                        slices=2 * cfg.context + 1)
+    model = build_model(
+        cfg.arch, n_outputs=len(names), windows=len(state["spec"]["windows"]), slices=2 * cfg.context + 1
+    )
     model.load_state_dict(state["model"])
     return Loaded(state=state, cfg=cfg, names=names, store=store, device=dev, model=model.to(dev).eval())
 
 
-def infer_loaded(loaded: Loaded, mask: np.ndarray, *, y: np.ndarray | None = None, tta: str = "none",
-                 batch_size: int = INFER_BATCH_SIZE, workers: int = INFER_WORKERS, features: bool = False) -> Outputs:
+def infer_loaded(
+    loaded: Loaded,
+    mask: np.ndarray,
+    *,
+    y: np.ndarray | None = None,
+    tta: str = "none",
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+    features: bool = False,
+) -> Outputs:
     """The model's outputs on the readable slots in ``mask``, each shard read once, in store order.
 
     ``y`` (N, K) gives the targets passed along with each slot (zeros when None).
@@ -80,13 +89,27 @@ def infer_loaded(loaded: Loaded, mask: np.ndarray, *, y: np.ndarray | None = Non
     if y is None:
         y = np.zeros((len(store.slices), len(loaded.names)), np.float32)
     stream = ShardStream.from_store(store, counts, y, context=loaded.cfg.context, shuffle=False, batch_size=batch_size)
-    return infer(loaded.model, batch_loader(stream, workers, loaded.device), image_size=loaded.cfg.image_size,
-                 device=loaded.device, amp_dtype=amp_dtype_for(loaded.device, True), tta=tta, features=features)
+    return infer(
+        loaded.model,
+        batch_loader(stream, workers, loaded.device),
+        image_size=loaded.cfg.image_size,
+        device=loaded.device,
+        amp_dtype=amp_dtype_for(loaded.device, True),
+        tta=tta,
+        features=features,
+    )
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store_path: Store | str | Path, out: str | Path, split: str = "val",
-                        device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
-                        workers: int = INFER_WORKERS, tta: str = "none") -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    store_path: Store | str | Path,
+    out: str | Path,
+    split: str = "val",
+    device: str = TrainConfig.device,
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+    tta: str = "none",
+) -> dict:
     """Metrics (with study-bootstrap intervals), predictions, ROC and calibration plots of a checkpoint.
 
     ``split="val"``: every labelled slice of the run's validation patients; ``"all"``: every labelled slice.
@@ -96,8 +119,9 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: Store | str | Path, 
     store, cfg, names = loaded.store, loaded.cfg, loaded.names
     y = targets(store.slices, cfg.task)
     if split == "val":
-        parts = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by,
-                          folds=cfg.folds, fold=cfg.fold)
+        parts = run_split(
+            store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by, folds=cfg.folds, fold=cfg.fold
+        )
     else:
         parts = np.full(len(store.slices), "val")
     mask = np.zeros(len(store.slices), bool)
@@ -108,10 +132,12 @@ def evaluate_checkpoint(checkpoint: str | Path, store_path: Store | str | Path, 
     state = loaded.state
     thresholds = youden_thresholds(state["metrics"]) if state.get("metrics") else None
     study = store.slices["study_uid"].to_numpy()[preds.slots]
-    metrics = run_metrics(preds.targets, preds.probs, names=names, study_ids=study, task=cfg.task,
-                          thresholds=thresholds, seed=cfg.seed)
-    metrics = add_middle_block(metrics, preds, selection=cfg.slice_selection, store=store, names=names,
-                               task=cfg.task, seed=cfg.seed)
+    metrics = run_metrics(
+        preds.targets, preds.probs, names=names, study_ids=study, task=cfg.task, thresholds=thresholds, seed=cfg.seed
+    )
+    metrics = add_middle_block(
+        metrics, preds, selection=cfg.slice_selection, store=store, names=names, task=cfg.task, seed=cfg.seed
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_figures(out, preds, names=names, store=store, predictions="predictions.parquet")
@@ -146,9 +172,13 @@ def check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
     """A subtypes-only model never saw a normal slice: its ``any`` (the max subtype) is not a detector."""
     if "any" in loaded.names:
         return
-    message = (f"checkpoint {checkpoint} was trained with --task {loaded.cfg.task} on bleeding slices only, so it "
-               "never learned to reject normal slices and its 'any' (max subtype) is not a hemorrhage detector")
+    message = (
+        f"checkpoint {checkpoint} was trained with --task {loaded.cfg.task} on bleeding slices only, so it "
+        "never learned to reject normal slices and its 'any' (max subtype) is not a hemorrhage detector"
+    )
     if not allow_subtypes_only:
-        raise ConfigError(f"{message}; predict with an rsna or binary checkpoint, or pass --allow-subtypes-only "
-                          "to write these probabilities anyway")
+        raise ConfigError(
+            f"{message}; predict with an rsna or binary checkpoint, or pass --allow-subtypes-only "
+            "to write these probabilities anyway"
+        )
     logger.warning("%s; writing them anyway (--allow-subtypes-only)", message)

@@ -45,14 +45,15 @@ FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------- inputs and configuration
 
+
 class SeqInputs(NamedTuple):
     """Per-slot stage-1 outputs of one store; study ``s`` is slots ``[starts[s], stops[s])`` in z order."""
 
-    x: np.ndarray           # (n_slots, D) float16/float32: stage-1 features or logits, the model's input
-    logits: np.ndarray      # (n_slots, L) float32: stage-1 logits, the residual base
-    targets: np.ndarray     # (n_slots, L) float32, NaN = unlabelled (no loss)
-    starts: np.ndarray      # (n_studies,) int64
-    stops: np.ndarray       # (n_studies,) int64
+    x: np.ndarray  # (n_slots, D) float16/float32: stage-1 features or logits, the model's input
+    logits: np.ndarray  # (n_slots, L) float32: stage-1 logits, the residual base
+    targets: np.ndarray  # (n_slots, L) float32, NaN = unlabelled (no loss)
+    starts: np.ndarray  # (n_studies,) int64
+    stops: np.ndarray  # (n_studies,) int64
     study_fold: np.ndarray  # (n_studies,) int64: the stage-1 fold of each study, -1 = in no fold
 
 
@@ -78,8 +79,10 @@ def _check_ranges(inputs: SeqInputs, n_slots: int) -> None:
     """Study ranges: integer, non-empty, inside the slots, not overlapping, one fold each."""
     starts, stops, folds = (np.asarray(a) for a in (inputs.starts, inputs.stops, inputs.study_fold))
     if starts.ndim != 1 or stops.shape != starts.shape or folds.shape != starts.shape:
-        raise DataError(f"starts, stops and study_fold must be 1-D of one length, got shapes "
-                        f"{starts.shape}, {stops.shape}, {folds.shape}")
+        raise DataError(
+            f"starts, stops and study_fold must be 1-D of one length, got shapes "
+            f"{starts.shape}, {stops.shape}, {folds.shape}"
+        )
     if not all(np.issubdtype(a.dtype, np.integer) for a in (starts, stops, folds)):
         raise DataError("starts, stops and study_fold must be integer arrays")
     if (starts < 0).any() or (stops > n_slots).any() or (stops <= starts).any():
@@ -120,6 +123,7 @@ def _device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------- models
 
+
 def _zeroed(layer: nn.Linear) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -129,8 +133,7 @@ def _zeroed(layer: nn.Linear) -> nn.Linear:
 class _Corrector(nn.Module):
     """``base + head(context(embed([x, base])))``; subclasses give the context over the slices."""
 
-    def __init__(self, *, in_dim: int, n_out: int, hidden: int, context_dim: int, dropout: float,
-                 concat_logits: bool):
+    def __init__(self, *, in_dim: int, n_out: int, hidden: int, context_dim: int, dropout: float, concat_logits: bool):
         super().__init__()
         self.concat_logits = concat_logits
         width = in_dim + (n_out if concat_logits else 0)
@@ -152,10 +155,22 @@ class GruCorrector(_Corrector):
     """Bidirectional GRU over packed sequences: a study's backward pass starts at its own last slice."""
 
     def __init__(self, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float, concat_logits: bool):
-        super().__init__(in_dim=in_dim, n_out=n_out, hidden=hidden, context_dim=2 * hidden, dropout=dropout,
-                         concat_logits=concat_logits)
-        self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True,
-                          dropout=dropout if layers > 1 else 0.0)
+        super().__init__(
+            in_dim=in_dim,
+            n_out=n_out,
+            hidden=hidden,
+            context_dim=2 * hidden,
+            dropout=dropout,
+            concat_logits=concat_logits,
+        )
+        self.gru = nn.GRU(
+            hidden,
+            hidden,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if layers > 1 else 0.0,
+        )
 
     def context(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         lengths = mask.sum(dim=1).cpu()  # pack_padded_sequence takes host lengths
@@ -183,13 +198,22 @@ class TransformerCorrector(_Corrector):
     """
 
     def __init__(self, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float, concat_logits: bool):
-        super().__init__(in_dim=in_dim, n_out=n_out, hidden=hidden, context_dim=hidden, dropout=dropout,
-                         concat_logits=concat_logits)
+        super().__init__(
+            in_dim=in_dim, n_out=n_out, hidden=hidden, context_dim=hidden, dropout=dropout, concat_logits=concat_logits
+        )
         self.local = nn.Conv1d(hidden, hidden, kernel_size=3, padding=1)
-        layer = nn.TransformerEncoderLayer(hidden, HEADS, dim_feedforward=2 * hidden, dropout=dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, norm=nn.LayerNorm(hidden),
-                                             enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            hidden,
+            HEADS,
+            dim_feedforward=2 * hidden,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers=layers, norm=nn.LayerNorm(hidden), enable_nested_tensor=False
+        )
 
     def context(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = h + self.local(h.transpose(1, 2)).transpose(1, 2)
@@ -200,24 +224,34 @@ class TransformerCorrector(_Corrector):
 _MODELS = {"gru": GruCorrector, "transformer": TransformerCorrector}
 
 
-def build_seq_model(kind: str, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float,
-                    concat_logits: bool = True) -> nn.Module:
+def build_seq_model(
+    kind: str, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float, concat_logits: bool = True
+) -> nn.Module:
     """A stage-2 model: ``forward(x, base, mask) -> base + correction``, the correction 0 until trained."""
     check_choice("model", kind, SEQ_MODELS)
-    return _MODELS[kind](in_dim=in_dim, n_out=n_out, hidden=hidden, layers=layers, dropout=dropout,
-                         concat_logits=concat_logits)
+    return _MODELS[kind](
+        in_dim=in_dim, n_out=n_out, hidden=hidden, layers=layers, dropout=dropout, concat_logits=concat_logits
+    )
 
 
 def _model_for(cfg: SeqConfig, in_dim: int, n_out: int) -> nn.Module:
-    return build_seq_model(cfg.model, in_dim=in_dim, n_out=n_out, hidden=cfg.hidden, layers=cfg.layers,
-                           dropout=cfg.dropout, concat_logits=cfg.concat_logits)
+    return build_seq_model(
+        cfg.model,
+        in_dim=in_dim,
+        n_out=n_out,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        dropout=cfg.dropout,
+        concat_logits=cfg.concat_logits,
+    )
 
 
 # ---------------------------------------------------------------- batches
 
+
 class Norm(NamedTuple):
     mean: np.ndarray  # (D,) float32
-    std: np.ndarray   # (D,) float32, 1 where a feature is constant
+    std: np.ndarray  # (D,) float32, 1 where a feature is constant
 
 
 def _slots_of(inputs: SeqInputs, studies: np.ndarray) -> np.ndarray:
@@ -233,7 +267,7 @@ def standardisation(inputs: SeqInputs, studies: np.ndarray) -> Norm:
     total = np.zeros(inputs.x.shape[1])
     squares = np.zeros(inputs.x.shape[1])
     for lo in range(0, len(slots), STATS_CHUNK):
-        block = inputs.x[slots[lo:lo + STATS_CHUNK]].astype(np.float32)
+        block = inputs.x[slots[lo : lo + STATS_CHUNK]].astype(np.float32)
         total += block.sum(axis=0, dtype=np.float64)
         squares += np.square(block).sum(axis=0, dtype=np.float64)
     if not (np.isfinite(total).all() and np.isfinite(squares).all()):
@@ -248,12 +282,12 @@ def standardisation(inputs: SeqInputs, studies: np.ndarray) -> Norm:
 class SeqBatch(NamedTuple):
     """Studies padded at the end to the longest: x standardised, padding 0 (NaN in targets)."""
 
-    studies: np.ndarray   # (B,) study indices
-    x: torch.Tensor       # (B, T, D) float32
-    base: torch.Tensor    # (B, T, L) float32
+    studies: np.ndarray  # (B,) study indices
+    x: torch.Tensor  # (B, T, D) float32
+    base: torch.Tensor  # (B, T, L) float32
     targets: torch.Tensor  # (B, T, L) float32
-    mask: torch.Tensor    # (B, T) bool
-    labelled: int         # slots with at least one label
+    mask: torch.Tensor  # (B, T) bool
+    labelled: int  # slots with at least one label
 
 
 def make_batch(inputs: SeqInputs, studies: np.ndarray, norm: Norm) -> SeqBatch:
@@ -264,28 +298,36 @@ def make_batch(inputs: SeqInputs, studies: np.ndarray, norm: Norm) -> SeqBatch:
     targets = np.full((b, t, inputs.targets.shape[1]), np.nan, np.float32)
     inv_std = (1.0 / norm.std).astype(np.float32)
     for i, (a, n) in enumerate(zip(inputs.starts[studies], lengths)):
-        np.subtract(inputs.x[a:a + n], norm.mean, out=x[i, :n])
+        np.subtract(inputs.x[a : a + n], norm.mean, out=x[i, :n])
         x[i, :n] *= inv_std
-        base[i, :n] = inputs.logits[a:a + n]
-        targets[i, :n] = inputs.targets[a:a + n]
+        base[i, :n] = inputs.logits[a : a + n]
+        targets[i, :n] = inputs.targets[a : a + n]
     mask = np.arange(t)[None, :] < lengths[:, None]
     labelled = int((~np.isnan(targets)).any(axis=2).sum())
-    return SeqBatch(studies=studies, x=torch.from_numpy(x), base=torch.from_numpy(base),
-                    targets=torch.from_numpy(targets), mask=torch.from_numpy(mask), labelled=labelled)
+    return SeqBatch(
+        studies=studies,
+        x=torch.from_numpy(x),
+        base=torch.from_numpy(base),
+        targets=torch.from_numpy(targets),
+        mask=torch.from_numpy(mask),
+        labelled=labelled,
+    )
 
 
 def iter_batches(inputs: SeqInputs, studies: np.ndarray, batch_studies: int, norm: Norm) -> Iterator[SeqBatch]:
     """Batches of ``batch_studies`` consecutive entries of ``studies`` (the last may be short)."""
     for lo in range(0, len(studies), batch_studies):
-        yield make_batch(inputs, studies[lo:lo + batch_studies], norm)
+        yield make_batch(inputs, studies[lo : lo + batch_studies], norm)
 
 
 def _to(batch: SeqBatch, device: torch.device) -> SeqBatch:
-    return batch._replace(**{k: getattr(batch, k).to(device, non_blocking=True)
-                             for k in ("x", "base", "targets", "mask")})
+    return batch._replace(
+        **{k: getattr(batch, k).to(device, non_blocking=True) for k in ("x", "base", "targets", "mask")}
+    )
 
 
 # ---------------------------------------------------------------- training
+
 
 def masked_weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The RSNA metric over labelled slots: per slot ``sum_j w_j BCE_j / sum_j w_j`` over its known labels.
@@ -312,13 +354,15 @@ class SeqStep(NamedTuple):
     device: torch.device
 
 
-def make_step(model: nn.Module, cfg: SeqConfig, names: Sequence[str], total_steps: int,
-              device: torch.device) -> SeqStep:
+def make_step(
+    model: nn.Module, cfg: SeqConfig, names: Sequence[str], total_steps: int, device: torch.device
+) -> SeqStep:
     """AdamW with a cosine decay to 0 over ``total_steps`` steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    return SeqStep(model=model, optimizer=optimizer, scheduler=scheduler, weights=loss_weights(tuple(names), device),
-                   device=device)
+    return SeqStep(
+        model=model, optimizer=optimizer, scheduler=scheduler, weights=loss_weights(tuple(names), device), device=device
+    )
 
 
 def train_step(step: SeqStep, batch: SeqBatch) -> torch.Tensor:
@@ -351,10 +395,10 @@ def _labelled_slots(inputs: SeqInputs, studies: np.ndarray) -> int:
 
 
 class Fitted(NamedTuple):
-    model: nn.Module        # on the CPU, eval mode
-    norm_mean: np.ndarray   # (D,) float32
-    norm_std: np.ndarray    # (D,) float32
-    history: list[dict]     # per epoch: epoch, train_loss, lr (at the epoch's end), seconds
+    model: nn.Module  # on the CPU, eval mode
+    norm_mean: np.ndarray  # (D,) float32
+    norm_std: np.ndarray  # (D,) float32
+    history: list[dict]  # per epoch: epoch, train_loss, lr (at the epoch's end), seconds
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -412,20 +456,33 @@ def fit(inputs: SeqInputs, studies, cfg: SeqConfig, names: Sequence[str]) -> Fit
             order = np.random.default_rng([cfg.seed, epoch]).permutation(fit_on)
             loss = _epoch(step, iter_batches(inputs, order, cfg.batch_studies, norm))
             held = _loss(step, inputs, pick_on, norm=norm, batch_studies=cfg.batch_studies) if judged else None
-            history.append({"epoch": epoch, "train_loss": loss, "holdout_loss": held,
-                            "lr": step.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": loss,
+                    "holdout_loss": held,
+                    "lr": step.scheduler.get_last_lr()[0],
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             if not judged or held < best:
                 best, best_epoch, best_state = (held if judged else best), epoch, copy.deepcopy(model.state_dict())
             logger.debug("stage 2 epoch %d/%d: train loss %.5f, held-out %s", epoch, cfg.epochs, loss, held)
         model.load_state_dict(best_state)
     if history:
         history[-1]["best_epoch"] = best_epoch
-    logger.info("stage 2 fit on %d studies: epoch %d of %d kept (held-out studies: %d)", len(fit_on), best_epoch,
-                cfg.epochs, len(pick_on))
+    logger.info(
+        "stage 2 fit on %d studies: epoch %d of %d kept (held-out studies: %d)",
+        len(fit_on),
+        best_epoch,
+        cfg.epochs,
+        len(pick_on),
+    )
     return Fitted(model=model.cpu().eval(), norm_mean=norm.mean, norm_std=norm.std, history=history)
 
 
 # ---------------------------------------------------------------- prediction
+
 
 @torch.no_grad()
 def predict(fitted: Fitted, inputs: SeqInputs, studies, *, batch_studies: int = 64, device="cpu") -> np.ndarray:
@@ -450,12 +507,20 @@ def predict(fitted: Fitted, inputs: SeqInputs, studies, *, batch_studies: int = 
     return out
 
 
-def predict_ensemble(fitted_list: Sequence[Fitted], inputs_per_fold: Sequence[SeqInputs], studies, *,
-                     batch_studies: int = 64, device="cpu") -> np.ndarray:
+def predict_ensemble(
+    fitted_list: Sequence[Fitted],
+    inputs_per_fold: Sequence[SeqInputs],
+    studies,
+    *,
+    batch_studies: int = 64,
+    device="cpu",
+) -> np.ndarray:
     """Mean probability of ``fitted_list[k]`` applied to ``inputs_per_fold[k]`` (fold k's stage-1 outputs)."""
     if len(fitted_list) != len(inputs_per_fold) or not fitted_list:
-        raise DataError(f"one input set per fitted model is needed, got {len(fitted_list)} models and "
-                        f"{len(inputs_per_fold)} input sets")
+        raise DataError(
+            f"one input set per fitted model is needed, got {len(fitted_list)} models and "
+            f"{len(inputs_per_fold)} input sets"
+        )
     total = None
     for fitted, inputs in zip(fitted_list, inputs_per_fold):
         probs = predict(fitted, inputs, studies, batch_studies=batch_studies, device=device)
@@ -466,8 +531,8 @@ def predict_ensemble(fitted_list: Sequence[Fitted], inputs_per_fold: Sequence[Se
 
 
 class CrossFit(NamedTuple):
-    probs: np.ndarray      # (n_slots, L) out-of-fold probabilities, NaN for studies in no fold
-    fitted: list[Fitted]   # one per fold, in sorted fold order
+    probs: np.ndarray  # (n_slots, L) out-of-fold probabilities, NaN for studies in no fold
+    fitted: list[Fitted]  # one per fold, in sorted fold order
 
 
 def folds_of(inputs: SeqInputs) -> list[int]:
@@ -498,6 +563,7 @@ def cross_fit(inputs: SeqInputs, cfg: SeqConfig, names: Sequence[str]) -> CrossF
 
 # ---------------------------------------------------------------- saving
 
+
 class LoadedSeq(NamedTuple):
     fitted: list[Fitted]
     cfg: SeqConfig
@@ -506,8 +572,9 @@ class LoadedSeq(NamedTuple):
     inputs_kind: str
 
 
-def save_seq(path, fitted_list: Sequence[Fitted], cfg: SeqConfig, *, names: Sequence[str], in_dim: int,
-             inputs_kind: str) -> None:
+def save_seq(
+    path, fitted_list: Sequence[Fitted], cfg: SeqConfig, *, names: Sequence[str], in_dim: int, inputs_kind: str
+) -> None:
     """One file for the per-fold models: tensors, numbers, strings, lists and dicts only (weights_only loading)."""
     check_choice("inputs_kind", inputs_kind, SEQ_INPUTS)
     for f in fitted_list:
@@ -520,10 +587,15 @@ def save_seq(path, fitted_list: Sequence[Fitted], cfg: SeqConfig, *, names: Sequ
         "names": list(names),
         "in_dim": int(in_dim),
         "inputs_kind": inputs_kind,
-        "folds": [{"model": {k: v.detach().cpu().clone() for k, v in f.model.state_dict().items()},
-                   "norm_mean": torch.from_numpy(np.asarray(f.norm_mean, np.float32)),
-                   "norm_std": torch.from_numpy(np.asarray(f.norm_std, np.float32)),
-                   "history": [dict(row) for row in f.history]} for f in fitted_list],
+        "folds": [
+            {
+                "model": {k: v.detach().cpu().clone() for k, v in f.model.state_dict().items()},
+                "norm_mean": torch.from_numpy(np.asarray(f.norm_mean, np.float32)),
+                "norm_std": torch.from_numpy(np.asarray(f.norm_std, np.float32)),
+                "history": [dict(row) for row in f.history],
+            }
+            for f in fitted_list
+        ],
     }
     save_checkpoint(state, Path(path))
 
@@ -534,14 +606,21 @@ def load_seq(path, device="cpu") -> LoadedSeq:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a stage-2 model file (written by ichtrain.seq.save_seq)")
     if state.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has stage-2 format version {state.get('version')}, this ichtrain reads "
-                              f"{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has stage-2 format version {state.get('version')}, this ichtrain reads {FORMAT_VERSION}"
+        )
     cfg = SeqConfig(**{f.name: state["config"][f.name] for f in fields(SeqConfig) if f.name in state["config"]})
     names = tuple(state["names"])
     fitted = []
     for fold in state["folds"]:
         model = _model_for(cfg, state["in_dim"], len(names))
         model.load_state_dict(fold["model"])
-        fitted.append(Fitted(model=model.to(device).eval(), norm_mean=fold["norm_mean"].numpy(),
-                             norm_std=fold["norm_std"].numpy(), history=list(fold["history"])))
+        fitted.append(
+            Fitted(
+                model=model.to(device).eval(),
+                norm_mean=fold["norm_mean"].numpy(),
+                norm_std=fold["norm_std"].numpy(),
+                history=list(fold["history"]),
+            )
+        )
     return LoadedSeq(fitted=fitted, cfg=cfg, names=names, in_dim=int(state["in_dim"]), inputs_kind=state["inputs_kind"])

@@ -60,8 +60,9 @@ def seq_inputs(store: Store, outputs: Inferred, *, kind: str, task: str, slot_fo
     y = targets(store.slices, task)
     y[~store.slices["ok"].to_numpy(bool)] = np.nan
     starts, stops = study_ranges(store)
-    return SeqInputs(x=x, logits=logits, targets=y, starts=starts, stops=stops,
-                     study_fold=np.asarray(slot_fold, np.int64)[starts])
+    return SeqInputs(
+        x=x, logits=logits, targets=y, starts=starts, stops=stops, study_fold=np.asarray(slot_fold, np.int64)[starts]
+    )
 
 
 def any_max(probs: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
@@ -76,18 +77,24 @@ def any_max(probs: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
 
 def compare_table(stage1: dict, stage2: dict, names: tuple[str, ...]) -> str:
     """Per-label AUC and log loss of the two stages side by side, and the weighted log loss."""
+
     def cell(value) -> str:
         return "   -  " if value is None else f"{value:6.4f}"
 
     lines = [f"{'label':18s} {'AUC 1':>7s} {'AUC 2':>7s} {'loss 1':>7s} {'loss 2':>7s}"]
     for n in names:
         one, two = stage1["per_class"][n], stage2["per_class"][n]
-        lines.append(f"{n:18s} {cell(one['roc_auc']):>7s} {cell(two['roc_auc']):>7s} {cell(one['log_loss']):>7s} "
-                     f"{cell(two['log_loss']):>7s}")
-    lines.append(f"{'weighted log loss':18s} {'':>7s} {'':>7s} {stage1['weighted_log_loss']:7.4f} "
-                 f"{stage2['weighted_log_loss']:7.4f}")
-    lines.append(f"{'study any AUC':18s} {cell(stage1.get('study_any_auc')):>7s} "
-                 f"{cell(stage2.get('study_any_auc')):>7s}")
+        lines.append(
+            f"{n:18s} {cell(one['roc_auc']):>7s} {cell(two['roc_auc']):>7s} {cell(one['log_loss']):>7s} "
+            f"{cell(two['log_loss']):>7s}"
+        )
+    lines.append(
+        f"{'weighted log loss':18s} {'':>7s} {'':>7s} {stage1['weighted_log_loss']:7.4f} "
+        f"{stage2['weighted_log_loss']:7.4f}"
+    )
+    lines.append(
+        f"{'study any AUC':18s} {cell(stage1.get('study_any_auc')):>7s} {cell(stage2.get('study_any_auc')):>7s}"
+    )
     return "\n".join(lines)
 
 
@@ -100,8 +107,10 @@ def _showcase_study(inputs: SeqInputs, *, probs1: np.ndarray, probs2: np.ndarray
         if not labelled.any() or not np.nansum(y) or np.isnan(probs2[a:b]).any():
             continue
         rows = labelled.sum()
-        delta = rows * (weighted_log_loss(y[labelled], probs1[a:b][labelled], names)
-                        - weighted_log_loss(y[labelled], probs2[a:b][labelled], names))
+        delta = rows * (
+            weighted_log_loss(y[labelled], probs1[a:b][labelled], names)
+            - weighted_log_loss(y[labelled], probs2[a:b][labelled], names)
+        )
         if delta > gain:
             best, gain = s, delta
     return best
@@ -122,19 +131,34 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
     probs1, probs2 = sigmoid(inputs.logits)[slots], fitted.probs[slots].astype(np.float32)
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
-    write_predictions(out / "oof.parquet", store, slots=slots, probs=probs2, truth=truth, names=names,
-                      columns={"fold": fold})
+    write_predictions(
+        out / "oof.parquet", store, slots=slots, probs=probs2, truth=truth, names=names, columns={"fold": fold}
+    )
     stage1 = oof_block(store, slots, probs1, names=names, task=task, seed=seed)
     stage2 = oof_block(store, slots, probs2, names=names, task=task, seed=seed)
-    per_fold = [{"fold": k, "weighted_log_loss": weighted_log_loss(truth[fold == k], probs2[fold == k], names),
-                 "stage1_weighted_log_loss": weighted_log_loss(truth[fold == k], probs1[fold == k], names),
-                 "history": f.history}
-                for k, f in zip(sorted(set(fold.tolist())), fitted.fitted)]
-    any_rule = {f"stage{i}": {"weighted_log_loss": weighted_log_loss(truth, p, names),
-                              "with_any_max": weighted_log_loss(truth, any_max(p, names), names)}
-                for i, p in ((1, probs1), (2, probs2))}
-    summary = {"oof": stage2, "stage1": stage1, "folds": per_fold, "any_max": any_rule,
-               "config": {**dataclasses.asdict(cfg), "inputs": kind}}
+    per_fold = [
+        {
+            "fold": k,
+            "weighted_log_loss": weighted_log_loss(truth[fold == k], probs2[fold == k], names),
+            "stage1_weighted_log_loss": weighted_log_loss(truth[fold == k], probs1[fold == k], names),
+            "history": f.history,
+        }
+        for k, f in zip(sorted(set(fold.tolist())), fitted.fitted)
+    ]
+    any_rule = {
+        f"stage{i}": {
+            "weighted_log_loss": weighted_log_loss(truth, p, names),
+            "with_any_max": weighted_log_loss(truth, any_max(p, names), names),
+        }
+        for i, p in ((1, probs1), (2, probs2))
+    }
+    summary = {
+        "oof": stage2,
+        "stage1": stage1,
+        "folds": per_fold,
+        "any_max": any_rule,
+        "config": {**dataclasses.asdict(cfg), "inputs": kind},
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
     plot_compare(stage1, stage2, names, experiment.path / "compare.png")
@@ -144,8 +168,20 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
     uid = str(store.slices["study_uid"].iloc[a])
     for stale in experiment.path.glob("study_*.png"):  # the showcase of an earlier stage 2
         stale.unlink()
-    plot_study(full1[a:b], full2[a:b], inputs.targets[a:b], names=names,
-               title=f"study {uid}: stage 1 (dashed) vs stage 2", out_png=experiment.path / f"study_{uid}.png")
-    logger.info("stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices", cfg.model,
-                kind, stage2["weighted_log_loss"], stage1["weighted_log_loss"], len(slots))
+    plot_study(
+        full1[a:b],
+        full2[a:b],
+        inputs.targets[a:b],
+        names=names,
+        title=f"study {uid}: stage 1 (dashed) vs stage 2",
+        out_png=experiment.path / f"study_{uid}.png",
+    )
+    logger.info(
+        "stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices",
+        cfg.model,
+        kind,
+        stage2["weighted_log_loss"],
+        stage1["weighted_log_loss"],
+        len(slots),
+    )
     return summary

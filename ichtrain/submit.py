@@ -47,18 +47,18 @@ logger = logging.getLogger(__name__)
 class SourceProbs(NamedTuple):
     """One source's probabilities for every slot of a store (NaN where a slot has no pixels)."""
 
-    probs: np.ndarray               # float32 (N, K): the final stage (stage 2 when used)
-    stage1: np.ndarray              # float32 (N, K): stage 1 alone (== probs for a checkpoint)
+    probs: np.ndarray  # float32 (N, K): the final stage (stage 2 when used)
+    stage1: np.ndarray  # float32 (N, K): stage 1 alone (== probs for a checkpoint)
     names: tuple[str, ...]
-    prevalence: dict[str, float]    # training prevalence per label: the answer for a slot without pixels
-    staged: bool                    # True when ``probs`` came from stage 2
+    prevalence: dict[str, float]  # training prevalence per label: the answer for a slot without pixels
+    staged: bool  # True when ``probs`` came from stage 2
 
 
 class StageOne(NamedTuple):
     """A checkpoint's outputs on every slot of its store."""
 
-    inferred: Inferred       # features and logits of the readable slots
-    probs: np.ndarray        # float32 (N, K), NaN where a slot has no pixels
+    inferred: Inferred  # features and logits of the readable slots
+    probs: np.ndarray  # float32 (N, K), NaN where a slot has no pixels
     prevalence: list[float]  # the checkpoint's training prevalence per output
 
 
@@ -70,27 +70,47 @@ def _stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> St
     return StageOne(inferred=inferred, probs=probs, prevalence=loaded.state.get("train_prevalence", [0.5] * k))
 
 
-def checkpoint_probs(checkpoint: str | Path, store: Store | str | Path, *, tta: str = "none",
-                     device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
-                     workers: int = INFER_WORKERS, allow_subtypes_only: bool = False) -> SourceProbs:
+def checkpoint_probs(
+    checkpoint: str | Path,
+    store: Store | str | Path,
+    *,
+    tta: str = "none",
+    device: str = TrainConfig.device,
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+    allow_subtypes_only: bool = False,
+) -> SourceProbs:
     loaded = load_for_store(checkpoint, store, device)
     check_task(loaded, checkpoint, allow_subtypes_only)
     stage = _stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
-    return SourceProbs(probs=stage.probs, stage1=stage.probs, names=loaded.names,
-                       prevalence=dict(zip(loaded.names, stage.prevalence)), staged=False)
+    return SourceProbs(
+        probs=stage.probs,
+        stage1=stage.probs,
+        names=loaded.names,
+        prevalence=dict(zip(loaded.names, stage.prevalence)),
+        staged=False,
+    )
 
 
-def experiment_probs(exp: str | Path, store: Store | str | Path, *, tta: str = "none", use_seq: bool = True,
-                     device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
-                     workers: int = INFER_WORKERS) -> SourceProbs:
+def experiment_probs(
+    exp: str | Path,
+    store: Store | str | Path,
+    *,
+    tta: str = "none",
+    use_seq: bool = True,
+    device: str = TrainConfig.device,
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+) -> SourceProbs:
     """The mean over folds of stage-1 probabilities and, with EXP/seq, of each fold's stage-2 probabilities."""
     experiment = open_experiment(exp)
     store = as_store(store)
     seq_path = experiment.path / SEQ_DIR / SEQ_MODEL
     staged = use_seq and seq_path.exists()
     if use_seq and not staged:
-        logger.warning("%s has no stage 2 (%s); predicting with stage 1 only (run `ichtrain seq %s`)", exp,
-                       seq_path, exp)
+        logger.warning(
+            "%s has no stage 2 (%s); predicting with stage 1 only (run `ichtrain seq %s`)", exp, seq_path, exp
+        )
     seq = load_seq(seq_path) if staged else None
     stage1, stage2, prevalence = [], [], []
     for k in range(experiment.folds):
@@ -99,15 +119,25 @@ def experiment_probs(exp: str | Path, store: Store | str | Path, *, tta: str = "
         stage1.append(stage.probs)
         prevalence.append(stage.prevalence)
         if seq is not None:
-            inputs = seq_inputs(store, stage.inferred, kind=seq.inputs_kind, task=experiment.cfg.task,
-                                slot_fold=np.zeros(len(store.slices), np.int64))
+            inputs = seq_inputs(
+                store,
+                stage.inferred,
+                kind=seq.inputs_kind,
+                task=experiment.cfg.task,
+                slot_fold=np.zeros(len(store.slices), np.int64),
+            )
             staged_probs = seq_predict(seq.fitted[k], inputs, np.arange(len(inputs.starts)))
             staged_probs[~store.slices["ok"].to_numpy(bool)] = np.nan
             stage2.append(staged_probs.astype(np.float32))
     first = np.mean(stage1, axis=0)
     final = np.mean(stage2, axis=0) if staged else first
-    return SourceProbs(probs=final, stage1=first, names=experiment.names,
-                       prevalence=dict(zip(experiment.names, np.mean(prevalence, axis=0))), staged=staged)
+    return SourceProbs(
+        probs=final,
+        stage1=first,
+        names=experiment.names,
+        prevalence=dict(zip(experiment.names, np.mean(prevalence, axis=0))),
+        staged=staged,
+    )
 
 
 def source_probs(source: str | Path, store: Store | str | Path, **options) -> SourceProbs:
@@ -119,22 +149,34 @@ def source_probs(source: str | Path, store: Store | str | Path, **options) -> So
 
 
 class KaggleTable(NamedTuple):
-    table: np.ndarray      # (N, 6) in Kaggle's label order; a slot without pixels has the training prevalence
-    fallback: np.ndarray   # (6,) the answer for an image without pixels
+    table: np.ndarray  # (N, 6) in Kaggle's label order; a slot without pixels has the training prevalence
+    fallback: np.ndarray  # (6,) the answer for an image without pixels
 
 
 def _kaggle_table(probs: SourceProbs) -> KaggleTable:
     fallback = np.array([probs.prevalence.get(n, 0.5) for n in probs.names])
     filled = np.where(np.isnan(probs.probs), fallback, probs.probs)
-    return KaggleTable(table=six_columns(filled, probs.names, probs.prevalence),
-                       fallback=six_columns(fallback[None], probs.names, probs.prevalence)[0])
+    return KaggleTable(
+        table=six_columns(filled, probs.names, probs.prevalence),
+        fallback=six_columns(fallback[None], probs.names, probs.prevalence)[0],
+    )
 
 
-def predict_store(sources: str | Path | Sequence[str | Path], store_path: Store | str | Path, out_csv, *,
-                  device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE, workers: int = INFER_WORKERS,
-                  tta: str = "none", use_seq: bool = True,
-                  any_at_least_subtypes: bool = True, unreadable: list[str] | None = None,
-                  allow_subtypes_only: bool = False, sample_submission: str | Path | None = None) -> pd.DataFrame:
+def predict_store(
+    sources: str | Path | Sequence[str | Path],
+    store_path: Store | str | Path,
+    out_csv,
+    *,
+    device: str = TrainConfig.device,
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+    tta: str = "none",
+    use_seq: bool = True,
+    any_at_least_subtypes: bool = True,
+    unreadable: list[str] | None = None,
+    allow_subtypes_only: bool = False,
+    sample_submission: str | Path | None = None,
+) -> pd.DataFrame:
     """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
 
     ``any_at_least_subtypes`` raises ``any`` to the largest subtype probability (a bleed of any kind is a
@@ -144,8 +186,21 @@ def predict_store(sources: str | Path | Sequence[str | Path], store_path: Store 
     """
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
     store = as_store(store_path)
-    tables = [_kaggle_table(source_probs(s, store, tta=tta, use_seq=use_seq, device=device, batch_size=batch_size,
-                                         workers=workers, allow_subtypes_only=allow_subtypes_only)) for s in sources]
+    tables = [
+        _kaggle_table(
+            source_probs(
+                s,
+                store,
+                tta=tta,
+                use_seq=use_seq,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                allow_subtypes_only=allow_subtypes_only,
+            )
+        )
+        for s in sources
+    ]
     table = np.mean([t.table for t in tables], axis=0)
     if any_at_least_subtypes:
         table = any_max(table, LABELS)
@@ -157,15 +212,24 @@ def predict_store(sources: str | Path | Sequence[str | Path], store_path: Store 
         table = np.vstack([table, np.tile(np.mean([t.fallback for t in tables], axis=0), (len(extra), 1))])
     no_pixels = store.slices.loc[~ok, "image_id"].astype(str).tolist() + extra
     if no_pixels:
-        logger.warning("%d images have no readable pixels and get the training prevalence: %s", len(no_pixels),
-                       ", ".join(no_pixels))
+        logger.warning(
+            "%d images have no readable pixels and get the training prevalence: %s",
+            len(no_pixels),
+            ", ".join(no_pixels),
+        )
     frame = kaggle_rows(image_ids, np.clip(table, CLIP, 1 - CLIP))
     if sample_submission is not None:
         frame = follow_sample(frame, sample_submission, np.mean([t.fallback for t in tables], axis=0))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")
-    logger.info("wrote %d predictions (%d images, %d sources, %d without readable pixels) to %s", len(frame),
-                len(image_ids), len(sources), len(no_pixels), out_csv)
+    logger.info(
+        "wrote %d predictions (%d images, %d sources, %d without readable pixels) to %s",
+        len(frame),
+        len(image_ids),
+        len(sources),
+        len(no_pixels),
+        out_csv,
+    )
     return frame
 
 
@@ -178,19 +242,26 @@ def follow_sample(frame: pd.DataFrame, sample_submission: str | Path, fallback: 
     """
     sample = read_csv(sample_submission, dtype={"ID": str})
     if list(sample.columns) != ["ID", "Label"]:
-        raise DataError(f"{sample_submission}: expected the columns ID,Label of Kaggle's sample submission, "
-                        f"got {list(sample.columns)}")
+        raise DataError(
+            f"{sample_submission}: expected the columns ID,Label of Kaggle's sample submission, "
+            f"got {list(sample.columns)}"
+        )
     label = sample["ID"].str.rsplit("_", n=1).str[1]
     unknown = ~label.isin(LABELS)
     if unknown.any():
-        raise DataError(f"{sample_submission}: ID {sample['ID'][unknown].iloc[0]!r} does not end in one of "
-                        f"{', '.join(LABELS)}")
+        raise DataError(
+            f"{sample_submission}: ID {sample['ID'][unknown].iloc[0]!r} does not end in one of {', '.join(LABELS)}"
+        )
     predicted = frame.set_index("ID")["Label"]
     values = predicted.reindex(sample["ID"])
     missing = values.isna().to_numpy()
     if missing.any():
-        logger.warning("%d rows of the sample submission have no prediction (no such file in the archive) and "
-                       "get the training prevalence, e.g. %s", int(missing.sum()), sample["ID"][missing].iloc[0])
+        logger.warning(
+            "%d rows of the sample submission have no prediction (no such file in the archive) and "
+            "get the training prevalence, e.g. %s",
+            int(missing.sum()),
+            sample["ID"][missing].iloc[0],
+        )
         values[missing] = fallback[label[missing].map(LABELS.index).to_numpy()]
     left_out = len(predicted) - int((~missing).sum())
     if left_out:
@@ -204,8 +275,9 @@ def source_spec(source: str | Path) -> PreprocessSpec:
     return PreprocessSpec.from_attrs(load_checkpoint(checkpoint)["spec"])
 
 
-def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None,
-                   **options) -> pd.DataFrame:
+def predict_dicoms(
+    sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None, **options
+) -> pd.DataFrame:
     """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.source`) with the first source's spec into a
     temporary store, then predict from it.  Without a ``client`` a local cluster converts where the files are
     many enough to pay for it (:class:`ichprep.cluster.OnDemand`)."""
@@ -221,14 +293,20 @@ def predict_dicoms(sources: str | Path | Sequence[str | Path], dicom_dir, out_cs
         return predict_store(sources, store, out_csv, unreadable=unreadable, **options)
 
 
-def evaluate_experiment(exp: str | Path, store_path: Store | str | Path, out: str | Path, *, tta: str = "none",
-                        device: str = TrainConfig.device, batch_size: int = INFER_BATCH_SIZE,
-                        workers: int = INFER_WORKERS) -> dict:
+def evaluate_experiment(
+    exp: str | Path,
+    store_path: Store | str | Path,
+    out: str | Path,
+    *,
+    tta: str = "none",
+    device: str = TrainConfig.device,
+    batch_size: int = INFER_BATCH_SIZE,
+    workers: int = INFER_WORKERS,
+) -> dict:
     """Stage 1 (mean of the folds) and stage 2 on every labelled slice of a store; the final stage's figures."""
     experiment = open_experiment(exp)
     store = as_store(store_path)
-    probs = experiment_probs(exp, store, tta=tta, use_seq=True, device=device, batch_size=batch_size,
-                             workers=workers)
+    probs = experiment_probs(exp, store, tta=tta, use_seq=True, device=device, batch_size=batch_size, workers=workers)
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
     slots = scored_slots(store, task)
     metrics = {"stage1": oof_block(store, slots, probs.stage1[slots], names=names, task=task, seed=seed)}
@@ -245,7 +323,6 @@ def evaluate_experiment(exp: str | Path, store_path: Store | str | Path, out: st
         plot_compare(metrics["stage1"], metrics["stage2"], names, out / "compare.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
 
 
 def read_submission(path: str | Path) -> pd.DataFrame:
@@ -275,7 +352,11 @@ def score_submission(submission: str | Path, labels_csv: str | Path) -> dict:
     y = truth.loc[common, list(LABELS)].to_numpy(np.float64)
     p = np.clip(predicted.loc[common].to_numpy(np.float64), CLIP, 1 - CLIP)
     constant = np.broadcast_to(y.mean(axis=0), y.shape)
-    return {"weighted_log_loss": weighted_log_loss(y, p, LABELS),
-            "per_label_log_loss": per_class_log_loss(y, p, LABELS),
-            "constant_weighted_log_loss": weighted_log_loss(y, constant, LABELS),
-            "n_images": len(common), "n_submitted": len(predicted), "n_labelled": len(truth)}
+    return {
+        "weighted_log_loss": weighted_log_loss(y, p, LABELS),
+        "per_label_log_loss": per_class_log_loss(y, p, LABELS),
+        "constant_weighted_log_loss": weighted_log_loss(y, constant, LABELS),
+        "n_images": len(common),
+        "n_submitted": len(predicted),
+        "n_labelled": len(truth),
+    }

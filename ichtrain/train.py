@@ -40,11 +40,26 @@ from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
 logger = logging.getLogger(__name__)
 
 #: Config fields a resumed run shares with its checkpoint (so does the store, by manifest digest: the path may move).
-RESUME_FIXED = ("task", "arch", "context", "image_size", "split_by", "val_fraction", "folds", "fold", "slice_selection",
-                "seed", "balance", "pos_fraction", "optimizer", "scheduler")
+RESUME_FIXED = (
+    "task",
+    "arch",
+    "context",
+    "image_size",
+    "split_by",
+    "val_fraction",
+    "folds",
+    "fold",
+    "slice_selection",
+    "seed",
+    "balance",
+    "pos_fraction",
+    "optimizer",
+    "scheduler",
+)
 
 
 # ---------------------------------------------------------------- process setup
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
@@ -85,6 +100,7 @@ def _gather(array: np.ndarray, world: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- data
 
+
 def checkpoint_for_store(checkpoint: str | Path, store: Store) -> dict:
     """A checkpoint's state, refused when ``store`` was made with another preprocessing than its model saw."""
     state = load_checkpoint(checkpoint)
@@ -106,8 +122,8 @@ def check_spec(store: Store, spec_attrs: dict, where: str) -> None:
 class Streams(NamedTuple):
     train: ShardStream
     val: ShardStream
-    train_slots: np.ndarray   # training candidates, after --slice-selection
-    val_slots: np.ndarray     # every labelled slot of the validation patients
+    train_slots: np.ndarray  # training candidates, after --slice-selection
+    val_slots: np.ndarray  # every labelled slot of the validation patients
 
 
 def _streams(store: Store, cfg: TrainConfig, *, split: np.ndarray, y: np.ndarray, rank: int, world: int) -> Streams:
@@ -116,14 +132,16 @@ def _streams(store: Store, cfg: TrainConfig, *, split: np.ndarray, y: np.ndarray
     train_slots = train_candidates(store.slices, split, selection, task=cfg.task, part="train")
     val_slots = train_candidates(store.slices, split, None, task=cfg.task, part="val")
     if len(train_slots) == 0 or len(val_slots) == 0:
-        raise DataError(f"{len(train_slots)} training and {len(val_slots)} validation slices: both must be > 0 "
-                        "(is the store labelled? is --val-fraction sensible for this many patients?)")
+        raise DataError(
+            f"{len(train_slots)} training and {len(val_slots)} validation slices: both must be > 0 "
+            "(is the store labelled? is --val-fraction sensible for this many patients?)"
+        )
     val_counts = np.zeros(len(store.slices), np.int64)
     val_counts[val_slots] = 1
-    common = dict(targets=y, context=cfg.context, seed=cfg.seed, rank=rank, world_size=world,
-                  batch_size=cfg.batch_size)
-    train = ShardStream.from_store(store, np.zeros(len(store.slices), np.int64), shuffle=True,
-                                   buffer_shards=cfg.buffer_shards, **common)
+    common = dict(targets=y, context=cfg.context, seed=cfg.seed, rank=rank, world_size=world, batch_size=cfg.batch_size)
+    train = ShardStream.from_store(
+        store, np.zeros(len(store.slices), np.int64), shuffle=True, buffer_shards=cfg.buffer_shards, **common
+    )
     val = ShardStream.from_store(store, val_counts, shuffle=False, **common)
     return Streams(train=train, val=val, train_slots=train_slots, val_slots=val_slots)
 
@@ -131,8 +149,13 @@ def _streams(store: Store, cfg: TrainConfig, *, split: np.ndarray, y: np.ndarray
 def batch_loader(stream: ShardStream, workers: int, device: torch.device):
     """A DataLoader over a stream that yields whole batches (pinned on CUDA)."""
     # No persistent workers: each epoch's iterator hands workers a fresh copy of the stream (new epoch plan).
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def store_identity(store: Store) -> str:
@@ -141,6 +164,7 @@ def store_identity(store: Store) -> str:
 
 
 # ---------------------------------------------------------------- optimisation
+
 
 def build_optimizer(model, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
@@ -169,8 +193,17 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 # ---------------------------------------------------------------- outputs
 
-def run_metrics(truth: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...], study_ids: np.ndarray, task: str,
-                thresholds: dict | None = None, seed: int = 0) -> dict:
+
+def run_metrics(
+    truth: np.ndarray,
+    probs: np.ndarray,
+    *,
+    names: tuple[str, ...],
+    study_ids: np.ndarray,
+    task: str,
+    thresholds: dict | None = None,
+    seed: int = 0,
+) -> dict:
     """compute_metrics (with study-bootstrap intervals), plus the reference thesis's table for --task binary.
 
     ``thresholds`` (per class) replace the Youden thresholds of these data, e.g. the validation ones.
@@ -181,8 +214,9 @@ def run_metrics(truth: np.ndarray, probs: np.ndarray, *, names: tuple[str, ...],
     return metrics
 
 
-def add_middle_block(metrics: dict, preds: Predictions, *, selection: str, store: Store, names: tuple[str, ...],
-                     task: str, seed: int) -> dict:
+def add_middle_block(
+    metrics: dict, preds: Predictions, *, selection: str, store: Store, names: tuple[str, ...], task: str, seed: int
+) -> dict:
     """With --slice-selection middle:K, the reference method's figures on those slices, as an extra block."""
     if selection == "all":
         return metrics
@@ -192,12 +226,26 @@ def add_middle_block(metrics: dict, preds: Predictions, *, selection: str, store
     return {**metrics, "middle_slices": {"selection": selection, **block}}
 
 
-def write_predictions(path: Path, store: Store, *, slots: np.ndarray, probs: np.ndarray, truth: np.ndarray,
-                      names: tuple[str, ...], columns: dict[str, np.ndarray] | None = None) -> None:
+def write_predictions(
+    path: Path,
+    store: Store,
+    *,
+    slots: np.ndarray,
+    probs: np.ndarray,
+    truth: np.ndarray,
+    names: tuple[str, ...],
+    columns: dict[str, np.ndarray] | None = None,
+) -> None:
     """One row per slot: ids, any extra ``columns`` (e.g. fold), then true_<label> and prob_<label>."""
     rows = store.slices.iloc[slots]
-    frame = pd.DataFrame({"slot": slots, "image_id": rows["image_id"].to_numpy(),
-                          "study_uid": rows["study_uid"].to_numpy(), **(columns or {})})
+    frame = pd.DataFrame(
+        {
+            "slot": slots,
+            "image_id": rows["image_id"].to_numpy(),
+            "study_uid": rows["study_uid"].to_numpy(),
+            **(columns or {}),
+        }
+    )
     for j, name in enumerate(names):
         frame[f"true_{name}"] = truth[:, j]
         frame[f"prob_{name}"] = probs[:, j]
@@ -229,11 +277,14 @@ def _check_resume(checkpoint: dict, cfg: TrainConfig, identity: str) -> None:
     if checkpoint.get("store_identity") != identity:
         changed.append("store (its manifest differs from the one the run trained on)")
     if changed:
-        raise CheckpointError(f"--resume {cfg.resume}: options differ from the checkpoint's run ({', '.join(changed)}); "
-                              "resume with the same options and store, or start a new run")
+        raise CheckpointError(
+            f"--resume {cfg.resume}: options differ from the checkpoint's run ({', '.join(changed)}); "
+            "resume with the same options and store, or start a new run"
+        )
 
 
 # ---------------------------------------------------------------- the run
+
 
 @dataclass
 class RunProgress:
@@ -248,9 +299,14 @@ class RunProgress:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> RunProgress:
-        return cls(next_epoch=checkpoint["epoch"] + 1, best_val_loss=checkpoint["best_val_loss"],
-                   best_epoch=checkpoint["best_epoch"], best_metrics=checkpoint["best_metrics"],
-                   metrics=checkpoint["metrics"], history=list(checkpoint["history"]))
+        return cls(
+            next_epoch=checkpoint["epoch"] + 1,
+            best_val_loss=checkpoint["best_val_loss"],
+            best_epoch=checkpoint["best_epoch"],
+            best_metrics=checkpoint["best_metrics"],
+            metrics=checkpoint["metrics"],
+            history=list(checkpoint["history"]),
+        )
 
 
 def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = None) -> dict:
@@ -274,8 +330,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         _check_resume(checkpoint, cfg, identity)
 
     y = targets(store.slices, cfg.task)
-    split = run_split(store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by, folds=cfg.folds,
-                      fold=cfg.fold)
+    split = run_split(
+        store.slices, val_fraction=cfg.val_fraction, seed=cfg.seed, by=cfg.split_by, folds=cfg.folds, fold=cfg.fold
+    )
     streams = _streams(store, cfg, split=split, y=y, rank=rank, world=world)
     positive = is_positive(store.slices)
     n_pos = int(positive[streams.train_slots].sum())
@@ -286,15 +343,27 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.pretrained is None and checkpoint is None:
             logger.warning(random_init_advice(cfg.arch))
-    logger.info("%d training slices (%s), %d validation slices (every labelled slice of the validation %ss); "
-                "balance %s: positives x%.2f, negatives x%.3f, loss weighted by the inverse",
-                len(streams.train_slots), cfg.slice_selection, len(streams.val_slots), cfg.split_by, cfg.balance,
-                rates.r_pos, rates.p_neg)
+    logger.info(
+        "%d training slices (%s), %d validation slices (every labelled slice of the validation %ss); "
+        "balance %s: positives x%.2f, negatives x%.3f, loss weighted by the inverse",
+        len(streams.train_slots),
+        cfg.slice_selection,
+        len(streams.val_slots),
+        cfg.split_by,
+        cfg.balance,
+        rates.r_pos,
+        rates.p_neg,
+    )
 
     windows = store.spec.channels
     in_channels = streams.train.sample_shape[0]
-    model = build_model(cfg.arch, n_outputs=len(names), windows=windows, slices=2 * cfg.context + 1,
-                        pretrained=cfg.pretrained if checkpoint is None else None).to(device)
+    model = build_model(
+        cfg.arch,
+        n_outputs=len(names),
+        windows=windows,
+        slices=2 * cfg.context + 1,
+        pretrained=cfg.pretrained if checkpoint is None else None,
+    ).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -312,7 +381,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         logger.info("resumed from %s at epoch %d", cfg.resume, run.next_epoch + 1)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         net = torch.compile(net)
     sample_weights = torch.as_tensor(importance_weights(streams.train_slots, positive, rates), device=device)
@@ -321,38 +392,73 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     train_prevalence = [float(np.nanmean(y[streams.train_slots, j])) for j in range(len(names))]
 
     for epoch in range(run.next_epoch, cfg.epochs):
-        streams.train.set_epoch(epoch, epoch_plan(streams.train_slots, positive, balance=cfg.balance,
-                                                  pos_fraction=cfg.pos_fraction, seed=cfg.seed, epoch=epoch))
+        streams.train.set_epoch(
+            epoch,
+            epoch_plan(
+                streams.train_slots,
+                positive,
+                balance=cfg.balance,
+                pos_fraction=cfg.pos_fraction,
+                seed=cfg.seed,
+                epoch=epoch,
+            ),
+        )
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        setup = StepSetup(model=net, optimizer=optimizer, label_weights=label_weights,
-                          sample_weights=sample_weights, image_size=cfg.image_size, generator=generator,
-                          amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last)
+        setup = StepSetup(
+            model=net,
+            optimizer=optimizer,
+            label_weights=label_weights,
+            sample_weights=sample_weights,
+            image_size=cfg.image_size,
+            generator=generator,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            channels_last=channels_last,
+        )
         steps = streams.train.batches(cfg.batch_size, cfg.workers)
         if cfg.max_steps:
             steps = min(steps, cfg.max_steps)
         on_log = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
-        stats = train_one_epoch(setup, batch_loader(streams.train, cfg.workers, device), max_steps=cfg.max_steps,
-                                on_log=on_log)
+        stats = train_one_epoch(
+            setup, batch_loader(streams.train, cfg.workers, device), max_steps=cfg.max_steps, on_log=on_log
+        )
         # The unwrapped model: each DDP rank refreshes its own copy, rank 0's buffers are broadcast at the next forward.
-        refresh_batchnorm(dataclasses.replace(setup, model=model),
-                          batch_loader(streams.train, cfg.workers, device), max_batches=cfg.bn_refresh_batches)
-        preds = evaluate(net, batch_loader(streams.val, cfg.workers, device), image_size=cfg.image_size,
-                         device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+        refresh_batchnorm(
+            dataclasses.replace(setup, model=model),
+            batch_loader(streams.train, cfg.workers, device),
+            max_batches=cfg.bn_refresh_batches,
+        )
+        preds = evaluate(
+            net,
+            batch_loader(streams.val, cfg.workers, device),
+            image_size=cfg.image_size,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+        )
         preds = preds._replace(**{key: _gather(values, world) for key, values in preds._asdict().items()})
-        metrics = run_metrics(preds.targets, preds.probs, names=names, study_ids=study_of[preds.slots], task=cfg.task,
-                              seed=cfg.seed)
-        metrics = add_middle_block(metrics, preds, selection=cfg.slice_selection, store=store, names=names,
-                                   task=cfg.task, seed=cfg.seed)
+        metrics = run_metrics(
+            preds.targets, preds.probs, names=names, study_ids=study_of[preds.slots], task=cfg.task, seed=cfg.seed
+        )
+        metrics = add_middle_block(
+            metrics, preds, selection=cfg.slice_selection, store=store, names=names, task=cfg.task, seed=cfg.seed
+        )
         run.metrics = metrics
         val_loss = metrics["weighted_log_loss"]
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         else:
             scheduler.step()
-        record = {"epoch": epoch + 1, **stats._asdict(), "val_loss": val_loss, "val_weighted_log_loss": val_loss,
-                  "val_weighted_log_loss_ci95": metrics.get("ci95", {}).get("weighted_log_loss"),
-                  "val_mean_auc": metrics["mean_auc"], "val_mean_ece": metrics.get("mean_ece"),
-                  "lr": optimizer.param_groups[0]["lr"]}
+        record = {
+            "epoch": epoch + 1,
+            **stats._asdict(),
+            "val_loss": val_loss,
+            "val_weighted_log_loss": val_loss,
+            "val_weighted_log_loss_ci95": metrics.get("ci95", {}).get("weighted_log_loss"),
+            "val_mean_auc": metrics["mean_auc"],
+            "val_mean_ece": metrics.get("mean_ece"),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if "any" in names:
             record["val_any_auc"] = metrics["per_class"]["any"]["roc_auc"]
             record["val_any_mean_prob"] = metrics["per_class"]["any"]["mean_prob"]
@@ -362,17 +468,36 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         improved = val_loss < run.best_val_loss
         if improved:
             run.best_val_loss, run.best_epoch, run.best_metrics = val_loss, epoch + 1, metrics
-        logger.info("epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
-                    epoch + 1, stats.train_loss, stats.train_images_per_s, val_loss, metrics["mean_auc"],
-                    " (best so far)" if improved else "")
+        logger.info(
+            "epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
+            epoch + 1,
+            stats.train_loss,
+            stats.train_images_per_s,
+            val_loss,
+            metrics["mean_auc"],
+            " (best so far)" if improved else "",
+        )
         if rank == 0:
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_val_loss": run.best_val_loss, "best_epoch": run.best_epoch, "best_metrics": run.best_metrics,
-                     "history": run.history, "rng": _rng_state(device), "config": cfg.to_dict(),
-                     "spec": store.spec.to_attrs(), "store_identity": identity, "names": list(names),
-                     "in_channels": in_channels, "metrics": metrics, "train_prevalence": train_prevalence}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_val_loss": run.best_val_loss,
+                "best_epoch": run.best_epoch,
+                "best_metrics": run.best_metrics,
+                "history": run.history,
+                "rng": _rng_state(device),
+                "config": cfg.to_dict(),
+                "spec": store.spec.to_attrs(),
+                "store_identity": identity,
+                "names": list(names),
+                "in_channels": in_channels,
+                "metrics": metrics,
+                "train_prevalence": train_prevalence,
+            }
             save_checkpoint(state, out / "last.pt")
             if improved:
                 save_checkpoint(state, out / "best.pt")

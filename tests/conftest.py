@@ -61,8 +61,12 @@ def store6(synth_dataset6, tmp_path_factory) -> Path:
     from ichprep.spec import PreprocessSpec
 
     root = tmp_path_factory.mktemp("store6") / "cache.zarr"
-    convert(synth_dataset6 / "stage_2_train", root, PreprocessSpec(shard_slices=16),
-            labels_csv=synth_dataset6 / "stage_2_train.csv")
+    convert(
+        synth_dataset6 / "stage_2_train",
+        root,
+        PreprocessSpec(shard_slices=16),
+        labels_csv=synth_dataset6 / "stage_2_train.csv",
+    )
     return root
 
 
@@ -76,8 +80,12 @@ def easy_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("easy")
     generate(out / "data", studies=30, seed=7, lesion_rate=0.9, min_lesion_pixels=800)
     root = out / "cache.zarr"
-    convert(out / "data" / "stage_2_train", root, PreprocessSpec(size=64, shard_slices=32),
-            labels_csv=out / "data" / "stage_2_train.csv")
+    convert(
+        out / "data" / "stage_2_train",
+        root,
+        PreprocessSpec(size=64, shard_slices=32),
+        labels_csv=out / "data" / "stage_2_train.csv",
+    )
     return root
 
 
@@ -88,8 +96,19 @@ def tiny_run(easy_store, tmp_path_factory) -> Path:
     from ichtrain.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=48, epochs=1, batch_size=8,
-                      workers=0, max_steps=3, device="cpu"))
+    train(
+        TrainConfig(
+            store=str(easy_store),
+            out=str(out),
+            arch="resnet18",
+            image_size=48,
+            epochs=1,
+            batch_size=8,
+            workers=0,
+            max_steps=3,
+            device="cpu",
+        )
+    )
     return out
 
 
@@ -106,8 +125,11 @@ def _port() -> int:
 def s3_env():
     """Start moto's standalone S3 server; yield the environment a client needs (never hard-coded in ichkit)."""
     port = _port()
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
@@ -119,8 +141,12 @@ def s3_env():
                 server.kill()
                 pytest.fail("moto server did not start")
             time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec

@@ -27,8 +27,9 @@ def test_rates_match_what_the_epoch_plan_draws():
     assert rates.r_pos > 3 and rates.p_neg < 0.6  # RSNA-like prevalence: a strong shift to undo
 
 
-@pytest.mark.parametrize("n_pos, n_neg, balance", [(10, 90, "none"), (0, 100, "hybrid"), (100, 0, "hybrid"),
-                                                     (60, 40, "hybrid")])
+@pytest.mark.parametrize(
+    "n_pos, n_neg, balance", [(10, 90, "none"), (0, 100, "hybrid"), (100, 0, "hybrid"), (60, 40, "hybrid")]
+)
 def test_no_rebalancing_means_unit_rates(n_pos, n_neg, balance):
     assert sampling_rates(n_pos, n_neg, balance, 0.5) == Rates(1.0, 1.0)
 

@@ -28,7 +28,10 @@ def quick_results(tmp_path_factory) -> dict:
     out = tmp / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--work", str(tmp / "work")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Targets" in proc.stdout  # the table was printed
@@ -44,9 +47,17 @@ def test_sections_present(quick_results):
 
 def test_conversion_figures_positive(quick_results):
     conv = quick_results["conversion"]
-    for key in ("floor_decode", "baseline_png", "ichprep_in_process", "ichprep_shard_path",
-                "prototype_direct_shard_write", "ichprep_1_worker", "ichprep_2_workers",
-                "prototype_malloc_fix_1_worker", "prototype_malloc_fix_2_workers"):
+    for key in (
+        "floor_decode",
+        "baseline_png",
+        "ichprep_in_process",
+        "ichprep_shard_path",
+        "prototype_direct_shard_write",
+        "ichprep_1_worker",
+        "ichprep_2_workers",
+        "prototype_malloc_fix_1_worker",
+        "prototype_malloc_fix_2_workers",
+    ):
         fig = conv[key]
         assert _positive(fig["slices_per_s"]) and _positive(fig["ms_per_slice"]), key
         assert len(fig["wall_s"]) == fig["repeats"] == 1
@@ -82,7 +93,8 @@ def test_batch_figures(quick_results):
     batches = quick_results["batches"]
     rows = batches["rows"]
     assert {(r["context"], r["batch"], r["where"]) for r in rows} == {
-        (c, 32, w) for c in (0, 1) for w in ("in process", "DataLoader, 1 worker")}        # --quick: batch 32 only
+        (c, 32, w) for c in (0, 1) for w in ("in process", "DataLoader, 1 worker")
+    }  # --quick: batch 32 only
     for r in rows:
         assert _positive(r["samples_per_s"]) and len(r["wall_s"]) == r["repeats"] == 1, r["contender"]
         assert _positive(r["cpu_ms_per_sample"]), r["contender"]
@@ -108,7 +120,7 @@ def test_buffer_simulation_is_rsna_like():
     assert abs(table.positive.mean() - 0.14) < 0.02
     bleeding = np.bincount(table.study, weights=table.positive) > 0
     assert abs(bleeding.mean() - 0.41) < 0.04
-    assert abs(table.counts[table.positive].sum() / table.counts.sum() - 0.5) < 0.02        # the hybrid plan
+    assert abs(table.counts[table.positive].sum() / table.counts.sum() - 0.5) < 0.02  # the hybrid plan
     slots = emitted_slots(table.counts, 64, 5, seed=1)
     assert np.array_equal(np.bincount(slots, minlength=len(table.counts)), table.counts)  # every sample once
 
@@ -136,8 +148,10 @@ def test_seq_bench_tiny(tmp_path, capsys):
     out = tmp_path / "seq.json"
     threads = torch.get_num_threads()
     try:  # one thread: never stalled by a core another job holds
-        assert seq_bench.main(["--studies", "80", "--dims", "8,24", "--batches", "2", "--threads", "1",
-                               "--out", str(out)]) == 0
+        assert (
+            seq_bench.main(["--studies", "80", "--dims", "8,24", "--batches", "2", "--threads", "1", "--out", str(out)])
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
@@ -146,7 +160,8 @@ def test_seq_bench_tiny(tmp_path, capsys):
     assert section["studies"] == 80 and section["slots"] == round(80 * 752_803 / 21_744)
     rows = section["rows"]
     assert [(r["dim"], r["contender"]) for r in rows] == [
-        (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer")]
+        (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer")
+    ]
     for r in rows:
         assert _positive(r["epoch_s"]) and _positive(r["slots_per_s"]) and _positive(r["epoch_vs_baseline"])
         assert r["peak_extra_mib"] >= 0 and r["extrapolated"] == (r["contender"] != "read + standardise")

@@ -78,7 +78,8 @@ def test_resample_replicate_equals_weighted_sklearn():
         w = counts[r][ranking.unit]
         assert reps.auc[r, 0] == pytest.approx(roc_auc_score(ranking.y, ranking.score, sample_weight=w), abs=1e-12)
         assert reps.ap[r, 0] == pytest.approx(
-            average_precision_score(ranking.y, ranking.score, sample_weight=w), abs=1e-12)
+            average_precision_score(ranking.y, ranking.score, sample_weight=w), abs=1e-12
+        )
 
 
 def test_percentile_interval():

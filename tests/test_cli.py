@@ -35,9 +35,28 @@ def test_synth_scan_convert_verify(tmp_path):
 
     store = tmp_path / "cache.zarr"
     manifest_copy = tmp_path / "manifests" / "demo.json"
-    result = invoke("convert", dicoms, "--labels", labels, "-o", store, "--scan", tmp_path / "slices.parquet",
-                    "--size", 64, "--window", "brain", "--window", "stroke:32:8", "--shard-slices", 8,
-                    "--workers", 1, "--manifest-out", manifest_copy)
+    result = invoke(
+        "convert",
+        dicoms,
+        "--labels",
+        labels,
+        "-o",
+        store,
+        "--scan",
+        tmp_path / "slices.parquet",
+        "--size",
+        64,
+        "--window",
+        "brain",
+        "--window",
+        "stroke:32:8",
+        "--shard-slices",
+        8,
+        "--workers",
+        1,
+        "--manifest-out",
+        manifest_copy,
+    )
     assert result.exit_code == 0, result.output
     assert "truncated: 1" in result.output and "slices/s" in result.output and "x the source DICOMs" in result.output
     manifest = json.loads((store / MANIFEST).read_text())

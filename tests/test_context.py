@@ -51,7 +51,7 @@ def _expected_stack(slot: int, context: int, start: np.ndarray, stop: np.ndarray
 @pytest.mark.parametrize("context", [2, 3])
 def test_stream_stacks_2n_plus_1_slices_slice_major(store, context, shuffle):
     """Sample channels [k*C, (k+1)*C) are neighbour k (slot - N .. slot + N), as for context 1."""
-    images = open_reader(store.root)[0:len(store.slices)]
+    images = open_reader(store.root)[0 : len(store.slices)]
     start, stop = study_bounds(store.studies, len(store.slices))
     ok = store.slices["ok"].to_numpy(bool).copy()
     counts = np.zeros(len(store.slices), np.int64)
@@ -59,8 +59,16 @@ def test_stream_stacks_2n_plus_1_slices_slice_major(store, context, shuffle):
     # One more zero-filled slot (pixels kept, so replacing it is visible) in the middle of the first study.
     hole = int(start[0]) + 5
     ok[hole], counts[hole] = False, 0
-    stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), context=context, shuffle=shuffle,
-                                    batch_size=7, buffer_shards=2, ok=ok)
+    stream = ShardStream.from_store(
+        store,
+        counts,
+        targets(store.slices, "rsna"),
+        context=context,
+        shuffle=shuffle,
+        batch_size=7,
+        buffer_shards=2,
+        ok=ok,
+    )
     channels = images.shape[1]
     assert stream.sample_shape[0] == channels * (2 * context + 1) == {2: 15, 3: 21}[context]
     stacks = {}
@@ -82,8 +90,11 @@ def test_stream_stacks_2n_plus_1_slices_slice_major(store, context, shuffle):
 def test_context_2_model_takes_a_stream_batch(store):
     counts = np.zeros(len(store.slices), np.int64)
     counts[train_candidates(store.slices, np.full(len(store.slices), "train"), None, "rsna")[:4]] = 1
-    batch = next(iter(ShardStream.from_store(store, counts, targets(store.slices, "rsna"), context=2, shuffle=False,
-                                             batch_size=4)))
+    batch = next(
+        iter(
+            ShardStream.from_store(store, counts, targets(store.slices, "rsna"), context=2, shuffle=False, batch_size=4)
+        )
+    )
     model = build_model("resnet18", n_outputs=6, windows=3, slices=5).eval()
     inputs = torch.nn.functional.interpolate(batch.images.float() / 255, size=64, mode="bilinear")
     with torch.no_grad():

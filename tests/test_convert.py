@@ -17,13 +17,12 @@ import pytest
 import zarr
 
 from ichprep.cluster import dask_client
-from ichprep.convert import convert, shards_per_task
+from ichprep.convert import convert, shards_per_task, store_lock
 from ichprep.errors import StoreExistsError, StoreLockedError
 from ichprep.labels import LABELS
 from ichprep.manifest import verify_store
 from ichprep.spec import PreprocessSpec
 from ichprep.store import MANIFEST, STATE, open_store, shard_path
-from ichprep.convert import store_lock
 
 
 def independent_image(path: str, size: int = 256) -> np.ndarray:
@@ -39,7 +38,7 @@ def independent_image(path: str, size: int = 256) -> np.ndarray:
     rows, cols = hu.shape
     side = max(rows, cols)
     square = np.full((side, side), -1000, np.float32)
-    square[(side - rows) // 2:(side - rows) // 2 + rows, (side - cols) // 2:(side - cols) // 2 + cols] = hu
+    square[(side - rows) // 2 : (side - rows) // 2 + rows, (side - cols) // 2 : (side - cols) // 2 + cols] = hu
     small = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA).astype(np.float64)
     channels = []
     for center, width in ((40, 80), (80, 200), (40, 380)):
@@ -70,7 +69,7 @@ def test_store_tables_follow_the_contract(store6, synth_dataset6):
     slices, studies = store.slices, store.studies
     assert list(slices.columns[:6]) == ["image_id", "study_uid", "series_uid", "patient_id", "z", "instance_number"]
     for row in studies.itertuples():
-        run = slices.iloc[row.start:row.stop]
+        run = slices.iloc[row.start : row.stop]
         assert (run["study_uid"] == row.study_uid).all()
         assert run["z"].is_monotonic_increasing
         assert row.n_slices == len(run)
@@ -113,10 +112,13 @@ def test_identical_bytes_across_worker_counts_and_resume_skips(store6, synth_dat
     root = tmp_path / "two_workers.zarr"
     spec = PreprocessSpec(shard_slices=16)
     with dask_client(workers=2) as client:
-        summary = convert(synth_dataset6 / "stage_2_train", root, spec,
-                          labels_csv=synth_dataset6 / "stage_2_train.csv", client=client)
+        summary = convert(
+            synth_dataset6 / "stage_2_train", root, spec, labels_csv=synth_dataset6 / "stage_2_train.csv", client=client
+        )
     assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
-    assert summary.shards_skipped == 0 and summary.n_shards == len(json.loads((root / MANIFEST).read_text())["files"]) - 5
+    assert (
+        summary.shards_skipped == 0 and summary.n_shards == len(json.loads((root / MANIFEST).read_text())["files"]) - 5
+    )
     again = convert(synth_dataset6 / "stage_2_train", root, spec, labels_csv=synth_dataset6 / "stage_2_train.csv")
     assert again.shards_skipped == again.n_shards
     # A shard altered on disk is not trusted: it is rewritten to the same bytes.
@@ -209,11 +211,18 @@ def test_resume_removes_temporaries_of_a_killed_writer(store6, synth_dataset6, t
     shutil.copytree(store6, root)
     (root / MANIFEST).unlink()  # as if killed before the end: one shard unfinished, two writes cut short
     (root / STATE / "shards" / "000001.json").unlink()
-    leftovers = [root / "images" / "c" / "1" / "0" / "0" / ".0.4242.tmp", root / STATE / "shards" / ".000001.json.4242.tmp"]
+    leftovers = [
+        root / "images" / "c" / "1" / "0" / "0" / ".0.4242.tmp",
+        root / STATE / "shards" / ".000001.json.4242.tmp",
+    ]
     for path in leftovers:
         path.write_bytes(b"half a write")
-    summary = convert(synth_dataset6 / "stage_2_train", root, PreprocessSpec(shard_slices=16),
-                      labels_csv=synth_dataset6 / "stage_2_train.csv")
+    summary = convert(
+        synth_dataset6 / "stage_2_train",
+        root,
+        PreprocessSpec(shard_slices=16),
+        labels_csv=synth_dataset6 / "stage_2_train.csv",
+    )
     assert summary.shards_skipped == summary.n_shards - 1
     assert not any(path.exists() for path in leftovers)
     assert verify_store(root).ok
@@ -223,8 +232,19 @@ def test_resume_removes_temporaries_of_a_killed_writer(store6, synth_dataset6, t
 def test_resume_after_kill_gives_identical_bytes(synth_dataset6, store6, tmp_path):
     """kill -9 a real converter mid-run; rerunning the same command finishes with a clean run's bytes."""
     root = tmp_path / "killed.zarr"
-    cmd = [_ichprep(), "convert", str(synth_dataset6 / "stage_2_train"), "--labels",
-           str(synth_dataset6 / "stage_2_train.csv"), "-o", str(root), "--shard-slices", "16", "--workers", "1"]
+    cmd = [
+        _ichprep(),
+        "convert",
+        str(synth_dataset6 / "stage_2_train"),
+        "--labels",
+        str(synth_dataset6 / "stage_2_train.csv"),
+        "-o",
+        str(root),
+        "--shard-slices",
+        "16",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = root / STATE / "shards"
     deadline = time.time() + 120
@@ -247,26 +267,59 @@ def test_convert_on_an_external_dask_cluster(synth_dataset6, store6, tmp_path):
     """A `dask scheduler` + 2 `dask worker` processes on 127.0.0.1, joined with --scheduler."""
     dask = str(Path(sys.executable).parent / "dask")
     scheduler_file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                               "--scheduler-file", str(scheduler_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         deadline = time.time() + 60
         while not scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.1)
         address = json.loads(scheduler_file.read_text())["address"]
         for _ in range(2):
-            procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [dask, "worker", address, "--nthreads", "1", "--no-dashboard"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         from distributed import Client
 
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
         root = tmp_path / "cluster.zarr"
         result = subprocess.run(
-            [_ichprep(), "convert", str(synth_dataset6 / "stage_2_train"), "--labels",
-             str(synth_dataset6 / "stage_2_train.csv"), "-o", str(root), "--shard-slices", "16",
-             "--scheduler", address], capture_output=True, text=True, timeout=300)
+            [
+                _ichprep(),
+                "convert",
+                str(synth_dataset6 / "stage_2_train"),
+                "--labels",
+                str(synth_dataset6 / "stage_2_train.csv"),
+                "-o",
+                str(root),
+                "--shard-slices",
+                "16",
+                "--scheduler",
+                address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
     finally:

@@ -16,10 +16,21 @@ import torch.utils.data
 from ichprep.labels import LABELS, SUBTYPES
 from ichprep.store import open_reader, open_store
 from ichtrain import data
-from ichtrain.data import (Batch, SequenceOrder, ShardStream, WindowShuffle, emissions, epoch_plan, is_positive,
-                           select_slices, study_bounds, targets, train_candidates)
-from ichtrain.folds import split_slices
+from ichtrain.data import (
+    Batch,
+    SequenceOrder,
+    ShardStream,
+    WindowShuffle,
+    emissions,
+    epoch_plan,
+    is_positive,
+    select_slices,
+    study_bounds,
+    targets,
+    train_candidates,
+)
 from ichtrain.errors import ConfigError, DataError
+from ichtrain.folds import split_slices
 
 SHARD = 8
 
@@ -33,8 +44,12 @@ def store(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("datastore")
     generate(tmp / "synth", 4, seed=0)
-    convert(tmp / "synth" / "stage_2_train", tmp / "cache.zarr", PreprocessSpec(size=32, shard_slices=SHARD),
-            labels_csv=tmp / "synth" / "stage_2_train.csv")
+    convert(
+        tmp / "synth" / "stage_2_train",
+        tmp / "cache.zarr",
+        PreprocessSpec(size=32, shard_slices=SHARD),
+        labels_csv=tmp / "synth" / "stage_2_train.csv",
+    )
     return open_store(tmp / "cache.zarr")
 
 
@@ -85,6 +100,7 @@ def group_keys(frame: pd.DataFrame) -> pd.Series:
 
 # ---- targets, candidates -------------------------------------------------------------------------------------
 
+
 def test_targets_tasks_and_unlabelled_rows(store):
     unlabelled = store.slices[LABELS[0]].isna().to_numpy()
     assert unlabelled.sum() >= 1
@@ -105,8 +121,14 @@ def test_choices_bounds_and_defaults_have_one_definition():
 
     assert data.TASKS is config.TASKS and data.BALANCES is config.BALANCES
     train = {param.name: param for param in cli.train.params}
-    for option, choices in (("task", tuple(config.TASKS)), ("split_by", config.SPLITS), ("balance", config.BALANCES),
-                            ("arch", config.ARCHS), ("optimizer", config.OPTIMIZERS), ("device", config.DEVICES)):
+    for option, choices in (
+        ("task", tuple(config.TASKS)),
+        ("split_by", config.SPLITS),
+        ("balance", config.BALANCES),
+        ("arch", config.ARCHS),
+        ("optimizer", config.OPTIMIZERS),
+        ("device", config.DEVICES),
+    ):
         assert tuple(train[option].type.choices) == choices, option
     for option in ("val_fraction", "pos_fraction"):
         bounds = train[option].type
@@ -115,7 +137,16 @@ def test_choices_bounds_and_defaults_have_one_definition():
     shown = [p for p in cli.train.params if getattr(p, "show_default", False) and hasattr(TrainConfig, p.name)]
     assert len(shown) == 20 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
     shown = [p for p in cli.seq.params if getattr(p, "show_default", False) and hasattr(SeqConfig, p.name)]
-    assert {p.name for p in shown} == {"model", "epochs", "hidden", "layers", "lr", "holdout", "batch_studies", "device"}
+    assert {p.name for p in shown} == {
+        "model",
+        "epochs",
+        "hidden",
+        "layers",
+        "lr",
+        "holdout",
+        "batch_studies",
+        "device",
+    }
     # Except --device: stage 2 runs where stage 1 did (auto), while the library's SeqConfig defaults to the CPU.
     assert all(param.default == getattr(SeqConfig, param.name) for param in shown if param.name != "device")
     # The config, the public library function and its CLI option refuse the same fractions with one message.
@@ -159,6 +190,7 @@ def test_train_candidates(store):
 
 # ---- split ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("by", ["patient", "study"])
 def test_split_groups_never_straddle(by):
     frame = fake_slices()
@@ -190,7 +222,7 @@ def test_slice_split_is_leaky_and_bad_args():
     frame = fake_slices(20)
     split = split_slices(frame, 0.2, seed=0, by="slice")
     assert abs((split == "val").mean() - 0.2) < 0.01
-    assert (pd.Series(split).groupby(frame["study_uid"].to_numpy()).nunique() == 2).any()    # leaks
+    assert (pd.Series(split).groupby(frame["study_uid"].to_numpy()).nunique() == 2).any()  # leaks
     assert "leaky" in split_slices.__doc__
     with pytest.raises(ConfigError, match="patient, study, slice"):
         split_slices(frame, 0.2, by="series")
@@ -203,6 +235,7 @@ def test_slice_split_is_leaky_and_bad_args():
 
 # ---- slice selection -----------------------------------------------------------------------------------------
 
+
 def test_select_middle(store):
     study = store.studies.iloc[0]
     start, stop = int(study.start), int(study.stop)
@@ -214,17 +247,17 @@ def test_select_middle(store):
     assert list(picked("middle:5")) == list(range(mid - 2, mid + 3))
     assert list(picked("middle:1")) == [mid]
     assert list(picked("middle:4")) == list(range(mid - 2, mid + 2))
-    assert list(picked("middle:1000")) == list(range(start, stop))       # clipped to the study
+    assert list(picked("middle:1000")) == list(range(start, stop))  # clipped to the study
     assert select_slices(store.slices, store.studies, "all").all()
     per_study = select_slices(store.slices, store.studies, "middle:3")
-    assert [per_study[s.start:s.stop].sum() for s in store.studies.itertuples()] == [3] * len(store.studies)
+    assert [per_study[s.start : s.stop].sum() for s in store.studies.itertuples()] == [3] * len(store.studies)
 
 
 def test_select_short_study_and_bad_forms():
     slices = pd.DataFrame({"x": range(10)})
-    studies = pd.DataFrame({"start": [0, 3, 5], "stop": [3, 5, 10]})     # 3, 2 and 5 slices
+    studies = pd.DataFrame({"start": [0, 3, 5], "stop": [3, 5, 10]})  # 3, 2 and 5 slices
     mask = select_slices(slices, studies, "middle:4")
-    assert list(np.flatnonzero(mask)) == [0, 1, 2, 3, 4, 5, 6, 7, 8]     # short studies whole; [5,10) -> 5..8
+    assert list(np.flatnonzero(mask)) == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # short studies whole; [5,10) -> 5..8
     for bad in ("middle", "middle:0", "middle:x", "top:3", "middle:-2", "", None):
         with pytest.raises(ConfigError, match="middle:K"):
             select_slices(slices, studies, bad)
@@ -234,11 +267,12 @@ def test_select_short_study_and_bad_forms():
 
 # ---- epoch plan ----------------------------------------------------------------------------------------------
 
+
 def test_epoch_plan_hybrid():
     n = 1000
     positive = np.zeros(n, bool)
     positive[np.random.default_rng(0).choice(n, 50, replace=False)] = True
-    candidates = np.setdiff1d(np.arange(n), np.arange(0, n, 10))         # every 10th slot is not a candidate
+    candidates = np.setdiff1d(np.arange(n), np.arange(0, n, 10))  # every 10th slot is not a candidate
     counts = epoch_plan(candidates, positive, "hybrid", 0.5, seed=0, epoch=0)
     assert counts.shape == (n,) and counts.dtype == np.int64
     assert (counts[np.arange(0, n, 10)] == 0).all()
@@ -259,7 +293,7 @@ def test_epoch_plan_fallbacks_and_errors(caplog):
     with caplog.at_level(logging.WARNING, logger="ichtrain.data"):
         counts = epoch_plan(np.arange(100), positive)
     assert (counts == 1).all() and "using 'none'" in caplog.text
-    positive[:60] = True                                                 # already >= pos_fraction
+    positive[:60] = True  # already >= pos_fraction
     assert (epoch_plan(np.arange(100), positive, pos_fraction=0.5) == 1).all()
     with pytest.raises(ConfigError, match="hybrid, none"):
         epoch_plan(np.arange(10), positive, "oversample")
@@ -272,6 +306,7 @@ def test_epoch_plan_fallbacks_and_errors(caplog):
 
 
 # ---- shuffle orders ------------------------------------------------------------------------------------------
+
 
 def run_order(order, sizes) -> list[tuple[int, int]]:
     """(piece, sample) of every emission, checking that each names only a piece still live."""
@@ -287,7 +322,7 @@ def test_window_shuffle_emits_everything_once_within_the_window(window):
     sizes = [7, 0, 12, 3, 9, 9, 1, 20, 5]
     out = run_order(WindowShuffle(window, np.random.default_rng(0)), sizes)
     assert sorted(out) == [(p, j) for p, n in enumerate(sizes) for j in range(n)]
-    assert out == run_order(WindowShuffle(window, np.random.default_rng(0)), sizes)          # deterministic
+    assert out == run_order(WindowShuffle(window, np.random.default_rng(0)), sizes)  # deterministic
     assert out != run_order(WindowShuffle(window, np.random.default_rng(1)), sizes)
     # Stratified rounds: `window` consecutive samples of a piece never go out in the same round (from
     # round `window` on: the first emission and the rest merge several rounds).
@@ -306,11 +341,12 @@ def test_sequence_order_keeps_the_sequence():
 
 # ---- shard stream --------------------------------------------------------------------------------------------
 
+
 def test_stream_sequential_yields_every_slot_once(store, images):
     counts = all_ok(store)
     ds = stream(store, counts, shuffle=False, batch_size=7)
     out = drain(ds)
-    assert slots_of(out) == list(np.flatnonzero(counts))                 # evaluation order: ascending
+    assert slots_of(out) == list(np.flatnonzero(counts))  # evaluation order: ascending
     assert len(ds) == sum(len(b.slots) for b in out) == counts.sum()
     y = targets(store.slices, "rsna")
     for batch in out:
@@ -339,7 +375,8 @@ def test_stream_repeats_follow_plan_and_is_deterministic(store):
     assert Counter(slots_of(drain(ds))) == {i: int(c) for i, c in enumerate(ds.counts) if c}
     # Sequential: each slot's repeats follow each other, slots ascending.
     assert slots_of(drain(stream(store, counts, task="binary", shuffle=False))) == list(
-        np.repeat(np.arange(len(counts)), counts))
+        np.repeat(np.arange(len(counts)), counts)
+    )
 
 
 class CountingReader:
@@ -362,14 +399,14 @@ def counted_reads(monkeypatch) -> list[tuple[int, int]]:
 def test_stream_reads_only_needed_shards_once(store, monkeypatch, context):
     log = counted_reads(monkeypatch)
     counts = np.zeros(len(store.slices), np.int64)
-    counts[[16, 21, 47]] = [1, 2, 1]                                     # shards 2 and 5 only
+    counts[[16, 21, 47]] = [1, 2, 1]  # shards 2 and 5 only
     out = drain(stream(store, counts, context=context, shuffle=True))
     assert sorted(slots_of(out)) == [16, 21, 21, 47]
     # A read is widened only as far as the 2.5D neighbours need (16's previous, 47's next; same study).
     assert sorted(log) == [(16 - context, 24), (40, 48 + context)]
     log.clear()
     drain(stream(store, all_ok(store), context=context))
-    assert len(log) == store.n_shards                                    # one read per shard
+    assert len(log) == store.n_shards  # one read per shard
 
 
 class BlockWatch:
@@ -394,8 +431,9 @@ def test_stream_holds_at_most_buffer_shards_blocks(store, monkeypatch, shuffle):
     monkeypatch.setattr(data, "_open_images", lambda root: watch)
     cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
     counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)
-    alive = [watch.alive() for _ in stream(store, counts, task="binary", buffer_shards=3, batch_size=4,
-                                           shuffle=shuffle)]
+    alive = [
+        watch.alive() for _ in stream(store, counts, task="binary", buffer_shards=3, batch_size=4, shuffle=shuffle)
+    ]
     assert max(alive) == (3 if shuffle else 1) and len(watch.blocks) == store.n_shards
 
 
@@ -418,7 +456,7 @@ def test_stream_ranks_and_workers_are_disjoint(store, monkeypatch):
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == sum(len(p) for p in parts.values())
     assert lengths == {total // 2}
     assert len(parts[0, 0]) + len(parts[0, 1]) == len(parts[1, 0]) + len(parts[1, 1]) == total // 2
-    assert len(parts[0, 0]) == len(parts[1, 0]) and len(parts[0, 1]) == len(parts[1, 1])   # same batches per rank
+    assert len(parts[0, 0]) == len(parts[1, 0]) and len(parts[0, 1]) == len(parts[1, 1])  # same batches per rank
     assert total - len(set().union(*sets)) == total % 2
 
     # One rank: the workers cover everything exactly, also with repeats.
@@ -469,14 +507,14 @@ def test_stream_batch_count_equals_batches(store, monkeypatch, world_size, worke
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_stream_batches_own_their_memory(store, images, monkeypatch, shuffle):
     cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
-    counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)   # with repeats
+    counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)  # with repeats
     y = targets(store.slices, "binary")
     for worker_info in (False, True):
-        if worker_info:   # inside a worker the images are born in shared memory
+        if worker_info:  # inside a worker the images are born in shared memory
             fake_worker(monkeypatch, 0, 1)
         out = drain(stream(store, counts, task="binary", shuffle=shuffle, batch_size=3, context=1))
         assert all(b.images.is_shared() == worker_info for b in out)
-        for b in out[::2]:                                   # a consumer scribbles over every other batch
+        for b in out[::2]:  # a consumer scribbles over every other batch
             b.images.fill_(255)
             b.targets.fill_(-1)
             b.slots.fill_(-1)
@@ -485,7 +523,7 @@ def test_stream_batches_own_their_memory(store, images, monkeypatch, shuffle):
             assert np.array_equal(b.images.numpy()[:, 3:6], images[slots])
             assert np.array_equal(b.targets.numpy(), y[slots])
         arrays = [t.numpy() for b in out for t in b]
-        assert not any(np.shares_memory(a, c) for i, a in enumerate(arrays) for c in arrays[i + 1:])
+        assert not any(np.shares_memory(a, c) for i, a in enumerate(arrays) for c in arrays[i + 1 :])
 
 
 def test_stream_dataloader_two_workers(store, monkeypatch):
@@ -505,7 +543,7 @@ def test_stream_dataloader_two_workers(store, monkeypatch):
         expected.append(drain(ds))
     # The DataLoader takes one batch from each worker in turn, then the longer one's rest.
     first, second = expected
-    ordered = [b for pair in zip(first, second) for b in pair] + first[len(second):] + second[len(first):]
+    ordered = [b for pair in zip(first, second) for b in pair] + first[len(second) :] + second[len(first) :]
     assert [b.slots.tolist() for b in batches] == [b.slots.tolist() for b in ordered]
     assert all(torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets) for b, e in zip(batches, ordered))
 
@@ -524,7 +562,7 @@ def test_stream_context_neighbours(store, images):
         prev, nxt = max(slot - 1, start[slot]), min(slot + 1, stop[slot] - 1)
         assert np.array_equal(image, np.concatenate([images[prev], images[slot], images[nxt]]))
     first = store.studies["start"].to_numpy()
-    s1 = int(first[1])                       # second study's first slot: previous neighbour is itself
+    s1 = int(first[1])  # second study's first slot: previous neighbour is itself
     assert np.array_equal(out[s1][:3], images[s1]) and np.array_equal(out[s1 - 1][6:], images[s1 - 1])
     assert np.array_equal(out[0][:3], images[0]) and np.array_equal(out[n - 1][6:], images[n - 1])
     # Shard edges inside a study: the neighbour comes from the previous/next shard.
@@ -550,7 +588,7 @@ def test_stream_context_stacks_equal_reader_slices(store, shuffle):
         for image, slot in zip(batch.images.numpy(), batch.slots.tolist()):
             stack = [max(slot - 1, start[slot]), slot, min(slot + 1, stop[slot] - 1)]
             stack = [s if ok[s] else slot for s in stack]
-            assert np.array_equal(image, np.concatenate([reader[s:s + 1][0] for s in stack]))
+            assert np.array_equal(image, np.concatenate([reader[s : s + 1][0] for s in stack]))
 
 
 def test_stream_rejects_bad_inputs(store):
@@ -610,9 +648,25 @@ def test_ranks_get_disjoint_shards_in_a_real_gloo_run(tmp_path, store):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "slots.json"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
-                             str(store.root), str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(script),
+            str(store.root),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     rank0, rank1 = (r["slots"] for r in data["ranks"])

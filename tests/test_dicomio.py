@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from conftest import pydicom_file
 from pydicom.pixels import apply_modality_lut
 
-from conftest import pydicom_file
 from ichprep import dicomio, errors
 from ichprep.dicomio import first_value, needs_wrap_fix, read_header, read_slice, to_hu
 
@@ -193,7 +193,7 @@ def test_truncated_pixel_data_is_worded_as_pydicom_words_it(tmp_path):
     path = tmp_path / "short.dcm"
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(ValueError) as pydicoms:
-        pydicom.dcmread(path).pixel_array
+        _ = pydicom.dcmread(path).pixel_array
     for read in (lambda: read_slice(path), lambda: read_slice("short.dcm", data=path.read_bytes())):
         with pytest.raises(errors.TruncatedFileError) as info:
             read()

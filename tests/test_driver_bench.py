@@ -34,6 +34,7 @@ def ran(tmp_path_factory):
 
 # ---------------------------------------------------------------- the simulated archive
 
+
 def test_simulated_table_has_the_scan_schema(sim):
     assert dict(sim.table.dtypes.astype(str)) == {k: str(pd.Series(dtype=v).dtype) for k, v in SCAN_DTYPES.items()}
     ok = sim.table[sim.table["status"] == OK]
@@ -75,6 +76,7 @@ def test_simulation_is_deterministic_by_seed():
 
 # ---------------------------------------------------------------- the store convert() wrote
 
+
 def test_slices_hold_every_simulated_ok_row(ran):
     report, work = ran
     raw = pd.read_parquet(work / "raw_scan.parquet")
@@ -111,13 +113,26 @@ def test_manifest_counts_and_verify(ran):
 
 # ---------------------------------------------------------------- what it reports
 
+
 def test_every_stage_reported_with_positive_figures(ran):
     report, _ = ran
     names = [s.name for s in report.stages]
-    for prefix in ("scan: read_labels", "scan: concat", "scan: attach_labels", "scan: flag_duplicates",
-                   "scan: order_slices", "scan: summarize", "scan: write_scan", "convert: read_scan",
-                   "convert: call → first task submitted", "convert: task submission", "convert: gathering results",
-                   "convert: slices/studies/rejected tables", "convert: manifest", "convert: lock release"):
+    for prefix in (
+        "scan: read_labels",
+        "scan: concat",
+        "scan: attach_labels",
+        "scan: flag_duplicates",
+        "scan: order_slices",
+        "scan: summarize",
+        "scan: write_scan",
+        "convert: read_scan",
+        "convert: call → first task submitted",
+        "convert: task submission",
+        "convert: gathering results",
+        "convert: slices/studies/rejected tables",
+        "convert: manifest",
+        "convert: lock release",
+    ):
         assert sum(n.startswith(prefix) for n in names) == 1, prefix
     for stage in report.stages:
         assert stage.wall_s > 0 and stage.peak_rss_mib > 0 and stage.high_water_mib > 0, stage

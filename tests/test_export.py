@@ -25,8 +25,9 @@ def test_subset_of_studies_is_resharded_with_its_own_manifest(store6, tmp_path):
     listing = tmp_path / "studies.txt"
     listing.write_text("# studies for a collaborator\n" + "\n".join(wanted) + "\n\n")
     dest = tmp_path / "subset.zarr"
-    result = CliRunner().invoke(main, ["export", str(store6), str(dest), "--studies", str(listing),
-                                       "--shard-slices", "8"])
+    result = CliRunner().invoke(
+        main, ["export", str(store6), str(dest), "--studies", str(listing), "--shard-slices", "8"]
+    )
     assert result.exit_code == 0, result.output
     assert "ichprep verify" in result.output
     assert verify_store(dest).ok
@@ -35,9 +36,11 @@ def test_subset_of_studies_is_resharded_with_its_own_manifest(store6, tmp_path):
     assert copy.images.shards[0] == 8
     for row in copy.studies.itertuples():
         src_row = source.studies.set_index("study_uid").loc[row.study_uid]
-        np.testing.assert_array_equal(copy.images[row.start:row.stop], source.images[src_row.start:src_row.stop])
-        assert (copy.slices.iloc[row.start:row.stop]["image_id"].to_numpy()
-                == source.slices.iloc[src_row.start:src_row.stop]["image_id"].to_numpy()).all()
+        np.testing.assert_array_equal(copy.images[row.start : row.stop], source.images[src_row.start : src_row.stop])
+        assert (
+            copy.slices.iloc[row.start : row.stop]["image_id"].to_numpy()
+            == source.slices.iloc[src_row.start : src_row.stop]["image_id"].to_numpy()
+        ).all()
     manifest = json.loads((dest / MANIFEST).read_text())
     assert manifest["counts"]["studies"] == 2 and len(manifest["source"]["export_of"]) == 64
 

@@ -20,8 +20,18 @@ BIN = Path(sys.executable).parent
 
 
 def _convert_cmd(dataset: Path, root: Path, *extra: str) -> list[str]:
-    return [str(BIN / "ichprep"), "convert", str(dataset / "stage_2_train"), "--labels",
-            str(dataset / "stage_2_train.csv"), "-o", str(root), "--shard-slices", "16", *extra]
+    return [
+        str(BIN / "ichprep"),
+        "convert",
+        str(dataset / "stage_2_train"),
+        "--labels",
+        str(dataset / "stage_2_train.csv"),
+        "-o",
+        str(root),
+        "--shard-slices",
+        "16",
+        *extra,
+    ]
 
 
 def _wait_for(predicate, timeout: float = 120.0, poll: float = 0.01) -> bool:
@@ -59,14 +69,23 @@ def test_kill_9_at_several_points_then_rerun_matches_a_clean_run(synth_dataset6,
 def test_second_converter_on_the_same_store_is_refused(synth_dataset6, tmp_path):
     """Another process holds the store's lock: `ichprep convert` refuses at once, before scanning."""
     root = tmp_path / "store.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom pathlib import Path\nfrom ichprep.convert import store_lock\n"
-        f"with store_lock(Path({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom pathlib import Path\nfrom ichprep.convert import store_lock\n"
+                f"with store_lock(Path({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run(_convert_cmd(synth_dataset6, root, "--workers", "1"), capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(
+            _convert_cmd(synth_dataset6, root, "--workers", "1"), capture_output=True, text=True, timeout=300
+        )
         assert second.returncode != 0
         assert "is being written by another ichprep convert" in second.stderr
         assert not (root / "images").exists()
@@ -78,8 +97,15 @@ def test_second_converter_on_the_same_store_is_refused(synth_dataset6, tmp_path)
 def test_two_converters_started_together_never_interleave(synth_dataset6, store6, tmp_path):
     """Both start at once: one converts while the other is refused (or, if it came second, resumes a done store)."""
     root = tmp_path / "store.zarr"
-    procs = [subprocess.Popen(_convert_cmd(synth_dataset6, root, "--workers", "1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _convert_cmd(synth_dataset6, root, "--workers", "1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert any(code == 0 for code, _ in results)
     for code, err in results:
@@ -92,21 +118,43 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(synth_dataset6, store6, tmp_
     """`dask scheduler` + 2 `dask worker --no-nanny` on 127.0.0.1; one worker is kill -9'ed mid-run."""
     scheduler_file = tmp_path / "scheduler.json"
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(scheduler_file)], **quiet)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            **quiet,
+        )
+    ]
     try:
         assert _wait_for(scheduler_file.exists, 60, 0.1)
         address = json.loads(scheduler_file.read_text())["address"]
-        workers = [subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-nanny",
-                                     "--no-dashboard"], **quiet) for _ in range(2)]
+        workers = [
+            subprocess.Popen(
+                [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"], **quiet
+            )
+            for _ in range(2)
+        ]
         procs += workers
         from distributed import Client
 
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
         root = tmp_path / "store.zarr"
-        run = subprocess.Popen(_convert_cmd(synth_dataset6, root, "--scheduler", address),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(
+            _convert_cmd(synth_dataset6, root, "--scheduler", address),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert _wait_for(lambda: _markers(root) >= 2 or run.poll() is not None)
         workers[0].kill()
         out, err = run.communicate(timeout=300)
@@ -120,15 +168,39 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(synth_dataset6, store6, tmp_
 
 
 def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(easy_store, tmp_path):
-    args = ["train", str(easy_store), "--arch", "resnet18", "--image-size", "48", "--epochs", "3",
-            "--batch-size", "8", "--workers", "0", "--max-steps", "6", "--device", "cpu", "--seed", "4"]
+    args = [
+        "train",
+        str(easy_store),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "48",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--max-steps",
+        "6",
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: same floating-point sums
     straight = tmp_path / "straight"
-    subprocess.run([str(BIN / "ichtrain"), *args, "--out", str(straight)], check=True, capture_output=True,
-                   env=env, timeout=600)
+    subprocess.run(
+        [str(BIN / "ichtrain"), *args, "--out", str(straight)], check=True, capture_output=True, env=env, timeout=600
+    )
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([str(BIN / "ichtrain"), *args, "--out", str(killed)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [str(BIN / "ichtrain"), *args, "--out", str(killed)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     # Kill during the second epoch: after the first epoch's checkpoint, before the second's.
     assert _wait_for(lambda: (killed / "last.pt").exists() or proc.poll() is not None, 300)
     time.sleep(0.5)
@@ -136,8 +208,13 @@ def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(easy_stor
     proc.wait()
     epoch_at_kill = torch.load(killed / "last.pt", weights_only=True)["epoch"]
     assert epoch_at_kill < 2, "training finished before the kill"
-    subprocess.run([str(BIN / "ichtrain"), *args, "--out", str(killed), "--resume", str(killed / "last.pt")],
-                   check=True, capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        [str(BIN / "ichtrain"), *args, "--out", str(killed), "--resume", str(killed / "last.pt")],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2

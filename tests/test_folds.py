@@ -21,7 +21,7 @@ def patients(n_patients=90, bleed_rate=0.3, seed=0) -> pd.DataFrame:
             n = int(rng.integers(20, 41))
             anys = np.zeros(n)
             if bleeds and s == 0:
-                anys[5:5 + int(rng.integers(1, 15))] = 1
+                anys[5 : 5 + int(rng.integers(1, 15))] = 1
             pid = None if p % 11 == 0 else f"ID_p{p}"
             rows += [(f"ID_{p}_{s}_{i}", f"1.2.{p}.{s}", pid, a) for i, a in enumerate(anys)]
     frame = pd.DataFrame(rows, columns=["image_id", "study_uid", "patient_id", "any"])
@@ -33,14 +33,14 @@ def test_folds_group_stratify_and_balance():
     fold = assign_folds(frame, 5, seed=0)
     groups = groups_of(frame)
     per_group = pd.Series(fold).groupby(groups.inverse).nunique()
-    assert (per_group == 1).all()                                   # a patient never straddles folds
+    assert (per_group == 1).all()  # a patient never straddles folds
     sizes = np.bincount(fold, minlength=5)
     assert sizes.min() > 0 and sizes.max() / sizes.min() < 1.15
     group_fold = pd.Series(fold).groupby(groups.inverse).first().to_numpy()
     bleeding = np.bincount(group_fold[groups.positive], minlength=5)
-    assert bleeding.max() - bleeding.min() <= 1                     # bleeding patients spread evenly
+    assert bleeding.max() - bleeding.min() <= 1  # bleeding patients spread evenly
     slices = np.bincount(fold, weights=frame["any"].to_numpy(), minlength=5)
-    assert slices.max() / slices.min() < 2.0                        # and so do their bleeding slices
+    assert slices.max() / slices.min() < 2.0  # and so do their bleeding slices
     assert np.array_equal(fold, assign_folds(frame, 5, seed=0))
     assert not np.array_equal(fold, assign_folds(frame, 5, seed=1))
     perm = np.random.default_rng(0).permutation(len(frame))

@@ -37,8 +37,9 @@ def copy_of(root, tmp_path, name="copy.zarr"):
 
 
 def shard_files(root) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / IMAGES / "c").rglob("*"))
-            if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / IMAGES / "c").rglob("*")) if p.is_file()
+    }
 
 
 def make_format1(root):
@@ -47,8 +48,10 @@ def make_format1(root):
     del images_meta["dimension_names"]
     group_meta = json.loads((root / "zarr.json").read_text())
     group_meta["attributes"]["ichkit"]["format_version"] = 1
-    written = {f"{IMAGES}/zarr.json": json.dumps(images_meta, indent=2).encode(),
-               "zarr.json": json.dumps(group_meta, indent=2).encode()}
+    written = {
+        f"{IMAGES}/zarr.json": json.dumps(images_meta, indent=2).encode(),
+        "zarr.json": json.dumps(group_meta, indent=2).encode(),
+    }
     for name, data in written.items():
         (root / name).write_bytes(data)
     run = json.loads((root / ".ichprep" / "run.json").read_text())
@@ -71,6 +74,7 @@ def upgrade_warnings(caplog) -> list[str]:
 
 
 # ---------------------------------------------------------------- format 2
+
 
 def test_images_carry_dimension_names_and_the_spec_stays_in_the_group(current):
     meta = json.loads((current / IMAGES / "zarr.json").read_text())
@@ -97,8 +101,14 @@ def test_dimension_names_leave_the_shard_bytes_unchanged(current, tmp_path):
     """The converter's shards equal zarr's for the same pixels in an array without dimension_names (format 1)."""
     pixels = open_store(current).images[:]
     plain = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3).create_array(
-        IMAGES, shape=pixels.shape, chunks=(1,) + pixels.shape[1:], shards=(SPEC.shard_slices,) + pixels.shape[1:],
-        dtype="uint8", fill_value=0, compressors=compressor(SPEC))
+        IMAGES,
+        shape=pixels.shape,
+        chunks=(1,) + pixels.shape[1:],
+        shards=(SPEC.shard_slices,) + pixels.shape[1:],
+        dtype="uint8",
+        fill_value=0,
+        compressors=compressor(SPEC),
+    )
     plain[:] = pixels
     assert "dimension_names" not in json.loads((tmp_path / "plain.zarr" / IMAGES / "zarr.json").read_text())
     assert shard_files(tmp_path / "plain.zarr") == shard_files(current)
@@ -107,6 +117,7 @@ def test_dimension_names_leave_the_shard_bytes_unchanged(current, tmp_path):
 
 
 # ---------------------------------------------------------------- format 1 still reads
+
 
 def test_format1_store_opens_with_one_warning_and_the_same_pixels(current, format1, caplog):
     with caplog.at_level(logging.WARNING):
@@ -142,6 +153,7 @@ def test_unknown_format_is_refused_with_the_fix():
 
 
 # ---------------------------------------------------------------- upgrade
+
 
 def test_upgrade_gives_the_bytes_of_a_fresh_conversion_and_verifies(current, format1, caplog):
     shards = shard_files(format1)
@@ -191,6 +203,7 @@ def test_upgrade_command(format1, tmp_path):
 
 # ---------------------------------------------------------------- verify wording
 
+
 @pytest.mark.parametrize("level, smaller", [(19, True), (1, False)])
 def test_verify_names_a_rewritten_shard_size_without_guessing_why(current, tmp_path, level, smaller):
     root = copy_of(current, tmp_path)
@@ -208,4 +221,6 @@ def test_verify_names_a_rewritten_shard_size_without_guessing_why(current, tmp_p
     assert problem.kind == "size"
     assert problem.detail == f"differs from the manifest (size {len(data)}, expected {expected})"
     result = CliRunner().invoke(main, ["verify", str(root)])
-    assert result.exit_code == 1 and f"differs from the manifest (size {len(data)}, expected {expected})" in result.output
+    assert (
+        result.exit_code == 1 and f"differs from the manifest (size {len(data)}, expected {expected})" in result.output
+    )

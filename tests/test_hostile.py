@@ -11,11 +11,11 @@ import pandas as pd
 import pydicom
 import pytest
 from click.testing import CliRunner
+from conftest import pydicom_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from conftest import pydicom_file
 from ichprep import errors
 from ichprep.cli import main
 from ichprep.convert import convert
@@ -144,8 +144,21 @@ def test_missing_position_falls_back_to_instance_number(hostile, hostile_store):
 
 def test_cli_says_completed_with_rejections(hostile, tmp_path):
     folder, csv, expected, _ = hostile
-    result = CliRunner().invoke(main, ["convert", str(folder), "--labels", str(csv), "-o", str(tmp_path / "c.zarr"),
-                                       "--workers", "1", "--size", "32"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(folder),
+            "--labels",
+            str(csv),
+            "-o",
+            str(tmp_path / "c.zarr"),
+            "--workers",
+            "1",
+            "--size",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"completed with {len(expected) + 1} rejected" in result.output
 
@@ -167,9 +180,17 @@ def test_lossless_syntaxes_decode_to_the_original(synth_dataset, tmp_path, synta
     np.testing.assert_array_equal(hu, original)
 
 
-@pytest.mark.parametrize("name, lossless", [("MR_small_jpeg_ls_lossless.dcm", True), ("MR_small_RLE.dcm", True),
-                                            ("MR_small_jp2klossless.dcm", True), ("MR_small_bigendian.dcm", True),
-                                            ("JPEGLSNearLossless_16.dcm", False), ("693_J2KI.dcm", False)])
+@pytest.mark.parametrize(
+    "name, lossless",
+    [
+        ("MR_small_jpeg_ls_lossless.dcm", True),
+        ("MR_small_RLE.dcm", True),
+        ("MR_small_jp2klossless.dcm", True),
+        ("MR_small_bigendian.dcm", True),
+        ("JPEGLSNearLossless_16.dcm", False),
+        ("693_J2KI.dcm", False),
+    ],
+)
 def test_bundled_compressed_files_decode(tmp_path, name, lossless):
     """pydicom's own encodings of one image: lossless ones decode to the uncompressed original's values."""
     ds = pydicom.dcmread(pydicom_file(name))

@@ -22,8 +22,8 @@ import zarr
 from click.testing import CliRunner
 
 from ichprep.labels import LABELS
-from ichprep.store import open_reader, open_store
 from ichprep.spec import PreprocessSpec
+from ichprep.store import open_reader, open_store
 
 # zarr lists the group's other files (the tables, the manifest) with a warning the README calls harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component:UserWarning")
@@ -31,8 +31,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized a
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Reading a cache without ichkit"
 #: A phrase found in exactly one python block of the section, per recipe.
-RECIPES = {"zarr": 'group.attrs["ichkit"]', "xarray": "xr.open_zarr", "dask": "da.from_zarr",
-           "tensorstore": "ts.open", "torch": "class CacheDataset"}
+RECIPES = {
+    "zarr": 'group.attrs["ichkit"]',
+    "xarray": "xr.open_zarr",
+    "dask": "da.from_zarr",
+    "tensorstore": "ts.open",
+    "torch": "class CacheDataset",
+}
 DIMS = ("slice", "channel", "y", "x")
 #: Store layouts read back: (spec, or None for the session's store6: 256², zstd, 16-slice shards).
 VARIANTS = {
@@ -101,7 +106,9 @@ def test_variants_cover_partial_shards_and_zero_filled_slots(variant):
     assert variant.n % variant.shard_slices != 0, "the last shard should be partial"
     assert (~variant.slices["ok"]).any(), "a zero-filled slot (absent chunk) should be read back too"
     assert not variant.ref[~variant.slices["ok"].to_numpy(bool)].any()
-    assert variant.ref[variant.slices["ok"].to_numpy(bool)].reshape(int(variant.slices["ok"].sum()), -1).any(axis=1).all()
+    assert (
+        variant.ref[variant.slices["ok"].to_numpy(bool)].reshape(int(variant.slices["ok"].sum()), -1).any(axis=1).all()
+    )
 
 
 def test_readme_section_has_every_recipe():
@@ -172,8 +179,9 @@ def test_torch_dataset_recipe(variant, monkeypatch):
         np.testing.assert_array_equal(y.numpy(), labels[i])
     dataset[0]  # the parent has used zarr's I/O thread before the fork, as in training
     workers = 2 if variant.name == "zstd-16" else 0  # forked workers (README: zarr resets after a fork), once
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=False, num_workers=workers,
-                                         multiprocessing_context="fork" if workers else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=16, shuffle=False, num_workers=workers, multiprocessing_context="fork" if workers else None
+    )
     images = torch.cat([batch[0] for batch in loader]).numpy()
     assert_same_bytes(images, variant, f"torch DataLoader, {workers} workers")
 
@@ -183,8 +191,12 @@ def test_verify_recipe_against_a_published_manifest(synth_dataset, tmp_path, mon
     from ichprep.convert import convert
 
     root = tmp_path / "cache.zarr"
-    convert(synth_dataset / "stage_2_train", root, PreprocessSpec(size=64, shard_slices=16),
-            labels_csv=synth_dataset / "stage_2_train.csv")
+    convert(
+        synth_dataset / "stage_2_train",
+        root,
+        PreprocessSpec(size=64, shard_slices=16),
+        labels_csv=synth_dataset / "stage_2_train.csv",
+    )
     shutil.copy(root / "manifest.json", tmp_path / "published.json")  # what the author published
     [line] = [line for block in readme_blocks("sh") for line in block.splitlines() if line.startswith("ichprep ")]
     args = shlex.split(line.split("#")[0])[1:]
@@ -202,10 +214,14 @@ def test_verify_recipe_against_a_published_manifest(synth_dataset, tmp_path, mon
 
 # zarr-python, not ichkit, writes the images array of a copy; ichtrain must read the same values.
 REWRITES = {
-    "zstd-8-slice-shards": dict(chunks=(1, 3, 64, 64), shards=(8, 3, 64, 64),
-                                compressors=zarr.codecs.ZstdCodec(level=3)),
-    "blosc-zstd-32-slice-shards": dict(chunks=(1, 3, 64, 64), shards=(32, 3, 64, 64),
-                                       compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")),
+    "zstd-8-slice-shards": dict(
+        chunks=(1, 3, 64, 64), shards=(8, 3, 64, 64), compressors=zarr.codecs.ZstdCodec(level=3)
+    ),
+    "blosc-zstd-32-slice-shards": dict(
+        chunks=(1, 3, 64, 64),
+        shards=(32, 3, 64, 64),
+        compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+    ),
     "gzip-unsharded-5-slice-chunks": dict(chunks=(5, 3, 64, 64), compressors=zarr.codecs.GzipCodec(level=1)),
 }
 
@@ -215,8 +231,12 @@ def zstd16(synth_dataset, tmp_path_factory) -> Path:
     from ichprep.convert import convert
 
     root = tmp_path_factory.mktemp("interop-rewrite-base") / "cache.zarr"
-    convert(synth_dataset / "stage_2_train", root, PreprocessSpec(size=64, shard_slices=16),
-            labels_csv=synth_dataset / "stage_2_train.csv")
+    convert(
+        synth_dataset / "stage_2_train",
+        root,
+        PreprocessSpec(size=64, shard_slices=16),
+        labels_csv=synth_dataset / "stage_2_train.csv",
+    )
     return root
 
 
@@ -228,19 +248,22 @@ def test_shardstream_reads_images_written_by_zarr_python(zstd16, rewrite, tmp_pa
     copy = tmp_path / "cache.zarr"
     shutil.copytree(zstd16, copy)
     group = zarr.open_group(copy, mode="r+")
-    group.create_array("images", shape=values.shape, dtype="uint8", fill_value=0, overwrite=True,
-                       **REWRITES[rewrite])[:] = values
+    group.create_array("images", shape=values.shape, dtype="uint8", fill_value=0, overwrite=True, **REWRITES[rewrite])[
+        :
+    ] = values
     np.testing.assert_array_equal(zarr.open_group(copy, mode="r")["images"][:], values)  # zarr wrote what we asked
 
     store = open_store(copy)
     ok = store.slices["ok"].to_numpy(bool)
-    stream = ShardStream.from_store(store, ok.astype(np.int64), targets(store.slices, "rsna"), shuffle=False,
-                                    batch_size=8)
+    stream = ShardStream.from_store(
+        store, ok.astype(np.int64), targets(store.slices, "rsna"), shuffle=False, batch_size=8
+    )
     batches = list(stream)
     slots = np.concatenate([b.slots.numpy() for b in batches])
     np.testing.assert_array_equal(slots, np.flatnonzero(ok))
     images = np.concatenate([b.images.numpy() for b in batches])
     differ = np.flatnonzero((images != values[slots]).reshape(len(slots), -1).any(axis=1))
     assert len(differ) == 0, f"ShardStream on a zarr-python {rewrite} array: slots {slots[differ].tolist()} differ"
-    np.testing.assert_array_equal(np.concatenate([b.targets.numpy() for b in batches]),
-                                  targets(store.slices, "rsna")[slots])
+    np.testing.assert_array_equal(
+        np.concatenate([b.targets.numpy() for b in batches]), targets(store.slices, "rsna")[slots]
+    )

@@ -39,12 +39,15 @@ def test_conflicting_duplicates_name_the_lines(tmp_path):
         read_labels(_csv(tmp_path, rows))
 
 
-@pytest.mark.parametrize("row, message", [
-    ("ID_0000000aa_lung,1", "malformed ID at line 8"),
-    ("0000000aa_any,1", "malformed ID at line 8"),
-    ("ID_0000000cc_any,yes", "Label is not 0 or 1 at line 8"),
-    ("ID_0000000cc_any,0.5", "Label is not 0 or 1 at line 8"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("ID_0000000aa_lung,1", "malformed ID at line 8"),
+        ("0000000aa_any,1", "malformed ID at line 8"),
+        ("ID_0000000cc_any,yes", "Label is not 0 or 1 at line 8"),
+        ("ID_0000000cc_any,0.5", "Label is not 0 or 1 at line 8"),
+    ],
+)
 def test_bad_rows_name_the_line(tmp_path, row, message):
     rows = _image("ID_0000000aa", [0] * 6) + [row]
     with pytest.raises(LabelsError, match=message):

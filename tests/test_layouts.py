@@ -31,8 +31,12 @@ FILL_SLOT = 3  # the slot the fill-value variant sets to all 5 (an ok slot of th
 
 
 def _sharding(inner: tuple[int, ...], codecs=None, index_codecs=None, index_location="end") -> ShardingCodec:
-    return ShardingCodec(chunk_shape=inner, codecs=codecs or [BytesCodec(), ZstdCodec(level=1)],
-                         index_codecs=index_codecs or [BytesCodec(), Crc32cCodec()], index_location=index_location)
+    return ShardingCodec(
+        chunk_shape=inner,
+        codecs=codecs or [BytesCodec(), ZstdCodec(level=1)],
+        index_codecs=index_codecs or [BytesCodec(), Crc32cCodec()],
+        index_location=index_location,
+    )
 
 
 def _variant(name: str, shape: tuple[int, ...]) -> tuple[ShardingCodec, int, str]:
@@ -40,13 +44,22 @@ def _variant(name: str, shape: tuple[int, ...]) -> tuple[ShardingCodec, int, str
     one = (1,) + shape[1:]
     return {
         "index_at_start": (_sharding(one, index_location="start"), 0, "codecs[0].configuration.index_location"),
-        "index_without_crc32c": (_sharding(one, index_codecs=[BytesCodec()]), 0,
-                                 "codecs[0].configuration.index_codecs"),
+        "index_without_crc32c": (
+            _sharding(one, index_codecs=[BytesCodec()]),
+            0,
+            "codecs[0].configuration.index_codecs",
+        ),
         "two_slices_per_chunk": (_sharding((2,) + shape[1:]), 0, "codecs[0].configuration.chunk_shape"),
-        "blosc": (_sharding(one, codecs=[BytesCodec(), BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")]), 0,
-                  "codecs[0].configuration.codecs"),
-        "transpose": (_sharding(one, codecs=[TransposeCodec(order=(0, 1, 3, 2)), BytesCodec(), ZstdCodec(level=1)]),
-                      0, "codecs[0].configuration.codecs"),
+        "blosc": (
+            _sharding(one, codecs=[BytesCodec(), BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")]),
+            0,
+            "codecs[0].configuration.codecs",
+        ),
+        "transpose": (
+            _sharding(one, codecs=[TransposeCodec(order=(0, 1, 3, 2)), BytesCodec(), ZstdCodec(level=1)]),
+            0,
+            "codecs[0].configuration.codecs",
+        ),
         "fill_value_5": (_sharding(one), 5, "fill_value"),
     }[name]
 
@@ -63,8 +76,12 @@ def original(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("layouts")
     generate(out / "data", studies=3, seed=4)
     root = out / "cache.zarr"
-    convert(out / "data" / "stage_2_train", root, PreprocessSpec(size=32, shard_slices=SHARD),
-            labels_csv=out / "data" / "stage_2_train.csv")
+    convert(
+        out / "data" / "stage_2_train",
+        root,
+        PreprocessSpec(size=32, shard_slices=SHARD),
+        labels_csv=out / "data" / "stage_2_train.csv",
+    )
     return root
 
 
@@ -76,8 +93,15 @@ def _rewrite(src: Path, dest: Path, name: str) -> np.ndarray:
     sharding, fill, _ = _variant(name, pixels.shape)
     if fill:
         pixels[FILL_SLOT] = fill  # all fill value: zarr leaves this chunk out of its shard
-    array = zarr.create_array(str(dest / IMAGES), shape=pixels.shape, chunks=(SHARD,) + pixels.shape[1:],
-                              dtype="uint8", fill_value=fill, serializer=sharding, compressors=None)
+    array = zarr.create_array(
+        str(dest / IMAGES),
+        shape=pixels.shape,
+        chunks=(SHARD,) + pixels.shape[1:],
+        dtype="uint8",
+        fill_value=fill,
+        serializer=sharding,
+        compressors=None,
+    )
     array[:] = pixels
     return zarr.open_array(str(dest / IMAGES), mode="r")[:]
 
@@ -135,8 +159,9 @@ def test_show_draws_what_zarr_reads(variant, original, tmp_path):
     name, root, expected = variant
     reference = _reference(original, tmp_path / "reference.zarr", expected)
     study = open_store(root).slices["study_uid"].iloc[FILL_SLOT]
-    np.testing.assert_array_equal(render_montage(root, study=study, panel=64),
-                                  render_montage(reference, study=study, panel=64), err_msg=name)
+    np.testing.assert_array_equal(
+        render_montage(root, study=study, panel=64), render_montage(reference, study=study, panel=64), err_msg=name
+    )
 
 
 def test_export_copies_what_zarr_reads(variant, tmp_path):
@@ -148,7 +173,7 @@ def test_export_copies_what_zarr_reads(variant, tmp_path):
     copy = open_store(tmp_path / "subset.zarr")
     assert isinstance(open_reader(copy.root), ShardReader)  # a store export creates has the fast layout
     slots = np.concatenate([np.arange(r.start, r.stop) for r in source.studies.iloc[[0, 2]].itertuples()])
-    np.testing.assert_array_equal(open_reader(copy.root)[0:len(slots)], expected[slots], err_msg=name)
+    np.testing.assert_array_equal(open_reader(copy.root)[0 : len(slots)], expected[slots], err_msg=name)
 
 
 def test_write_shard_into_a_variant_writes_what_zarr_would(variant):
@@ -157,8 +182,7 @@ def test_write_shard_into_a_variant_writes_what_zarr_would(variant):
     spec = PreprocessSpec(size=32, shard_slices=SHARD)
     new = (255 - expected[SHARD : 2 * SHARD]).copy()
     record = write_shard(root, spec, 1, SHARD, new)
-    np.testing.assert_array_equal(zarr.open_array(str(root / IMAGES), mode="r")[SHARD : 2 * SHARD], new,
-                                  err_msg=name)
+    np.testing.assert_array_equal(zarr.open_array(str(root / IMAGES), mode="r")[SHARD : 2 * SHARD], new, err_msg=name)
     assert record["sha256"] == hashlib.sha256((root / shard_path(1)).read_bytes()).hexdigest()
     zarr.open_array(str(root / IMAGES), mode="r+")[SHARD : 2 * SHARD] = expected[SHARD : 2 * SHARD]  # restore
 
@@ -174,8 +198,9 @@ def test_images_that_are_not_uint8_are_refused_by_name(original, tmp_path):
     shutil.copytree(original, root)
     pixels = zarr.open_array(str(original / IMAGES), mode="r")[:]
     shutil.rmtree(root / IMAGES)
-    zarr.create_array(str(root / IMAGES), shape=pixels.shape, chunks=(SHARD,) + pixels.shape[1:], dtype="uint16",
-                      fill_value=0)[:] = pixels
+    zarr.create_array(
+        str(root / IMAGES), shape=pixels.shape, chunks=(SHARD,) + pixels.shape[1:], dtype="uint16", fill_value=0
+    )[:] = pixels
     with pytest.raises(StoreError, match="data_type"):
         open_reader(root)
     with pytest.raises(StoreError, match="data_type"):

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import random_scores
 
 from ichprep.labels import LABELS, SUBTYPES
-from conftest import random_scores
 from ichtrain.metrics import (
     EPS,
     calibration,
@@ -314,8 +314,11 @@ def test_one_study_gives_the_point_estimate_in_every_replicate():
     assert m["ci95"]["study_any_auc"] is None  # one study: no study-level AUC
     for name in LABELS:
         c = m["per_class"][name]
-        point = {**{k: c[k] for k in ("roc_auc", "average_precision", "log_loss", "mean_prob", "ece")},
-                 "sensitivity": c["at_youden"]["sensitivity"], "specificity": c["at_youden"]["specificity"]}
+        point = {
+            **{k: c[k] for k in ("roc_auc", "average_precision", "log_loss", "mean_prob", "ece")},
+            "sensitivity": c["at_youden"]["sensitivity"],
+            "specificity": c["at_youden"]["specificity"],
+        }
         for key, value in point.items():
             assert c["ci95"][key] == pytest.approx([value, value], rel=1e-9), (name, key)
 
@@ -328,7 +331,8 @@ def test_intervals_narrow_with_more_data():
     for key in ("weighted_log_loss", "mean_auc", "study_any_auc"):
         assert _width(large["ci95"][key]) < 0.5 * _width(small["ci95"][key]), key
     assert _width(large["per_class"]["any"]["ci95"]["roc_auc"]) < 0.5 * _width(
-        small["per_class"]["any"]["ci95"]["roc_auc"])
+        small["per_class"]["any"]["ci95"]["roc_auc"]
+    )
 
 
 def test_same_seed_same_intervals():
@@ -391,8 +395,9 @@ def test_format_metrics_prints_intervals_and_calibration():
     assert f"{m['per_class']['any']['ece']:.3f}" in any_row
     lo, hi = m["ci95"]["weighted_log_loss"]
     wll = next(line for line in lines if line.startswith("weighted log loss"))
-    assert wll.startswith(f"weighted log loss: {m['weighted_log_loss']:.5f} (95% CI {lo:.3f}-{hi:.3f}, "
-                          "200 study resamples)")
+    assert wll.startswith(
+        f"weighted log loss: {m['weighted_log_loss']:.5f} (95% CI {lo:.3f}-{hi:.3f}, 200 study resamples)"
+    )
     assert any(line.startswith("mean AUC:") and "(95% CI" in line for line in lines)
     assert any(line.startswith("study any AUC:") and "(95% CI" in line for line in lines)
     assert any(line.startswith("mean ECE:") for line in lines)

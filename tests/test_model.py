@@ -9,12 +9,31 @@ import torchvision
 
 from ichtrain.config import ARCHS
 from ichtrain.errors import CheckpointError, ConfigError
-from ichtrain.model import (UNSUPPORTED, build_model, classifier, first_conv, load_state_dict, random_init_advice,
-                            widen_input)
+from ichtrain.model import (
+    UNSUPPORTED,
+    build_model,
+    classifier,
+    first_conv,
+    load_state_dict,
+    random_init_advice,
+    widen_input,
+)
 
 #: One small member of each family in ARCHS (alexnet stands for vgg's layout); the drift test checks names only.
-FAMILIES = ("resnet18", "resnext50_32x4d", "densenet121", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
-            "mobilenet_v3_small", "mnasnet0_5", "shufflenet_v2_x0_5", "swin_t", "googlenet", "alexnet")
+FAMILIES = (
+    "resnet18",
+    "resnext50_32x4d",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "mobilenet_v3_small",
+    "mnasnet0_5",
+    "shufflenet_v2_x0_5",
+    "swin_t",
+    "googlenet",
+    "alexnet",
+)
 
 
 def test_default_resnet152_forward_and_one_step():
@@ -74,7 +93,9 @@ def test_widened_input_spreads_pretrained_filters():
         torch.testing.assert_close(w[:, c], rgb[:, c % 3] / 3)
     # A 9-channel input made of three copies of one 3-channel image gives the original response.
     x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model.conv1(x.repeat(1, 3, 1, 1)), torch.nn.functional.conv2d(x, rgb, stride=2, padding=3))
+    torch.testing.assert_close(
+        model.conv1(x.repeat(1, 3, 1, 1)), torch.nn.functional.conv2d(x, rgb, stride=2, padding=3)
+    )
 
 
 @pytest.mark.parametrize("windows", [1, 2, 4, 5])
@@ -103,8 +124,16 @@ def test_archs_are_torchvision_classification_models_but_the_unsupported():
     assert sorted(ARCHS + tuple(UNSUPPORTED)) == sorted(listed)
     # The RSNA 2019 winners' backbones that torchvision has (it has no se-resnext; regnet_y is its SE family).
     regnets = {name for name in listed if name.startswith("regnet")}
-    winners = {"densenet121", "densenet169", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-               "convnext_tiny", *(f"efficientnet_b{i}" for i in range(8)), *regnets}
+    winners = {
+        "densenet121",
+        "densenet169",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "resnext101_64x4d",
+        "convnext_tiny",
+        *(f"efficientnet_b{i}" for i in range(8)),
+        *regnets,
+    }
     assert winners <= set(ARCHS) and set(FAMILIES) <= set(ARCHS)
 
 
@@ -141,8 +170,8 @@ def test_every_family_loads_widens_and_replaces_its_head(arch, tmp_path):
             if not key.startswith((f"{name}.", f"{head_name}.")):
                 assert torch.equal(value, wanted[key]), key
         seen = {}
-        conv.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0]))
-        head.register_forward_hook(lambda m, args, out: seen.setdefault("output", out))
+        conv.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0]))  # noqa: B023 (this pass)
+        head.register_forward_hook(lambda m, args, out: seen.setdefault("output", out))  # noqa: B023 (this pass)
         x = torch.randn(2, 3 * slices, 64, 64)
         with torch.no_grad():
             out = model(x)
@@ -156,8 +185,15 @@ def test_head_of_another_size_is_dropped_whatever_its_name(arch, tmp_path):
     assert classifier(build_model(arch, n_outputs=1, pretrained=tmp_path / "w.pth")).out_features == 1
 
 
-@pytest.mark.parametrize("arch, other", [("densenet121", "densenet169"), ("efficientnet_b0", "efficientnet_b1"),
-                                         ("mobilenet_v3_small", "mobilenet_v3_large"), ("convnext_tiny", "resnet18")])
+@pytest.mark.parametrize(
+    "arch, other",
+    [
+        ("densenet121", "densenet169"),
+        ("efficientnet_b0", "efficientnet_b1"),
+        ("mobilenet_v3_small", "mobilenet_v3_large"),
+        ("convnext_tiny", "resnet18"),
+    ],
+)
 def test_weights_of_another_arch_are_refused_in_every_family(arch, other, tmp_path):
     _saved(torchvision.models.get_model(other, weights=None), tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match=r"does not fit this architecture: .*weights file of the same --arch\?"):

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import pydicom_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from conftest import pydicom_file
 from ichprep import dicomio
 from ichprep.errors import DicomReadError
 from ichprep.plainread import HEAD_BYTES, parse, read_plain

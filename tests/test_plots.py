@@ -5,10 +5,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from conftest import random_scores
 from matplotlib._pylab_helpers import Gcf
 
 from ichprep.labels import LABELS
-from conftest import random_scores
 from ichtrain.metrics import compute_metrics
 from ichtrain.plots import plot_calibration, plot_compare, plot_loss_curves, plot_roc_curves, plot_study
 

@@ -39,14 +39,17 @@ def test_predict_store_writes_kaggle_format(tiny_run, easy_store, tmp_path):
 def test_any_is_raised_to_the_largest_subtype_unless_raw(tiny_run, easy_store, tmp_path):
     tables = {}
     for raw in (False, True):
-        predict_store(tiny_run / "best.pt", easy_store, tmp_path / f"{raw}.csv", workers=0, any_at_least_subtypes=not raw)
+        predict_store(
+            tiny_run / "best.pt", easy_store, tmp_path / f"{raw}.csv", workers=0, any_at_least_subtypes=not raw
+        )
         frame = pd.read_csv(tmp_path / f"{raw}.csv")
         tables[raw] = frame["Label"].to_numpy().reshape(-1, len(LABELS))
     subtypes = tables[False][:, :-1].max(axis=1)
     assert (tables[False][:, -1] >= subtypes - 1e-6).all()
     np.testing.assert_allclose(tables[False][:, :-1], tables[True][:, :-1])
-    np.testing.assert_allclose(tables[False][:, -1], np.maximum(tables[True][:, -1], tables[True][:, :-1].max(axis=1)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        tables[False][:, -1], np.maximum(tables[True][:, -1], tables[True][:, :-1].max(axis=1)), atol=1e-6
+    )
 
 
 def test_predict_dicoms_equals_predict_store_and_lists_unreadable(tiny_run, easy_store, tmp_path):
@@ -65,8 +68,21 @@ def test_predict_dicoms_equals_predict_store_and_lists_unreadable(tiny_run, easy
 
 def test_cli_evaluate_and_predict(tiny_run, easy_store, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["evaluate", str(tiny_run / "best.pt"), "--store", str(easy_store), "--out",
-                                  str(tmp_path / "eval"), "--workers", "0", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "evaluate",
+            str(tiny_run / "best.pt"),
+            "--store",
+            str(easy_store),
+            "--out",
+            str(tmp_path / "eval"),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "weighted log loss" in result.output and "any" in result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -77,31 +93,77 @@ def test_cli_evaluate_and_predict(tiny_run, easy_store, tmp_path):
     assert metrics["per_class"]["any"]["at_youden"]["threshold"] == pytest.approx(val_thresholds)
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 0
 
-    result = runner.invoke(main, ["predict", str(tiny_run / "best.pt"), "--store", str(easy_store), "-o",
-                                  str(tmp_path / "sub.csv"), "--workers", "0"])
+    result = runner.invoke(
+        main,
+        [
+            "predict",
+            str(tiny_run / "best.pt"),
+            "--store",
+            str(easy_store),
+            "-o",
+            str(tmp_path / "sub.csv"),
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert pd.read_csv(tmp_path / "sub.csv").shape[1] == 2
     result = runner.invoke(main, ["predict", str(tiny_run / "best.pt"), "-o", str(tmp_path / "x.csv")])
     assert result.exit_code != 0 and "exactly one of --store STORE or --dicom-dir SOURCE" in result.output
 
 
-@pytest.mark.parametrize("extra", [
-    ["--task", "subtypes", "--balance", "none"],
-    ["--task", "binary", "--split-by", "slice", "--slice-selection", "middle:8"],
-    ["--context", "1", "--optimizer", "adamw", "--scheduler", "cosine"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--task", "subtypes", "--balance", "none"],
+        ["--task", "binary", "--split-by", "slice", "--slice-selection", "middle:8"],
+        ["--context", "1", "--optimizer", "adamw", "--scheduler", "cosine"],
+    ],
+)
 def test_cli_train_variants(easy_store, tmp_path, extra):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", str(easy_store), "--out", str(out), "--arch", "resnet18",
-                                       "--image-size", "48", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-                                       "--max-steps", "2", "--device", "cpu", *extra])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(easy_store),
+            "--out",
+            str(out),
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "48",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "weighted log loss" in result.output
     state = load_checkpoint(out / "last.pt")
     if "--context" in extra:
         assert state["in_channels"] == 9
-        result = CliRunner().invoke(main, ["predict", str(out / "last.pt"), "--store", str(easy_store), "-o",
-                                           str(tmp_path / "ctx.csv"), "--workers", "0"])
+        result = CliRunner().invoke(
+            main,
+            [
+                "predict",
+                str(out / "last.pt"),
+                "--store",
+                str(easy_store),
+                "-o",
+                str(tmp_path / "ctx.csv"),
+                "--workers",
+                "0",
+            ],
+        )
         assert result.exit_code == 0, result.output
     if "subtypes" in extra:
         assert state["names"] == list(LABELS[:5])
@@ -132,8 +194,20 @@ def test_subtypes_only_checkpoint_is_refused_unless_allowed(easy_store, tmp_path
     from ichtrain.train import train
 
     out = tmp_path / "subtypes"
-    train(TrainConfig(store=str(easy_store), out=str(out), task="subtypes", arch="resnet18", image_size=48,
-                      epochs=1, batch_size=8, workers=0, max_steps=1, device="cpu"))
+    train(
+        TrainConfig(
+            store=str(easy_store),
+            out=str(out),
+            task="subtypes",
+            arch="resnet18",
+            image_size=48,
+            epochs=1,
+            batch_size=8,
+            workers=0,
+            max_steps=1,
+            device="cpu",
+        )
+    )
     with pytest.raises(ConfigError, match="never learned to reject normal slices.*--allow-subtypes-only"):
         predict_store(out / "best.pt", easy_store, tmp_path / "a.csv", workers=0)
     with caplog.at_level("WARNING", logger="ichtrain.predict"):

@@ -23,8 +23,11 @@ def _originals(dicom_dir) -> set[str]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # the test's own bad files; their names are already collected
             continue
-        found |= {str(ds.get(k)) for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-                  if ds.get(k)}
+        found |= {
+            str(ds.get(k))
+            for k in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            if ds.get(k)
+        }
     return found
 
 

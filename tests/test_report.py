@@ -14,8 +14,19 @@ import zarr
 from ichprep.convert import convert
 from ichprep.labels import LABELS
 from ichprep.report import (
-    FAILED, GAP, HEADER_H, HIGHLIGHT, SMALL_PANEL, STRIPE, TITLE_H, MontageLayout, _pick, format_info,
-    render_montage, save_montage, store_info,
+    FAILED,
+    GAP,
+    HEADER_H,
+    HIGHLIGHT,
+    SMALL_PANEL,
+    STRIPE,
+    TITLE_H,
+    MontageLayout,
+    _pick,
+    format_info,
+    render_montage,
+    save_montage,
+    store_info,
 )
 
 
@@ -45,6 +56,7 @@ def _positive_study(studies):
 
 
 # ---------------------------------------------------------------- info
+
 
 def test_info_counts_match_tables(store, tables, info):
     slices, studies, images = tables
@@ -90,6 +102,7 @@ def test_info_is_json_and_text(info):
 
 # ---------------------------------------------------------------- montage
 
+
 def test_montage_layout_and_pixels(tables, store):
     slices, studies, images = tables
     study = _positive_study(studies)
@@ -108,7 +121,7 @@ def test_montage_layout_and_pixels(tables, store):
             y, x = layout.panel_origin(r, c)
             expected = cv2.resize(images[i, c], (SMALL_PANEL, SMALL_PANEL), interpolation=cv2.INTER_AREA)
             for rgb in range(3):
-                np.testing.assert_array_equal(montage[y:y + SMALL_PANEL, x:x + SMALL_PANEL, rgb], expected)
+                np.testing.assert_array_equal(montage[y : y + SMALL_PANEL, x : x + SMALL_PANEL, rgb], expected)
 
 
 def test_montage_full_size_panels_are_the_stored_bytes(tables, store):
@@ -119,7 +132,7 @@ def test_montage_full_size_panels_are_the_stored_bytes(tables, store):
     layout = MontageLayout(4, images.shape[1], size)  # <= 12 rows: full-size panels
     assert montage.shape[:2] == (layout.height, layout.width)
     y, x = layout.panel_origin(0, images.shape[1] - 1)  # first row is the study's first slice
-    np.testing.assert_array_equal(montage[y:y + size, x:x + size, 0], images[int(study["start"]), -1])
+    np.testing.assert_array_equal(montage[y : y + size, x : x + size, 0], images[int(study["start"]), -1])
 
 
 def test_positive_and_failed_rows_are_marked(tables, store):

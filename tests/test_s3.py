@@ -73,16 +73,57 @@ def test_live_lease_refuses_a_second_converter(s3_env, synth_dataset):
 def test_cli_convert_on_dask_and_train_from_s3(s3_env, synth_dataset, tmp_path):
     env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1"}
     url = "s3://ichkit-test/caches/cli.zarr"
-    result = subprocess.run([str(BIN / "ichprep"), "convert", str(synth_dataset / "stage_2_train"), "--labels",
-                             str(synth_dataset / "stage_2_train.csv"), "-o", url, "--size", "64", "--workers", "2"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            str(BIN / "ichprep"),
+            "convert",
+            str(synth_dataset / "stage_2_train"),
+            "--labels",
+            str(synth_dataset / "stage_2_train.csv"),
+            "-o",
+            url,
+            "--size",
+            "64",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     result = subprocess.run([str(BIN / "ichprep"), "verify", url], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
     out = tmp_path / "run"
-    result = subprocess.run([str(BIN / "ichtrain"), "train", url, "--out", str(out), "--arch", "resnet18",
-                             "--image-size", "48", "--epochs", "1", "--batch-size", "8", "--workers", "1",
-                             "--max-steps", "2", "--device", "cpu", "--val-fraction", "0.5"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            str(BIN / "ichtrain"),
+            "train",
+            url,
+            "--out",
+            str(out),
+            "--arch",
+            "resnet18",
+            "--image-size",
+            "48",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--workers",
+            "1",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--val-fraction",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["final"]["n_images"] > 0

@@ -78,8 +78,9 @@ def test_order_ties_and_missing_z_fall_back_to_instance_number():
 def test_scan_on_dask_matches_in_process(synth_dataset, tmp_path):
     local, _ = scan(synth_dataset / "stage_2_train", synth_dataset / "stage_2_train.csv")
     with dask_client(workers=2) as client:
-        distributed, _ = scan(synth_dataset / "stage_2_train", synth_dataset / "stage_2_train.csv",
-                              client=client, batch_size=7)
+        distributed, _ = scan(
+            synth_dataset / "stage_2_train", synth_dataset / "stage_2_train.csv", client=client, batch_size=7
+        )
     pd.testing.assert_frame_equal(local, distributed)
     write_scan(distributed, tmp_path / "slices.parquet")
     pd.testing.assert_frame_equal(read_scan(tmp_path / "slices.parquet"), local)

@@ -46,16 +46,22 @@ def synthetic(n_studies: int = 60, seed: int = 0, folds: int = 3, noise: float =
         for _ in range(rng.integers(1, 3)):
             run = int(rng.integers(3, 13))
             first = starts[s] + int(rng.integers(0, lengths[s] - run + 1))
-            truth[first:first + run, rng.integers(0, 5)] = 1
+            truth[first : first + run, rng.integers(0, 5)] = 1
     truth[:, 5] = truth[:, :5].max(axis=1)
     logits = (-2.0 + 3.0 * truth + noise * rng.standard_normal(truth.shape)).astype(np.float32)
     mixed = logits @ rng.standard_normal((len(NAMES), len(NAMES))) + 0.3 * rng.standard_normal(truth.shape)
     x = np.c_[mixed, rng.standard_normal((len(truth), d_noise))].astype(np.float16)
     targets = truth.copy()
     for s in (0, 1):
-        targets[starts[s]:stops[s]] = np.nan
-    return SeqInputs(x=x, logits=logits, targets=targets, starts=starts.astype(np.int64), stops=stops.astype(np.int64),
-                     study_fold=rng.integers(0, folds, n_studies).astype(np.int64))
+        targets[starts[s] : stops[s]] = np.nan
+    return SeqInputs(
+        x=x,
+        logits=logits,
+        targets=targets,
+        starts=starts.astype(np.int64),
+        stops=stops.astype(np.int64),
+        study_fold=rng.integers(0, folds, n_studies).astype(np.int64),
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,8 +87,9 @@ def _slots(inputs: SeqInputs, studies) -> np.ndarray:
 
 
 def _untrained(inputs: SeqInputs, cfg: SeqConfig, *, random_head: bool = False) -> Fitted:
-    model = build_seq_model(cfg.model, in_dim=inputs.x.shape[1], n_out=len(NAMES), hidden=cfg.hidden,
-                            layers=cfg.layers, dropout=cfg.dropout).eval()
+    model = build_seq_model(
+        cfg.model, in_dim=inputs.x.shape[1], n_out=len(NAMES), hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout
+    ).eval()
     if random_head:  # a correction that is not 0, as after training
         torch.nn.init.normal_(model.head[-1].weight, std=0.5)
     norm = standardisation(inputs, np.arange(len(inputs.starts)))
@@ -105,7 +112,7 @@ def test_fold_k_is_predicted_by_a_model_that_never_saw_it(data):
     clean = data._replace(study_fold=fold)
     flipped = clean.targets.copy()
     for s in np.flatnonzero((fold == 0) | (fold == -1)):
-        flipped[clean.starts[s]:clean.stops[s]] = 1 - flipped[clean.starts[s]:clean.stops[s]]
+        flipped[clean.starts[s] : clean.stops[s]] = 1 - flipped[clean.starts[s] : clean.stops[s]]
     cfg = dataclasses.replace(FAST, model="transformer", epochs=2)
     honest = cross_fit(clean, cfg, NAMES)
     attacked = cross_fit(clean._replace(targets=flipped), cfg, NAMES)
@@ -194,14 +201,17 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
         load_seq(tmp_path / "other.pt")
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "lstm"}, "choose one of gru, transformer"),
-    ({"device": "tpu"}, "choose one of auto, cpu, cuda"),
-    ({"model": "transformer", "hidden": 30}, "multiple of 4"),
-    ({"epochs": 0}, "epochs must be >= 1"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-    ({"lr": 0.0}, "lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "lstm"}, "choose one of gru, transformer"),
+        ({"device": "tpu"}, "choose one of auto, cpu, cuda"),
+        ({"model": "transformer", "hidden": 30}, "multiple of 4"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"lr": 0.0}, "lr must be > 0"),
+    ],
+)
 def test_bad_config_lists_the_choices(change, message):
     with pytest.raises(ConfigError, match=message):
         SeqConfig(**change)
@@ -256,8 +266,10 @@ def test_held_out_studies_keep_stage_1_when_training_only_fits_noise(data):
     """Labels that have nothing to do with the inputs: every trained epoch loses on the held-out studies,
     so fit keeps epoch 0, the untrained model, which is stage 1 itself."""
     rng = np.random.default_rng(5)
-    noise = data._replace(targets=(rng.random(data.targets.shape) < 0.3).astype(np.float32),
-                          logits=np.full_like(data.logits, np.log(0.3 / 0.7)))
+    noise = data._replace(
+        targets=(rng.random(data.targets.shape) < 0.3).astype(np.float32),
+        logits=np.full_like(data.logits, np.log(0.3 / 0.7)),
+    )
     cfg = dataclasses.replace(FAST, epochs=6, hidden=32, lr=3e-2, holdout=0.3)
     fitted = fit(noise, np.arange(len(noise.starts)), cfg, NAMES)
     assert fitted.history[-1]["best_epoch"] == 0

@@ -21,7 +21,7 @@ def arrays(tmp_path):
     create_images(by_zarr, 5, spec)[:] = data
     create_images(direct, 5, spec)
     for k, start in enumerate(range(0, 5, 2)):
-        write_shard(direct, spec, k, start, data[start:start + 2])
+        write_shard(direct, spec, k, start, data[start : start + 2])
     return data, by_zarr, direct, spec
 
 

@@ -59,7 +59,8 @@ def reference(archives, tmp_path_factory) -> Path:
 def test_a_zip_converts_to_the_folders_bytes(archives, reference, method, tmp_path):
     zip_path = archives[method]
     assert {i.compress_type for i in zipfile.ZipFile(zip_path).infolist() if i.filename.endswith(".dcm")} == {
-        zipfile.ZIP_DEFLATED if method == "deflated" else zipfile.ZIP_STORED}
+        zipfile.ZIP_DEFLATED if method == "deflated" else zipfile.ZIP_STORED
+    }
     root = tmp_path / "cache.zarr"
     summary = convert(_train(zip_path), root, SPEC, labels_csv=_labels(zip_path))
     assert (root / MANIFEST).read_bytes() == (reference / MANIFEST).read_bytes()
@@ -98,8 +99,14 @@ def test_a_damaged_deflated_member_is_rejected(archives, tmp_path):
     shutil.copy(archives["deflated"], damaged)
     with zipfile.ZipFile(damaged) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith(".dcm"))
-    member = Member(f"{damaged}::{info.filename}", info.file_size, info.header_offset, info.compress_size,
-                    info.compress_type, info.CRC)
+    member = Member(
+        f"{damaged}::{info.filename}",
+        info.file_size,
+        info.header_offset,
+        info.compress_size,
+        info.compress_type,
+        info.CRC,
+    )
     source = parse_source(damaged)
     assert bytes(read_member(source, member)) == zipfile.ZipFile(damaged).read(info.filename)
     data_start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
@@ -117,8 +124,12 @@ def test_a_truncated_zip_is_a_clear_error_naming_it(archives, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(SourceError, match=r"cut\.zip is not a readable zip file"):
         convert(_train(cut), tmp_path / "cache.zarr", SPEC)
-    result = subprocess.run([str(BIN / "ichprep"), "convert", _train(cut), "-o", str(tmp_path / "c2.zarr")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(BIN / "ichprep"), "convert", _train(cut), "-o", str(tmp_path / "c2.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "cut.zip is not a readable zip file" in result.stderr
 
 
@@ -145,8 +156,14 @@ def test_a_long_local_extra_field_is_read_with_a_second_range(archives, tmp_path
         info.extra = b"\xfe\xca" + (996).to_bytes(2, "little") + b"\x07" * 996  # 1000 bytes, unknown id
         archive.writestr(info, first.read_bytes())
     info = zipfile.ZipFile(zip_path).infolist()[0]
-    member = Member(f"{zip_path}::{info.filename}", info.file_size, info.header_offset, info.compress_size,
-                    info.compress_type, info.CRC)
+    member = Member(
+        f"{zip_path}::{info.filename}",
+        info.file_size,
+        info.header_offset,
+        info.compress_size,
+        info.compress_type,
+        info.CRC,
+    )
     assert bytes(read_member(parse_source(zip_path), member)) == first.read_bytes()
     assert bytes(read_member(parse_source(zip_path), member, head=4096))[:4096] == first.read_bytes()[:4096]
 
@@ -165,8 +182,21 @@ def test_kill_9_then_resume_from_a_zip_source(archives, reference, tmp_path):
     """kill -9 a converter reading a deflated zip mid-run; the same command then finishes with the folder's bytes."""
     root = tmp_path / "killed.zarr"
     zip_path = archives["deflated"]
-    cmd = [str(BIN / "ichprep"), "convert", _train(zip_path), "--labels", _labels(zip_path), "-o", str(root),
-           "--size", "64", "--shard-slices", "16", "--workers", "1"]
+    cmd = [
+        str(BIN / "ichprep"),
+        "convert",
+        _train(zip_path),
+        "--labels",
+        _labels(zip_path),
+        "-o",
+        str(root),
+        "--size",
+        "64",
+        "--shard-slices",
+        "16",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = root / STATE / "shards"
     deadline = time.time() + 120
@@ -196,12 +226,20 @@ def test_s3_zip_and_s3_objects_convert_to_the_folders_bytes(s3_env, archives, re
     _upload(fs, archives["folder"], "ichkit-test/sources/folder")
     fs.pipe_file("ichkit-test/sources/rsna.zip", archives["deflated"].read_bytes())
     loose = tmp_path / "loose.zarr"
-    convert("s3://ichkit-test/sources/folder/stage_2_train", loose, SPEC,
-            labels_csv="s3://ichkit-test/sources/folder/stage_2_train.csv")
+    convert(
+        "s3://ichkit-test/sources/folder/stage_2_train",
+        loose,
+        SPEC,
+        labels_csv="s3://ichkit-test/sources/folder/stage_2_train.csv",
+    )
     assert (loose / MANIFEST).read_bytes() == (reference / MANIFEST).read_bytes()
     zipped = tmp_path / "zipped.zarr"
-    convert(_train("s3://ichkit-test/sources/rsna.zip"), zipped, SPEC,
-            labels_csv=_labels("s3://ichkit-test/sources/rsna.zip"))
+    convert(
+        _train("s3://ichkit-test/sources/rsna.zip"),
+        zipped,
+        SPEC,
+        labels_csv=_labels("s3://ichkit-test/sources/rsna.zip"),
+    )
     assert (zipped / MANIFEST).read_bytes() == (reference / MANIFEST).read_bytes()
 
 
@@ -209,10 +247,23 @@ def test_predict_from_the_zip_follows_the_sample_submission(tiny_run, archives, 
     zip_path = archives["deflated"]
     out = tmp_path / "submission.csv"
     result = subprocess.run(
-        [str(BIN / "ichtrain"), "predict", str(tiny_run / "best.pt"), "--dicom-dir",
-         f"{zip_path}::{KAGGLE_TOP}/stage_2_test", "--sample-submission",
-         f"{zip_path}::{KAGGLE_TOP}/stage_2_sample_submission.csv", "-o", str(out), "--workers", "0"],
-        capture_output=True, text=True, timeout=300)
+        [
+            str(BIN / "ichtrain"),
+            "predict",
+            str(tiny_run / "best.pt"),
+            "--dicom-dir",
+            f"{zip_path}::{KAGGLE_TOP}/stage_2_test",
+            "--sample-submission",
+            f"{zip_path}::{KAGGLE_TOP}/stage_2_sample_submission.csv",
+            "-o",
+            str(out),
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(out)
     sample = pd.read_csv(archives["folder"] / "stage_2_sample_submission.csv")
@@ -230,8 +281,13 @@ def test_a_zip_replaced_at_the_same_path_is_read_afresh(tmp_path):
         with zipfile.ZipFile(tmp_path / "new.zip", "w", zipfile.ZIP_STORED) as archive:
             archive.writestr("a/ID_1.dcm", content)
         os.replace(tmp_path / "new.zip", zip_path)  # a new file (inode) under the old name, as synth writes
-        (member,) = [m for m in [Member(f"{zip_path}::a/ID_1.dcm", i.file_size, i.header_offset, i.compress_size,
-                                        i.compress_type, i.CRC) for i in zipfile.ZipFile(zip_path).infolist()]]
+        (member,) = [
+            m
+            for m in [
+                Member(f"{zip_path}::a/ID_1.dcm", i.file_size, i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                for i in zipfile.ZipFile(zip_path).infolist()
+            ]
+        ]
         assert bytes(read_member(parse_source(zip_path), member)) == content
 
 

@@ -11,19 +11,25 @@ from ichprep.store import build_studies
 
 
 def _slices(studies: list[str], patients: list, ok: list[bool], any_label: list) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "study_uid": pd.array(studies, dtype="string"),
-        "patient_id": pd.array(patients, dtype="string"),
-        "ok": ok,
-    })
+    frame = pd.DataFrame(
+        {
+            "study_uid": pd.array(studies, dtype="string"),
+            "patient_id": pd.array(patients, dtype="string"),
+            "ok": ok,
+        }
+    )
     for label in LABELS:
         frame[label] = pd.array(any_label if label == "any" else [None] * len(studies), dtype="Int8")
     return frame
 
 
 def test_runs_counts_and_label_maxima():
-    slices = _slices(["a", "a", "a", "b", "c", "c"], [None, "P1", "P1", "P2", "P3", None],
-                     [True, False, True, True, True, True], [0, 1, None, None, None, 0])
+    slices = _slices(
+        ["a", "a", "a", "b", "c", "c"],
+        [None, "P1", "P1", "P2", "P3", None],
+        [True, False, True, True, True, True],
+        [0, 1, None, None, None, 0],
+    )
     studies = build_studies(slices)
     assert studies["study_uid"].tolist() == ["a", "b", "c"]
     assert studies["start"].tolist() == [0, 3, 4] and studies["stop"].tolist() == [3, 4, 6]

@@ -16,10 +16,9 @@ import pytest
 from ichprep.convert import convert
 from ichprep.spec import PreprocessSpec
 from ichprep.synth import generate
-from ichtrain.config import TrainConfig
+from ichtrain.config import SeqConfig, TrainConfig
 from ichtrain.errors import ConfigError
 from ichtrain.experiment import OOF, cross_validate, fold_dir, open_experiment
-from ichtrain.config import SeqConfig
 from ichtrain.stage2 import run_seq
 from ichtrain.submit import evaluate_experiment, predict_store, score_submission
 
@@ -29,8 +28,12 @@ FOLDS = 3
 def _archive(root, studies: int, seed: int):
     generate(root / "data", studies=studies, seed=seed, lesion_rate=0.9, min_lesion_pixels=800)
     store = root / "cache.zarr"
-    convert(root / "data" / "stage_2_train", store, PreprocessSpec(size=64, shard_slices=32),
-            labels_csv=root / "data" / "stage_2_train.csv")
+    convert(
+        root / "data" / "stage_2_train",
+        store,
+        PreprocessSpec(size=64, shard_slices=32),
+        labels_csv=root / "data" / "stage_2_train.csv",
+    )
     return store
 
 
@@ -38,9 +41,20 @@ def _archive(root, studies: int, seed: int):
 def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     store = _archive(root, studies=24, seed=11)
-    base = TrainConfig(store=str(store), out=str(root / "exp"), arch="resnet18", image_size=48, epochs=2,
-                       batch_size=16, lr=2e-3, optimizer="adamw", scheduler="cosine", workers=0, device="cpu",
-                       bn_refresh_batches=5)
+    base = TrainConfig(
+        store=str(store),
+        out=str(root / "exp"),
+        arch="resnet18",
+        image_size=48,
+        epochs=2,
+        batch_size=16,
+        lr=2e-3,
+        optimizer="adamw",
+        scheduler="cosine",
+        workers=0,
+        device="cpu",
+        bn_refresh_batches=5,
+    )
     summary = cross_validate(base, FOLDS)
     return root / "exp", store, summary
 

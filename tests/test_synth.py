@@ -40,9 +40,9 @@ def read_csv(path) -> dict[str, dict[str, int]]:
     labels = {}
     for i in range(0, len(rows), 6):
         image_id = rows[i][0].rsplit("_", 1)[0]
-        assert [r[0] for r in rows[i:i + 6]] == [f"{image_id}_{name}" for name in KAGGLE_ORDER]
+        assert [r[0] for r in rows[i : i + 6]] == [f"{image_id}_{name}" for name in KAGGLE_ORDER]
         assert image_id not in labels
-        labels[image_id] = {name: int(r[1]) for name, r in zip(KAGGLE_ORDER, rows[i:i + 6])}
+        labels[image_id] = {name: int(r[1]) for name, r in zip(KAGGLE_ORDER, rows[i : i + 6])}
     return labels
 
 
@@ -62,8 +62,11 @@ def load(summary, image_id, **kw):
 
 
 def sha256s(root) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_and_csv(ds2):
@@ -147,7 +150,7 @@ def test_hu_of_every_storage_kind(ds2):
         check_anatomy(decoded, slice_regions(plan.geometry, z, shape))
     wrap = load(summary, quirky["wrap12"])
     assert wrap.BitsStored == 12 and wrap.PixelRepresentation == 0 and wrap.RescaleIntercept > -100
-    assert 3096 <= np.median(wrap.pixel_array[:50, :50]) < 3106      # air stored as -1000 mod 4096
+    assert 3096 <= np.median(wrap.pixel_array[:50, :50]) < 3106  # air stored as -1000 mod 4096
     signed = load(summary, quirky["signed"])
     assert signed.PixelRepresentation == 1 and signed.RescaleIntercept == 0
     assert signed.pixel_array.dtype == np.int16 and abs(np.median(signed.pixel_array[:50, :50]) + 1000) < 5
@@ -173,10 +176,13 @@ def test_labels_follow_drawn_lesions_and_blood_is_visible(ds2):
                 blood = hu[lesion]
                 assert 55 <= np.median(blood) <= 85 and np.mean((blood >= 50) & (blood <= 90)) > 0.9
                 positives += 1
-        drawn = {les.subtype for i, les in enumerate(plan.geometry.lesions)
-                 if (regions == LESION_CODE + i).sum() >= synth.MIN_LESION_PIXELS}
+        drawn = {
+            les.subtype
+            for i, les in enumerate(plan.geometry.lesions)
+            if (regions == LESION_CODE + i).sum() >= synth.MIN_LESION_PIXELS
+        }
         assert {s for s in SUBTYPES if row[s]} == drawn
-        if not (regions >= LESION_CODE).any():   # no blood-range blobs in brain without lesions
+        if not (regions >= LESION_CODE).any():  # no blood-range blobs in brain without lesions
             brain = cv2.erode((regions == synth.BRAIN).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             smooth = cv2.medianBlur(hu.astype(np.float32), 3)
             assert np.count_nonzero((smooth[brain] >= 55) & (smooth[brain] <= 90)) <= 5
@@ -190,7 +196,7 @@ def test_truncated_file(ds2):
     assert header.Rows == 512 and header.StudyInstanceUID
     ds = load(summary, image_id)
     with pytest.raises(ValueError):
-        ds.pixel_array
+        _ = ds.pixel_array
 
 
 def test_one_study_dataset_is_nearly_clean(tmp_path):
@@ -209,24 +215,29 @@ def test_plan_statistics_and_independence():
         assert len({les.subtype for les in p.geometry.lesions}) == len(p.geometry.lesions)
         assert all(3 <= les.last - les.first + 1 <= 10 for les in p.geometry.lesions)
     studies_of = Counter(p.patient_id for p in plans)
-    assert set(studies_of.values()) == {1, 2} and 0.05 < sum(n == 2 for n in studies_of.values()) / len(studies_of) < 0.3
+    assert (
+        set(studies_of.values()) == {1, 2} and 0.05 < sum(n == 2 for n in studies_of.values()) / len(studies_of) < 0.3
+    )
     ids = [i for p in plans for i in p.image_ids]
     assert len(set(ids)) == len(ids)
     quirky = [i for name, q in quirks.items() if name != "reversed_instance_number" for i in q]
     assert len(set(quirky)) == len(quirky) < 0.05 * len(ids)
     assert quirks["reversed_instance_number"]
-    small, _ = plan_dataset(3, 7)   # study k does not depend on how many studies there are
+    small, _ = plan_dataset(3, 7)  # study k does not depend on how many studies there are
     assert [p.geometry for p in small] == [p.geometry for p in plans[:3]]
     assert [p.image_ids for p in small] == [p.image_ids for p in plans[:3]]
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"studies": 0}, "studies must be an integer >= 1"),
-    ({"studies": 2.5}, "studies must be an integer >= 1"),
-    ({"studies": 1, "seed": -1}, "seed must be an integer >= 0"),
-    ({"studies": 1, "test_studies": -1}, "test_studies must be an integer >= 0"),
-    ({"studies": 1, "as_zip": True, "zip_method": "bzip2"}, "zip_method must be one of deflated, stored"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"studies": 0}, "studies must be an integer >= 1"),
+        ({"studies": 2.5}, "studies must be an integer >= 1"),
+        ({"studies": 1, "seed": -1}, "seed must be an integer >= 0"),
+        ({"studies": 1, "test_studies": -1}, "test_studies must be an integer >= 0"),
+        ({"studies": 1, "as_zip": True, "zip_method": "bzip2"}, "zip_method must be one of deflated, stored"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, error):
     with pytest.raises(ValueError, match=error):
         generate(tmp_path, **kwargs)
@@ -290,8 +301,12 @@ def test_zip_holds_the_kaggle_layout(kaggle):
     assert list(members) == sorted(members)
     dirs = {f"{TOP}/", f"{TOP}/stage_2_train/", f"{TOP}/stage_2_test/"}
     assert set(members) == dirs | {f"{TOP}/{name}" for name in files}
-    assert {name.split("/")[0] for name in files} == {"stage_2_train", "stage_2_test", "stage_2_train.csv",
-                                                       "stage_2_sample_submission.csv"}
+    assert {name.split("/")[0] for name in files} == {
+        "stage_2_train",
+        "stage_2_test",
+        "stage_2_train.csv",
+        "stage_2_sample_submission.csv",
+    }
     for name, digest in files.items():
         assert hashlib.sha256(members[f"{TOP}/{name}"]).hexdigest() == digest, name
     assert (zipped.n_slices, zipped.n_test_slices, zipped.n_test_studies) == (folder.n_slices, folder.n_test_slices, 1)
@@ -302,9 +317,11 @@ def test_zip_summary_names_sources_inside_the_zip(kaggle):
     where = f"{zipped.zip_path}::{TOP}"
     assert zipped.zip_path.name == "rsna.zip" and zipped.out_dir == zipped.zip_path
     assert (zipped.dicom_dir, zipped.labels_csv) == (f"{where}/stage_2_train", f"{where}/stage_2_train.csv")
-    assert (zipped.test_dir, zipped.sample_submission) == (f"{where}/stage_2_test",
-                                                           f"{where}/stage_2_sample_submission.csv")
-    assert [p.name for p in zipped.zip_path.parent.iterdir()] == ["rsna.zip"]   # no temporary file left
+    assert (zipped.test_dir, zipped.sample_submission) == (
+        f"{where}/stage_2_test",
+        f"{where}/stage_2_sample_submission.csv",
+    )
+    assert [p.name for p in zipped.zip_path.parent.iterdir()] == ["rsna.zip"]  # no temporary file left
 
 
 def test_zip_is_deterministic_and_honours_the_method(kaggle, tmp_path):
@@ -332,14 +349,16 @@ def test_sample_submission_lists_the_test_images(kaggle):
 
 def test_test_split_has_other_patients_and_readable_files(kaggle):
     folder, _ = kaggle
-    headers = {split: [pydicom.dcmread(p) for p in sorted(d.iterdir())]
-               for split, d in (("train", folder.dicom_dir), ("test", folder.test_dir))}
+    headers = {
+        split: [pydicom.dcmread(p) for p in sorted(d.iterdir())]
+        for split, d in (("train", folder.dicom_dir), ("test", folder.test_dir))
+    }
     for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         train, test = ({getattr(ds, key) for ds in headers[split]} for split in ("train", "test"))
         assert train and test and not train & test, key
     assert len({ds.PatientID for ds in headers["test"]}) == folder.n_test_patients
     assert not set(folder.test_quirks) & {"truncated_pixels", "unlabelled"}
-    for ds in headers["test"]:   # every test image can be predicted
+    for ds in headers["test"]:  # every test image can be predicted
         assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
 
 
@@ -379,7 +398,9 @@ def test_cli_synth_zip(tmp_path):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert f"to {out}::{TOP}/stage_2_train\nlabels: {out}::{TOP}/stage_2_train.csv\n" in result.output
-    assert f"in {out}::{TOP}/stage_2_test\nsample submission: {out}::{TOP}/stage_2_sample_submission.csv" in result.output
+    assert (
+        f"in {out}::{TOP}/stage_2_test\nsample submission: {out}::{TOP}/stage_2_sample_submission.csv" in result.output
+    )
     assert f"zip: {out} (" in result.output and "stored" in result.output
     with zipfile.ZipFile(out) as zf:
         assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_STORED}

@@ -19,9 +19,22 @@ from ichtrain.train import train
 def test_learning_is_real(easy_store, tmp_path):
     """A short CPU run of a small ResNet separates bleeding from normal slices on the easy set."""
     out = tmp_path / "run"
-    metrics = train(TrainConfig(store=str(easy_store), out=str(out), task="binary", arch="resnet18", image_size=64,
-                                epochs=5, batch_size=32, lr=3e-3, optimizer="adamw", scheduler="cosine",
-                                workers=1, device="cpu"))
+    metrics = train(
+        TrainConfig(
+            store=str(easy_store),
+            out=str(out),
+            task="binary",
+            arch="resnet18",
+            image_size=64,
+            epochs=5,
+            batch_size=32,
+            lr=3e-3,
+            optimizer="adamw",
+            scheduler="cosine",
+            workers=1,
+            device="cpu",
+        )
+    )
     # The stratified split validates on bleeding patients of every size, the few-slice ones included.
     assert metrics["per_class"]["any"]["roc_auc"] > 0.85
     saved = json.loads((out / "metrics.json").read_text())
@@ -50,8 +63,16 @@ def test_checkpoint_carries_config_and_spec_and_loads_weights_only(tiny_run, eas
 
 
 def test_resume_gives_the_same_next_epoch(easy_store, tmp_path):
-    common = dict(store=str(easy_store), arch="resnet18", image_size=48, batch_size=8, workers=0, max_steps=3,
-                  device="cpu", seed=3)
+    common = dict(
+        store=str(easy_store),
+        arch="resnet18",
+        image_size=48,
+        batch_size=8,
+        workers=0,
+        max_steps=3,
+        device="cpu",
+        seed=3,
+    )
     train(TrainConfig(out=str(tmp_path / "straight"), epochs=2, **common))
     train(TrainConfig(out=str(tmp_path / "split"), epochs=1, **common))
     train(TrainConfig(out=str(tmp_path / "split"), epochs=2, resume=str(tmp_path / "split" / "last.pt"), **common))
@@ -65,8 +86,17 @@ def test_resume_gives_the_same_next_epoch(easy_store, tmp_path):
 
 def test_resume_with_other_options_is_refused(tiny_run, easy_store, tmp_path):
     with pytest.raises(CheckpointError, match=r"options differ from the checkpoint's run \(arch\)"):
-        train(TrainConfig(store=str(easy_store), out=str(tmp_path), arch="resnet34", image_size=48, epochs=2, workers=0,
-                          resume=str(tiny_run / "last.pt")))
+        train(
+            TrainConfig(
+                store=str(easy_store),
+                out=str(tmp_path),
+                arch="resnet34",
+                image_size=48,
+                epochs=2,
+                workers=0,
+                resume=str(tiny_run / "last.pt"),
+            )
+        )
 
 
 def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
@@ -76,18 +106,24 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
     from ichtrain.submit import predict_store
 
     other = tmp_path / "other.zarr"
-    convert(synth_dataset / "stage_2_train", other, PreprocessSpec(windows=parse_windows(["brain", "bone", "soft"]),
-                                                                   size=64))
+    convert(
+        synth_dataset / "stage_2_train",
+        other,
+        PreprocessSpec(windows=parse_windows(["brain", "bone", "soft"]), size=64),
+    )
     with pytest.raises(SpecMismatchError, match="another preprocessing spec.*windows"):
         predict_store(tiny_run / "best.pt", other, tmp_path / "sub.csv", workers=0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("task", "segment", "invalid task 'segment'; choose one of rsna, binary, subtypes"),
-    ("optimizer", "lbfgs", "choose one of sgd, adamw"),
-    ("slice_selection", "middle", "use 'all' or 'middle:K'"),
-    ("context", 9, "context must be an integer from 0 to 8"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task", "segment", "invalid task 'segment'; choose one of rsna, binary, subtypes"),
+        ("optimizer", "lbfgs", "choose one of sgd, adamw"),
+        ("slice_selection", "middle", "use 'all' or 'middle:K'"),
+        ("context", 9, "context must be an integer from 0 to 8"),
+    ],
+)
 def test_invalid_config_lists_choices(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(store="s", out="o", **{field: value})
@@ -103,10 +139,39 @@ def test_ddp_two_process_gloo_run(easy_store, tmp_path):
     """torchrun with 2 CPU processes: the run completes, rank 0 alone writes, metrics cover the val split."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "ichtrain", "train", str(easy_store), "--out", str(out),
-           "--arch", "resnet18", "--image-size", "48", "--epochs", "1", "--batch-size", "8", "--workers", "1",
-           "--max-steps", "2", "--device", "cpu", "--task", "binary"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ichtrain",
+        "train",
+        str(easy_store),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "48",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--task",
+        "binary",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
@@ -147,9 +212,23 @@ def balance_runs(easy_store, tmp_path_factory):
     runs = {}
     for balance in ("hybrid", "none"):
         out = tmp_path_factory.mktemp(f"balance_{balance}")
-        train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=64, epochs=3,
-                          batch_size=32, lr=3e-3, optimizer="adamw", scheduler="cosine", workers=0, device="cpu",
-                          balance=balance, seed=1))
+        train(
+            TrainConfig(
+                store=str(easy_store),
+                out=str(out),
+                arch="resnet18",
+                image_size=64,
+                epochs=3,
+                batch_size=32,
+                lr=3e-3,
+                optimizer="adamw",
+                scheduler="cosine",
+                workers=0,
+                device="cpu",
+                balance=balance,
+                seed=1,
+            )
+        )
         runs[balance] = out
     return runs
 
@@ -161,7 +240,9 @@ def test_hybrid_balance_is_calibrated_and_no_worse_than_none(balance_runs):
     assert hybrid["weighted_log_loss"] <= plain["weighted_log_loss"] * 1.05
     any_ = hybrid["per_class"]["any"]
     assert any_["mean_prob"] == pytest.approx(any_["prevalence"], rel=0.25)
-    assert hybrid["ci95"]["weighted_log_loss"][0] <= hybrid["weighted_log_loss"] <= hybrid["ci95"]["weighted_log_loss"][1]
+    assert (
+        hybrid["ci95"]["weighted_log_loss"][0] <= hybrid["weighted_log_loss"] <= hybrid["ci95"]["weighted_log_loss"][1]
+    )
     assert any_["ece"] is not None and hybrid["mean_ece"] is not None
     assert (balance_runs["hybrid"] / "calibration.png").stat().st_size > 0
 
@@ -190,8 +271,20 @@ def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(e
     from ichtrain.data import select_slices
 
     out = tmp_path / "middle"
-    train(TrainConfig(store=str(easy_store), out=str(out), arch="resnet18", image_size=48, epochs=1, batch_size=8,
-                      workers=0, max_steps=2, device="cpu", slice_selection="middle:4"))
+    train(
+        TrainConfig(
+            store=str(easy_store),
+            out=str(out),
+            arch="resnet18",
+            image_size=48,
+            epochs=1,
+            batch_size=8,
+            workers=0,
+            max_steps=2,
+            device="cpu",
+            slice_selection="middle:4",
+        )
+    )
     store = open_store(easy_store)
     split = pd.read_parquet(out / "split.parquet")["split"].to_numpy()
     labelled = store.slices["ok"].to_numpy(bool) & store.slices["any"].notna().to_numpy()
@@ -212,14 +305,37 @@ def test_resume_on_another_store_is_refused(tiny_run, easy_store, tmp_path):
     with open(other / "manifest.json", "a") as f:
         f.write("\n")
     with pytest.raises(CheckpointError, match=r"options differ.*store \(its manifest differs"):
-        train(TrainConfig(store=str(other), out=str(tmp_path / "r"), arch="resnet18", image_size=48, epochs=2,
-                          batch_size=8, workers=0, max_steps=3, device="cpu", resume=str(tiny_run / "last.pt")))
+        train(
+            TrainConfig(
+                store=str(other),
+                out=str(tmp_path / "r"),
+                arch="resnet18",
+                image_size=48,
+                epochs=2,
+                batch_size=8,
+                workers=0,
+                max_steps=3,
+                device="cpu",
+                resume=str(tiny_run / "last.pt"),
+            )
+        )
 
 
 def test_training_from_random_weights_says_how_to_get_pretrained_ones(easy_store, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ichtrain.train"):
-        train(TrainConfig(store=str(easy_store), out=str(tmp_path / "r"), arch="resnet18", image_size=48, epochs=1,
-                          batch_size=8, workers=0, max_steps=1, device="cpu"))
+        train(
+            TrainConfig(
+                store=str(easy_store),
+                out=str(tmp_path / "r"),
+                arch="resnet18",
+                image_size=48,
+                epochs=1,
+                batch_size=8,
+                workers=0,
+                max_steps=1,
+                device="cpu",
+            )
+        )
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("from random weights" in w and "--pretrained resnet18.pth" in w for w in warnings)
 
@@ -231,14 +347,31 @@ def easy_store256(easy_store, tmp_path_factory):
     from ichprep.spec import PreprocessSpec
 
     root = tmp_path_factory.mktemp("easy256") / "cache.zarr"
-    convert(easy_store.parent / "data" / "stage_2_train", root, PreprocessSpec(shard_slices=32),
-            labels_csv=easy_store.parent / "data" / "stage_2_train.csv")
+    convert(
+        easy_store.parent / "data" / "stage_2_train",
+        root,
+        PreprocessSpec(shard_slices=32),
+        labels_csv=easy_store.parent / "data" / "stage_2_train.csv",
+    )
     return root
 
 
 def test_a_256_store_trained_at_96_learns(easy_store256, tmp_path):
     """--image-size is the network's input everywhere: a 256² store trained and evaluated at 96² learns."""
-    metrics = train(TrainConfig(store=str(easy_store256), out=str(tmp_path / "r96"), task="binary", arch="resnet18",
-                                image_size=96, epochs=4, batch_size=32, lr=3e-3, optimizer="adamw",
-                                scheduler="cosine", workers=1, device="cpu"))
+    metrics = train(
+        TrainConfig(
+            store=str(easy_store256),
+            out=str(tmp_path / "r96"),
+            task="binary",
+            arch="resnet18",
+            image_size=96,
+            epochs=4,
+            batch_size=32,
+            lr=3e-3,
+            optimizer="adamw",
+            scheduler="cosine",
+            workers=1,
+            device="cpu",
+        )
+    )
     assert metrics["per_class"]["any"]["roc_auc"] >= 0.85

@@ -20,7 +20,10 @@ from ichprep.windows import (
 
 def test_presets_are_the_reference_windows():
     assert [(w.name, w.center, w.width) for w in DEFAULT_WINDOWS] == [
-        ("brain", 40, 80), ("subdural", 80, 200), ("soft", 40, 380)]
+        ("brain", 40, 80),
+        ("subdural", 80, 200),
+        ("soft", 40, 380),
+    ]
     assert (PRESETS["bone"].center, PRESETS["bone"].width) == (600, 2800)
 
 
@@ -55,13 +58,16 @@ def test_parse_window_presets_and_custom():
     assert parse_windows([]) == DEFAULT_WINDOWS
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("lung", "unknown window 'lung'; choose one of brain, subdural, soft, bone"),
-    ("x:1", "NAME:CENTER:WIDTH"),
-    ("x:a:b", "must be numbers"),
-    ("x:40:0", "width > 0"),
-    ("x:40:-5", "width > 0"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("lung", "unknown window 'lung'; choose one of brain, subdural, soft, bone"),
+        ("x:1", "NAME:CENTER:WIDTH"),
+        ("x:a:b", "must be numbers"),
+        ("x:40:0", "width > 0"),
+        ("x:40:-5", "width > 0"),
+    ],
+)
 def test_parse_window_errors(spec, message):
     with pytest.raises(WindowSpecError, match=message):
         parse_window(spec)

@@ -160,3 +160,16 @@ def s3_env():
             os.environ[key] = value
     server.kill()
     server.wait()
+
+
+def kill_after_shards(cmd: list[str], markers: Path, shards: int) -> int:
+    """Start a converter, ``kill -9`` its process group once ``shards`` shard markers exist; the markers then."""
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < shards:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(list(markers.glob("*.json")))

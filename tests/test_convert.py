@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pandas as pd
 import pydicom
 import pytest
 import zarr
+from conftest import kill_after_shards
 
 from ichprep.cluster import dask_client
 from ichprep.convert import convert, shards_per_task, store_lock
@@ -245,14 +244,7 @@ def test_resume_after_kill_gives_identical_bytes(synth_dataset6, store6, tmp_pat
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = root / STATE / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(markers.glob("*.json")))
+    done = kill_after_shards(cmd, root / STATE / "shards", shards=2)
     total = -(-len(open_store(store6).slices) // 16)
     assert 1 <= done < total, f"kill landed outside the run ({done}/{total} shards)"
     assert not (root / MANIFEST).exists()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import kill_after_shards
 
 from ichprep.convert import convert
 from ichprep.errors import ScanTableError, SourceError, ZipMemberError
@@ -197,14 +196,7 @@ def test_kill_9_then_resume_from_a_zip_source(archives, reference, tmp_path):
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = root / STATE / "shards"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(markers.glob("*.json")))
+    done = kill_after_shards(cmd, root / STATE / "shards", shards=2)
     total = -(-len(open_store(reference).slices) // 16)
     assert 1 <= done < total, f"kill landed outside the run ({done}/{total} shards)"
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -250,8 +250,8 @@ def read_member(source: Source, member: Member, head: int | None = None, reuse: 
         A file or object of a folder or URL source is gone.
     """
     if not source.is_zip:
-        fs, _ = _filesystem(source.url)
-        path = _filesystem(member.path).path
+        fs, root = _filesystem(source.url)
+        path = f"{root.rstrip('/')}/{source.relative(member.path)}"  # the cached root: no URL parse per member
         if head is not None:
             return fs.cat_file(path, start=0, end=head)
         return fs.cat_file(path)

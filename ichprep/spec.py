@@ -18,16 +18,24 @@ from .windows import DEFAULT_WINDOWS, Window, preprocess
 
 logger = logging.getLogger(__name__)
 
-#: Store format. 2: ``images`` carries Zarr v3 ``dimension_names`` (same shard bytes as 1).
-FORMAT_VERSION = 2
+#: Store format. 2: ``images`` carries Zarr v3 ``dimension_names``; 3: the recorded pipeline names the real
+#: readers. Shard bytes are the same in all three.
+FORMAT_VERSION = 3
+_TRUE_PIPELINE = "a recorded pipeline naming the readers really used (its own says pydicom decodes every file)"
 #: Earlier formats still read (their pixels are the same), and what each lacks; ``ichprep upgrade`` fixes them.
-OLDER_FORMATS = {1: "dimension_names on images (xarray and other Zarr v3 readers cannot name its axes)"}
+OLDER_FORMATS = {
+    1: f"dimension_names on images (xarray and other Zarr v3 readers cannot name its axes) and {_TRUE_PIPELINE}",
+    2: _TRUE_PIPELINE,
+}
 #: Axis names of ``images``, in order.
 AXES = ("slice", "channel", "y", "x")
 COMPRESSORS = ("zstd", "blosc-lz4")
 #: The steps from stored pixels to cached bytes, in order (recorded in the store).
 PIPELINE = (
-    "decode pixels (pydicom, all transfer syntaxes with pylibjpeg plugins)",
+    "read: Part 10 little-endian files with defined lengths by ichkit's element walk (ichprep.plainread, the "
+    "values pydicom reads), any other file by pydicom.dcmread",
+    "decode pixels: uncompressed little-endian 16-bit pixels straight from their bytes, any other kind by "
+    "pydicom's decoders (all transfer syntaxes with pylibjpeg plugins)",
     "to HU: x * RescaleSlope + RescaleIntercept, float32",
     "pad non-square images to a centred square with -1000 HU (air)",
     "resize HU to size x size with OpenCV INTER_AREA",

@@ -1,12 +1,13 @@
 """``ichprep upgrade``: bring a store of an older format to the current one, rewriting metadata only.
 
-Format 1 -> 2 adds ``dimension_names`` to ``images/zarr.json`` and sets ``format_version`` in the
-group's attributes. Shards, tables and ``rejected.csv`` keep every byte. Both ``zarr.json`` files are
-serialised by zarr itself, so an upgraded store has the bytes (and manifest) of one converted by this
-version. The manifest lists both files: their entries, its spec block and ``store_bytes`` are
-restated, so ``ichprep verify`` passes; a copy published elsewhere (``data_manifests/``) must be
-replaced by the new one (``--manifest-out``). ``.ichprep/run.json`` gets the new version too, so
-rerunning the same ``ichprep convert`` resumes instead of refusing.
+Format 1 -> 2 added ``dimension_names`` to ``images/zarr.json``; 2 -> 3 restates the recorded
+``pipeline`` (which reader reads what) in the group's attributes, with ``format_version``. Shards,
+tables and ``rejected.csv`` keep every byte. The ``zarr.json`` files that change are serialised by
+zarr itself, so an upgraded store has the bytes (and manifest) of one converted by this version.
+The manifest lists both files: their entries, its spec block and ``store_bytes`` are restated, so
+``ichprep verify`` passes; a copy published elsewhere (``data_manifests/``) must be replaced by the
+new one (``--manifest-out``). ``.ichprep/run.json`` gets the new spec too, so rerunning the same
+``ichprep convert`` resumes instead of refusing.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from .errors import StoreError
 from .location import Location, as_location
 from .lock import store_lock
 from .manifest import load_manifest, with_metadata, write_manifest
-from .spec import AXES, FORMAT_VERSION, check_format
+from .spec import AXES, FORMAT_VERSION, PIPELINE, check_format
 from .store import ATTRS_KEY, GROUP_META, IMAGES_META, MANIFEST, RUN_FILE, read_attrs
 
 logger = logging.getLogger(__name__)
+
+#: The spec fields an upgrade restates, in the group's attributes and in ``.ichprep/run.json``.
+RESTATED = {"format_version": FORMAT_VERSION, "pipeline": list(PIPELINE)}
 
 
 class UpgradeSummary(NamedTuple):
@@ -41,6 +45,10 @@ class UpgradeSummary(NamedTuple):
 
 def _zarr_bytes(metadata) -> bytes:
     return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _store_format(root: Location):
@@ -56,7 +64,7 @@ def _store_format(root: Location):
 def _current_metadata(root: Location) -> tuple[dict, dict[str, bytes]]:
     """The group's spec attributes and the current-format bytes of both zarr.json files."""
     group = GroupMetadata.from_dict(root.read_json(GROUP_META))
-    spec = {**group.attributes[ATTRS_KEY], "format_version": FORMAT_VERSION}
+    spec = {**group.attributes[ATTRS_KEY], **RESTATED}
     group = dataclasses.replace(group, attributes={**group.attributes, ATTRS_KEY: spec})
     images = dataclasses.replace(ArrayV3Metadata.from_dict(root.read_json(IMAGES_META)), dimension_names=AXES)
     return spec, {IMAGES_META: _zarr_bytes(images), GROUP_META: _zarr_bytes(group)}
@@ -66,7 +74,7 @@ def _check_unaltered(root: Location, manifest: dict, new: dict[str, bytes]) -> N
     """Refuse to restate the manifest over a zarr.json that is neither as listed nor already upgraded."""
     for name, data in new.items():
         expected = manifest["files"].get(name, {}).get("sha256")
-        if expected not in (root.sha256(name), hashlib.sha256(data).hexdigest()):
+        if expected not in (root.sha256(name), _sha256(data)):
             raise StoreError(
                 f"{root}/{name} differs from the manifest; run `ichprep verify {root}` and repair "
                 "or reconvert the store before upgrading it"
@@ -78,7 +86,7 @@ def _restate_run(root: Location) -> bytes | None:
     if not root.isfile(RUN_FILE):
         return None
     run = root.read_json(RUN_FILE)
-    run["spec"] = {**run.get("spec", {}), "format_version": FORMAT_VERSION}
+    run["spec"] = {**run.get("spec", {}), **RESTATED}
     return (json.dumps(run, indent=2, sort_keys=True) + "\n").encode()  # as Location.write_json
 
 
@@ -119,7 +127,7 @@ def upgrade_store(root: str | Path | Location, manifest_out: str | Path | None =
         manifest = load_manifest(None, root) if root.isfile(MANIFEST) else None
         if manifest is not None:
             _check_unaltered(root, manifest, new)
-        writes = {IMAGES_META: new[IMAGES_META]}
+        writes = {IMAGES_META: new[IMAGES_META]} if root.sha256(IMAGES_META) != _sha256(new[IMAGES_META]) else {}
         run = _restate_run(root)
         if run is not None:
             writes[RUN_FILE] = run

@@ -1,4 +1,5 @@
-"""Store format 2: ``images`` carries Zarr v3 dimension_names; format-1 stores still read, and upgrade."""
+"""Store format 3: ``images`` carries Zarr v3 dimension_names (since 2) and the recorded pipeline names the real
+readers (since 3); format-1 and format-2 stores still read, and upgrade."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from ichprep.convert import convert
 from ichprep.errors import StoreError
 from ichprep.manifest import verify_store, with_metadata
 from ichprep.shardcodec import encode_shard
-from ichprep.spec import AXES, FORMAT_VERSION, PreprocessSpec
+from ichprep.spec import AXES, FORMAT_VERSION, PIPELINE, PreprocessSpec
 from ichprep.store import IMAGES, MANIFEST, compressor, open_reader, open_store, shard_path
 from ichprep.upgrade import upgrade_store
 from ichtrain.data import ShardStream, targets
+from ichtrain.train import check_spec
 
 SPEC = PreprocessSpec(size=32, shard_slices=8)
 
@@ -42,45 +44,53 @@ def shard_files(root) -> dict[str, bytes]:
     }
 
 
-def make_format1(root):
-    """What a store converted before format 2 holds: no dimension_names, format_version 1, manifest to match."""
-    images_meta = json.loads((root / IMAGES / "zarr.json").read_text())
-    del images_meta["dimension_names"]
+#: The pipeline formats 1 and 2 recorded: its first step said pydicom decodes every file.
+OLD_PIPELINE = ["decode pixels (pydicom, all transfer syntaxes with pylibjpeg plugins)", *PIPELINE[2:]]
+
+
+def make_old(root, version):
+    """What a store converted as format 1 (no dimension_names) or 2 holds, with the manifest to match."""
     group_meta = json.loads((root / "zarr.json").read_text())
-    group_meta["attributes"]["ichkit"]["format_version"] = 1
-    written = {
-        f"{IMAGES}/zarr.json": json.dumps(images_meta, indent=2).encode(),
-        "zarr.json": json.dumps(group_meta, indent=2).encode(),
-    }
+    group_meta["attributes"]["ichkit"].update(format_version=version, pipeline=OLD_PIPELINE)
+    written = {"zarr.json": json.dumps(group_meta, indent=2).encode()}
+    if version == 1:
+        images_meta = json.loads((root / IMAGES / "zarr.json").read_text())
+        del images_meta["dimension_names"]
+        written[f"{IMAGES}/zarr.json"] = json.dumps(images_meta, indent=2).encode()
     for name, data in written.items():
         (root / name).write_bytes(data)
     run = json.loads((root / ".ichprep" / "run.json").read_text())
-    run["spec"]["format_version"] = 1
+    run["spec"].update(format_version=version, pipeline=OLD_PIPELINE)
     (root / ".ichprep" / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     manifest = with_metadata(json.loads((root / MANIFEST).read_text()), written, group_meta["attributes"]["ichkit"])
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return root
 
 
-@pytest.fixture
-def format1(current, tmp_path):
-    root = make_format1(copy_of(current, tmp_path, "old.zarr"))
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"])
+def old(current, tmp_path, request):
+    root = make_old(copy_of(current, tmp_path, "old.zarr"), request.param)
     assert verify_store(root).ok  # a consistent old store, not a damaged one
     return root
+
+
+def version_of(root) -> int:
+    return json.loads((root / "zarr.json").read_text())["attributes"]["ichkit"]["format_version"]
 
 
 def upgrade_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "ichprep upgrade" in r.message]
 
 
-# ---------------------------------------------------------------- format 2
+# ---------------------------------------------------------------- format 3
 
 
 def test_images_carry_dimension_names_and_the_spec_stays_in_the_group(current):
     meta = json.loads((current / IMAGES / "zarr.json").read_text())
     assert meta["dimension_names"] == ["slice", "channel", "y", "x"] == list(AXES)
     attrs = json.loads((current / "zarr.json").read_text())["attributes"]["ichkit"]
-    assert attrs["format_version"] == FORMAT_VERSION == 2 and attrs["layout"]["axes"] == list(AXES)
+    assert attrs["format_version"] == FORMAT_VERSION == 3 and attrs["layout"]["axes"] == list(AXES)
+    assert attrs["pipeline"] == list(PIPELINE) and "plainread" in PIPELINE[0] and "pydicom.dcmread" in PIPELINE[0]
     assert "windows" in attrs and "ichkit" not in meta["attributes"]
 
 
@@ -116,26 +126,37 @@ def test_dimension_names_leave_the_shard_bytes_unchanged(current, tmp_path):
     assert first == (current / shard_path(0)).read_bytes()
 
 
-# ---------------------------------------------------------------- format 1 still reads
+# ---------------------------------------------------------------- formats 1 and 2 still read
 
 
-def test_format1_store_opens_with_one_warning_and_the_same_pixels(current, format1, caplog):
+def test_an_older_store_opens_with_one_warning_and_the_same_pixels(current, old, caplog):
+    version = version_of(old)
     with caplog.at_level(logging.WARNING):
-        old = open_store(format1)
+        before = open_store(old)
     (message,) = upgrade_warnings(caplog)
-    assert "format 1" in message and "dimension_names" in message and f"ichprep upgrade {format1}" in message
+    assert f"format {version}" in message and "recorded pipeline" in message and f"ichprep upgrade {old}" in message
+    assert ("dimension_names" in message) == (version == 1)
     new = open_store(current)
-    assert old.spec == new.spec
-    np.testing.assert_array_equal(old.images[:], new.images[:])
-    np.testing.assert_array_equal(open_reader(format1)[0 : len(old.slices)], new.images[:])
-    counts = old.slices["ok"].to_numpy(bool).astype(np.int64)
+    assert before.spec == new.spec
+    np.testing.assert_array_equal(before.images[:], new.images[:])
+    np.testing.assert_array_equal(open_reader(old)[0 : len(before.slices)], new.images[:])
+    counts = before.slices["ok"].to_numpy(bool).astype(np.int64)
     seen = {}
-    for store in (old, new):
+    for store in (before, new):
         stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), shuffle=False)
         seen[store.root.url] = {int(s): img for b in stream for img, s in zip(b.images.numpy(), b.slots)}
     a, b = seen.values()
     assert a.keys() == b.keys() and len(a) == counts.sum()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_trained_on_an_older_store_accepts_a_current_one_and_back(current, old):
+    """The pipeline's wording is not a preprocessing difference: checkpoints keep working across formats."""
+    old_spec = json.loads((old / "zarr.json").read_text())["attributes"]["ichkit"]
+    check_spec(open_store(current), old_spec, "a checkpoint of the older store")
+    check_spec(open_store(old), open_store(current).spec.to_attrs(), "a checkpoint of the current store")
+    with pytest.raises(ValueError, match="another preprocessing spec.*size: 48 vs 32"):
+        check_spec(open_store(old), {**old_spec, "size": 48}, "a checkpoint at another size")
 
 
 def test_a_current_store_opens_without_the_warning(current, caplog):
@@ -155,34 +176,42 @@ def test_unknown_format_is_refused_with_the_fix():
 # ---------------------------------------------------------------- upgrade
 
 
-def test_upgrade_gives_the_bytes_of_a_fresh_conversion_and_verifies(current, format1, caplog):
-    shards = shard_files(format1)
-    summary = upgrade_store(format1)
-    assert (summary.from_version, summary.to_version) == (1, FORMAT_VERSION)
-    assert set(summary.rewritten) == {f"{IMAGES}/zarr.json", ".ichprep/run.json", MANIFEST, "zarr.json"}
-    assert shard_files(format1) == shards
+def test_upgrade_gives_the_bytes_of_a_fresh_conversion_and_verifies(current, old, caplog):
+    version = version_of(old)
+    shards = shard_files(old)
+    summary = upgrade_store(old)
+    assert (summary.from_version, summary.to_version) == (version, FORMAT_VERSION)
+    images_meta = {f"{IMAGES}/zarr.json"} if version == 1 else set()
+    assert set(summary.rewritten) == images_meta | {".ichprep/run.json", MANIFEST, "zarr.json"}
+    assert shard_files(old) == shards
     for name in ("zarr.json", f"{IMAGES}/zarr.json", MANIFEST, ".ichprep/run.json"):
-        assert (format1 / name).read_bytes() == (current / name).read_bytes(), name
-    report = verify_store(format1)
+        assert (old / name).read_bytes() == (current / name).read_bytes(), name
+    report = verify_store(old)
     assert report.ok, [str(p) for p in report.problems]
     with caplog.at_level(logging.WARNING):
-        open_store(format1)
+        open_store(old)
     assert not upgrade_warnings(caplog)
-    assert upgrade_store(format1).rewritten == ()
+    assert upgrade_store(old).rewritten == ()
 
 
-def test_rerunning_convert_on_an_upgraded_store_resumes(synth_dataset, format1):
-    upgrade_store(format1)
-    before = (format1 / MANIFEST).read_bytes()
-    summary = convert(synth_dataset / "stage_2_train", format1, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
-    assert summary.shards_skipped == summary.n_shards and (format1 / MANIFEST).read_bytes() == before
+def test_rerunning_convert_on_an_upgraded_store_resumes(synth_dataset, old):
+    upgrade_store(old)
+    before = (old / MANIFEST).read_bytes()
+    summary = convert(synth_dataset / "stage_2_train", old, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
+    assert summary.shards_skipped == summary.n_shards and (old / MANIFEST).read_bytes() == before
 
 
-def test_upgrade_refuses_a_store_whose_metadata_was_altered(format1):
-    (format1 / IMAGES / "zarr.json").write_text((format1 / IMAGES / "zarr.json").read_text() + " ")
+def test_upgrade_refuses_a_store_whose_metadata_was_altered(old):
+    version = version_of(old)
+    (old / "zarr.json").write_text((old / "zarr.json").read_text() + " ")
     with pytest.raises(StoreError, match="differs from the manifest.*ichprep verify"):
-        upgrade_store(format1)
-    assert json.loads((format1 / "zarr.json").read_text())["attributes"]["ichkit"]["format_version"] == 1
+        upgrade_store(old)
+    assert version_of(old) == version
+
+
+@pytest.fixture
+def format1(current, tmp_path):
+    return make_old(copy_of(current, tmp_path, "old.zarr"), 1)
 
 
 @NOT_ZARR
@@ -193,12 +222,12 @@ def test_upgrade_command(format1, tmp_path):
     published = tmp_path / "published.json"
     result = CliRunner().invoke(main, ["upgrade", str(format1), "--manifest-out", str(published)])
     assert result.exit_code == 0, result.output
-    assert "from store format 1 to 2" in result.output and "shards untouched" in result.output
+    assert "from store format 1 to 3" in result.output and "shards untouched" in result.output
     assert published.read_bytes() == (format1 / MANIFEST).read_bytes()
     assert CliRunner().invoke(main, ["verify", str(format1), "--manifest", str(published)]).exit_code == 0
     assert xr.open_zarr(format1, zarr_format=3, consolidated=False)["images"].dims == AXES
     again = CliRunner().invoke(main, ["upgrade", str(format1)])
-    assert again.exit_code == 0 and "already store format 2" in again.output
+    assert again.exit_code == 0 and "already store format 3" in again.output
 
 
 # ---------------------------------------------------------------- verify wording

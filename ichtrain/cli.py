@@ -164,6 +164,15 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         help="Target share of positive slices per epoch with --balance hybrid.",
     ),
     click.option(
+        "--calibration",
+        type=click.Choice(config.CALIBRATIONS),
+        default=TrainConfig.calibration,
+        show_default=True,
+        help="platt: a slope and intercept per label fitted on the validation patients and stored in the "
+        "checkpoint (evaluate and predict apply it; validation figures are cross-fitted over its patients). "
+        "none: the network's own probabilities.",
+    ),
+    click.option(
         "--val-fraction", type=_fraction(config.FRACTION), default=TrainConfig.val_fraction, show_default=True
     ),
     click.option(

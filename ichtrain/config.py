@@ -97,6 +97,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("plateau", "cosine")
 #: hybrid: undersample negatives and repeat positives (:mod:`ichtrain.balance`); none: every candidate once.
 BALANCES = ("hybrid", "none")
+#: platt: a slope and intercept per label fitted on the validation patients (:mod:`ichtrain.recalibrate`).
+CALIBRATIONS = ("platt", "none")
 #: Splits that keep each group's slices on one side (the folds' only choices).
 GROUPINGS = ("patient", "study")
 SPLITS = (*GROUPINGS, "slice")  # slice: the reference method's leaky random split of slices
@@ -224,6 +226,7 @@ class TrainConfig:
     scheduler: str = "plateau"
     balance: str = "hybrid"
     pos_fraction: float = 0.5
+    calibration: str = "platt"
     val_fraction: float = 0.2
     split_by: str = "patient"
     folds: int | None = None  # K patient folds; fold ``fold`` validates (replaces val_fraction)
@@ -245,6 +248,7 @@ class TrainConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_choice("balance", self.balance, BALANCES)
+        check_choice("calibration", self.calibration, CALIBRATIONS)
         check_choice("split_by", self.split_by, SPLITS)
         check_choice("device", self.device, DEVICES)
         if isinstance(self.context, bool) or not isinstance(self.context, int) or not 0 <= self.context <= MAX_CONTEXT:

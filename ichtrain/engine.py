@@ -235,31 +235,6 @@ def infer(
     )
 
 
-def evaluate(
-    model: torch.nn.Module,
-    loader,
-    *,
-    image_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    tta: str = "none",
-    on_step: Callable[[int], None] | None = None,
-) -> Predictions:
-    """Probabilities of every sample of ``loader``: the whole stored image resized to ``image_size``."""
-    out = infer(
-        model,
-        loader,
-        image_size=image_size,
-        device=device,
-        amp_dtype=amp_dtype,
-        channels_last=channels_last,
-        tta=tta,
-        on_step=on_step,
-    )
-    return Predictions(probs=sigmoid(out.logits), targets=out.targets, slots=out.slots)
-
-
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """float32 probabilities of logits, computed in float64 (no overflow warning at |logit| > 88)."""
     return (1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))).astype(np.float32)

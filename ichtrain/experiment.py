@@ -7,6 +7,7 @@ EXP/
   outputs.zarr           every slot through the fold model that did not train on it: ``features`` (float16,
                          the head's input) and ``logits``, row = slot of the store, chunked like its shards
   oof.parquet            every labelled slot's probabilities from the fold model that did not train on it
+                         (through a Platt map that did not see its label: :func:`calibrated_oof`)
   metrics.json           {"oof": metrics of oof.parquet, "folds": [each fold's best-epoch metrics]}
   seq/                   stage 2 (``ichtrain seq``)
 """
@@ -26,12 +27,14 @@ import zarr
 
 from ichprep.store import Store, open_store
 
+from .checkpoint import load_checkpoint
 from .config import INFER_BATCH_SIZE, TASKS, TrainConfig
 from .data import targets, train_candidates
 from .engine import sigmoid
 from .errors import ConfigError, DataError
 from .folds import assign_folds, folds_table
 from .predict import Loaded, infer_loaded, load_for_store
+from .recalibrate import Platt, cross_fit, cross_fit_parts
 from .train import RESUME_FIXED, run_metrics, store_identity, train, write_predictions
 
 logger = logging.getLogger(__name__)
@@ -274,6 +277,30 @@ def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
     return read_outputs(experiment.path / OUTPUTS, slots, experiment.folds)
 
 
+def calibrated_oof(experiment: Experiment, store: Store, outputs: Inferred) -> Inferred:
+    """Out-of-fold logits through Platt maps that never saw their slice's label (as trained with none).
+
+    Fold k's labelled slots get the cross-fit its run scored them with (each part by the map of the others);
+    its other slots, the map stored in its best.pt (what ``predict`` applies to new data).
+    """
+    cfg = experiment.cfg
+    if cfg.calibration == "none":
+        return outputs
+    y = targets(store.slices, cfg.task)
+    logits = outputs.logits.copy()
+    fold_of = experiment.fold[outputs.slots]
+    for k in range(experiment.folds):
+        state = load_checkpoint(fold_dir(experiment.path, k) / "best.pt")
+        mine = fold_of == k
+        logits[mine] = Platt.from_state(state, logits.shape[1])(outputs.logits[mine])
+        split = np.where(experiment.fold == k, "val", "train")
+        val = train_candidates(store.slices, split, None, task=cfg.task, part="val")
+        parts = cross_fit_parts(store.slices, val, seed=cfg.seed, by=cfg.split_by)
+        rows = np.searchsorted(outputs.slots, val)
+        logits[rows] = cross_fit(outputs.logits[rows], y[val], parts)
+    return outputs._replace(logits=logits)
+
+
 # ---------------------------------------------------------------- scores
 
 
@@ -298,7 +325,7 @@ def score_experiment(exp: str | Path) -> dict:
     experiment = open_experiment(exp)
     store = open_training_store(experiment)
     task, names = experiment.cfg.task, experiment.names
-    outputs = oof_outputs(experiment, store)
+    outputs = calibrated_oof(experiment, store, oof_outputs(experiment, store))
     slots = scored_slots(store, task)
     probs = sigmoid(outputs.logits[np.searchsorted(outputs.slots, slots)])
     write_predictions(

@@ -615,6 +615,13 @@ def format_metrics(metrics: Mapping) -> str:
             f"study any AUC:     {f(metrics['study_any_auc'])}{_ci_text(ci.get('study_any_auc'), info)}"
             f"   studies: {metrics['n_studies']}"
         )
+    if metrics.get("uncalibrated"):
+        raw = metrics["uncalibrated"]
+        lines.append(
+            f"before Platt:      weighted log loss {f(raw['weighted_log_loss'], '.5f')}  mean AUC "
+            f"{f(raw.get('mean_auc'))}  mean ECE {f(raw['mean_ece'])}  mean p "
+            + ", ".join(f"{name} {f(p, '.2%')}" for name, p in raw["mean_prob"].items())
+        )
     if "reference_table" in metrics:  # the reference thesis reports these for its binary model (F1 0.84)
         ref = metrics["reference_table"]
         lines.append(

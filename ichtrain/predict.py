@@ -24,13 +24,18 @@ from .errors import ConfigError
 from .folds import run_split
 from .metrics import youden_thresholds
 from .model import build_model
+from .recalibrate import Platt
 from .train import (
     add_middle_block,
     amp_dtype_for,
     batch_loader,
+    calibrate_validation,
     checkpoint_for_store,
     resolve_device,
     run_metrics,
+    store_identity,
+    uncalibrated_block,
+    validation_parts,
     write_figures,
 )
 
@@ -68,6 +73,11 @@ def load_for_store(checkpoint: str | Path, store: Store | str | Path, device: st
     )
     model.load_state_dict(state["model"])
     return Loaded(state=state, cfg=cfg, names=names, store=store, device=dev, model=model.to(dev).eval())
+
+
+def calibrated_probs(loaded: Loaded, logits: np.ndarray) -> np.ndarray:
+    """The checkpoint's probabilities: its logits through the Platt map stored with it (none: as trained)."""
+    return sigmoid(Platt.from_state(loaded.state, len(loaded.names))(logits))
 
 
 def infer_loaded(
@@ -127,14 +137,25 @@ def evaluate_checkpoint(
     mask = np.zeros(len(store.slices), bool)
     mask[train_candidates(store.slices, parts, None, task=cfg.task, part="val")] = True
     outputs = infer_loaded(loaded, mask, y=y, tta=tta, batch_size=batch_size, workers=workers)
-    preds = Predictions(probs=sigmoid(outputs.logits), targets=outputs.targets, slots=outputs.slots)
-    # "At Youden" uses the run's validation thresholds: on other data, what a deployed threshold would give.
     state = loaded.state
+    if split == "val" and state.get("calibration") and state.get("store_identity") == store_identity(store):
+        # The stored map was fitted on these very slices: score them cross-fitted, as training did.
+        parts = validation_parts(store, cfg, np.flatnonzero(mask))
+        calibrated = calibrate_validation(outputs, names=names, parts=parts, method=cfg.calibration)
+        preds, uncalibrated = calibrated.preds, calibrated.uncalibrated
+    else:
+        probs = calibrated_probs(loaded, outputs.logits)
+        preds = Predictions(probs=probs, targets=outputs.targets, slots=outputs.slots)
+        raw = sigmoid(outputs.logits)
+        uncalibrated = uncalibrated_block(outputs.targets, raw, names) if state.get("calibration") else None
+    # "At Youden" uses the run's validation thresholds: on other data, what a deployed threshold would give.
     thresholds = youden_thresholds(state["metrics"]) if state.get("metrics") else None
     study = store.slices["study_uid"].to_numpy()[preds.slots]
     metrics = run_metrics(
         preds.targets, preds.probs, names=names, study_ids=study, task=cfg.task, thresholds=thresholds, seed=cfg.seed
     )
+    if uncalibrated is not None:
+        metrics["uncalibrated"] = uncalibrated
     metrics = add_middle_block(
         metrics, preds, selection=cfg.slice_selection, store=store, names=names, task=cfg.task, seed=cfg.seed
     )

@@ -570,10 +570,18 @@ class LoadedSeq(NamedTuple):
     names: tuple[str, ...]
     in_dim: int
     inputs_kind: str
+    calibrated: bool  # stage-1 logits pass through each fold's Platt map before stage 2 reads them
 
 
 def save_seq(
-    path, fitted_list: Sequence[Fitted], cfg: SeqConfig, *, names: Sequence[str], in_dim: int, inputs_kind: str
+    path,
+    fitted_list: Sequence[Fitted],
+    cfg: SeqConfig,
+    *,
+    names: Sequence[str],
+    in_dim: int,
+    inputs_kind: str,
+    calibrated: bool,
 ) -> None:
     """One file for the per-fold models: tensors, numbers, strings, lists and dicts only (weights_only loading)."""
     check_choice("inputs_kind", inputs_kind, SEQ_INPUTS)
@@ -587,6 +595,7 @@ def save_seq(
         "names": list(names),
         "in_dim": int(in_dim),
         "inputs_kind": inputs_kind,
+        "calibrated": bool(calibrated),
         "folds": [
             {
                 "model": {k: v.detach().cpu().clone() for k, v in f.model.state_dict().items()},
@@ -623,4 +632,11 @@ def load_seq(path, device="cpu") -> LoadedSeq:
                 history=list(fold["history"]),
             )
         )
-    return LoadedSeq(fitted=fitted, cfg=cfg, names=names, in_dim=int(state["in_dim"]), inputs_kind=state["inputs_kind"])
+    return LoadedSeq(
+        fitted=fitted,
+        cfg=cfg,
+        names=names,
+        in_dim=int(state["in_dim"]),
+        inputs_kind=state["inputs_kind"],
+        calibrated=bool(state.get("calibrated", False)),  # files written before stage 2 read calibrated logits
+    )

@@ -22,7 +22,15 @@ from ichprep.store import Store
 from .config import SEQ_INPUTS, SeqConfig, check_choice
 from .data import targets
 from .engine import sigmoid
-from .experiment import Inferred, oof_block, oof_outputs, open_experiment, open_training_store, scored_slots
+from .experiment import (
+    Inferred,
+    calibrated_oof,
+    oof_block,
+    oof_outputs,
+    open_experiment,
+    open_training_store,
+    scored_slots,
+)
 from .metrics import weighted_log_loss
 from .plots import plot_compare, plot_study
 from .seq import SeqInputs, cross_fit, save_seq
@@ -116,19 +124,37 @@ def _showcase_study(inputs: SeqInputs, *, probs1: np.ndarray, probs2: np.ndarray
     return best
 
 
-def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: str = "logits") -> dict:
-    """Cross-fit stage 2 on EXP's out-of-fold outputs; writes EXP/seq (or ``out``) and EXP's two figures."""
+def run_seq(
+    exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: str = "logits", calibrated: bool = True
+) -> dict:
+    """Cross-fit stage 2 on EXP's out-of-fold outputs; writes EXP/seq (or ``out``) and EXP's two figures.
+
+    ``calibrated``: stage 2 reads (and corrects) the stage-1 logits after each fold's Platt map, so that every
+    fold's logits mean the same thing; False reads them as the networks made them.
+    """
     experiment = open_experiment(exp)
     store = open_training_store(experiment)
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
     out = Path(out) if out is not None else experiment.path / SEQ_DIR
     out.mkdir(parents=True, exist_ok=True)
-    inputs = seq_inputs(store, oof_outputs(experiment, store), kind=kind, task=task, slot_fold=experiment.fold)
+    raw = oof_outputs(experiment, store)
+    stage1 = calibrated_oof(experiment, store, raw)
+    calibrated = calibrated and experiment.cfg.calibration != "none"
+    inputs = seq_inputs(store, stage1 if calibrated else raw, kind=kind, task=task, slot_fold=experiment.fold)
     fitted = cross_fit(inputs, cfg, names)
-    save_seq(out / SEQ_MODEL, fitted.fitted, cfg, names=names, in_dim=inputs.x.shape[1], inputs_kind=kind)
+    save_seq(
+        out / SEQ_MODEL,
+        fitted.fitted,
+        cfg,
+        names=names,
+        in_dim=inputs.x.shape[1],
+        inputs_kind=kind,
+        calibrated=calibrated,
+    )
 
     slots = scored_slots(store, task)
-    probs1, probs2 = sigmoid(inputs.logits)[slots], fitted.probs[slots].astype(np.float32)
+    probs1 = sigmoid(stage1.logits[np.searchsorted(stage1.slots, slots)])
+    probs2 = fitted.probs[slots].astype(np.float32)
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
     write_predictions(
@@ -157,12 +183,13 @@ def run_seq(exp: str | Path, out: str | Path | None, cfg: SeqConfig, *, kind: st
         "stage1": stage1,
         "folds": per_fold,
         "any_max": any_rule,
-        "config": {**dataclasses.asdict(cfg), "inputs": kind},
+        "config": {**dataclasses.asdict(cfg), "inputs": kind, "calibrated": calibrated},
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
     plot_compare(stage1, stage2, names, experiment.path / "compare.png")
-    full1, full2 = sigmoid(inputs.logits), fitted.probs
+    shown = inputs if calibrated else seq_inputs(store, stage1, kind="logits", task=task, slot_fold=experiment.fold)
+    full1, full2 = sigmoid(shown.logits), fitted.probs
     s = _showcase_study(inputs, probs1=full1, probs2=full2, names=names)
     a, b = inputs.starts[s], inputs.stops[s]
     uid = str(store.slices["study_uid"].iloc[a])

@@ -30,12 +30,13 @@ from .balance import importance_weights, sampling_rates
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TASKS, TrainConfig
 from .data import ShardStream, epoch_plan, is_positive, select_slices, targets, train_candidates
-from .engine import Predictions, StepSetup, evaluate, loss_weights, refresh_batchnorm, train_one_epoch
+from .engine import Outputs, Predictions, StepSetup, infer, loss_weights, refresh_batchnorm, sigmoid, train_one_epoch
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
 from .folds import run_split, slot_table
 from .metrics import compute_metrics, reference_table
 from .model import build_model, random_init_advice
 from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
+from .recalibrate import Platt, cross_fit, cross_fit_parts, fit_platt
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ RESUME_FIXED = (
     "seed",
     "balance",
     "pos_fraction",
+    "calibration",
     "optimizer",
     "scheduler",
 )
@@ -212,6 +214,52 @@ def run_metrics(
     if task == "binary":
         metrics["reference_table"] = reference_table(metrics)
     return metrics
+
+
+def uncalibrated_block(truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...]) -> dict:
+    """The headline figures of the network's own probabilities, kept beside the recalibrated ones."""
+    raw = compute_metrics(truth, probs, names, bootstrap=0)
+    return {
+        "weighted_log_loss": raw["weighted_log_loss"],
+        "mean_ece": raw["mean_ece"],
+        "mean_auc": raw["mean_auc"],
+        "mean_prob": {name: m["mean_prob"] for name, m in raw["per_class"].items()},
+        "log_loss": {name: m["log_loss"] for name, m in raw["per_class"].items()},
+        # Cross-fitted parts pass through different maps, so their pooled AUC may differ from the network's.
+        "roc_auc": {name: m["roc_auc"] for name, m in raw["per_class"].items()},
+    }
+
+
+class Calibrated(NamedTuple):
+    """One validation pass, recalibrated (or as trained with ``--calibration none``)."""
+
+    preds: Predictions  # probabilities each scored by a map not fitted on its patient
+    platt: Platt | None  # fitted on every validation slice: the map the checkpoint applies to new data
+    uncalibrated: dict | None  # :func:`uncalibrated_block` of the network's own probabilities
+
+
+def calibrate_validation(out: Outputs, *, names: tuple[str, ...], parts: np.ndarray | None, method: str) -> Calibrated:
+    """Recalibrate a validation pass: cross-fitted over ``parts`` (slot -> part, -1 outside validation)."""
+    if method == "none":
+        preds = Predictions(probs=sigmoid(out.logits), targets=out.targets, slots=out.slots)
+        return Calibrated(preds=preds, platt=None, uncalibrated=None)
+    held_out = cross_fit(out.logits, out.targets, None if parts is None else parts[out.slots])
+    return Calibrated(
+        preds=Predictions(probs=sigmoid(held_out), targets=out.targets, slots=out.slots),
+        platt=fit_platt(out.logits, out.targets),
+        uncalibrated=uncalibrated_block(out.targets, sigmoid(out.logits), names),
+    )
+
+
+def validation_parts(store: Store, cfg: TrainConfig, val_slots: np.ndarray) -> np.ndarray | None:
+    """Every slot's cross-fit part (-1 outside validation), None where validation holds a single patient."""
+    parts = cross_fit_parts(store.slices, val_slots, seed=cfg.seed, by=cfg.split_by)
+    if parts is None:
+        logger.warning("validation holds one %s: its figures are not recalibrated", cfg.split_by)
+        return None
+    of_slot = np.full(len(store.slices), -1, np.int64)
+    of_slot[val_slots] = parts
+    return of_slot
 
 
 def add_middle_block(
@@ -387,6 +435,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     if cfg.compile:
         net = torch.compile(net)
     sample_weights = torch.as_tensor(importance_weights(streams.train_slots, positive, rates), device=device)
+    parts = validation_parts(store, cfg, streams.val_slots) if cfg.calibration == "platt" else None
     label_weights = loss_weights(names, device)
     study_of = store.slices["study_uid"].to_numpy()  # for the study-level AUC and the study bootstrap
     train_prevalence = [float(np.nanmean(y[streams.train_slots, j])) for j in range(len(names))]
@@ -428,7 +477,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             batch_loader(streams.train, cfg.workers, device),
             max_batches=cfg.bn_refresh_batches,
         )
-        preds = evaluate(
+        out_val = infer(
             net,
             batch_loader(streams.val, cfg.workers, device),
             image_size=cfg.image_size,
@@ -436,10 +485,15 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             amp_dtype=amp_dtype,
             channels_last=channels_last,
         )
-        preds = preds._replace(**{key: _gather(values, world) for key, values in preds._asdict().items()})
+        gathered = {key: _gather(getattr(out_val, key), world) for key in ("logits", "targets", "slots")}
+        out_val = out_val._replace(**gathered)
+        calibrated = calibrate_validation(out_val, names=names, parts=parts, method=cfg.calibration)
+        preds = calibrated.preds
         metrics = run_metrics(
             preds.targets, preds.probs, names=names, study_ids=study_of[preds.slots], task=cfg.task, seed=cfg.seed
         )
+        if calibrated.uncalibrated is not None:
+            metrics["uncalibrated"] = calibrated.uncalibrated
         metrics = add_middle_block(
             metrics, preds, selection=cfg.slice_selection, store=store, names=names, task=cfg.task, seed=cfg.seed
         )
@@ -497,6 +551,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
                 "in_channels": in_channels,
                 "metrics": metrics,
                 "train_prevalence": train_prevalence,
+                "calibration": None if calibrated.platt is None else calibrated.platt.to_dict(),
             }
             save_checkpoint(state, out / "last.pt")
             if improved:

@@ -180,10 +180,10 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
     cfg = dataclasses.replace(FAST, model="transformer", epochs=1)
     fitted = [fit(data, np.arange(10, 30), cfg, NAMES), fit(data, np.arange(30, 50), cfg, NAMES)]
     path = tmp_path / "seq.pt"
-    save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="features")
+    save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="features", calibrated=True)
     loaded = load_seq(path)
     assert loaded.cfg == cfg and loaded.names == NAMES and loaded.in_dim == data.x.shape[1]
-    assert loaded.inputs_kind == "features" and loaded.fitted[1].history == fitted[1].history
+    assert loaded.inputs_kind == "features" and loaded.calibrated and loaded.fitted[1].history == fitted[1].history
     studies = np.arange(0, 60, 7)
     for before, after in zip(fitted, loaded.fitted):
         np.testing.assert_array_equal(predict(before, data, studies), predict(after, data, studies))
@@ -195,7 +195,7 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
     with pytest.raises(DataError, match="one input set per fitted model"):
         predict_ensemble(loaded.fitted, [data], studies)
     with pytest.raises(ConfigError, match="features, logits"):
-        save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="pixels")
+        save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="pixels", calibrated=False)
     (tmp_path / "other.pt").write_bytes(b"not a model")
     with pytest.raises(CheckpointError):
         load_seq(tmp_path / "other.pt")

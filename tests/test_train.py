@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -122,6 +123,7 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
         ("optimizer", "lbfgs", "choose one of sgd, adamw"),
         ("slice_selection", "middle", "use 'all' or 'middle:K'"),
         ("context", 9, "context must be an integer from 0 to 8"),
+        ("calibration", "isotonic", "invalid calibration 'isotonic'; choose one of platt, none"),
     ],
 )
 def test_invalid_config_lists_choices(field, value, message):
@@ -247,6 +249,30 @@ def test_hybrid_balance_is_calibrated_and_no_worse_than_none(balance_runs):
     assert (balance_runs["hybrid"] / "calibration.png").stat().st_size > 0
 
 
+def test_the_checkpoint_carries_the_platt_map_that_evaluate_applies(balance_runs, easy_store, tmp_path):
+    """Validation is scored cross-fitted (as in training); other data get the map fitted on all of validation."""
+    from ichtrain.engine import sigmoid
+    from ichtrain.predict import evaluate_checkpoint, infer_loaded, load_for_store
+    from ichtrain.recalibrate import Platt
+
+    best = balance_runs["hybrid"] / "best.pt"
+    final = json.loads((balance_runs["hybrid"] / "metrics.json").read_text())["final"]
+    state = load_checkpoint(best)
+    assert state["calibration"]["method"] == "platt" and len(state["calibration"]["slope"]) == 6
+    assert set(final["uncalibrated"]["mean_prob"]) == set(final["per_class"])
+    again = evaluate_checkpoint(best, easy_store, tmp_path / "val", split="val", workers=0)
+    assert again["weighted_log_loss"] == pytest.approx(final["weighted_log_loss"], rel=1e-4)
+    evaluate_checkpoint(best, easy_store, tmp_path / "all", split="all", workers=0)
+    written = pd.read_parquet(tmp_path / "all" / "predictions.parquet")
+    loaded = load_for_store(best, easy_store, "cpu")
+    mask = np.zeros(len(loaded.store.slices), bool)
+    mask[written["slot"].to_numpy()] = True
+    raw = infer_loaded(loaded, mask, workers=0)
+    order = np.searchsorted(raw.slots, written["slot"].to_numpy())
+    expected = sigmoid(Platt.from_state(state, 6)(raw.logits[order]))
+    np.testing.assert_allclose(written[[f"prob_{n}" for n in state["names"]]].to_numpy(), expected, atol=1e-6)
+
+
 def test_final_metrics_are_the_best_epochs(balance_runs):
     out = balance_runs["hybrid"]
     saved = json.loads((out / "metrics.json").read_text())
@@ -257,8 +283,6 @@ def test_final_metrics_are_the_best_epochs(balance_runs):
     assert saved["last"]["weighted_log_loss"] == pytest.approx(losses[-1])
     state = load_checkpoint(out / "best.pt")
     assert state["epoch"] == best and state["metrics"]["weighted_log_loss"] == pytest.approx(losses[best])
-    import pandas as pd
-
     val = pd.read_parquet(out / "val_predictions.parquet")
     assert len(val) == saved["final"]["n_images"]
 

@@ -60,6 +60,14 @@ def _at_least(minimums: dict[str, int], name: str) -> click.IntRange:
     return click.IntRange(min=minimums[name])
 
 
+def _train_choice(field: str, choices, help: str | None = None):
+    """``--FIELD`` with the config's choice list and TrainConfig's default (one definition of each)."""
+    flag = "--" + field.replace("_", "-")
+    return click.option(
+        flag, type=click.Choice(tuple(choices)), default=getattr(TrainConfig, field), show_default=True, help=help
+    )
+
+
 def _device_option():
     return click.option("--device", type=click.Choice(config.DEVICES), default=TrainConfig.device, show_default=True)
 
@@ -140,19 +148,13 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         show_default=True,
     ),
     click.option("--lr", type=float, default=TrainConfig.lr, show_default=True),
-    click.option(
-        "--optimizer",
-        type=click.Choice(config.OPTIMIZERS),
-        default=TrainConfig.optimizer,
-        show_default=True,
-        help=f"sgd uses momentum {TrainConfig.momentum} (the reference method).",
+    _train_choice(
+        "optimizer", config.OPTIMIZERS, help=f"sgd uses momentum {TrainConfig.momentum} (the reference method)."
     ),
-    click.option("--scheduler", type=click.Choice(config.SCHEDULERS), default=TrainConfig.scheduler, show_default=True),
-    click.option(
-        "--balance",
-        type=click.Choice(config.BALANCES),
-        default=TrainConfig.balance,
-        show_default=True,
+    _train_choice("scheduler", config.SCHEDULERS),
+    _train_choice(
+        "balance",
+        config.BALANCES,
         help="hybrid: undersample negatives and repeat positives (the reference method), with each sample's "
         "loss weighted by 1 / its expected repeats so that probabilities stay calibrated.",
     ),
@@ -163,11 +165,9 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         show_default=True,
         help="Target share of positive slices per epoch with --balance hybrid.",
     ),
-    click.option(
-        "--calibration",
-        type=click.Choice(config.CALIBRATIONS),
-        default=TrainConfig.calibration,
-        show_default=True,
+    _train_choice(
+        "calibration",
+        config.CALIBRATIONS,
         help="platt: a slope and intercept per label fitted on the validation patients and stored in the "
         "checkpoint (evaluate and predict apply it; validation figures are cross-fitted over its patients). "
         "none: the network's own probabilities.",
@@ -175,11 +175,9 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
     click.option(
         "--val-fraction", type=_fraction(config.FRACTION), default=TrainConfig.val_fraction, show_default=True
     ),
-    click.option(
-        "--split-by",
-        type=click.Choice(config.SPLITS),
-        default=TrainConfig.split_by,
-        show_default=True,
+    _train_choice(
+        "split_by",
+        config.SPLITS,
         help="slice reproduces the reference method's random slice split, which leaks patients (do not "
         "report it as a result).",
     ),

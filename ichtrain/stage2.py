@@ -138,9 +138,9 @@ def run_seq(
     out = Path(out) if out is not None else experiment.path / SEQ_DIR
     out.mkdir(parents=True, exist_ok=True)
     raw = oof_outputs(experiment, store)
-    stage1 = calibrated_oof(experiment, store, raw)
+    mapped = calibrated_oof(experiment, store, raw)
     calibrated = calibrated and experiment.cfg.calibration != "none"
-    inputs = seq_inputs(store, stage1 if calibrated else raw, kind=kind, task=task, slot_fold=experiment.fold)
+    inputs = seq_inputs(store, mapped if calibrated else raw, kind=kind, task=task, slot_fold=experiment.fold)
     fitted = cross_fit(inputs, cfg, names)
     save_seq(
         out / SEQ_MODEL,
@@ -153,7 +153,7 @@ def run_seq(
     )
 
     slots = scored_slots(store, task)
-    probs1 = sigmoid(stage1.logits[np.searchsorted(stage1.slots, slots)])
+    probs1 = sigmoid(mapped.logits[np.searchsorted(mapped.slots, slots)])
     probs2 = fitted.probs[slots].astype(np.float32)
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
@@ -188,7 +188,7 @@ def run_seq(
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
     plot_compare(stage1, stage2, names, experiment.path / "compare.png")
-    shown = inputs if calibrated else seq_inputs(store, stage1, kind="logits", task=task, slot_fold=experiment.fold)
+    shown = inputs if calibrated else seq_inputs(store, mapped, kind="logits", task=task, slot_fold=experiment.fold)
     full1, full2 = sigmoid(shown.logits), fitted.probs
     s = _showcase_study(inputs, probs1=full1, probs2=full2, names=names)
     a, b = inputs.starts[s], inputs.stops[s]

@@ -84,6 +84,20 @@ def test_cv_writes_folds_oof_and_metrics(experiment):
     assert on_disk["oof"]["n_images"] == len(oof)
 
 
+def test_oof_stage1_is_what_each_fold_scored_its_validation_with(experiment):
+    """Out of fold, each slice passes through the Platt map its fold's run cross-fitted (never its own label)."""
+    exp, _, _ = experiment
+    oof = pd.read_parquet(exp / OOF).set_index("slot")
+    probs = [c for c in oof.columns if c.startswith("prob_")]
+    for k in range(FOLDS):
+        val = pd.read_parquet(fold_dir(exp, k) / "val_predictions.parquet").set_index("slot")
+        mine = oof[oof["fold"] == k]
+        assert sorted(mine.index) == sorted(val.index)
+        np.testing.assert_allclose(mine.loc[val.index, probs].to_numpy(), val[probs].to_numpy(), atol=1e-6)
+    raw = json.loads((fold_dir(exp, 0) / "metrics.json").read_text())["final"]["uncalibrated"]
+    assert raw["weighted_log_loss"] > 0  # the maps were fitted: the network's own figures are kept beside
+
+
 def test_cv_rerun_keeps_finished_folds_and_refuses_other_settings(experiment):
     exp, store, _ = experiment
     stamp = (fold_dir(exp, 0) / "best.pt").stat().st_mtime_ns

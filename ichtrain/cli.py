@@ -165,6 +165,14 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         show_default=True,
         help="Target share of positive slices per epoch with --balance hybrid.",
     ),
+    click.option(
+        "--ema-decay",
+        type=_fraction(config.OFF_OR_FRACTION),
+        default=TrainConfig.ema_decay,
+        show_default=True,
+        help="Evaluate and save an exponential moving average of the weights, updated after every step "
+        "with this decay (e.g. 0.99; 0 = off); training continues from the raw weights.",
+    ),
     _train_choice(
         "calibration",
         config.CALIBRATIONS,

@@ -241,6 +241,7 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch; for smoke runs and benchmarks
     bn_refresh_batches: int = 20
     buffer_shards: int = BUFFER_SHARDS
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -262,6 +263,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         check_fraction("val_fraction", self.val_fraction)
         check_fraction("pos_fraction", self.pos_fraction)
+        check_fraction("ema_decay", self.ema_decay, OFF_OR_FRACTION)
         if (self.folds is None) != (self.fold is None):
             raise ConfigError("give --folds K and --fold k together (k in 0 .. K-1), or neither")
         if self.folds is not None and not (MIN_FOLDS <= self.folds <= MAX_FOLDS and 0 <= self.fold < self.folds):

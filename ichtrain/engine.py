@@ -6,6 +6,7 @@ read once per ``log_every`` steps, so a GPU queues work without waiting for the 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +49,30 @@ def _for_model(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
+class WeightAverage:
+    """An exponential moving average of a model's parameters: the model that is evaluated and saved.
+
+    ``average = decay * average + (1 - decay) * weights`` after every step, on the device, with no host sync.
+    Buffers (BatchNorm statistics) are not averaged: :meth:`take_buffers` copies the model's, and
+    :func:`refresh_batchnorm` then recomputes them for the averaged weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        self.module.requires_grad_(False)
+        self.decay = decay
+        self._params = list(self.module.parameters())
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def take_buffers(self, model: torch.nn.Module) -> None:
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+
+
 @dataclass(frozen=True)
 class StepSetup:
     """What every training step of a run shares; tensors live on the model's device."""
@@ -61,6 +86,7 @@ class StepSetup:
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
+    average: WeightAverage | None = None  # updated after every optimiser step
 
     @property
     def device(self) -> torch.device:
@@ -87,6 +113,8 @@ def train_step(setup: StepSetup, images: torch.Tensor, targets: torch.Tensor, sl
     else:
         loss.backward()
         setup.optimizer.step()
+    if setup.average is not None:
+        setup.average.update(setup.model)
     return loss.detach()
 
 

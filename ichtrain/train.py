@@ -30,7 +30,17 @@ from .balance import importance_weights, sampling_rates
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TASKS, TrainConfig
 from .data import ShardStream, epoch_plan, is_positive, select_slices, targets, train_candidates
-from .engine import Outputs, Predictions, StepSetup, infer, loss_weights, refresh_batchnorm, sigmoid, train_one_epoch
+from .engine import (
+    Outputs,
+    Predictions,
+    StepSetup,
+    WeightAverage,
+    infer,
+    loss_weights,
+    refresh_batchnorm,
+    sigmoid,
+    train_one_epoch,
+)
 from .errors import CheckpointError, ConfigError, DataError, SpecMismatchError
 from .folds import run_split, slot_table
 from .metrics import compute_metrics, reference_table
@@ -55,6 +65,7 @@ RESUME_FIXED = (
     "balance",
     "pos_fraction",
     "calibration",
+    "ema_decay",
     "optimizer",
     "scheduler",
 )
@@ -420,13 +431,17 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     run = RunProgress()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         run = RunProgress.from_checkpoint(checkpoint)
         _set_rng_state(checkpoint["rng"], device)
         logger.info("resumed from %s at epoch %d", cfg.resume, run.next_epoch + 1)
+    # The average starts from the weights as they are (a resumed run's average comes from its checkpoint).
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if average is not None and checkpoint is not None:
+        average.module.load_state_dict(checkpoint["model"])
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -463,6 +478,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             amp_dtype=amp_dtype,
             scaler=scaler,
             channels_last=channels_last,
+            average=average,
         )
         steps = streams.train.batches(cfg.batch_size, cfg.workers)
         if cfg.max_steps:
@@ -471,14 +487,19 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         stats = train_one_epoch(
             setup, batch_loader(streams.train, cfg.workers, device), max_steps=cfg.max_steps, on_log=on_log
         )
+        if average is not None:
+            average.take_buffers(model)
         # The unwrapped model: each DDP rank refreshes its own copy, rank 0's buffers are broadcast at the next forward.
         refresh_batchnorm(
-            dataclasses.replace(setup, model=model),
+            dataclasses.replace(setup, model=model if average is None else average.module),
             batch_loader(streams.train, cfg.workers, device),
             max_batches=cfg.bn_refresh_batches,
         )
+        if average is not None and world > 1:
+            for buffer in average.module.buffers():  # the average is not wrapped: rank 0's statistics, sent here
+                dist.broadcast(buffer, 0)
         out_val = infer(
-            net,
+            net if average is None else average.module,
             batch_loader(streams.val, cfg.workers, device),
             image_size=cfg.image_size,
             device=device,
@@ -534,7 +555,8 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         if rank == 0:
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
             state = {
-                "model": model.state_dict(),
+                "model": (model if average is None else average.module).state_dict(),  # what evaluate loads
+                **({} if average is None else {"trained_model": model.state_dict()}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -136,7 +136,7 @@ def test_choices_bounds_and_defaults_have_one_definition():
         assert (bounds.min, bounds.max, bounds.min_open, bounds.max_open) == (0, 1, True, True)
     # What --help shows is the dataclass's default wherever a dataclass holds one.
     shown = [p for p in cli.train.params if getattr(p, "show_default", False) and hasattr(TrainConfig, p.name)]
-    assert len(shown) == 21 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
+    assert len(shown) == 22 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
     shown = [p for p in cli.seq.params if getattr(p, "show_default", False) and hasattr(SeqConfig, p.name)]
     assert {p.name for p in shown} == {
         "model",

@@ -63,7 +63,8 @@ def test_checkpoint_carries_config_and_spec_and_loads_weights_only(tiny_run, eas
         assert key in state
 
 
-def test_resume_gives_the_same_next_epoch(easy_store, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_gives_the_same_next_epoch(easy_store, tmp_path, ema_decay):
     common = dict(
         store=str(easy_store),
         arch="resnet18",
@@ -73,6 +74,7 @@ def test_resume_gives_the_same_next_epoch(easy_store, tmp_path):
         max_steps=3,
         device="cpu",
         seed=3,
+        ema_decay=ema_decay,
     )
     train(TrainConfig(out=str(tmp_path / "straight"), epochs=2, **common))
     train(TrainConfig(out=str(tmp_path / "split"), epochs=1, **common))
@@ -83,6 +85,27 @@ def test_resume_gives_the_same_next_epoch(easy_store, tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
     assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]], rel=1e-5)
+    assert ("trained_model" in a) == (ema_decay > 0)  # with an average, "model" is the average, saved beside
+    for key in a.get("trained_model", {}):
+        torch.testing.assert_close(a["trained_model"][key], b["trained_model"][key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_weight_average_follows_its_formula_without_touching_the_model():
+    from ichtrain.engine import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = [p.detach().clone() for p in model.parameters()]
+    average = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(model)
+    for mine, first, now in zip(average.module.parameters(), start, model.parameters()):
+        torch.testing.assert_close(mine, 0.75 * first + 0.25 * now)
+        assert not mine.requires_grad and now.requires_grad
+    model[1].running_mean.fill_(5.0)
+    average.take_buffers(model)
+    assert average.module[1].running_mean.tolist() == [5.0, 5.0]
 
 
 def test_resume_with_other_options_is_refused(tiny_run, easy_store, tmp_path):
@@ -124,6 +147,7 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
         ("slice_selection", "middle", "use 'all' or 'middle:K'"),
         ("context", 9, "context must be an integer from 0 to 8"),
         ("calibration", "isotonic", "invalid calibration 'isotonic'; choose one of platt, none"),
+        ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
     ],
 )
 def test_invalid_config_lists_choices(field, value, message):

@@ -68,6 +68,11 @@ def _train_choice(field: str, choices, help: str | None = None):
     )
 
 
+def _off_or_fraction(flag: str, default: float, help: str):
+    """A setting in [0, 1) where 0 turns something off (config.OFF_OR_FRACTION)."""
+    return click.option(flag, type=_fraction(config.OFF_OR_FRACTION), default=default, show_default=True, help=help)
+
+
 def _device_option():
     return click.option("--device", type=click.Choice(config.DEVICES), default=TrainConfig.device, show_default=True)
 
@@ -165,11 +170,9 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         show_default=True,
         help="Target share of positive slices per epoch with --balance hybrid.",
     ),
-    click.option(
+    _off_or_fraction(
         "--ema-decay",
-        type=_fraction(config.OFF_OR_FRACTION),
-        default=TrainConfig.ema_decay,
-        show_default=True,
+        TrainConfig.ema_decay,
         help="Evaluate and save an exponential moving average of the weights, updated after every step "
         "with this decay (e.g. 0.99; 0 = off); training continues from the raw weights.",
     ),
@@ -387,11 +390,9 @@ def cv(store, out, folds, tta, **options) -> None:
     help="Recurrent or encoder layers.",
 )
 @click.option("--lr", type=float, default=SeqConfig.lr, show_default=True, help="AdamW learning rate.")
-@click.option(
+@_off_or_fraction(
     "--holdout",
-    type=_fraction(config.OFF_OR_FRACTION),
-    default=SeqConfig.holdout,
-    show_default=True,
+    SeqConfig.holdout,
     help="Share of each fold's training studies that picks the epoch, the untrained "
     "model (= stage 1) included; 0 keeps the last epoch.",
 )

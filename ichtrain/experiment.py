@@ -278,19 +278,19 @@ def oof_outputs(experiment: Experiment, store: Store) -> Inferred:
 
 
 def calibrated_oof(experiment: Experiment, store: Store, outputs: Inferred) -> Inferred:
-    """Out-of-fold logits through Platt maps that never saw their slice's label (as trained with none).
+    """Out-of-fold logits through Platt maps that never saw their slice's label (as they are without maps).
 
     Fold k's labelled slots get the cross-fit its run scored them with (each part by the map of the others);
     its other slots, the map stored in its best.pt (what ``predict`` applies to new data).
     """
     cfg = experiment.cfg
-    if cfg.calibration == "none":
-        return outputs
     y = targets(store.slices, cfg.task)
     logits = outputs.logits.copy()
     fold_of = experiment.fold[outputs.slots]
     for k in range(experiment.folds):
         state = load_checkpoint(fold_dir(experiment.path, k) / "best.pt")
+        if state.get("calibration") is None:
+            continue  # a fold trained without a map (or before maps existed) is read as it is, as predict does
         mine = fold_of == k
         logits[mine] = Platt.from_state(state, logits.shape[1])(outputs.logits[mine])
         split = np.where(experiment.fold == k, "val", "train")

@@ -31,11 +31,11 @@ from ichprep.store import REJECTED, Store
 from .checkpoint import load_checkpoint
 from .config import INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig
 from .data import targets
-from .engine import Predictions
+from .engine import Predictions, sigmoid
 from .errors import DataError
 from .experiment import Inferred, fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
 from .metrics import per_class_log_loss, weighted_log_loss
-from .predict import CLIP, Loaded, as_store, calibrated_probs, check_task, kaggle_rows, load_for_store, six_columns
+from .predict import CLIP, Loaded, as_store, check_task, kaggle_rows, load_for_store, six_columns
 from .recalibrate import Platt
 from .seq import load_seq
 from .seq import predict as seq_predict
@@ -58,17 +58,21 @@ class SourceProbs(NamedTuple):
 class StageOne(NamedTuple):
     """A checkpoint's outputs on every slot of its store."""
 
-    inferred: Inferred  # features and logits of the readable slots
-    probs: np.ndarray  # float32 (N, K), NaN where a slot has no pixels
+    inferred: Inferred  # features and logits of the readable slots, as the network made them
+    mapped: Inferred  # the same with the logits through the checkpoint's Platt map (the identity without one)
+    probs: np.ndarray  # float32 (N, K) of the mapped logits, NaN where a slot has no pixels
     prevalence: list[float]  # the checkpoint's training prevalence per output
 
 
 def _stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> StageOne:
     n, k = len(loaded.store.slices), len(loaded.names)
     inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
+    mapped = inferred._replace(logits=Platt.from_state(loaded.state, k)(inferred.logits))
     probs = np.full((n, k), np.nan, np.float32)
-    probs[inferred.slots] = calibrated_probs(loaded, inferred.logits)  # stage 2 reads the raw logits
-    return StageOne(inferred=inferred, probs=probs, prevalence=loaded.state.get("train_prevalence", [0.5] * k))
+    probs[inferred.slots] = sigmoid(mapped.logits)
+    return StageOne(
+        inferred=inferred, mapped=mapped, probs=probs, prevalence=loaded.state.get("train_prevalence", [0.5] * k)
+    )
 
 
 def checkpoint_probs(
@@ -120,12 +124,9 @@ def experiment_probs(
         stage1.append(stage.probs)
         prevalence.append(stage.prevalence)
         if seq is not None:
-            inferred = stage.inferred
-            if seq.calibrated:  # stage 2 was fitted on logits through each fold's Platt map
-                inferred = inferred._replace(logits=Platt.from_state(loaded.state, len(loaded.names))(inferred.logits))
             inputs = seq_inputs(
                 store,
-                inferred,
+                stage.mapped if seq.calibrated else stage.inferred,
                 kind=seq.inputs_kind,
                 task=experiment.cfg.task,
                 slot_fold=np.zeros(len(store.slices), np.int64),

@@ -89,26 +89,28 @@ def easy_store(tmp_path_factory) -> Path:
     return root
 
 
+#: A run small enough for a test: resnet18 at 48², one epoch of 3 steps of 8 slices, on the CPU.
+TINY_RUN = dict(arch="resnet18", image_size=48, epochs=1, batch_size=8, workers=0, max_steps=3, device="cpu")
+
+
 @pytest.fixture(scope="session")
-def tiny_run(easy_store, tmp_path_factory) -> Path:
-    """A one-epoch, few-step resnet18 run on the easy store (for evaluate/predict/resume tests)."""
+def tiny_config(easy_store):
+    """``make(out, **overrides)``: a TrainConfig of :data:`TINY_RUN` on the easy store."""
     from ichtrain.config import TrainConfig
+
+    def make(out, **overrides):
+        return TrainConfig(**{"store": str(easy_store), "out": str(out), **TINY_RUN, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config, tmp_path_factory) -> Path:
+    """A one-epoch, few-step resnet18 run on the easy store (for evaluate/predict/resume tests)."""
     from ichtrain.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    train(
-        TrainConfig(
-            store=str(easy_store),
-            out=str(out),
-            arch="resnet18",
-            image_size=48,
-            epochs=1,
-            batch_size=8,
-            workers=0,
-            max_steps=3,
-            device="cpu",
-        )
-    )
+    train(tiny_config(out))
     return out
 
 

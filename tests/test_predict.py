@@ -188,26 +188,12 @@ def test_submission_probabilities_are_clipped(tiny_run, easy_store, tmp_path, mo
     assert labels.min() == pytest.approx(1e-6) and labels.max() == pytest.approx(1 - 1e-6)
 
 
-def test_subtypes_only_checkpoint_is_refused_unless_allowed(easy_store, tmp_path, caplog):
-    from ichtrain.config import TrainConfig
+def test_subtypes_only_checkpoint_is_refused_unless_allowed(easy_store, tiny_config, tmp_path, caplog):
     from ichtrain.errors import ConfigError
     from ichtrain.train import train
 
     out = tmp_path / "subtypes"
-    train(
-        TrainConfig(
-            store=str(easy_store),
-            out=str(out),
-            task="subtypes",
-            arch="resnet18",
-            image_size=48,
-            epochs=1,
-            batch_size=8,
-            workers=0,
-            max_steps=1,
-            device="cpu",
-        )
-    )
+    train(tiny_config(out, task="subtypes", max_steps=1))
     with pytest.raises(ConfigError, match="never learned to reject normal slices.*--allow-subtypes-only"):
         predict_store(out / "best.pt", easy_store, tmp_path / "a.csv", workers=0)
     with caplog.at_level("WARNING", logger="ichtrain.predict"):

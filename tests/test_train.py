@@ -311,7 +311,7 @@ def test_final_metrics_are_the_best_epochs(balance_runs):
     assert len(val) == saved["final"]["n_images"]
 
 
-def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(easy_store, tmp_path):
+def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(easy_store, tiny_config, tmp_path):
     """--slice-selection middle:K narrows training only; the middle-slice figures come as an extra block."""
     import pandas as pd
 
@@ -319,20 +319,7 @@ def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(e
     from ichtrain.data import select_slices
 
     out = tmp_path / "middle"
-    train(
-        TrainConfig(
-            store=str(easy_store),
-            out=str(out),
-            arch="resnet18",
-            image_size=48,
-            epochs=1,
-            batch_size=8,
-            workers=0,
-            max_steps=2,
-            device="cpu",
-            slice_selection="middle:4",
-        )
-    )
+    train(tiny_config(out, max_steps=2, slice_selection="middle:4"))
     store = open_store(easy_store)
     split = pd.read_parquet(out / "split.parquet")["split"].to_numpy()
     labelled = store.slices["ok"].to_numpy(bool) & store.slices["any"].notna().to_numpy()
@@ -344,7 +331,7 @@ def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(e
     assert final["n_images"] > 2 * final["middle_slices"]["n_images"]
 
 
-def test_resume_on_another_store_is_refused(tiny_run, easy_store, tmp_path):
+def test_resume_on_another_store_is_refused(tiny_run, easy_store, tiny_config, tmp_path):
     """Same spec, other content (here: another manifest): the run's store identity does not match."""
     import shutil
 
@@ -353,37 +340,12 @@ def test_resume_on_another_store_is_refused(tiny_run, easy_store, tmp_path):
     with open(other / "manifest.json", "a") as f:
         f.write("\n")
     with pytest.raises(CheckpointError, match=r"options differ.*store \(its manifest differs"):
-        train(
-            TrainConfig(
-                store=str(other),
-                out=str(tmp_path / "r"),
-                arch="resnet18",
-                image_size=48,
-                epochs=2,
-                batch_size=8,
-                workers=0,
-                max_steps=3,
-                device="cpu",
-                resume=str(tiny_run / "last.pt"),
-            )
-        )
+        train(tiny_config(tmp_path / "r", store=str(other), epochs=2, resume=str(tiny_run / "last.pt")))
 
 
-def test_training_from_random_weights_says_how_to_get_pretrained_ones(easy_store, tmp_path, caplog):
+def test_training_from_random_weights_says_how_to_get_pretrained_ones(tiny_config, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ichtrain.train"):
-        train(
-            TrainConfig(
-                store=str(easy_store),
-                out=str(tmp_path / "r"),
-                arch="resnet18",
-                image_size=48,
-                epochs=1,
-                batch_size=8,
-                workers=0,
-                max_steps=1,
-                device="cpu",
-            )
-        )
+        train(tiny_config(tmp_path / "r", max_steps=1))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("from random weights" in w and "--pretrained resnet18.pth" in w for w in warnings)
 

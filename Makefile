@@ -55,17 +55,18 @@ demo: $(STAMP)
 	@echo "  held-out evaluation  $(DEMO)/eval  (metrics.json, roc.png, calibration.png, predictions.parquet)"
 	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
-# Study-level modelling: 3 patient folds of a per-slice CNN, then a sequence model over each study's slices.
+# Study-level modelling: 3 patient folds of a per-slice CNN, then a sequence model over each study's slices
+# (the same archive settings and training recipe as `make demo`, on 60 studies).
 demo-study: $(STAMP)
 	rm -rf $(STUDY)
-	$(BIN)/ichprep synth $(STUDY)/data --studies 60 --seed 0
+	$(BIN)/ichprep synth $(STUDY)/data --studies 60 --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
 	$(BIN)/ichprep convert $(STUDY)/data/stage_2_train --labels $(STUDY)/data/stage_2_train.csv \
 		-o $(STUDY)/cache64.zarr --size 64 --shard-slices 32
 	$(BIN)/ichtrain cv $(STUDY)/cache64.zarr --out $(STUDY)/exp --folds 3 --arch resnet18 --image-size 64 \
-		--epochs 4 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
+		--epochs 6 --batch-size 16 --lr 2e-3 --optimizer adamw --scheduler cosine --workers 1 --device cpu
 	$(BIN)/ichtrain seq $(STUDY)/exp --device cpu
 	@echo "--- a held-out archive from another seed: stage 1 alone, stage 1 + 2, and the best constant"
-	$(BIN)/ichprep synth $(STUDY)/heldout --studies 30 --seed 21
+	$(BIN)/ichprep synth $(STUDY)/heldout --studies 30 --seed 21 --lesion-rate 0.9 --min-lesion-pixels 800
 	$(BIN)/ichtrain predict $(STUDY)/exp --dicom-dir $(STUDY)/heldout/stage_2_train -o $(STUDY)/stage1.csv \
 		--no-seq --workers 1 --device cpu
 	$(BIN)/ichtrain predict $(STUDY)/exp --dicom-dir $(STUDY)/heldout/stage_2_train -o $(STUDY)/submission.csv \

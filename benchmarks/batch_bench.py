@@ -15,7 +15,10 @@ warm page cache (one untimed epoch first):
   on, worker start-up and buffer fill reported apart; CPU per sample of the workers and of this process
   over the whole epoch), and the stream once more with plain batch tensors in the workers (moved to
   shared memory when sent: one copy more, done by the queue's feeder thread) to show what allocating
-  them in shared memory up front does.
+  them in shared memory up front does;
+* ``ring``: the trainer's own loader (:func:`ichtrain.train.batch_loader`), whose workers reuse batch slots
+  of one shared segment (:mod:`ichtrain.ring`) instead of fresh shared memory per batch (``--ring-only``:
+  just these DataLoader rows and the fresh-memory ones beside them).
 
 :func:`buffer_mix` simulates how many studies a batch mixes for several ``buffer_shards``, with the stream's
 own epoch layout and shuffle on an RSNA-sized table (no I/O).
@@ -39,8 +42,9 @@ import torch
 import torch.utils.data
 
 from ichprep.store import Store, open_store
-from ichtrain import data
+from ichtrain import ring
 from ichtrain.data import ShardStream, WindowShuffle, emissions, epoch_layout, epoch_plan, targets
+from ichtrain.train import batch_loader
 
 from . import layout, tiled_store
 from .measure import Run, Stopwatch, ratio, summarize
@@ -149,8 +153,18 @@ def _children_cpu_s() -> float:
 
 
 def through_loader(dataset, batch_size: int | None, workers: int) -> LoaderRun:
-    """One epoch through ``DataLoader(num_workers=workers)``, as the trainer builds it (no pinning on CPU)."""
+    """One epoch through ``DataLoader(num_workers=workers)`` (no pinning on CPU)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, prefetch_factor=4)
+    return timed_pass(loader)
+
+
+def through_trainer_loader(stream: ShardStream, workers: int) -> LoaderRun:
+    """One epoch through the trainer's own loader (:func:`ichtrain.train.batch_loader`: reused batch slots)."""
+    return timed_pass(batch_loader(stream, workers, torch.device("cpu")))
+
+
+def timed_pass(loader) -> LoaderRun:
+    """One pass over ``loader``; steady rate from the first batch's arrival on."""
     children, main, started = _children_cpu_s(), time.process_time(), time.perf_counter()
     batches = iter(loader)
     arrivals = [(time.perf_counter(), len(batch[0])) for batch in batches]
@@ -221,6 +235,12 @@ def contenders(store: Store, context: int, batch: int, loader_workers: tuple[int
                 lambda e, w=w: through_loader(at(new, e), None, w),
             ),
             Contender(
+                "batches, reused slots: the trainer's loader (ring)",
+                where,
+                w,
+                lambda e, w=w: through_trainer_loader(at(new, e), w),
+            ),
+            Contender(
                 "batches, plain tensors in the worker, DataLoader(None)",
                 where,
                 w,
@@ -248,12 +268,23 @@ def figures(contender: Contender, repeats: int, warm_up: bool = True) -> dict:
     }
 
 
-def throughput(store: Store, repeats: int, quick: bool = False) -> list[dict]:
-    """Every contender at every (context, batch); ``quick``: batch 32, 1 DataLoader worker, no warm-up epoch."""
+def slots_or_fresh(contender: Contender) -> bool:
+    """The two ways DataLoader workers get batch memory: fresh shared memory per batch, or reused ring slots."""
+    name = contender.name
+    return name.startswith("batches, ") and contender.where.startswith("DataLoader") and "plain" not in name
+
+
+def throughput(store: Store, repeats: int, quick: bool = False, ring_only: bool = False) -> list[dict]:
+    """Every contender at every (context, batch); ``quick``: batch 32, 1 DataLoader worker, no warm-up epoch.
+
+    ``ring_only``: only the DataLoader rows of fresh shared memory and of reused slots.
+    """
     rows = []
     for context in CONTEXTS:
         for batch in BATCHES[:1] if quick else BATCHES:
             for contender in contenders(store, context, batch, (1,) if quick else (1, 2)):
+                if ring_only and not slots_or_fresh(contender):
+                    continue
                 rows.append({"context": context, "batch": batch, **figures(contender, repeats, warm_up=not quick)})
     return rows
 
@@ -274,10 +305,12 @@ def ratios(rows: list[dict]) -> dict:
 
 def allocation(shape: tuple[int, ...] = (32, 9, 256, 256), repeats: int = 15) -> dict:
     """Median ms to get a batch's image memory and write every byte once, per way of getting it."""
+    slot = ring.BatchRing(1, shape, depth=1).claim(0, 0, shape[0])
     ways = {
-        "plain torch.empty (main process)": lambda: data._empty_images(shape, shared=False),
+        "plain torch.empty (main process)": lambda: torch.empty(shape, dtype=torch.uint8),
         "torch.empty().share_memory_()": lambda: torch.empty(shape, dtype=torch.uint8).share_memory_(),
-        "UntypedStorage._new_shared (ShardStream in workers)": lambda: data._empty_images(shape, shared=True),
+        "UntypedStorage._new_shared (ShardStream in workers)": lambda: ring.shared_empty(shape),
+        "a reused BatchRing slot (the trainer's loader)": lambda: slot,
     }
     out = {}
     for name, make in ways.items():
@@ -389,10 +422,10 @@ def buffer_mix(
 # ---------------------------------------------------------------- the section
 
 
-def run(store: Store, work: Path, repeats: int, min_samples: int, quick: bool = False) -> dict:
+def run(store: Store, work: Path, repeats: int, min_samples: int, quick: bool = False, ring_only: bool = False) -> dict:
     big = tiled_store.tile(store, work / "tiled-batches.zarr", min_samples)
     try:
-        rows = throughput(big, repeats, quick)
+        rows = throughput(big, repeats, quick, ring_only)
     finally:
         if layout.root_of(big) != layout.root_of(store):
             shutil.rmtree(layout.root_of(big), ignore_errors=True)
@@ -400,7 +433,7 @@ def run(store: Store, work: Path, repeats: int, min_samples: int, quick: bool = 
     return {
         "slices_per_epoch": int(big.slices["ok"].sum()),
         "rows": rows,
-        "ratios": ratios(rows),
+        "ratios": {} if ring_only else ratios(rows),
         "allocation": allocation(repeats=3 if quick else 15),
         "buffer_mix": mix,
     }
@@ -412,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-samples", type=int, default=8000, help="slices per epoch of the tiled store")
     parser.add_argument("--out", default=None, help="write the figures here (JSON)")
+    parser.add_argument(
+        "--ring-only", action="store_true", help="only DataLoader workers: fresh shared memory vs reused slots"
+    )
     args = parser.parse_args(argv)
     from .report import format_batches, write_json
 
     with tempfile.TemporaryDirectory(prefix="ichkit-batch-bench-") as work:
-        section = run(open_store(args.store), Path(work), args.repeats, args.min_samples)
+        section = run(open_store(args.store), Path(work), args.repeats, args.min_samples, ring_only=args.ring_only)
     section["command"] = "python -m benchmarks.batch_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_batches(section))
     if args.out:

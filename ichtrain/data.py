@@ -14,7 +14,6 @@ never read).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from ichprep.store import open_reader
 from .balance import sampling_rates
 from .config import BALANCES, SPLIT_PARTS, TASKS, TrainConfig, check_choice, check_fraction, check_int, middle_count
 from .errors import ConfigError, DataError
+from .ring import Batch, BatchRing, WorkerSlots, shared_empty
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +186,6 @@ def _open_images(root: Path):
     return open_reader(as_location(root))
 
 
-class Batch(NamedTuple):
-    """One batch of a :class:`ShardStream`; each tensor owns its memory."""
-
-    images: torch.Tensor  # uint8 (b, C*(2*context+1), H, W)
-    targets: torch.Tensor  # float32 (b, K)
-    slots: torch.Tensor  # int64 (b,)
-
-
 class Layout(NamedTuple):
     """One epoch's sample sequence, the same on every rank: the shards read, in order, and their sample counts."""
 
@@ -333,12 +325,16 @@ class _Loaded(NamedTuple):
     slots: np.ndarray  # int64 (samples,)
 
 
-def _empty_images(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    if not shared:
-        return torch.empty(shape, dtype=torch.uint8)
-    # Born shared (as default_collate does in workers): share_memory_() would first copy uninitialised bytes.
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+class NewMemory(NamedTuple):
+    """Batch memory allocated per batch: plain in the main process, shared in a DataLoader worker."""
+
+    shared: bool
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return shared_empty(shape) if self.shared else torch.empty(shape, dtype=torch.uint8)
+
+    def batch(self, images: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor) -> Batch:
+        return Batch(images=images, targets=targets, slots=slots)
 
 
 class _BatchWriter:
@@ -351,16 +347,16 @@ class _BatchWriter:
         sample_shape: tuple[int, int, int],
         stack: int,
         targets: np.ndarray,
-        shared: bool,
+        memory: NewMemory | WorkerSlots,
     ):
         self._left, self._batch_size, self._sample_shape = total, batch_size, sample_shape
-        self._stack, self._targets, self._shared = stack, targets, shared
+        self._stack, self._targets, self._memory = stack, targets, memory
         self._start()
 
     def _start(self) -> None:
         size = min(self._batch_size, self._left)
         self._left -= size
-        self._images = _empty_images((size, *self._sample_shape), self._shared)
+        self._images = self._memory.empty((size, *self._sample_shape))
         # (b, 2*context+1, C, H, W) view: sample j's k-th neighbour is channels [k*C, (k+1)*C) of image j.
         channels, h, w = self._sample_shape
         self._stacked = self._images.numpy().reshape(size, self._stack, channels // self._stack, h, w)
@@ -384,7 +380,7 @@ class _BatchWriter:
             self._slots[f : f + k] = loaded.slots[take]
             self._filled += k
             if self._filled == len(self._slots):
-                yield Batch(
+                yield self._memory.batch(
                     images=self._images,
                     targets=torch.from_numpy(self._targets[self._slots]),
                     slots=torch.from_numpy(self._slots),
@@ -417,8 +413,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     given, a zero-filled neighbour is replaced by the slot itself).  The decoded block is kept as read:
     the buffer holds (block, row indices) per sample, never pixels, and each sample's 1 or
     ``2*context+1`` slices are copied once, from the block straight into the batch tensor.  Inside a
-    DataLoader worker that tensor is allocated in shared memory, so sending it to the main process does
-    not copy it again.  Every batch gets new tensors (no view of a block or of another batch).
+    DataLoader worker that tensor is in shared memory, so sending it to the main process does not copy it
+    again: a new tensor per batch, or, under :class:`~ichtrain.ring.RingLoader` (the trainer's loader), a
+    slot of a :class:`~ichtrain.ring.BatchRing` the worker reuses.  No batch is a view of a block.
 
     ``shuffle=True``: each sample goes out in one of the ``buffer_shards`` rounds after its shard is read,
     at random (rng per (seed, epoch, rank, worker); :class:`WindowShuffle`), so a batch mixes the
@@ -432,6 +429,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     #: Allocate batch images in shared memory inside DataLoader workers (a benchmark turns it off to compare).
     _share_in_workers = True
+    #: Batch slots the workers write into (set on a copy by :meth:`with_ring`); None: a new tensor per batch.
+    _ring: BatchRing | None = None
 
     def __init__(
         self,
@@ -521,6 +520,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         if counts is not None:
             self.counts = self._check_counts(counts)
         self._layout = None
+
+    def with_ring(self, ring: BatchRing) -> ShardStream:
+        """A copy of this stream whose DataLoader workers write their batches into ``ring``."""
+        copy = self.__class__.__new__(self.__class__)
+        copy.__dict__.update(self.__dict__, _ring=ring)
+        return copy
+
+    def _worker_memory(self, info) -> NewMemory | WorkerSlots:
+        if info is None:
+            return NewMemory(shared=False)
+        if self._ring is not None:
+            return WorkerSlots(self._ring, info.id)
+        return NewMemory(shared=self._share_in_workers)
 
     def __getstate__(self):
         # Spawned workers open their own array; never ship an open one.
@@ -614,7 +626,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             sample_shape=self.sample_shape,
             stack=2 * self.context + 1,
             targets=self.targets,
-            shared=info is not None and self._share_in_workers,
+            memory=self._worker_memory(info),
         )
         loaded = (self._load(images, piece) for piece in self._pieces(g0, g1))
         for step in emissions(order, loaded, lambda piece: len(piece.slots)):

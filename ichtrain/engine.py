@@ -7,6 +7,7 @@ read once per ``log_every`` steps, so a GPU queues work without waiting for the 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -52,20 +53,32 @@ def _for_model(inputs: torch.Tensor, channels_last: bool) -> torch.Tensor:
 class WeightAverage:
     """An exponential moving average of a model's parameters: the model that is evaluated and saved.
 
-    ``average = decay * average + (1 - decay) * weights`` after every step, on the device, with no host sync.
+    ``average = d * average + (1 - d) * weights`` after update ``t`` (0, 1, ...), on the device, with no host
+    sync, where ``d = min(decay, (1 + t) / (10 + t))``: early on the average spans the last ~t/9 steps, so it
+    never carries the random start of a short run, and it spans ~1/(1 - decay) steps once ``t`` is large.
     Buffers (BatchNorm statistics) are not averaged: :meth:`take_buffers` copies the model's, and
     :func:`refresh_batchnorm` then recomputes them for the averaged weights.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, updates: int = 0):
         self.module = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
-        self.decay = decay
+        self.decay, self.updates = decay, updates
         self._params = list(self.module.parameters())
+
+    @staticmethod
+    def warmed_up(decay: float) -> int:
+        """The first update count whose decay is ``decay`` (averages saved before the warm-up count as warm)."""
+        return math.ceil((10 * decay - 1) / (1 - decay))
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], weight)
+        self.updates += 1
 
     @torch.no_grad()
     def take_buffers(self, model: torch.nn.Module) -> None:

@@ -47,6 +47,7 @@ from .metrics import compute_metrics, reference_table
 from .model import build_model, random_init_advice
 from .plots import plot_calibration, plot_loss_curves, plot_roc_curves
 from .recalibrate import Platt, cross_fit, cross_fit_parts, fit_platt
+from .ring import RingLoader
 
 logger = logging.getLogger(__name__)
 
@@ -160,15 +161,13 @@ def _streams(store: Store, cfg: TrainConfig, *, split: np.ndarray, y: np.ndarray
 
 
 def batch_loader(stream: ShardStream, workers: int, device: torch.device):
-    """A DataLoader over a stream that yields whole batches (pinned on CUDA)."""
-    # No persistent workers: each epoch's iterator hands workers a fresh copy of the stream (new epoch plan).
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
+    """Whole batches of a stream: in this process, or from ``workers`` processes through reused slots.
+
+    No persistent workers: each pass hands workers a fresh copy of the stream (new epoch plan).
+    """
+    if workers:
+        return RingLoader(stream, workers, device)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0, pin_memory=device.type == "cuda")
 
 
 def store_identity(store: Store) -> str:
@@ -442,6 +441,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if average is not None and checkpoint is not None:
         average.module.load_state_dict(checkpoint["model"])
+        average.updates = checkpoint.get("average_updates", WeightAverage.warmed_up(cfg.ema_decay))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -556,7 +556,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
             state = {
                 "model": (model if average is None else average.module).state_dict(),  # what evaluate loads
-                **({} if average is None else {"trained_model": model.state_dict()}),
+                **(
+                    {} if average is None else {"trained_model": model.state_dict(), "average_updates": average.updates}
+                ),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -15,7 +15,7 @@ import torch.utils.data
 
 from ichprep.labels import LABELS, SUBTYPES
 from ichprep.store import open_reader, open_store
-from ichtrain import data
+from ichtrain import data, ring
 from ichtrain.data import (
     Batch,
     SequenceOrder,
@@ -31,6 +31,7 @@ from ichtrain.data import (
 )
 from ichtrain.errors import ConfigError, DataError
 from ichtrain.folds import split_slices
+from ichtrain.train import batch_loader
 
 SHARD = 8
 
@@ -537,16 +538,84 @@ def test_stream_dataloader_two_workers(store, monkeypatch):
     assert Counter(slots_of(batches)) == {i: int(c) for i, c in enumerate(counts) if c}
     assert len(batches) == ds.batches(4, 2)
     assert batches[0].images.shape == (4, 9, 32, 32) and batches[0].targets.shape == (4, 6)
-    # Each worker process yields what the same worker does in this process, pixels included.
-    expected = []
-    for worker in range(2):
-        fake_worker(monkeypatch, worker, 2)
-        expected.append(drain(ds))
-    # The DataLoader takes one batch from each worker in turn, then the longer one's rest.
-    first, second = expected
-    ordered = [b for pair in zip(first, second) for b in pair] + first[len(second) :] + second[len(first) :]
+    ordered = two_workers_in_process(ds, monkeypatch)
     assert [b.slots.tolist() for b in batches] == [b.slots.tolist() for b in ordered]
     assert all(torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets) for b, e in zip(batches, ordered))
+
+
+def two_workers_in_process(ds, monkeypatch) -> list[Batch]:
+    """What two DataLoader workers yield, worker by worker in this process, in the DataLoader's order."""
+    first, second = [], []
+    for worker, out in enumerate((first, second)):
+        fake_worker(monkeypatch, worker, 2)
+        out.extend(drain(ds))
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    # The DataLoader takes one batch from each worker in turn, then the longer one's rest.
+    return [b for pair in zip(first, second) for b in pair] + first[len(second) :] + second[len(first) :]
+
+
+def consumed(loader) -> list[tuple[Batch, int]]:
+    """Each batch copied as it arrives (a ring batch is valid until the next), with its storage's address."""
+    out = []
+    for b in loader:
+        out.append((Batch(*(t.clone() for t in b)), b.images.untyped_storage().data_ptr()))
+    return out
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: done only when the test says so."""
+
+    done = False
+
+    def record(self):
+        pass
+
+    def query(self):
+        return FakeEvent.done
+
+
+@pytest.mark.parametrize("copies_finish", [True, False, None])
+def test_ring_loader_reuses_slots_and_gives_the_workers_batches(store, monkeypatch, copies_finish):
+    """The trainer's loader: the same batches as the workers make, mostly in the ring's slots.
+
+    None: CPU (a batch is released when the next is asked for).  True/False: CUDA, where a batch is released
+    once its event has passed; when events never pass, every batch goes to fresh memory and none waits.
+    """
+    counts = epoch_plan(np.flatnonzero(all_ok(store)), is_positive(store.slices), seed=0, epoch=1)
+    ds = stream(store, counts, seed=0, batch_size=2, context=1, buffer_shards=2)
+    ds.set_epoch(1)
+    device = torch.device("cpu")
+    if copies_finish is not None:
+        device = torch.device("cuda")
+        monkeypatch.setattr(ring.BatchRing, "pin", lambda self: setattr(self, "pinned", True))
+        monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+        monkeypatch.setattr(FakeEvent, "done", copies_finish)
+    got = consumed(batch_loader(ds, 2, device))
+    expected = two_workers_in_process(ds, monkeypatch)
+    assert len(got) == len(expected) == ds.batches(2, 2) > 4 * ring.PREFETCH
+    for (b, _), e in zip(got, expected):
+        assert torch.equal(b.slots, e.slots) and torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets)
+    storages = Counter(address for _, address in got)
+    in_ring = storages.most_common(1)[0][1]
+    if copies_finish is False:
+        assert in_ring <= 2 * ring.BatchRing(2, (1,)).depth  # only the slots' first use
+    else:
+        assert in_ring >= len(got) - 2  # one segment for (nearly) every batch
+
+
+def test_ring_slot_is_claimed_only_after_its_last_batch_is_released():
+    r = ring.BatchRing(workers=2, batch_shape=(3, 1, 2, 2), depth=2)
+    mine = ring.WorkerSlots(r, worker=1)
+    sent = []
+    for _ in range(3):
+        images = mine.empty((3, 1, 2, 2))
+        images.fill_(len(sent))
+        sent.append(mine.batch(images, torch.zeros(3, 6), torch.arange(3)))
+    assert [b.images is None for b in sent] == [True, True, False]  # batch 2 would reuse batch 0's slot
+    assert [int(r.images_of(b).max()) for b in sent] == [0, 1, 2]
+    r.release(sent[0])
+    assert r.claim(1, 3, 3) is None and r.claim(1, 2, 3) is not None and r.claim(0, 2, 3) is None
+    assert r.claim(1, 2, 2).shape == (2, 1, 2, 2)  # a short last batch is a view of the slot's head
 
 
 def test_stream_context_neighbours(store, images):

@@ -95,14 +95,21 @@ def test_the_weight_average_follows_its_formula_without_touching_the_model():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     start = [p.detach().clone() for p in model.parameters()]
-    average = WeightAverage(model, decay=0.75)
+    fresh, warm = WeightAverage(model, decay=0.75), WeightAverage(model, decay=0.75, updates=30)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    average.update(model)
-    for mine, first, now in zip(average.module.parameters(), start, model.parameters()):
-        torch.testing.assert_close(mine, 0.75 * first + 0.25 * now)
-        assert not mine.requires_grad and now.requires_grad
+    decays = []
+    for average in (fresh, warm):
+        decays.append(average.current_decay())
+        average.update(model)
+    assert decays == [0.1, 0.75] and (fresh.updates, warm.updates) == (1, 31)  # min(decay, (1 + t) / (10 + t))
+    assert WeightAverage(model, 0.75, updates=WeightAverage.warmed_up(0.75) - 1).current_decay() < 0.75
+    for average, decay in zip((fresh, warm), decays):
+        for mine, first, now in zip(average.module.parameters(), start, model.parameters()):
+            torch.testing.assert_close(mine, decay * first + (1 - decay) * now)
+            assert not mine.requires_grad and now.requires_grad
+    average = warm
     model[1].running_mean.fill_(5.0)
     average.take_buffers(model)
     assert average.module[1].running_mean.tolist() == [5.0, 5.0]

@@ -173,8 +173,8 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
     _off_or_fraction(
         "--ema-decay",
         TrainConfig.ema_decay,
-        help="Evaluate and save an exponential moving average of the weights, updated after every step "
-        "with this decay (e.g. 0.99; 0 = off); training continues from the raw weights.",
+        help="Evaluate and save an exponential moving average of the weights, updated after step t with "
+        "decay min(D, (1 + t) / (10 + t)) (0 = off); training continues from the raw weights.",
     ),
     _train_choice(
         "calibration",

@@ -241,7 +241,7 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch; for smoke runs and benchmarks
     bn_refresh_batches: int = 20
     buffer_shards: int = BUFFER_SHARDS
-    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
+    ema_decay: float = 0.999  # > 0: evaluate and save an exponential moving average of the weights (0: off)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

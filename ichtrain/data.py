@@ -13,6 +13,7 @@ never read).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -523,9 +524,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def with_ring(self, ring: BatchRing) -> ShardStream:
         """A copy of this stream whose DataLoader workers write their batches into ``ring``."""
-        copy = self.__class__.__new__(self.__class__)
-        copy.__dict__.update(self.__dict__, _ring=ring)
-        return copy
+        clone = copy.copy(self)
+        clone._ring = ring
+        return clone
 
     def _worker_memory(self, info) -> NewMemory | WorkerSlots:
         if info is None:

@@ -62,8 +62,8 @@ class BatchRing:
     """``workers x depth`` batch slots in shared memory, and per worker the count of batches released."""
 
     def __init__(self, workers: int, batch_shape: tuple[int, ...], *, depth: int = PREFETCH + SPARE_SLOTS):
-        self.workers, self.depth, self.batch_shape = workers, depth, tuple(batch_shape)
-        self.images = shared_empty((workers, depth, *self.batch_shape))
+        self.depth = depth
+        self.images = shared_empty((workers, depth, *batch_shape))
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
         self.pinned = False
 
@@ -145,6 +145,8 @@ class RingLoader:
             while held and (held[0][1] is None or held[0][1].query()):
                 ring.release(held.popleft()[0])
             yield Batch(images=ring.images_of(batch), targets=batch.targets, slots=batch.slots)
-            held.append((batch, torch.cuda.Event() if ring.pinned else None))
+            event = None
             if ring.pinned:
-                held[-1][1].record()  # after the work queued on this batch, its copy to the device included
+                event = torch.cuda.Event()
+                event.record()  # after the work queued on this batch, its copy to the device included
+            held.append((batch, event))

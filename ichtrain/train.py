@@ -442,6 +442,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     if average is not None and checkpoint is not None:
         average.module.load_state_dict(checkpoint["model"])
         average.updates = checkpoint.get("average_updates", WeightAverage.warmed_up(cfg.ema_decay))
+    evaluated = model if average is None else average.module  # what each epoch refreshes, validates and saves
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -491,7 +492,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             average.take_buffers(model)
         # The unwrapped model: each DDP rank refreshes its own copy, rank 0's buffers are broadcast at the next forward.
         refresh_batchnorm(
-            dataclasses.replace(setup, model=model if average is None else average.module),
+            dataclasses.replace(setup, model=evaluated),
             batch_loader(streams.train, cfg.workers, device),
             max_batches=cfg.bn_refresh_batches,
         )
@@ -499,7 +500,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             for buffer in average.module.buffers():  # the average is not wrapped: rank 0's statistics, sent here
                 dist.broadcast(buffer, 0)
         out_val = infer(
-            net if average is None else average.module,
+            net if average is None else evaluated,  # the average is never wrapped: it is not trained
             batch_loader(streams.val, cfg.workers, device),
             image_size=cfg.image_size,
             device=device,
@@ -555,7 +556,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         if rank == 0:
             _json_line(out / "metrics.jsonl", {**record, "metrics": metrics})
             state = {
-                "model": (model if average is None else average.module).state_dict(),  # what evaluate loads
+                "model": evaluated.state_dict(),  # what evaluate loads
                 **(
                     {} if average is None else {"trained_model": model.state_dict(), "average_updates": average.updates}
                 ),

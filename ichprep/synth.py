@@ -29,7 +29,7 @@ import os
 import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -85,6 +85,7 @@ class Lesion:
     extent: float  # extra-axial: angular half-width (rad); IPH: radial position (0-1); IVH: filled fraction
     size: float  # mm: maximum thickness (extra-axial) or radius (IPH)
     hu: float  # blood density
+    edge_fill: tuple[float, float] = (1.0, 1.0)  # share of its first and last slice's slab the bleed fills
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,12 @@ def _study_geometry(
     )
 
 
+def _partial_volume(geom: StudyGeometry, rng: np.random.Generator) -> StudyGeometry:
+    """Each lesion's first and last slab holds a uniform share of blood: where its edge falls in the slab."""
+    fills = rng.uniform(0.0, 1.0, size=(len(geom.lesions), 2)).tolist()
+    return replace(geom, lesions=tuple(replace(les, edge_fill=tuple(f)) for les, f in zip(geom.lesions, fills)))
+
+
 def _quirk_counts(n_slices: int, n_studies: int) -> dict[str, int]:
     counts = {"truncated_pixels": 1, "wrap12": max(1, n_slices // 150)}
     if n_studies >= 2:  # a one-study dataset stays (almost) clean
@@ -226,11 +233,12 @@ def plan_dataset(
     lesion_rate: float = 0.4,
     min_lesion_pixels: int = MIN_LESION_PIXELS,
     taken: Collection[str] = frozenset(),
+    partial_volume: bool = False,
 ) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """Everything about the dataset except pixels: studies, patients, image ids, and the quirky slices.
 
     ``lesion_rate`` is the chance that a study has hemorrhage (the real archive: ~0.41). ``taken``: image
-    and patient ids of another split, which this one must not reuse.
+    and patient ids of another split, which this one must not reuse. ``partial_volume``: see ``generate``.
     """
     # Study 0 always bleeds, so that even a two-study dataset has positive labels to test with.
     geoms = [
@@ -239,6 +247,8 @@ def plan_dataset(
         )
         for k in range(studies)
     ]
+    if partial_volume:  # its own random stream: the rest of the dataset stays the same bytes
+        geoms = [_partial_volume(g, _rng(seed, 4, k)) for k, g in enumerate(geoms)]
     rng = _rng(seed, 0)
     # about 15% of patients have two studies
     patients, k = [], 0
@@ -282,12 +292,15 @@ def plan_test_split(
     train: list[StudyPlan],
     lesion_rate: float = 0.4,
     min_lesion_pixels: int = MIN_LESION_PIXELS,
+    partial_volume: bool = False,
 ) -> tuple[list[StudyPlan], dict[str, list[str]]]:
     """The test split beside ``train``: other patients, other names, and no quirk meant for labelled data."""
     if studies == 0:
         return [], {}
     taken = {i for p in train for i in (p.patient_id, *p.image_ids)}
-    plans, quirks = plan_dataset(studies, _test_seed(seed), lesion_rate, min_lesion_pixels, taken=taken)
+    plans, quirks = plan_dataset(
+        studies, _test_seed(seed), lesion_rate, min_lesion_pixels, taken=taken, partial_volume=partial_volume
+    )
     return plans, {name: ids for name, ids in quirks.items() if name not in TRAIN_ONLY_QUIRKS}
 
 
@@ -440,7 +453,10 @@ def _draw_lesions(geom: StudyGeometry, z: int, fr: _Frame, w: np.ndarray):
     edema &= (fr.inner > CSF_RIM_MM) & ~covered
     w[edema] = EDEMA_HU
     for i, m in masks:
-        w[m] = geom.lesions[i].hu
+        les = geom.lesions[i]
+        # Partial volume: a slab the bleed fills only in part averages blood with what lies around it.
+        fill = les.edge_fill[0] if z == les.first else les.edge_fill[1] if z == les.last else 1.0
+        w[m] = les.hu if fill == 1.0 else w[m] + np.float32(fill) * (np.float32(les.hu) - w[m])
     return masks, edema, counts
 
 
@@ -740,6 +756,7 @@ def generate(
     test_studies: int | None = None,
     as_zip: bool = False,
     zip_method: str = "deflated",
+    partial_volume: bool = False,
 ) -> SynthSummary:
     """Write a synthetic RSNA-style dataset of ``studies`` studies to ``out_dir``; same seed, same bytes.
 
@@ -749,7 +766,10 @@ def generate(
     visible at low resolution. ``test_studies``: studies of other patients in ``stage_2_test/``, listed in
     ``stage_2_sample_submission.csv`` (default 0 for a folder, ``max(1, studies // 5)`` for a zip); the
     train files do not depend on it. ``as_zip``: ``out_dir`` is then a new zip file holding everything
-    under ``KAGGLE_TOP/``, compressed with ``zip_method`` ("deflated" or "stored").
+    under ``KAGGLE_TOP/``, compressed with ``zip_method`` ("deflated" or "stored"). ``partial_volume``:
+    a 5 mm slice through a bleed's upper or lower edge holds blood in part of its thickness only, so it
+    shows the lesion at that share (uniform in 0-1, per edge) of its contrast; the slice stays labelled, as
+    readers who scroll through the study label it. Off, every slice shows its lesion at full contrast.
     """
     _check_arguments(studies, seed, lesion_rate, min_lesion_pixels, test_studies, zip_method)
     out_dir, seed = Path(out_dir), int(seed)
@@ -763,9 +783,11 @@ def generate(
         raise NotADirectoryError(f"{out_dir} is a file; synth writes a folder there (a zip file needs as_zip / --zip)")
     if not as_zip:
         _check_folder(out_dir, (TRAIN_DIR, TEST_DIR) if with_test else (TRAIN_DIR,))
-    train = plan_dataset(int(studies), seed, lesion_rate, int(min_lesion_pixels))
+    train = plan_dataset(int(studies), seed, lesion_rate, int(min_lesion_pixels), partial_volume=partial_volume)
     test = (
-        plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels)) if with_test else None
+        plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels), partial_volume)
+        if with_test
+        else None
     )
     if as_zip:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

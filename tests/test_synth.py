@@ -189,6 +189,37 @@ def test_labels_follow_drawn_lesions_and_blood_is_visible(ds2):
     assert positives > 0
 
 
+def test_partial_volume_fades_only_the_edge_slices_of_each_lesion(ds2, tmp_path):
+    summary, where, _ = ds2
+    faded = generate(tmp_path, studies=2, seed=0, partial_volume=True)
+    assert faded.labels_csv.read_bytes() == summary.labels_csv.read_bytes()  # labels, names, quirks: unchanged
+    plans, _ = plan_dataset(2, 0, partial_volume=True)
+    edge_slices = 0
+    for image_id, (plan, z) in where.items():
+        if image_id in summary.quirks["truncated_pixels"]:
+            continue
+        full, part = load(summary, image_id), load(faded, image_id)
+        geometry = plans[plan.index].geometry
+        edges = [(i, les) for i, les in enumerate(geometry.lesions) if z in (les.first, les.last)]
+        regions = slice_regions(geometry, z, (full.Rows, full.Columns))
+        drawn = [(i, les) for i, les in edges if (regions == LESION_CODE + i).any()]
+        if not drawn:
+            assert part.PixelData == full.PixelData
+            continue
+        edge_slices += 1
+        loss = to_hu(full) - to_hu(part)
+        for i, les in drawn:
+            fill = les.edge_fill[0] if z == les.first else les.edge_fill[1]
+            assert 0 <= fill <= 1
+            lesion = regions == LESION_CODE + i
+            # What stays is the share of blood over what lies around it (CSF 7 HU to gray matter 38 HU).
+            background = les.hu - np.median(loss[lesion]) / max(1 - fill, 1e-6)
+            assert fill > 0.97 or -5 <= background <= 45
+        assert np.all(loss[regions < LESION_CODE] == 0)
+    assert edge_slices >= 2
+    assert all(les.edge_fill == (1.0, 1.0) for plan in plan_dataset(2, 0)[0] for les in plan.geometry.lesions)
+
+
 def test_truncated_file(ds2):
     summary, _, _ = ds2
     (image_id,) = summary.quirks["truncated_pixels"]

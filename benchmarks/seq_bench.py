@@ -1,6 +1,6 @@
 """Stage-2 (sequence model) training speed on an RSNA-sized array of stage-1 features, against merely reading it.
 
-``python -m benchmarks.seq_bench [--dims 512,2048] [--models gru,transformer] [--batches 40] [--threads N]
+``python -m benchmarks.seq_bench [--dims 512,2048] [--models window,gru,transformer] [--batches 40] [--threads N]
 [--studies 21744] [--out FILE.json]``
 
 The simulated array has the RSNA 2019 training set's shape: 21,744 studies and 752,803 slots.  Study lengths
@@ -14,7 +14,7 @@ For every ``D``:
 * baseline: one shuffled pass of :func:`ichtrain.seq.iter_batches` over every study.  It gathers the float16
   rows, standardises them to float32 and pads them: the data work of an epoch, with no model.  The
   standardisation statistics pass (:func:`ichtrain.seq.standardisation`, once per fit) is timed apart;
-* each model kind, with the default :class:`~ichtrain.config.SeqConfig`: the same batches, each followed by
+* each model kind, with its default :class:`~ichtrain.config.SeqConfig`: the same batches, each followed by
   :func:`ichtrain.seq.train_step` (forward, masked RSNA-weighted BCE, backward, AdamW, cosine step).
   Two untimed warm-up batches come first.  Then ``--batches`` batches are timed and the time is
   extrapolated to one epoch of ``ceil(studies / batch_studies)`` batches (``--batches 0``: the whole
@@ -37,13 +37,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from ichtrain import seq
-from ichtrain.config import SeqConfig
+from ichtrain.config import SEQ_MODELS, SeqConfig
 from ichtrain.seq import SeqInputs
 
 from .measure import load_average, ratio
@@ -209,14 +209,14 @@ def run(
     studies: int = RSNA_STUDIES,
     slots: int | None = None,
     dims=(512, 2048),
-    models=("gru", "transformer"),
+    models=SEQ_MODELS,
     batches: int = 40,
     seed: int = 0,
     device: str = "cpu",
     command: str = "",
 ) -> dict:
     slots = slots if slots is not None else round(studies * RSNA_SLOTS / RSNA_STUDIES)
-    cfg = replace(SeqConfig(), device=device)
+    cfg = SeqConfig(device=device)
     rows = []
     for dim in dims:
         started = time.perf_counter()
@@ -236,7 +236,7 @@ def run(
             }
         )
         for kind in models:
-            rows.append(training(inputs, order, replace(cfg, model=kind), norm, batches))
+            rows.append(training(inputs, order, SeqConfig(model=kind, device=device), norm, batches))
         del inputs
     for row in rows:
         base = next(r for r in rows if r["dim"] == row["dim"] and "array_mib" in r)
@@ -255,6 +255,7 @@ def run(
         "mean_length": float(lengths.mean()),
         "length_p5_p50_p95": [float(q) for q in np.percentile(lengths, [5, 50, 95])],
         "config": asdict(cfg),
+        "hidden": {kind: SeqConfig(model=kind).hidden for kind in models},
         "rows": rows,
     }
 
@@ -285,7 +286,8 @@ def format_seq(section: dict) -> str:
     notes = [
         f"{section['studies']:,} studies, {section['slots']:,} slots (mean {section['mean_length']:.1f} slices, "
         f"5/50/95th percentile {'/'.join(f'{q:g}' for q in section['length_p5_p50_p95'])}); SeqConfig defaults: "
-        f"hidden {cfg['hidden']}, layers {cfg['layers']}, batch {cfg['batch_studies']} studies; "
+        f"hidden {', '.join(f'{k} {h}' for k, h in section['hidden'].items())}, layers {cfg['layers']}, "
+        f"batch {cfg['batch_studies']} studies; "
         f"{meta['device']}, {meta['torch_threads']} torch threads, load average before {meta['load_before']}",
         "feature array: "
         + ", ".join(
@@ -301,7 +303,7 @@ def format_seq(section: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.seq_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--dims", default="512,2048", help="feature widths, comma-separated (default 512,2048)")
-    parser.add_argument("--models", default="gru,transformer", help="model kinds (default gru,transformer)")
+    parser.add_argument("--models", default=",".join(SEQ_MODELS), help="model kinds (default: every one)")
     parser.add_argument(
         "--batches",
         type=int,

@@ -68,6 +68,11 @@ def _train_choice(field: str, choices, help: str | None = None):
     )
 
 
+def _model_defaults(name: str) -> str:
+    """Help text for a stage-2 setting whose default depends on --model, e.g. "[default: window 120, gru 15]"."""
+    return "[default: " + ", ".join(f"{m} {d[name]:g}" for m, d in config.SEQ_MODEL_DEFAULTS.items()) + "]."
+
+
 def _off_or_fraction(flag: str, default: float, help: str):
     """A setting in [0, 1) where 0 turns something off (config.OFF_OR_FRACTION)."""
     return click.option(flag, type=_fraction(config.OFF_OR_FRACTION), default=default, show_default=True, help=help)
@@ -357,7 +362,8 @@ def cv(store, out, folds, tta, **options) -> None:
     type=click.Choice(config.SEQ_MODELS),
     default=SeqConfig.model,
     show_default=True,
-    help="gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.",
+    help="window: a small network over each label's logits on the neighbouring slices and the study's top; "
+    "gru: a bidirectional GRU over the study's slices; transformer: an encoder with z positions.",
 )
 @click.option(
     "--inputs",
@@ -365,22 +371,20 @@ def cv(store, out, folds, tta, **options) -> None:
     default="logits",
     show_default=True,
     help="Per slice, stage 1's logits or its penultimate features (the logits are the residual base either "
-    "way). Features only mean the same thing across folds when every fold started from the same "
-    "--pretrained weights.",
+    "way; the window model reads the logits only). Features only mean the same thing across folds when "
+    "every fold started from the same --pretrained weights.",
 )
 @click.option(
     "--epochs",
     type=_at_least(config.SEQ_MINIMUMS, "epochs"),
-    default=SeqConfig.epochs,
-    show_default=True,
-    help="Stage-2 epochs (the best is kept, see --holdout).",
+    default=None,
+    help="Stage-2 epochs (with --holdout, the best is kept) " + _model_defaults("epochs"),
 )
 @click.option(
     "--hidden",
     type=_at_least(config.SEQ_MINIMUMS, "hidden"),
-    default=SeqConfig.hidden,
-    show_default=True,
-    help="Hidden units.",
+    default=None,
+    help="Hidden units " + _model_defaults("hidden"),
 )
 @click.option(
     "--layers",
@@ -389,12 +393,13 @@ def cv(store, out, folds, tta, **options) -> None:
     show_default=True,
     help="Recurrent or encoder layers.",
 )
-@click.option("--lr", type=float, default=SeqConfig.lr, show_default=True, help="AdamW learning rate.")
-@_off_or_fraction(
+@click.option("--lr", type=float, default=None, help="AdamW learning rate " + _model_defaults("lr"))
+@click.option(
     "--holdout",
-    SeqConfig.holdout,
-    help="Share of each fold's training studies that picks the epoch, the untrained "
-    "model (= stage 1) included; 0 keeps the last epoch.",
+    type=_fraction(config.OFF_OR_FRACTION),
+    default=None,
+    help="Share of each fold's training studies that picks the epoch, the untrained model (= stage 1) "
+    "included; 0 keeps the last epoch " + _model_defaults("holdout"),
 )
 @click.option(
     "--batch-studies",

@@ -110,7 +110,16 @@ BUFFER_SHARDS = 23
 MIN_FOLDS = 2
 MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
-SEQ_MODELS = ("gru", "transformer")  # stage 2: a bidirectional GRU or a transformer encoder over a study's slices
+# stage 2: a bidirectional GRU, a transformer encoder, or a small network over each label's neighbouring logits
+SEQ_MODELS = ("gru", "transformer", "window")
+#: Each stage-2 model's own defaults of the settings left unset (how they were chosen: BENCHMARKS.md, "Stage 2").
+#: The window model has a few hundred weights and fits to convergence; the recurrent and attention models
+#: overfit a few dozen studies, so a held-out share of the training studies picks their epoch.
+SEQ_MODEL_DEFAULTS = {
+    "gru": {"hidden": 64, "epochs": 15, "lr": 3e-3, "holdout": 0.2},
+    "transformer": {"hidden": 64, "epochs": 15, "lr": 3e-3, "holdout": 0.2},
+    "window": {"hidden": 8, "epochs": 120, "lr": 1e-2, "holdout": 0.0},
+}
 SEQ_INPUTS = ("features", "logits")  # stage 2 reads stage 1's penultimate features or its logits
 #: Attention heads of the stage-2 transformer; its ``hidden`` must be a multiple of this.
 HEADS = 4
@@ -283,23 +292,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SeqConfig:
-    """Stage-2 training settings (how the defaults were chosen: BENCHMARKS.md, "Stage 2")."""
+    """Stage-2 training settings (how the defaults were chosen: BENCHMARKS.md, "Stage 2").
 
-    model: str = "gru"
-    hidden: int = 64
+    ``hidden``, ``epochs``, ``lr`` and ``holdout`` left as None take the model's own defaults
+    (``SEQ_MODEL_DEFAULTS``); ``dataclasses.replace`` keeps them as resolved, so build a new config to
+    change the model.
+    """
+
+    model: str = "window"
+    hidden: int | None = None
     layers: int = 2
     dropout: float = 0.2
-    epochs: int = 15
+    epochs: int | None = None
     batch_studies: int = 32
-    lr: float = 3e-3
+    lr: float | None = None
     weight_decay: float = 1e-2
     seed: int = 0
     device: str = "cpu"
     concat_logits: bool = True  # stage-1 logits appended to the standardised input
-    holdout: float = 0.2  # share of the training studies that picks the epoch (0 = keep the last epoch)
+    holdout: float | None = None  # share of the training studies that picks the epoch (0 = keep the last epoch)
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, SEQ_MODELS)
+        for name, value in SEQ_MODEL_DEFAULTS[self.model].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: resolved once, here
         check_choice("device", self.device, DEVICES)
         _check_minimums(self, SEQ_MINIMUMS)
         if self.model == "transformer" and self.hidden % HEADS:

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Rows of the feature array converted at a time when computing the standardisation (bounded memory at D = 2048).
 STATS_CHUNK = 16_384
+#: Slices each side of a slice whose logits the window model reads.
+WINDOW = 2
+LOGIT_SCALE = 0.25
 #: Gradient-norm clip of every step (recurrent nets occasionally spike).
 CLIP_NORM = 1.0
 FORMAT = "ichtrain-seq"
@@ -221,7 +224,52 @@ class TransformerCorrector(_Corrector):
         return self.encoder(h, src_key_padding_mask=~mask)
 
 
-_MODELS = {"gru": GruCorrector, "transformer": TransformerCorrector}
+def neighbour(base: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T, L): the logits of slice t + k of the same study, clamped to its first and last slice."""
+    last = (mask.sum(dim=1, keepdim=True) - 1).clamp_min(0)
+    index = torch.minimum((torch.arange(base.shape[1], device=base.device)[None, :] + k).clamp_min(0), last)
+    return torch.gather(base, 1, index.unsqueeze(-1).expand_as(base))
+
+
+def study_top(base: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, L) each label's highest logit in the study, and the mean of its k highest (fewer in a short study)."""
+    top = base.masked_fill(~mask.unsqueeze(-1), -math.inf).topk(min(k, base.shape[1]), dim=1).values
+    known = torch.isfinite(top)
+    mean = torch.where(known, top, 0.0).sum(dim=1, keepdim=True) / known.sum(dim=1, keepdim=True).clamp_min(1)
+    return top[:, :1], mean
+
+
+class WindowCorrector(nn.Module):
+    """One small network shared by all labels, reading a label's own stage-1 logits around each slice.
+
+    Per slice and label: its logit, the larger and the smaller of the two logits at each distance
+    1 .. WINDOW (sorted, so above and below count alike), and the study's highest and top-3 mean logit; a
+    learned per-label offset lets the labels differ.  A few hundred weights in all, so a few dozen studies
+    can fit it where a recurrent net over embeddings overfits.  It reads only the logits: ``in_dim``,
+    ``layers`` and ``concat_logits`` do not apply.
+    """
+
+    def __init__(self, *, in_dim: int, n_out: int, hidden: int, layers: int, dropout: float, concat_logits: bool):
+        super().__init__()
+        n_features = 1 + 2 * WINDOW + 2
+        self.inner = nn.Linear(n_features, hidden)
+        self.label_offset = nn.Parameter(torch.zeros(n_out, hidden))
+        self.head = nn.Sequential(nn.Dropout(dropout), _zeroed(nn.Linear(hidden, 1)))  # untrained: exactly stage 1
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        columns = [base]
+        for k in range(1, WINDOW + 1):
+            below, above = neighbour(base, mask, -k), neighbour(base, mask, k)
+            columns += [torch.maximum(below, above), torch.minimum(below, above)]
+        highest, top_mean = study_top(base, mask, 3)
+        columns += [highest.expand_as(base), top_mean.expand_as(base)]
+        # Logits span about -10 .. 10: scaled so that tanh starts in its linear range.
+        features = torch.stack(columns, dim=-1) * LOGIT_SCALE
+        h = torch.tanh(self.inner(features) + self.label_offset)
+        return base + self.head(h).squeeze(-1)
+
+
+_MODELS = {"gru": GruCorrector, "transformer": TransformerCorrector, "window": WindowCorrector}
 
 
 def build_seq_model(

@@ -22,6 +22,7 @@ from ichprep.store import Store
 from .config import SEQ_INPUTS, SeqConfig, check_choice
 from .data import targets
 from .engine import sigmoid
+from .errors import ConfigError
 from .experiment import (
     Inferred,
     calibrated_oof,
@@ -132,6 +133,10 @@ def run_seq(
     ``calibrated``: stage 2 reads (and corrects) the stage-1 logits after each fold's Platt map, so that every
     fold's logits mean the same thing; False reads them as the networks made them.
     """
+    if cfg.model == "window" and kind != "logits":
+        raise ConfigError(
+            f"the window model reads stage 1's logits only; --inputs {kind} is for --model gru or transformer"
+        )
     experiment = open_experiment(exp)
     store = open_training_store(experiment)
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed

@@ -160,7 +160,7 @@ def test_seq_bench_tiny(tmp_path, capsys):
     assert section["studies"] == 80 and section["slots"] == round(80 * 752_803 / 21_744)
     rows = section["rows"]
     assert [(r["dim"], r["contender"]) for r in rows] == [
-        (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer")
+        (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer", "window")
     ]
     for r in rows:
         assert _positive(r["epoch_s"]) and _positive(r["slots_per_s"]) and _positive(r["epoch_vs_baseline"])

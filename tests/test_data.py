@@ -139,18 +139,17 @@ def test_choices_bounds_and_defaults_have_one_definition():
     shown = [p for p in cli.train.params if getattr(p, "show_default", False) and hasattr(TrainConfig, p.name)]
     assert len(shown) == 22 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
     shown = [p for p in cli.seq.params if getattr(p, "show_default", False) and hasattr(SeqConfig, p.name)]
-    assert {p.name for p in shown} == {
-        "model",
-        "epochs",
-        "hidden",
-        "layers",
-        "lr",
-        "holdout",
-        "batch_studies",
-        "device",
-    }
+    assert {p.name for p in shown} == {"model", "layers", "batch_studies", "device"}
     # Except --device: stage 2 runs where stage 1 did (auto), while the library's SeqConfig defaults to the CPU.
     assert all(param.default == getattr(SeqConfig, param.name) for param in shown if param.name != "device")
+    # Settings whose default depends on --model: left unset (None), and --help lists each model's from the table.
+    per_model = {p.name: p for p in cli.seq.params if p.name in config.SEQ_MODEL_DEFAULTS["window"]}
+    assert set(per_model) == {"epochs", "hidden", "lr", "holdout"}
+    for name, param in per_model.items():
+        assert param.default is None and not param.show_default
+        listed = ", ".join(f"{m} {d[name]:g}" for m, d in config.SEQ_MODEL_DEFAULTS.items())
+        assert param.help.endswith(f"[default: {listed}].")
+    assert set(config.SEQ_MODEL_DEFAULTS) == set(config.SEQ_MODELS)
     # The config, the public library function and its CLI option refuse the same fractions with one message.
     frame = fake_slices(20)
     for bad in (0, 1, 1.5, "0.2", True):

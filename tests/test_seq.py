@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ichprep.labels import LABELS
-from ichtrain.config import SeqConfig
+from ichtrain.config import SEQ_MODEL_DEFAULTS, SeqConfig
 from ichtrain.errors import CheckpointError, ConfigError, DataError
 from ichtrain.metrics import weighted_log_loss
 from ichtrain.seq import (
@@ -27,7 +27,13 @@ from ichtrain.seq import (
 
 NAMES = tuple(LABELS)
 #: Small and quick: about 2 CPU seconds per 3-fold cross-fit of either model on the data below.
-FAST = SeqConfig(hidden=16, layers=1, epochs=4, batch_studies=10, lr=1e-2)
+FAST = SeqConfig(model="gru", hidden=16, layers=1, epochs=4, batch_studies=10, lr=1e-2, holdout=0.2)
+MODELS = ("gru", "transformer", "window")
+
+
+def quick(kind: str) -> SeqConfig:
+    """FAST for the recurrent and attention models; the window model's own defaults, fewer studies per batch."""
+    return dataclasses.replace(FAST, model=kind) if kind != "window" else SeqConfig(model=kind, batch_studies=10)
 
 
 def synthetic(n_studies: int = 60, seed: int = 0, folds: int = 3, noise: float = 1.5, d_noise: int = 10) -> SeqInputs:
@@ -96,9 +102,9 @@ def _untrained(inputs: SeqInputs, cfg: SeqConfig, *, random_head: bool = False) 
     return Fitted(model, norm.mean, norm.std, [])
 
 
-@pytest.mark.parametrize("kind", ["gru", "transformer"])
+@pytest.mark.parametrize("kind", MODELS)
 def test_cross_fit_beats_noisy_stage1(data, kind):
-    result = cross_fit(data, dataclasses.replace(FAST, model=kind), NAMES)
+    result = cross_fit(data, quick(kind), NAMES)
     assert len(result.fitted) == 3 and np.isfinite(result.probs).all()
     stage1 = weighted_log_loss(data.targets, _stage1(data), NAMES)
     stage2 = weighted_log_loss(data.targets, result.probs, NAMES)
@@ -124,9 +130,9 @@ def test_fold_k_is_predicted_by_a_model_that_never_saw_it(data):
     assert np.isnan(honest.probs[nowhere]).all() and np.isfinite(np.delete(honest.probs, nowhere, axis=0)).all()
 
 
-@pytest.mark.parametrize("kind", ["gru", "transformer"])
+@pytest.mark.parametrize("kind", MODELS)
 def test_output_does_not_depend_on_the_batch(data, kind):
-    fitted = _untrained(data, dataclasses.replace(FAST, model=kind), random_head=True)
+    fitted = _untrained(data, quick(kind), random_head=True)
     lengths = data.stops - data.starts
     short = int(np.argmin(lengths))
     longer = np.argsort(lengths)[-3:]
@@ -138,13 +144,13 @@ def test_output_does_not_depend_on_the_batch(data, kind):
     assert np.isnan(np.delete(alone, rows, axis=0)).all()
 
 
-@pytest.mark.parametrize("kind", ["gru", "transformer"])
+@pytest.mark.parametrize("kind", MODELS)
 def test_untrained_model_is_stage1(data, kind):
     model = build_seq_model(kind, in_dim=7, n_out=6, hidden=16, layers=1, dropout=0.0)
     base = torch.randn(3, 9, 6)
     mask = torch.arange(9)[None, :] < torch.tensor([[9], [4], [1]])
     assert torch.equal(model(torch.randn(3, 9, 7), base, mask), base)
-    fitted = _untrained(data, dataclasses.replace(FAST, model=kind))
+    fitted = _untrained(data, quick(kind))
     studies = np.array([5, 2, 9])
     rows = _slots(data, studies)
     np.testing.assert_allclose(predict(fitted, data, studies)[rows], _stage1(data)[rows], rtol=0, atol=1e-6)
@@ -204,7 +210,7 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model": "lstm"}, "choose one of gru, transformer"),
+        ({"model": "lstm"}, "choose one of gru, transformer, window"),
         ({"device": "tpu"}, "choose one of auto, cpu, cuda"),
         ({"model": "transformer", "hidden": 30}, "multiple of 4"),
         ({"epochs": 0}, "epochs must be >= 1"),
@@ -215,7 +221,7 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
 def test_bad_config_lists_the_choices(change, message):
     with pytest.raises(ConfigError, match=message):
         SeqConfig(**change)
-    with pytest.raises(ConfigError, match="choose one of gru, transformer"):
+    with pytest.raises(ConfigError, match="choose one of gru, transformer, window"):
         build_seq_model("lstm", in_dim=4, n_out=6, hidden=8, layers=1, dropout=0.0)
 
 
@@ -225,6 +231,38 @@ def test_every_seq_model_choice_builds():
     from ichtrain.config import SEQ_MODELS
 
     assert set(seq._MODELS) == set(SEQ_MODELS)
+
+
+def test_each_model_takes_its_own_defaults_unless_given():
+    assert SeqConfig().model == "window"
+    for kind, defaults in SEQ_MODEL_DEFAULTS.items():
+        assert {name: getattr(SeqConfig(model=kind), name) for name in defaults} == defaults
+    assert SeqConfig(model="gru", epochs=3, holdout=0.0).epochs == 3
+    assert SeqConfig(model="gru", epochs=3, holdout=0.0).holdout == 0.0
+
+
+def test_window_model_reads_a_label_near_its_slice_and_its_study_top():
+    """Slice 5's correction of label 0 follows label 0's logits at slices 3..7 and the study's top 3, nothing else."""
+    torch.manual_seed(0)
+    model = build_seq_model("window", in_dim=4, n_out=6, hidden=8, layers=1, dropout=0.0).eval()
+    torch.nn.init.normal_(model.head[-1].weight, std=0.5)
+    mask = torch.arange(14)[None, :] < torch.tensor([[12]])
+    base = torch.randn(1, 14, 6)
+    base[0, :12, 0] = torch.linspace(-3.0, 0.0, 12)  # label 0's top 3 are slices 9, 10, 11
+
+    def slice5(changed: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.randn(1, 14, 4), changed, mask)[0, 5, 0] - changed[0, 5, 0]
+
+    reference = slice5(base)
+    for slot, label, counts in [(7, 0, True), (3, 0, True), (11, 0, True), (8, 0, False), (2, 0, False),
+                                (5, 1, False), (6, 5, False), (12, 0, False)]:  # fmt: skip
+        changed = base.clone()
+        changed[0, slot, label] = -2.5 if slot != 11 else -5.0
+        assert (not torch.isclose(slice5(changed), reference)) == counts, (slot, label)
+    swapped = base.clone()
+    swapped[0, [4, 6], 0] = base[0, [6, 4], 0]  # above and below count alike
+    assert torch.isclose(slice5(swapped), reference)
 
 
 def _bad_inputs(data: SeqInputs) -> list[tuple[SeqInputs, str]]:

@@ -1,8 +1,9 @@
 """Study-level modelling end to end: cv (3 patient folds), seq on the out-of-fold outputs, evaluate and predict.
 
 A small synthetic archive (lesions span several slices) trained briefly on the CPU, and a second archive from
-another seed as the held-out test.  Stage 2's gain over stage 1 needs more studies and steadier stage-1 folds
-than a test can afford (BENCHMARKS.md, "Stage 2"); here it is held to not losing to stage 1.
+another seed as the held-out test.  Stage 2's measured gain (0.91-0.96x out of fold, 0.92x on a held-out archive)
+needs `make demo-study`'s 60 studies and 6 epochs (BENCHMARKS.md, "Stage 2: the window model"); on this test's
+24 studies and 2 epochs it is held to beating stage 1 out of fold.
 """
 
 from __future__ import annotations
@@ -108,16 +109,23 @@ def test_cv_rerun_keeps_finished_folds_and_refuses_other_settings(experiment):
         cross_validate(TrainConfig.from_dict(cfg.to_dict(), image_size=64), FOLDS)
 
 
-def test_stage2_scores_the_same_slices_and_does_not_lose_to_stage1(experiment, staged):
+def test_stage2_scores_the_same_slices_and_beats_stage1_out_of_fold(experiment, staged):
     exp, _, _ = experiment
     stage1, stage2 = staged["stage1"], staged["oof"]
     assert stage2["n_images"] == stage1["n_images"]
-    assert stage2["weighted_log_loss"] <= 1.05 * stage1["weighted_log_loss"]
+    assert stage2["weighted_log_loss"] < stage1["weighted_log_loss"]
     oof = pd.read_parquet(exp / "seq" / "oof.parquet")
     assert oof["image_id"].tolist() == pd.read_parquet(exp / OOF)["image_id"].tolist()
     assert set(staged["any_max"]) == {"stage1", "stage2"}
     assert (exp / "compare.png").stat().st_size > 10_000
     assert len(list(exp.glob("study_*.png"))) == 1
+
+
+def test_window_model_refuses_feature_inputs(experiment):
+    exp, _, _ = experiment
+    with pytest.raises(ConfigError, match="logits only"):
+        run_seq(exp, exp / "never", SeqConfig(model="window"), kind="features")
+    assert not (exp / "never").exists()
 
 
 def test_predict_experiment_on_another_archive(experiment, staged, tmp_path):

@@ -111,6 +111,20 @@ def test_cross_fit_beats_noisy_stage1(data, kind):
     assert stage2 <= 0.9 * stage1, (stage1, stage2)
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_stage2_carries_over_to_studies_of_another_seed(data, kind):
+    """Fitted on one set of studies, stage 2 beats stage 1 on a set drawn from another seed (new patients)."""
+    fitted = fit(data, np.arange(len(data.starts)), quick(kind), NAMES)
+    new = synthetic(n_studies=30, seed=1)
+    studies = np.arange(2, 30)  # the two unlabelled studies have nothing to score
+    rows = _slots(new, studies)
+    stage2 = predict(fitted, new, studies)[rows]
+    stage1 = _stage1(new)[rows]
+    assert weighted_log_loss(new.targets[rows], stage2, NAMES) <= 0.9 * weighted_log_loss(
+        new.targets[rows], stage1, NAMES
+    )
+
+
 def test_fold_k_is_predicted_by_a_model_that_never_saw_it(data):
     """Flipping fold 0's (and the fold -1 studies') targets changes nothing in fold 0's out-of-fold output."""
     fold = data.study_fold.copy()

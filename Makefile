@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 DEMO_STUDIES ?= 40
 STUDY  ?= demo_study
+STUDY_STUDIES ?= 120
 KAGGLE  = $(DEMO)/rsna.zip::rsna-intracranial-hemorrhage-detection
 
 .PHONY: install test demo demo-study bench clean
@@ -56,10 +57,11 @@ demo: $(STAMP)
 	@echo "  Kaggle submission    $(DEMO)/submission.csv"
 
 # Study-level modelling: 3 patient folds of a per-slice CNN, then a sequence model over each study's slices
-# (the same archive settings and training recipe as `make demo`, on 60 studies).
+# (the same archive settings and training recipe as `make demo`, on 120 studies: stage 2 learns from the folds'
+# out-of-fold outputs and needs that many; BENCHMARKS.md, "The window model").
 demo-study: $(STAMP)
 	rm -rf $(STUDY)
-	$(BIN)/ichprep synth $(STUDY)/data --studies 60 --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
+	$(BIN)/ichprep synth $(STUDY)/data --studies $(STUDY_STUDIES) --seed 0 --lesion-rate 0.9 --min-lesion-pixels 800
 	$(BIN)/ichprep convert $(STUDY)/data/stage_2_train --labels $(STUDY)/data/stage_2_train.csv \
 		-o $(STUDY)/cache64.zarr --size 64 --shard-slices 32
 	$(BIN)/ichtrain cv $(STUDY)/cache64.zarr --out $(STUDY)/exp --folds 3 --arch resnet18 --image-size 64 \

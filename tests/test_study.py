@@ -1,18 +1,21 @@
 """Study-level modelling end to end: cv (3 patient folds), seq on the out-of-fold outputs, evaluate and predict.
 
 A small synthetic archive (lesions span several slices) trained briefly on the CPU, and a second archive from
-another seed as the held-out test.  Stage 2's measured gain (0.91-0.96x out of fold, 0.92x on a held-out archive)
-needs `make demo-study`'s 60 studies and 6 epochs (BENCHMARKS.md, "Stage 2: the window model"); on this test's
-24 studies and 2 epochs it is held to beating stage 1 out of fold.
+another seed as the held-out test.  Stage 2's gain needs a stage 1 of `make demo-study`'s quality (120 studies,
+64², 6 epochs: 9 CPU minutes), so the issue's condition (stage 2 at most 0.9x stage 1 out of fold, study-level AUC
+not lower) is checked on that experiment's own stage-1 out-of-fold logits, kept in ``tests/data``; on this test's
+24 studies and 2 epochs stage 2 is held to beating stage 1 out of fold (BENCHMARKS.md, "The window model").
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from ichprep.convert import convert
 from ichprep.spec import PreprocessSpec
@@ -20,10 +23,14 @@ from ichprep.synth import generate
 from ichtrain.config import SeqConfig, TrainConfig
 from ichtrain.errors import ConfigError
 from ichtrain.experiment import OOF, cross_validate, fold_dir, open_experiment
+from ichtrain.metrics import weighted_log_loss
+from ichtrain.seq import SeqInputs, cross_fit
 from ichtrain.stage2 import run_seq
 from ichtrain.submit import evaluate_experiment, predict_store, score_submission
 
 FOLDS = 3
+#: make demo-study's stage-1 out-of-fold logits (written by tests/data/make_stage1_oof.py).
+DEMO_STUDY_STAGE1 = Path(__file__).parent / "data" / "demo_study_stage1_oof.npz"
 
 
 def _archive(root, studies: int, seed: int):
@@ -119,6 +126,39 @@ def test_stage2_scores_the_same_slices_and_beats_stage1_out_of_fold(experiment, 
     assert set(staged["any_max"]) == {"stage1", "stage2"}
     assert (exp / "compare.png").stat().st_size > 10_000
     assert len(list(exp.glob("study_*.png"))) == 1
+
+
+def _study_any_auc(inputs: SeqInputs, probs: np.ndarray) -> float:
+    """A study is positive if any labelled slice is, and scores its highest ``any`` probability."""
+    y, p = [], []
+    for a, b in zip(inputs.starts, inputs.stops):
+        labelled = ~np.isnan(inputs.targets[a:b, -1])
+        if labelled.any():
+            y.append(inputs.targets[a:b, -1][labelled].max())
+            p.append(probs[a:b, -1][labelled].max())
+    return roc_auc_score(y, p)
+
+
+def test_stage2_on_make_demo_study_stage1_is_at_most_0_9x_and_keeps_study_auc():
+    with np.load(DEMO_STUDY_STAGE1) as saved:
+        names = tuple(saved["names"].tolist())
+        logits = saved["logits"]
+        inputs = SeqInputs(
+            x=logits,
+            logits=logits,
+            targets=saved["targets"],
+            starts=saved["starts"],
+            stops=saved["stops"],
+            study_fold=saved["study_fold"],
+        )
+    assert len(inputs.starts) == 120 and sorted(set(inputs.study_fold.tolist())) == [0, 1, 2]
+    stage2 = cross_fit(inputs, SeqConfig(seed=0), names).probs
+    stage1 = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    labelled = ~np.isnan(inputs.targets).any(axis=1)
+    loss1 = weighted_log_loss(inputs.targets[labelled], stage1[labelled], names)
+    loss2 = weighted_log_loss(inputs.targets[labelled], stage2[labelled], names)
+    assert loss2 <= 0.9 * loss1, (loss1, loss2)
+    assert _study_any_auc(inputs, stage2) >= _study_any_auc(inputs, stage1)
 
 
 def test_window_model_refuses_feature_inputs(experiment):

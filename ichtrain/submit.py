@@ -64,7 +64,7 @@ class StageOne(NamedTuple):
     prevalence: list[float]  # the checkpoint's training prevalence per output
 
 
-def _stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> StageOne:
+def stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> StageOne:
     n, k = len(loaded.store.slices), len(loaded.names)
     inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
     mapped = inferred._replace(logits=Platt.from_state(loaded.state, k)(inferred.logits))
@@ -87,7 +87,7 @@ def checkpoint_probs(
 ) -> SourceProbs:
     loaded = load_for_store(checkpoint, store, device)
     check_task(loaded, checkpoint, allow_subtypes_only)
-    stage = _stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
+    stage = stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
     return SourceProbs(
         probs=stage.probs,
         stage1=stage.probs,
@@ -120,7 +120,7 @@ def experiment_probs(
     stage1, stage2, prevalence = [], [], []
     for k in range(experiment.folds):
         loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", store, device)
-        stage = _stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
+        stage = stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
         stage1.append(stage.probs)
         prevalence.append(stage.prevalence)
         if seq is not None:

@@ -785,7 +785,9 @@ def generate(
         _check_folder(out_dir, (TRAIN_DIR, TEST_DIR) if with_test else (TRAIN_DIR,))
     train = plan_dataset(int(studies), seed, lesion_rate, int(min_lesion_pixels), partial_volume=partial_volume)
     test = (
-        plan_test_split(int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels), partial_volume)
+        plan_test_split(
+            int(test_studies), seed, train[0], lesion_rate, int(min_lesion_pixels), partial_volume=partial_volume
+        )
         if with_test
         else None
     )

@@ -110,16 +110,16 @@ BUFFER_SHARDS = 23
 MIN_FOLDS = 2
 MAX_FOLDS = 20
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
-# stage 2: a bidirectional GRU, a transformer encoder, or a small network over each label's neighbouring logits
-SEQ_MODELS = ("gru", "transformer", "window")
 #: Each stage-2 model's own defaults of the settings left unset (how they were chosen: BENCHMARKS.md, "Stage 2").
-#: The window model has a few hundred weights and fits to convergence; the recurrent and attention models
+#: The window model has about a hundred weights and fits to convergence; the recurrent and attention models
 #: overfit a few dozen studies, so a held-out share of the training studies picks their epoch.
 SEQ_MODEL_DEFAULTS = {
     "gru": {"hidden": 64, "epochs": 15, "lr": 3e-3, "holdout": 0.2},
     "transformer": {"hidden": 64, "epochs": 15, "lr": 3e-3, "holdout": 0.2},
     "window": {"hidden": 8, "epochs": 120, "lr": 1e-2, "holdout": 0.0},
 }
+# stage 2: a bidirectional GRU, a transformer encoder, or a small network over each label's neighbouring logits
+SEQ_MODELS = tuple(SEQ_MODEL_DEFAULTS)
 SEQ_INPUTS = ("features", "logits")  # stage 2 reads stage 1's penultimate features or its logits
 #: Attention heads of the stage-2 transformer; its ``hidden`` must be a multiple of this.
 HEADS = 4

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 STATS_CHUNK = 16_384
 #: Slices each side of a slice whose logits the window model reads.
 WINDOW = 2
+#: The window model's inputs times this: logits of about -10 .. 10 start in tanh's linear range.
 LOGIT_SCALE = 0.25
 #: Gradient-norm clip of every step (recurrent nets occasionally spike).
 CLIP_NORM = 1.0
@@ -244,7 +245,7 @@ class WindowCorrector(nn.Module):
 
     Per slice and label: its logit, the larger and the smaller of the two logits at each distance
     1 .. WINDOW (sorted, so above and below count alike), and the study's highest and top-3 mean logit; a
-    learned per-label offset lets the labels differ.  A few hundred weights in all, so a few dozen studies
+    learned per-label offset lets the labels differ.  About a hundred weights in all, so a few dozen studies
     can fit it where a recurrent net over embeddings overfits.  It reads only the logits: ``in_dim``,
     ``layers`` and ``concat_logits`` do not apply.
     """
@@ -263,7 +264,6 @@ class WindowCorrector(nn.Module):
             columns += [torch.maximum(below, above), torch.minimum(below, above)]
         highest, top_mean = study_top(base, mask, 3)
         columns += [highest.expand_as(base), top_mean.expand_as(base)]
-        # Logits span about -10 .. 10: scaled so that tanh starts in its linear range.
         features = torch.stack(columns, dim=-1) * LOGIT_SCALE
         h = torch.tanh(self.inner(features) + self.label_offset)
         return base + self.head(h).squeeze(-1)

@@ -9,15 +9,16 @@ warm page cache (one untimed epoch first):
 * ``former``: the baseline, ShardStream's per-sample iteration before it yielded batches, kept here as
   :class:`FormerSampleStream` (same plan and reads; a fancy-index copy per sample out of its shard block,
   another per repeat), stacked by ``torch.utils.data.default_collate``;
-* ``batches``: :class:`~ichtrain.data.ShardStream` itself, yielding finished :class:`~ichtrain.data.Batch`es;
+* ``batches``: :class:`~ichtrain.data.stream.ShardStream` itself, yielding finished
+  :class:`~ichtrain.data.ring.Batch`es;
 * each in this process (one torch thread, as in a DataLoader worker), then through a DataLoader with
   1 and with 2 workers (the transfer to this process included; samples/s counted from the first batch
   on, worker start-up and buffer fill reported apart; CPU per sample of the workers and of this process
   over the whole epoch), and the stream once more with plain batch tensors in the workers (moved to
   shared memory when sent: one copy more, done by the queue's feeder thread) to show what allocating
   them in shared memory up front does;
-* ``ring``: the trainer's own loader (:func:`ichtrain.train.batch_loader`), whose workers reuse batch slots
-  of one shared segment (:mod:`ichtrain.ring`) instead of fresh shared memory per batch (``--ring-only``:
+* ``ring``: the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`), whose workers reuse batch slots
+  of one shared segment (:mod:`ichtrain.data.ring`) instead of fresh shared memory per batch (``--ring-only``:
   just these DataLoader rows and the fresh-memory ones beside them).
 
 :func:`buffer_mix` simulates how many studies a batch mixes for several ``buffer_shards``, with the stream's
@@ -41,10 +42,13 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ichprep.store import Store, open_store
-from ichtrain import ring
-from ichtrain.data import ShardStream, WindowShuffle, emissions, epoch_layout, epoch_plan, targets
-from ichtrain.train import batch_loader
+from ichprep.storage.store import Store, open_store
+from ichtrain.data import ring
+from ichtrain.data.balance import epoch_plan
+from ichtrain.data.loader import batch_loader
+from ichtrain.data.order import WindowShuffle, emissions
+from ichtrain.data.stream import ShardStream, epoch_layout
+from ichtrain.data.tables import targets
 
 from . import layout, tiled_store
 from .measure import Run, Stopwatch, ratio, summarize
@@ -159,7 +163,7 @@ def through_loader(dataset, batch_size: int | None, workers: int) -> LoaderRun:
 
 
 def through_trainer_loader(stream: ShardStream, workers: int) -> LoaderRun:
-    """One epoch through the trainer's own loader (:func:`ichtrain.train.batch_loader`: reused batch slots)."""
+    """One epoch through the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`: reused batch slots)."""
     return timed_pass(batch_loader(stream, workers, torch.device("cpu")))
 
 

@@ -30,10 +30,10 @@ import pydicom
 
 from ichprep.cluster import MALLOC_TRIM_KEY, UNSET_MALLOC_TRIM, dask_client
 from ichprep.convert import ConvertSummary, convert, convert_shard
-from ichprep.scan import OK, scan
-from ichprep.source import Member
+from ichprep.reading.scan import OK, scan
+from ichprep.reading.source import Member
 from ichprep.spec import PreprocessSpec
-from ichprep.store import open_store
+from ichprep.storage.store import open_store
 
 from . import layout, shard_codec
 from .measure import Run, Stopwatch, ratio, repeat, summarize, timed
@@ -178,7 +178,7 @@ def cluster_runs(
 
 def _shard_loop_seconds(paths: list[str], store: str, spec: PreprocessSpec) -> float:
     """In a fresh process: :func:`shard_path_only` over ``paths`` into a private store, once to warm up, then timed."""
-    from ichprep.store import create_images
+    from ichprep.storage.store import create_images
 
     create_images(store, len(paths), spec)
     shard_path_only(paths, Path(store), spec)

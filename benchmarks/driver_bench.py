@@ -57,8 +57,9 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 
-from ichprep.labels import LABELS, SUBTYPES
-from ichprep.scan import OK, to_frame
+from ichprep.reading.labels import LABELS, SUBTYPES
+from ichprep.reading.scan import OK, to_frame
+from ichprep.storage.store import ShardRecord
 
 from .measure import load_average
 
@@ -78,7 +79,7 @@ SUBTYPE_RATES = {
 ANY_RATE = 0.143
 BAD_FRACTION = 1e-4
 DUPLICATE_LABEL_IMAGES = 4
-SCAN_BATCH = 256  # ichprep.scan.scan's default batch_size: one frame per Dask task comes back to the driver
+SCAN_BATCH = 256  # ichprep.reading.scan.scan's default batch_size: one frame per Dask task comes back to the driver
 TARGET_S, TARGET_BYTES = 60.0, 4e9
 MIB = 2**20
 
@@ -290,21 +291,12 @@ def prepare_inputs(*, work: str, slices: int, seed: int) -> Inputs:
 # ---------------------------------------------------------------- the no-op worker side
 
 
-def noop_convert_shards(root: str, shards: list, spec, source, plan_key: str) -> list[dict]:
+def noop_convert_shards(shards: list, *, root: str, spec, source, plan_key: str) -> list[ShardRecord]:
     """Stands in for :func:`ichprep.convert.convert_shards` on the workers: the records of shards that
     converted without error, but nothing read or written (sha256 None, size 0: as an all-fill shard, which
     build_manifest and verify already treat as "no file"). Shards are ``(shard, start, stop)``."""
     return [
-        {
-            "index": shard,
-            "start": start,
-            "stop": stop,
-            "sha256": None,
-            "size": 0,
-            "inputs": plan_key,
-            "errors": [],
-            "skipped": False,
-        }
+        ShardRecord(index=shard, start=start, stop=stop, sha256=None, size=0, inputs=plan_key, errors=[], skipped=False)
         for shard, start, stop in shards
     ]
 
@@ -424,7 +416,7 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
 
     import ichprep.convert as convert_mod
     from benchmarks.driver_bench import noop_convert_shards  # by this name, so workers import it (not __main__)
-    from ichprep.location import Location
+    from ichprep.storage.location import Location
 
     steps = (
         "_identity",
@@ -482,9 +474,9 @@ def concat_batches(parts: list[pd.DataFrame]) -> pd.DataFrame:
 
 def scan_stages(recorder: Recorder, inputs: Inputs, work: Path) -> tuple[list[Stage], Path, dict]:
     """What ``ichprep scan --labels CSV -o scan.parquet`` does in the driver besides waiting for the workers;
-    ``parts`` and ``labels`` stay alive to the end, as in :func:`ichprep.scan.scan`."""
-    from ichprep.labels import read_labels
-    from ichprep.scan import attach_labels, flag_duplicates, order_slices, summarize, write_scan
+    ``parts`` and ``labels`` stay alive to the end, as in :func:`ichprep.reading.scan.scan`."""
+    from ichprep.reading.labels import read_labels
+    from ichprep.reading.scan import attach_labels, flag_duplicates, order_slices, summarize, write_scan
 
     parts = batch_frames(inputs.raw_scan)
     gc.collect()
@@ -514,7 +506,7 @@ def convert_stages(
     """``ichprep convert --scan-table scan.parquet``: read the table, then convert() with no-op tasks; also
     returns the warnings convert() raised (first line of each)."""
     from ichprep.convert import convert
-    from ichprep.scan import read_scan
+    from ichprep.reading.scan import read_scan
 
     name = "convert: read_scan (parquet)"
     with recorder.interval(name):

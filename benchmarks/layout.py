@@ -1,4 +1,4 @@
-"""The store layout as paths of a local folder: ichprep's own names (:mod:`ichprep.store`), one definition.
+"""The store layout as paths of a local folder: ichprep's own names (:mod:`ichprep.storage.store`), one definition.
 
 ``images/c/k/0/0/0`` holds shard k; ``.ichprep/shards/NNNNNN.json`` is shard k's completion marker (a
 shard without one is rewritten by ``convert_shard``).  Only local stores are benchmarked.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ichprep.store import IMAGES, SHARD_DIR, STATE, marker_path, n_shards, shard_path
+from ichprep.storage.store import IMAGES, SHARD_DIR, STATE, marker_path, n_shards, shard_path
 
 __all__ = ["IMAGES", "SHARD_DIR", "STATE", "marker_file", "n_shards", "root_of", "shard_file"]
 

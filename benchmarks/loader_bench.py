@@ -5,7 +5,7 @@ random horizontal flip (numpy, on the CPU: what is left for the loader before th
 device) into a preallocated batch, handed over as a torch tensor.  They differ in where the image comes
 from:
 
-* ``store``: ichtrain's :class:`~ichtrain.data.ShardStream` (shard reads, zstd decode, shuffle buffer, its
+* ``store``: ichtrain's :class:`~ichtrain.data.stream.ShardStream` (shard reads, zstd decode, shuffle buffer, its
   uint8 batches taken apart again: :mod:`benchmarks.batch_bench` measures the batches themselves);
 * ``dicom``: DICOM on the fly every epoch, ``read_slice`` + windows + resize in the loader (ichprep's
   own fast preprocessing, so this is the best case for the reference method's way of loading);
@@ -34,9 +34,10 @@ import torch
 import torch.utils.data
 import zarr
 
-from ichprep.dicomio import read_slice
-from ichprep.store import Store
-from ichtrain.data import ShardStream, targets
+from ichprep.reading.dicomio import read_slice
+from ichprep.storage.store import Store
+from ichtrain.data.stream import ShardStream
+from ichtrain.data.tables import targets
 
 from . import layout, tiled_store
 from .convert_bench import kaggle_slice

@@ -32,11 +32,11 @@ from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
 
 from ichprep.convert import convert_shard
-from ichprep.dicomio import read_header, read_slice
-from ichprep.shardcodec import encode_shard
-from ichprep.source import Member
+from ichprep.reading.dicomio import read_header, read_slice
+from ichprep.reading.source import Member
 from ichprep.spec import PreprocessSpec
-from ichprep.store import Store
+from ichprep.storage.shardcodec import encode_shard
+from ichprep.storage.store import Store
 
 from . import layout
 from .loader_bench import batches, crop_flip, store_images, store_stream

@@ -11,11 +11,11 @@ normal rows; only the speed is measured, so repeated rows change nothing.  The l
 
 For every ``D``:
 
-* baseline: one shuffled pass of :func:`ichtrain.seq.iter_batches` over every study.  It gathers the float16
+* baseline: one shuffled pass of :func:`ichtrain.study.sequence.iter_batches` over every study.  It gathers the float16
   rows, standardises them to float32 and pads them: the data work of an epoch, with no model.  The
-  standardisation statistics pass (:func:`ichtrain.seq.standardisation`, once per fit) is timed apart;
+  standardisation statistics pass (:func:`ichtrain.study.sequence.standardisation`, once per fit) is timed apart;
 * each model kind, with its default :class:`~ichtrain.config.SeqConfig`: the same batches, each followed by
-  :func:`ichtrain.seq.train_step` (forward, masked RSNA-weighted BCE, backward, AdamW, cosine step).
+  :func:`ichtrain.study.sequence.train_step` (forward, masked RSNA-weighted BCE, backward, AdamW, cosine step).
   Two untimed warm-up batches come first.  Then ``--batches`` batches are timed and the time is
   extrapolated to one epoch of ``ceil(studies / batch_studies)`` batches (``--batches 0``: the whole
   epoch, timed).
@@ -42,9 +42,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from ichtrain import seq
 from ichtrain.config import SEQ_MODELS, SeqConfig
-from ichtrain.seq import SeqInputs
+from ichtrain.study import sequence as seq
+from ichtrain.study.sequence import SeqInputs
 
 from .measure import load_average, ratio
 from .report import _grid, _num, machine_info, write_json

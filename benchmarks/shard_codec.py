@@ -24,11 +24,11 @@ import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
-from ichprep.dicomio import read_slice
 from ichprep.errors import DicomReadError
-from ichprep.shardcodec import EMPTY, encode_shard  # the encoder ichprep writes with
+from ichprep.reading.dicomio import read_slice
 from ichprep.spec import PreprocessSpec
-from ichprep.store import Store
+from ichprep.storage.shardcodec import EMPTY, encode_shard  # the encoder ichprep writes with
+from ichprep.storage.store import Store
 
 from .layout import n_shards, root_of, shard_file
 

@@ -10,7 +10,7 @@ Bytes read are the ``rchar`` (bytes asked of the kernel) and ``read_bytes`` (byt
 
 ``python -m benchmarks.source_bench --listing 875000 DIR`` instead times the driver's listing of a zip with that
 many members (Kaggle's zip holds 752,803 train + 121,232 test files): one central-directory read, then one
-:class:`ichprep.source.Member` per ``.dcm``, with the peak memory of the process.
+:class:`ichprep.reading.source.Member` per ``.dcm``, with the peak memory of the process.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from ichprep.cluster import dask_client
 from ichprep.convert import convert
-from ichprep.source import list_members, parse_source
+from ichprep.reading.source import list_members, parse_source
 from ichprep.spec import PreprocessSpec
 from ichprep.synth import KAGGLE_TOP
 

@@ -13,7 +13,7 @@ import cv2
 
 from ichprep.cluster import MALLOC_TRIM_VAR
 from ichprep.spec import PreprocessSpec
-from ichprep.store import open_store
+from ichprep.storage.store import open_store
 
 from . import (
     batch_bench,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ichprep.store import GROUP_META, IMAGES_META, MANIFEST, SLICES, STUDIES, Store, build_studies, open_store
+from ichprep.storage.store import GROUP_META, IMAGES_META, MANIFEST, SLICES, STUDIES, Store, build_studies, open_store
 
 from .layout import IMAGES, root_of, shard_file
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ichprep.labels import LABELS
+from ichprep.reading.labels import LABELS
 from ichtrain.engine import StepSetup, loss_weights, train_step
 from ichtrain.model import build_model
 

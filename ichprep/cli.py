@@ -46,7 +46,7 @@ class StoreParam(click.ParamType):
         self.exists = exists
 
     def convert(self, value, param, ctx):
-        from .location import is_url
+        from .storage.location import is_url
 
         if is_url(value):
             return str(value)
@@ -64,7 +64,7 @@ class SourceParam(click.ParamType):
     name = "SOURCE"
 
     def convert(self, value, param, ctx):
-        from .source import parse_source
+        from .reading.source import parse_source
 
         try:
             return str(parse_source(value))
@@ -231,8 +231,8 @@ def _cluster(workers: int | None, scheduler: str | None):
 @cluster_options
 def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | None, scheduler: str | None) -> None:
     """Read every DICOM header of SOURCE in parallel and write one Parquet row per file."""
-    from .scan import scan as run_scan
-    from .scan import write_scan
+    from .reading.scan import scan as run_scan
+    from .reading.scan import write_scan
 
     cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
@@ -337,8 +337,8 @@ def convert(
     are verified and skipped.
     """
     from .convert import convert as run_convert
+    from .reading.scan import read_scan
     from .report import format_bytes
-    from .scan import read_scan
     from .spec import PreprocessSpec
     from .windows import parse_windows
 
@@ -401,8 +401,8 @@ def convert(
 )
 def verify(store: Path, manifest_path: Path | None) -> None:
     """Recompute every checksum of STORE and check its tables; exit 1 listing every problem."""
-    from .manifest import verify_store
     from .report import format_bytes
+    from .storage.manifest import verify_store
 
     try:
         report = verify_store(store, manifest_path)
@@ -480,7 +480,7 @@ def show(store: Path, study: str | None, slot: int | None, output: Path, max_sli
 @click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
 def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int | None, overwrite: bool) -> None:
     """Copy STORE, or a subset of its studies, to DEST as a store with its own manifest."""
-    from .export import export_store, read_study_list
+    from .storage.export import export_store, read_study_list
 
     try:
         studies = read_study_list(studies_file) if studies_file else None
@@ -504,7 +504,7 @@ def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int
 )
 def upgrade(store: Path, manifest_out: Path | None) -> None:
     """Bring STORE to the current store format by rewriting its metadata (shards are left byte for byte)."""
-    from .upgrade import upgrade_store
+    from .storage.upgrade import upgrade_store
 
     try:
         summary = upgrade_store(store, manifest_out)
@@ -517,7 +517,7 @@ def upgrade(store: Path, manifest_out: Path | None) -> None:
         f"upgraded {store} from store format {summary.from_version} to {summary.to_version}: rewrote "
         f"{', '.join(summary.rewritten)}; shards untouched; check it with: ichprep verify {store}"
     )
-    from .store import MANIFEST
+    from .storage.store import MANIFEST
 
     if MANIFEST in summary.rewritten and manifest_out is None:
         click.echo(

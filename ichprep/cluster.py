@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 logger = logging.getLogger(__name__)
@@ -120,3 +120,34 @@ class OnDemand:
 def resolve_client(client, n_files: int):
     """A Dask client or None from what a caller passed: a client, None, or an :class:`OnDemand`."""
     return client.client(n_files) if isinstance(client, OnDemand) else client
+
+
+def map_tasks(
+    client,
+    fn: Callable,
+    items: Sequence,
+    *,
+    progress: Callable[[int], None] | None = None,
+    size: Callable[[object], int] = len,
+    keys: list[str] | None = None,
+    **kwargs,
+) -> list:
+    """``fn(item, **kwargs)`` for every item, results in item order: in this process when ``client`` is None,
+    else as Dask tasks (3 retries, one ``map`` call) taken as they finish.  ``progress(size(result))`` follows
+    each result."""
+    results: list = [None] * len(items)
+    if client is None:
+        for i, item in enumerate(items):
+            results[i] = fn(item, **kwargs)
+            if progress:
+                progress(size(results[i]))
+        return results
+    from distributed import as_completed
+
+    futures = client.map(fn, items, key=keys, retries=3, pure=False, **kwargs)
+    position = {future.key: i for i, future in enumerate(futures)}
+    for future, result in as_completed(futures, with_results=True):
+        results[position[future.key]] = result
+        if progress:
+            progress(size(result))
+    return results

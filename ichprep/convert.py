@@ -16,6 +16,7 @@ so an interrupted run ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -32,19 +33,19 @@ import numpy as np
 import pandas as pd
 
 from . import scratch
-from .cluster import resolve_client
-from .dicomio import read_slice
+from .cluster import map_tasks, resolve_client
 from .errors import DicomReadError, ScanTableError, StoreExistsError
-from .labels import read_labels
-from .location import Location, as_location
-from .lock import LOCK, store_lock
-from .manifest import build_manifest, source_digest, source_summary, write_manifest
 from .privacy import check_key, pseudonymize_scan, scrub
-from .scan import OK, attach_labels, scan
-from .shardcodec import FastLayout, Mismatch
-from .source import ZIP_COLUMNS, Member, Source, members_of, parse_source, read_member
+from .reading.dicomio import read_slice
+from .reading.labels import read_labels
+from .reading.scan import OK, attach_labels, scan
+from .reading.source import ZIP_COLUMNS, Member, Source, members_of, parse_source, read_member
 from .spec import PreprocessSpec
-from .store import (
+from .storage.location import Location, as_location
+from .storage.lock import LOCK, store_lock
+from .storage.manifest import build_manifest, source_digest, source_summary, write_manifest
+from .storage.shardcodec import FastLayout, Mismatch
+from .storage.store import (
     IMAGES,
     MARKERS,
     REJECTED,
@@ -53,6 +54,7 @@ from .store import (
     SLICES,
     STATE,
     STUDIES,
+    ShardRecord,
     build_studies,
     create_images,
     images_layout,
@@ -100,7 +102,7 @@ def _inputs_digest(start: int, paths: list[str]) -> str:
     return hashlib.sha256(json.dumps([start, paths]).encode()).hexdigest()
 
 
-def _completed(root: Location, shard: int, digest: str) -> dict | None:
+def _completed(root: Location, shard: int, digest: str) -> ShardRecord | None:
     """The shard's marker if the shard file in the store is exactly what that marker recorded."""
     try:
         done = root.read_json(marker_path(shard))
@@ -124,11 +126,11 @@ def convert_shard(
     spec: PreprocessSpec,
     layout: FastLayout | Mismatch | None = None,
     source: Source | None = None,
-) -> dict:
+) -> ShardRecord:
     """Decode, preprocess and write shard number ``shard`` whole (slots from ``start``); return its record.
 
     Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
-    checked metadata (:func:`ichprep.store.images_layout`), read once by the caller for many shards.
+    checked metadata (:func:`ichprep.storage.store.images_layout`), read once by the caller for many shards.
     ``source`` says where the members' bytes are; None (or a local folder) reads each by its path.
     """
     root = Location(root)
@@ -137,7 +139,7 @@ def convert_shard(
     digest = _inputs_digest(start, paths)
     done = _completed(root, shard, digest)
     if done is not None:
-        return {**done, "skipped": True}
+        return ShardRecord(**done, skipped=True)
 
     # Reused per thread (ichprep.scratch): a fresh buffer is page-faulted in again on every shard. Every
     # slot below is overwritten or zeroed.
@@ -155,9 +157,9 @@ def convert_shard(
             reason, detail = "missing", "the file was removed after the header scan"
         buffer[i] = 0  # the slot stays, zero-filled
         errors.append([start + i, reason, detail])
-    done = {**write_shard(root, spec, shard, start, buffer, layout=layout), "inputs": digest, "errors": errors}
+    done = ShardRecord(**write_shard(root, spec, shard, start, buffer, layout=layout), inputs=digest, errors=errors)
     root.write_json(marker_path(shard), done)
-    return {**done, "skipped": False}
+    return ShardRecord(**done, skipped=False)
 
 
 # ---------------------------------------------------------------- the run
@@ -236,8 +238,8 @@ def _plan_members(root: str, key: str) -> list[Member]:
 
 
 def convert_shards(
-    root: str, shards: list[ShardTask], spec: PreprocessSpec, source: Source, plan_key: str
-) -> list[dict]:
+    shards: list[ShardTask], *, root: str, spec: PreprocessSpec, source: Source, plan_key: str
+) -> list[ShardRecord]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
     members = _plan_members(root, plan_key)
@@ -256,40 +258,36 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
 
+def _convert_each(shards: list[ShardTask], *, root: Location, spec: PreprocessSpec, source: Source, layout, members):
+    """:func:`convert_shard` for consecutive shards in this process, from members the caller holds."""
+    return [convert_shard(root.url, t.shard, t.start, members[t.start : t.stop], spec, layout, source) for t in shards]
+
+
 def _run_tasks(
     root: Location, tasks: list[ShardTask], spec: PreprocessSpec, client, progress, source: Source, plan: pd.DataFrame
-) -> list[dict]:
-    results = []
+) -> list[ShardRecord]:
     if client is None:
-        layout = images_layout(root)
         members = members_of(plan.assign(path=plan["abs_path"]))
-        for shard, start, stop in tasks:
-            results.append(convert_shard(root.url, shard, start, members[start:stop], spec, layout, source))
-            if progress:
-                progress(stop - start)
-        return results
-    plan_key = _write_plan(root, plan)
-    from distributed import as_completed
-
-    per_task = shards_per_task(len(tasks), sum(client.nthreads().values()))
-    batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
-    # One map call (one message to the scheduler), and results that come with the completions.
-    futures = client.map(
-        convert_shards,
-        [root.url] * len(batches),
+        fn = functools.partial(_convert_each, root=root, layout=images_layout(root), members=members)
+        batches, kwargs, keys = [[task] for task in tasks], {}, None
+    else:
+        fn = convert_shards
+        per_task = shards_per_task(len(tasks), sum(client.nthreads().values()))
+        batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
+        kwargs = {"root": root.url, "plan_key": _write_plan(root, plan)}
+        keys = [f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches]
+    done = map_tasks(
+        client,
+        fn,
         batches,
-        [spec] * len(batches),
-        [source] * len(batches),
-        [plan_key] * len(batches),
-        key=[f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches],
-        retries=3,
-        pure=False,
+        progress=progress,
+        size=lambda records: sum(r["stop"] - r["start"] for r in records),
+        keys=keys,
+        spec=spec,
+        source=source,
+        **kwargs,
     )
-    for _, done in as_completed(futures, with_results=True):
-        results.extend(done)
-        if progress:
-            progress(sum(r["stop"] - r["start"] for r in done))
-    return sorted(results, key=lambda r: r["index"])
+    return sorted((record for records in done for record in records), key=lambda r: r["index"])
 
 
 def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
@@ -339,14 +337,14 @@ def convert(
     ----------
     dicom_dir : str or PathLike
         A SOURCE: a folder, a zip (``rsna.zip::top/stage_2_train``) or an fsspec URL
-        (:mod:`ichprep.source`).  The store records paths relative to it, so one archive gives one
+        (:mod:`ichprep.reading.source`).  The store records paths relative to it, so one archive gives one
         manifest whichever way it is read.
     store : str or PathLike
         The store to write: a local folder or an fsspec URL.
     spec : PreprocessSpec, optional
         Windows, size, shard size and compression.
     labels_csv : str or PathLike, optional
-        Kaggle's label CSV (:func:`ichprep.labels.read_labels`); without it the label columns are empty.
+        Kaggle's label CSV (:func:`ichprep.reading.labels.read_labels`); without it the label columns are empty.
     scan_table : pandas.DataFrame, optional
         A table from ``ichprep scan`` of this same SOURCE; skips the header scan.
     client : distributed.Client or OnDemand, optional

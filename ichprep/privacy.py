@@ -16,7 +16,7 @@ import re
 
 import pandas as pd
 
-from .source import DICOM_SUFFIX
+from .reading.source import DICOM_SUFFIX
 
 #: Column -> pseudonym prefix.  The prefix keeps pseudonyms readable ("which kind of id is this?").
 ID_COLUMNS = {"patient_id": "P", "study_uid": "S", "series_uid": "SE", "image_id": "ID", "sop_uid": "SOP"}

@@ -1,6 +1,6 @@
 """Looking at a store: ``ichprep info`` (spec, counts, label prevalence, sizes) and ``ichprep show`` (a PNG montage).
 
-Both only read: the store contract of :mod:`ichprep.store` plus ``manifest.json`` and ``rejected.csv``.
+Both only read: the store contract of :mod:`ichprep.storage.store` plus ``manifest.json`` and ``rejected.csv``.
 The montage reads a study with one ``images[start:stop]`` call (studies are contiguous runs of slices in
 z order): every zarr call has a fixed cost, which a per-slice loop would pay once a slice.
 """
@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .labels import LABELS
-from .location import as_location
-from .manifest import load_manifest
-from .store import REJECTED, STUDIES, Store, count_patients, open_store, read_attrs, store_files
+from .reading.labels import LABELS
+from .storage.location import as_location
+from .storage.manifest import load_manifest
+from .storage.store import REJECTED, STUDIES, Store, count_patients, open_store, read_attrs, store_files
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from .labels import LABELS, SUBTYPES
+from .reading.labels import LABELS, SUBTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -281,7 +281,7 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
 @train_options
 def train(store, out, resume, folds, fold, **options) -> None:
     """Train a torchvision model on STORE; checkpoints, metrics and plots go to --out."""
-    from .metrics import format_metrics
+    from .evaluation.metrics import format_metrics
     from .train import train as run_train
 
     try:
@@ -332,8 +332,8 @@ def cv(store, out, folds, tta, **options) -> None:
     A fold whose run finished (fold{k}/metrics.json) is kept and one that was interrupted resumes from its
     last.pt, so `cv` can be rerun after a crash or after folds were trained elsewhere with `train --folds --fold`.
     """
-    from .experiment import cross_validate
-    from .metrics import format_metrics
+    from .evaluation.metrics import format_metrics
+    from .study.experiment import cross_validate
 
     try:
         summary = cross_validate(_train_config(store, out, options), folds, tta=tta, progress=_bar_factory)
@@ -417,8 +417,8 @@ def seq(exp, out, model, inputs, **options) -> None:
     Fold k's stage-2 model trains on the out-of-fold stage-1 outputs of the other folds and predicts fold k,
     so no slice's prediction comes from a model (stage 1 or 2) that trained on its patient.
     """
-    from .experiment import open_experiment
-    from .stage2 import compare_table, run_seq
+    from .study.experiment import open_experiment
+    from .study.stage2 import compare_table, run_seq
 
     try:
         given = {k: v for k, v in options.items() if v is not None}
@@ -461,10 +461,10 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 
     An experiment is scored as its folds' mean (stage 1) and, when EXP/seq exists, through stage 2.
     """
-    from .experiment import is_experiment
-    from .metrics import format_metrics
-    from .predict import evaluate_checkpoint
-    from .submit import evaluate_experiment
+    from .evaluation.evaluate import evaluate_checkpoint
+    from .evaluation.metrics import format_metrics
+    from .study.experiment import is_experiment
+    from .study.submit import evaluate_experiment
 
     try:
         if is_experiment(source):
@@ -551,7 +551,7 @@ def predict(
 
     SOURCES are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
     """
-    from .submit import predict_dicoms, predict_store
+    from .study.submit import predict_dicoms, predict_store
 
     if (store is None) == (dicom_dir is None):
         raise click.UsageError("give exactly one of --store STORE or --dicom-dir SOURCE")
@@ -580,7 +580,7 @@ def predict(
 @click.option("--labels", "labels_csv", required=True, type=FILE, help="Kaggle label CSV (stage_2_train.csv format).")
 def score(submission, labels_csv) -> None:
     """The competition's weighted log loss of a Kaggle-format SUBMISSION against a label CSV."""
-    from .submit import score_submission
+    from .study.submit import score_submission
 
     try:
         result = score_submission(submission, labels_csv)

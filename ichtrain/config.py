@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from ichprep.labels import LABELS, SUBTYPES
+from ichprep.reading.labels import LABELS, SUBTYPES
 
 from .errors import ConfigError
 
@@ -95,9 +95,9 @@ ARCHS = (  # by family; ichtrain.model.UNSUPPORTED lists the others and why, a t
 MAX_CONTEXT = 8
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("plateau", "cosine")
-#: hybrid: undersample negatives and repeat positives (:mod:`ichtrain.balance`); none: every candidate once.
+#: hybrid: undersample negatives and repeat positives (:mod:`ichtrain.data.balance`); none: every candidate once.
 BALANCES = ("hybrid", "none")
-#: platt: a slope and intercept per label fitted on the validation patients (:mod:`ichtrain.recalibrate`).
+#: platt: a slope and intercept per label fitted on the validation patients (:mod:`ichtrain.evaluation.recalibrate`).
 CALIBRATIONS = ("platt", "none")
 #: Splits that keep each group's slices on one side (the folds' only choices).
 GROUPINGS = ("patient", "study")
@@ -330,3 +330,24 @@ class SeqConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Config fields a resumed run shares with its checkpoint (so does the store, by manifest digest: the path may move).
+RESUME_FIXED = (
+    "task",
+    "arch",
+    "context",
+    "image_size",
+    "split_by",
+    "val_fraction",
+    "folds",
+    "fold",
+    "slice_selection",
+    "seed",
+    "balance",
+    "pos_fraction",
+    "calibration",
+    "ema_decay",
+    "optimizer",
+    "scheduler",
+)

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import eval_batch, train_batch
 from .config import TTA_VIEWS, TTAS, check_choice
-from .metrics import label_weights
+from .data.augment import eval_batch, train_batch
+from .evaluation.metrics import label_weights
 
 
 def loss_weights(names: tuple[str, ...], device) -> torch.Tensor:
-    """The competition's weights (:func:`ichtrain.metrics.label_weights`) as a tensor on ``device``."""
+    """The competition's weights (:func:`ichtrain.evaluation.metrics.label_weights`) as a tensor on ``device``."""
     return torch.as_tensor(label_weights(names), dtype=torch.float32, device=device)
 
 

@@ -1,11 +1,11 @@
-"""ichtrain.augment: --image-size is the network's input size in training and evaluation alike."""
+"""ichtrain.data.augment: --image-size is the network's input size in training and evaluation alike."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ichtrain.augment import eval_batch, random_resized_crop, resize, train_batch
+from ichtrain.data.augment import eval_batch, random_resized_crop, resize, train_batch
 
 
 def _batch(b=4, size=256, seed=0):

@@ -1,12 +1,11 @@
-"""ichtrain.balance: the hybrid plan's rates, and importance weights that undo it."""
+"""ichtrain.data.balance: the hybrid plan's rates, and importance weights that undo it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ichtrain.balance import Rates, importance_weights, sampling_rates
-from ichtrain.data import epoch_plan
+from ichtrain.data.balance import Rates, epoch_plan, importance_weights, sampling_rates
 
 
 def _slots(n=5000, prevalence=0.14, seed=0):

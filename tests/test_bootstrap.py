@@ -1,4 +1,4 @@
-"""ichtrain.bootstrap: weighted AUC/AP equal sklearn's, replicates are reproducible, intervals need defined values."""
+"""ichtrain.evaluation.bootstrap: weighted AUC/AP equal sklearn's, replicates are reproducible, intervals need data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ichtrain.bootstrap import Ranking, percentile_interval, resample, weighted_auc_ap
+from ichtrain.evaluation.bootstrap import Ranking, percentile_interval, resample, weighted_auc_ap
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -60,7 +60,7 @@ def test_resample_is_reproducible_and_chunked_consistently(monkeypatch):
     # Every replicate draws as many units as there are: the row count stays 200.
     np.testing.assert_array_equal(a.sums[:, 0], 200)
     # Small chunks (as for a large validation set) give the same replicates.
-    import ichtrain.bootstrap as bootstrap
+    import ichtrain.evaluation.bootstrap as bootstrap
 
     monkeypatch.setattr(bootstrap, "_CHUNK_CELLS", 1)
     small = resample(unit_sums, [ranking], replicates=50, seed=3)

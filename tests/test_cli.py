@@ -6,7 +6,7 @@ import pandas as pd
 from click.testing import CliRunner
 
 from ichprep.cli import main
-from ichprep.store import MANIFEST, shard_path
+from ichprep.storage.store import MANIFEST, shard_path
 
 
 def invoke(*args):

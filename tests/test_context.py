@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ichprep.store import open_reader, open_store
+from ichprep.storage.store import open_reader, open_store
 from ichtrain.cli import main
 from ichtrain.config import MAX_CONTEXT, TrainConfig
-from ichtrain.data import ShardStream, study_bounds, targets, train_candidates
+from ichtrain.data.stream import ShardStream
+from ichtrain.data.tables import study_bounds, targets, train_candidates
 from ichtrain.errors import ConfigError
 from ichtrain.model import build_model
 

@@ -18,10 +18,10 @@ from conftest import kill_after_shards
 from ichprep.cluster import dask_client
 from ichprep.convert import convert, shards_per_task, store_lock
 from ichprep.errors import StoreExistsError, StoreLockedError
-from ichprep.labels import LABELS
-from ichprep.manifest import verify_store
+from ichprep.reading.labels import LABELS
 from ichprep.spec import PreprocessSpec
-from ichprep.store import MANIFEST, STATE, open_store, shard_path
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, STATE, open_store, shard_path
 
 
 def independent_image(path: str, size: int = 256) -> np.ndarray:

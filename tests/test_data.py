@@ -13,25 +13,17 @@ import pytest
 import torch
 import torch.utils.data
 
-from ichprep.labels import LABELS, SUBTYPES
-from ichprep.store import open_reader, open_store
-from ichtrain import data, ring
-from ichtrain.data import (
-    Batch,
-    SequenceOrder,
-    ShardStream,
-    WindowShuffle,
-    emissions,
-    epoch_plan,
-    is_positive,
-    select_slices,
-    study_bounds,
-    targets,
-    train_candidates,
-)
+from ichprep.reading.labels import LABELS, SUBTYPES
+from ichprep.storage.store import open_reader, open_store
+from ichtrain.data import balance, ring, tables
+from ichtrain.data import stream as stream_module
+from ichtrain.data.balance import epoch_plan
+from ichtrain.data.folds import split_slices
+from ichtrain.data.loader import batch_loader
+from ichtrain.data.order import SequenceOrder, WindowShuffle, emissions
+from ichtrain.data.stream import Batch, ShardStream
+from ichtrain.data.tables import is_positive, select_slices, study_bounds, targets, train_candidates
 from ichtrain.errors import ConfigError, DataError
-from ichtrain.folds import split_slices
-from ichtrain.train import batch_loader
 
 SHARD = 8
 
@@ -110,7 +102,7 @@ def test_targets_tasks_and_unlabelled_rows(store):
         assert y.dtype == np.float32 and y.shape == (len(store.slices), len(columns))
         assert np.isnan(y[unlabelled]).all() and not np.isnan(y[~unlabelled]).any()
         assert np.array_equal(y[~unlabelled], store.slices.loc[~unlabelled, list(columns)].to_numpy(np.float32))
-    assert data.TASKS["rsna"][-1] == "any"
+    assert tables.TASKS["rsna"][-1] == "any"
     with pytest.raises(ConfigError, match="rsna, binary, subtypes"):
         targets(store.slices, "multi")
 
@@ -120,7 +112,7 @@ def test_choices_bounds_and_defaults_have_one_definition():
     from ichtrain import cli, config
     from ichtrain.config import SeqConfig, TrainConfig
 
-    assert data.TASKS is config.TASKS and data.BALANCES is config.BALANCES
+    assert tables.TASKS is config.TASKS and balance.BALANCES is config.BALANCES
     train = {param.name: param for param in cli.train.params}
     for option, choices in (
         ("task", tuple(config.TASKS)),
@@ -291,7 +283,7 @@ def test_epoch_plan_hybrid():
 
 def test_epoch_plan_fallbacks_and_errors(caplog):
     positive = np.zeros(100, bool)
-    with caplog.at_level(logging.WARNING, logger="ichtrain.data"):
+    with caplog.at_level(logging.WARNING, logger="ichtrain.data.balance"):
         counts = epoch_plan(np.arange(100), positive)
     assert (counts == 1).all() and "using 'none'" in caplog.text
     positive[:60] = True  # already >= pos_fraction
@@ -391,8 +383,8 @@ class CountingReader:
 
 def counted_reads(monkeypatch) -> list[tuple[int, int]]:
     log: list[tuple[int, int]] = []
-    real = data._open_images
-    monkeypatch.setattr(data, "_open_images", lambda root: CountingReader(real(root), log))
+    real = stream_module._open_images
+    monkeypatch.setattr(stream_module, "_open_images", lambda root: CountingReader(real(root), log))
     return log
 
 
@@ -427,9 +419,9 @@ class BlockWatch:
 
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_stream_holds_at_most_buffer_shards_blocks(store, monkeypatch, shuffle):
-    real = data._open_images
+    real = stream_module._open_images
     watch = BlockWatch(real(store.root))
-    monkeypatch.setattr(data, "_open_images", lambda root: watch)
+    monkeypatch.setattr(stream_module, "_open_images", lambda root: watch)
     cand = train_candidates(store.slices, np.full(len(store.slices), "train"), None, "binary")
     counts = epoch_plan(cand, is_positive(store.slices), seed=0, epoch=0)
     alive = [
@@ -684,8 +676,9 @@ def test_stream_rejects_bad_inputs(store):
 _DDP_SCRIPT = """
 import json, sys
 import numpy as np, torch, torch.distributed as dist
-from ichprep.store import open_store
-from ichtrain.data import ShardStream, targets
+from ichprep.storage.store import open_store
+from ichtrain.data.stream import ShardStream
+from ichtrain.data.tables import targets
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 store = open_store(sys.argv[1])

@@ -6,8 +6,9 @@ import pytest
 from conftest import pydicom_file
 from pydicom.pixels import apply_modality_lut
 
-from ichprep import dicomio, errors
-from ichprep.dicomio import first_value, needs_wrap_fix, read_header, read_slice, to_hu
+from ichprep import errors
+from ichprep.reading import dicomio
+from ichprep.reading.dicomio import first_value, needs_wrap_fix, read_header, read_slice, to_hu
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "693_J2KI.dcm"])
@@ -158,7 +159,7 @@ def test_no_preamble_still_reads(tmp_path):
 
 def test_native_fast_path_equals_pixel_array(synth_dataset, tmp_path):
     """Uncompressed slices skip pixel_array; whatever the fast path returns equals pixel_array exactly."""
-    from ichprep.dicomio import _header, _native_pixels, _open
+    from ichprep.reading.dicomio import _header, _native_pixels, _open
 
     used = 0
     for path in sorted((synth_dataset / "stage_2_train").glob("*.dcm")):
@@ -223,7 +224,7 @@ def test_a_decoder_without_its_plugins_is_unsupported(tmp_path, monkeypatch):
     class Missing:
         is_available, is_native, missing_dependencies = False, False, ["pylibjpeg - requires pylibjpeg"]
 
-    monkeypatch.setattr("ichprep.dicomio.get_decoder", lambda uid: Missing())
+    monkeypatch.setattr("ichprep.reading.dicomio.get_decoder", lambda uid: Missing())
     dicomio._syntax.cache_clear()
     try:
         with pytest.raises(errors.UnsupportedTransferSyntaxError, match="no decoder plugin is installed"):

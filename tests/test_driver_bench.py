@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from benchmarks import driver_bench as bench
-from ichprep.labels import LABELS
-from ichprep.manifest import verify_store
-from ichprep.scan import OK, SCAN_DTYPES
-from ichprep.store import MANIFEST, REJECTED, SLICES, STUDIES
+from ichprep.reading.labels import LABELS
+from ichprep.reading.scan import OK, SCAN_DTYPES
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, REJECTED, SLICES, STUDIES
 
 SLICES_N = 20_000
 

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 from ichprep.cli import main
 from ichprep.errors import StoreError, StoreExistsError
-from ichprep.export import export_store
-from ichprep.manifest import verify_store
-from ichprep.store import MANIFEST, open_store
+from ichprep.storage.export import export_store
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, open_store
 
 
 def test_whole_store_copy_verifies_against_the_published_manifest(store6, tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ichprep.manifest import verify_store
-from ichprep.store import MANIFEST, STATE
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, STATE
 
 BIN = Path(sys.executable).parent
 

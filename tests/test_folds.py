@@ -1,4 +1,4 @@
-"""ichtrain.folds: patient-grouped, bleed-stratified folds and split, deterministic by seed."""
+"""ichtrain.data.folds: patient-grouped, bleed-stratified folds and split, deterministic by seed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from ichtrain.config import TrainConfig
+from ichtrain.data.folds import assign_folds, folds_table, groups_of, run_split, split_slices
 from ichtrain.errors import ConfigError, DataError
-from ichtrain.folds import assign_folds, folds_table, groups_of, run_split, split_slices
 
 
 def patients(n_patients=90, bleed_rate=0.3, seed=0) -> pd.DataFrame:

@@ -15,13 +15,14 @@ from click.testing import CliRunner
 from ichprep.cli import main
 from ichprep.convert import convert
 from ichprep.errors import StoreError
-from ichprep.manifest import verify_store, with_metadata
-from ichprep.shardcodec import encode_shard
 from ichprep.spec import AXES, FORMAT_VERSION, PIPELINE, PreprocessSpec
-from ichprep.store import IMAGES, MANIFEST, compressor, open_reader, open_store, shard_path
-from ichprep.upgrade import upgrade_store
-from ichtrain.data import ShardStream, targets
-from ichtrain.train import check_spec
+from ichprep.storage.manifest import verify_store, with_metadata
+from ichprep.storage.shardcodec import encode_shard
+from ichprep.storage.store import IMAGES, MANIFEST, compressor, open_reader, open_store, shard_path
+from ichprep.storage.upgrade import upgrade_store
+from ichtrain.checkpoint import check_spec
+from ichtrain.data.stream import ShardStream
+from ichtrain.data.tables import targets
 
 SPEC = PreprocessSpec(size=32, shard_slices=8)
 

@@ -19,8 +19,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from ichprep import errors
 from ichprep.cli import main
 from ichprep.convert import convert
-from ichprep.dicomio import read_slice
-from ichprep.store import open_store
+from ichprep.reading.dicomio import read_slice
+from ichprep.storage.store import open_store
 
 
 def _save(ds, path):
@@ -106,7 +106,7 @@ def hostile_store(hostile, tmp_path_factory):
         return real_open(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in ("ichprep.dicomio", "ichprep.plainread"):  # both open files
+        for module in ("ichprep.reading.dicomio", "ichprep.reading.plainread"):  # both open files
             mp.setattr(f"{module}.open", guarded_open, raising=False)
         summary = convert(folder, root, labels_csv=csv)
     return root, summary

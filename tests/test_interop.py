@@ -21,9 +21,9 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from ichprep.labels import LABELS
+from ichprep.reading.labels import LABELS
 from ichprep.spec import PreprocessSpec
-from ichprep.store import open_reader, open_store
+from ichprep.storage.store import open_reader, open_store
 
 # zarr lists the group's other files (the tables, the manifest) with a warning the README calls harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component:UserWarning")
@@ -242,7 +242,8 @@ def zstd16(synth_dataset, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("rewrite", list(REWRITES))
 def test_shardstream_reads_images_written_by_zarr_python(zstd16, rewrite, tmp_path):
-    from ichtrain.data import ShardStream, targets
+    from ichtrain.data.stream import ShardStream
+    from ichtrain.data.tables import targets
 
     values = open_reader(zstd16)[0 : len(pd.read_parquet(zstd16 / "slices.parquet"))]
     copy = tmp_path / "cache.zarr"

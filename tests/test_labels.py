@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from ichprep.errors import LabelsError
-from ichprep.labels import LABELS, read_labels, write_labels
+from ichprep.reading.labels import LABELS, read_labels, write_labels
 
 
 def _csv(tmp_path, rows, header="ID,Label"):

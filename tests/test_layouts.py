@@ -17,14 +17,15 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec, ZstdCodec
 
-from ichprep import store as store_module
 from ichprep.errors import StoreError
-from ichprep.export import export_store
 from ichprep.report import render_montage
-from ichprep.shardcodec import FastLayout, Mismatch, ShardReader, fast_layout
 from ichprep.spec import PreprocessSpec
-from ichprep.store import IMAGES, images_layout, open_reader, open_store, shard_path, write_shard
-from ichtrain.data import ShardStream, targets
+from ichprep.storage import store as store_module
+from ichprep.storage.export import export_store
+from ichprep.storage.shardcodec import FastLayout, Mismatch, ShardReader, fast_layout
+from ichprep.storage.store import IMAGES, images_layout, open_reader, open_store, shard_path, write_shard
+from ichtrain.data.stream import ShardStream
+from ichtrain.data.tables import targets
 
 SHARD = 8
 FILL_SLOT = 3  # the slot the fill-value variant sets to all 5 (an ok slot of the first study)

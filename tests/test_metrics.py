@@ -1,4 +1,4 @@
-"""ichtrain.metrics: the RSNA weighted log loss by hand, and the sklearn-backed summaries."""
+"""ichtrain.evaluation.metrics: the RSNA weighted log loss by hand, and the sklearn-backed summaries."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from conftest import random_scores
 
-from ichprep.labels import LABELS, SUBTYPES
-from ichtrain.metrics import (
+from ichprep.reading.labels import LABELS, SUBTYPES
+from ichtrain.evaluation.metrics import (
     EPS,
     calibration,
     compute_metrics,

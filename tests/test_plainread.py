@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ichprep import dicomio
 from ichprep.errors import DicomReadError
-from ichprep.plainread import HEAD_BYTES, parse, read_plain
+from ichprep.reading import dicomio
+from ichprep.reading.plainread import HEAD_BYTES, parse, read_plain
 
 
 def _read(ds, has_pixels: bool, path, stop_before_pixels: bool):
@@ -149,7 +149,9 @@ def test_a_big_file_that_is_not_dicom_is_not_read_whole(tmp_path, monkeypatch):
     path.write_bytes(b"\0" * (4 * HEAD_BYTES))
     seen = []
     real_parse = parse
-    monkeypatch.setattr("ichprep.plainread.parse", lambda data, want: seen.append(len(data)) or real_parse(data, want))
+    monkeypatch.setattr(
+        "ichprep.reading.plainread.parse", lambda data, want: seen.append(len(data)) or real_parse(data, want)
+    )
     assert read_plain(path, want_pixels=False) is None
     assert seen == [HEAD_BYTES]
 

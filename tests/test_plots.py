@@ -1,4 +1,4 @@
-"""ichtrain.plots: PNGs are written, readable, sensibly sized, and no figure is left open."""
+"""ichtrain.evaluation.plots: PNGs are written, readable, sensibly sized, and no figure is left open."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from conftest import random_scores
 from matplotlib._pylab_helpers import Gcf
 
-from ichprep.labels import LABELS
-from ichtrain.metrics import compute_metrics
-from ichtrain.plots import plot_calibration, plot_compare, plot_loss_curves, plot_roc_curves, plot_study
+from ichprep.reading.labels import LABELS
+from ichtrain.evaluation.metrics import compute_metrics
+from ichtrain.evaluation.plots import plot_calibration, plot_compare, plot_loss_curves, plot_roc_curves, plot_study
 
 
 def _read_png(path):

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from ichprep.labels import LABELS
-from ichprep.store import open_store
+from ichprep.reading.labels import LABELS
+from ichprep.storage.store import open_store
 from ichtrain.checkpoint import load_checkpoint
 from ichtrain.cli import main
-from ichtrain.submit import predict_dicoms, predict_store
+from ichtrain.study.submit import predict_dicoms, predict_store
 
 
 def _check_kaggle(frame: pd.DataFrame, image_ids: list[str]) -> None:
@@ -173,7 +173,7 @@ def test_cli_train_variants(easy_store, tmp_path, extra):
 
 def test_submission_probabilities_are_clipped(tiny_run, easy_store, tmp_path, monkeypatch):
     """A probability of 3e-7 must not be written as 0 (or 1 - 3e-7 as 1): log loss would be infinite."""
-    import ichtrain.submit as submit_module
+    import ichtrain.study.submit as submit_module
 
     real = submit_module.infer_slots
 
@@ -196,7 +196,7 @@ def test_subtypes_only_checkpoint_is_refused_unless_allowed(easy_store, tiny_con
     train(tiny_config(out, task="subtypes", max_steps=1))
     with pytest.raises(ConfigError, match="never learned to reject normal slices.*--allow-subtypes-only"):
         predict_store(out / "best.pt", easy_store, tmp_path / "a.csv", workers=0)
-    with caplog.at_level("WARNING", logger="ichtrain.predict"):
+    with caplog.at_level("WARNING", logger="ichtrain.study.submit"):
         frame = predict_store(out / "best.pt", easy_store, tmp_path / "b.csv", workers=0, allow_subtypes_only=True)
     assert len(frame) == 6 * len(open_store(easy_store).slices)
     assert any("--allow-subtypes-only" in r.getMessage() for r in caplog.records)

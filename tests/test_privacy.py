@@ -9,7 +9,7 @@ import pytest
 
 from ichprep.convert import convert
 from ichprep.privacy import pseudonym
-from ichprep.store import MANIFEST, open_store
+from ichprep.storage.store import MANIFEST, open_store
 
 KEY = "correct horse battery staple 42"
 

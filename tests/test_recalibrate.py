@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ichtrain.engine import sigmoid
-from ichtrain.recalibrate import MIN_CLASS, Platt, cross_fit, cross_fit_parts, fit_platt
+from ichtrain.evaluation.recalibrate import MIN_CLASS, Platt, cross_fit, cross_fit_parts, fit_platt
 
 
 def log_loss(y, logits) -> float:
@@ -57,10 +57,10 @@ def test_labels_with_too_few_of_a_class_or_no_labels_stay_as_trained():
 
 
 def test_checkpoints_without_a_map_are_read_as_the_identity():
-    assert Platt.from_state({}, 2).slope.tolist() == [1.0, 1.0]
+    assert Platt.from_dict(None, 2).slope.tolist() == [1.0, 1.0]
     stored = Platt(slope=np.array([0.5]), intercept=np.array([-1.0])).to_dict()
     assert stored["method"] == "platt"
-    assert Platt.from_state({"calibration": stored}, 1)(np.array([[2.0]]))[0, 0] == pytest.approx(0.0)
+    assert Platt.from_dict(stored, 1)(np.array([[2.0]]))[0, 0] == pytest.approx(0.0)
 
 
 def test_cross_fit_scores_each_part_with_the_map_of_the_others():

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from ichprep.convert import convert
-from ichprep.labels import LABELS
+from ichprep.reading.labels import LABELS
 from ichprep.report import (
     FAILED,
     GAP,

@@ -13,11 +13,11 @@ import pytest
 
 from ichprep.convert import convert
 from ichprep.errors import StoreLockedError
-from ichprep.export import export_store
-from ichprep.location import Location
-from ichprep.manifest import verify_store
 from ichprep.spec import PreprocessSpec
-from ichprep.store import MANIFEST, open_store
+from ichprep.storage.export import export_store
+from ichprep.storage.location import Location
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, open_store
 
 BIN = Path(sys.executable).parent
 SPEC = PreprocessSpec(size=64, shard_slices=16)

@@ -5,8 +5,8 @@ import pydicom
 import pytest
 
 from ichprep.cluster import dask_client
-from ichprep.labels import LABELS
-from ichprep.scan import OK, list_dicom_files, order_slices, read_scan, scan, to_frame, write_scan
+from ichprep.reading.labels import LABELS
+from ichprep.reading.scan import OK, list_dicom_files, order_slices, read_scan, scan, to_frame, write_scan
 
 
 def test_scan_reads_every_file_and_orders_by_study_then_z(synth_dataset):

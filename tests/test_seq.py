@@ -1,4 +1,4 @@
-"""ichtrain.seq: stage 2 beats noisy stage-1 logits out of fold, honestly, whatever the batch, and round-trips."""
+"""ichtrain.study.sequence: stage 2 beats noisy stage-1 logits out of fold, honestly, batch-independent, round-trips."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ichprep.labels import LABELS
+from ichprep.reading.labels import LABELS
 from ichtrain.config import SEQ_MODEL_DEFAULTS, SeqConfig
 from ichtrain.errors import CheckpointError, ConfigError, DataError
-from ichtrain.metrics import weighted_log_loss
-from ichtrain.seq import (
+from ichtrain.evaluation.metrics import weighted_log_loss
+from ichtrain.study.sequence import (
     Fitted,
     SeqInputs,
     build_seq_model,
@@ -241,8 +241,8 @@ def test_bad_config_lists_the_choices(change, message):
 
 def test_every_seq_model_choice_builds():
     """config.SEQ_MODELS is the one list of choices; each is a model class here (and only those are)."""
-    from ichtrain import seq
     from ichtrain.config import SEQ_MODELS
+    from ichtrain.study import sequence as seq
 
     assert set(seq._MODELS) == set(SEQ_MODELS)
 

@@ -5,9 +5,9 @@ import pytest
 import zarr
 
 from ichprep.errors import StoreError
-from ichprep.shardcodec import ShardReader
 from ichprep.spec import PreprocessSpec
-from ichprep.store import create_images, open_reader, shard_path, write_shard
+from ichprep.storage.shardcodec import ShardReader
+from ichprep.storage.store import create_images, open_reader, shard_path, write_shard
 
 
 @pytest.fixture

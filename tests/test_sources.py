@@ -15,12 +15,12 @@ from conftest import kill_after_shards
 
 from ichprep.convert import convert
 from ichprep.errors import ScanTableError, SourceError, ZipMemberError
-from ichprep.labels import LABELS
-from ichprep.manifest import verify_store
-from ichprep.scan import list_dicom_files, scan
-from ichprep.source import Member, parse_source, read_file, read_member
+from ichprep.reading.labels import LABELS
+from ichprep.reading.scan import list_dicom_files, scan
+from ichprep.reading.source import Member, parse_source, read_file, read_member
 from ichprep.spec import PreprocessSpec
-from ichprep.store import MANIFEST, STATE, open_store
+from ichprep.storage.manifest import verify_store
+from ichprep.storage.store import MANIFEST, STATE, open_store
 from ichprep.synth import KAGGLE_TOP, generate
 
 SPEC = PreprocessSpec(size=64, shard_slices=16)

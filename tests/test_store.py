@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from ichprep.errors import StoreError
-from ichprep.labels import LABELS
-from ichprep.store import build_studies
+from ichprep.reading.labels import LABELS
+from ichprep.storage.store import build_studies
 
 
 def _slices(studies: list[str], patients: list, ok: list[bool], any_label: list) -> pd.DataFrame:

@@ -24,11 +24,12 @@ from ichprep.synth import generate
 from ichtrain.config import SeqConfig, TrainConfig
 from ichtrain.engine import sigmoid
 from ichtrain.errors import ConfigError
-from ichtrain.experiment import OOF, cross_validate, fold_dir, open_experiment
-from ichtrain.metrics import compute_metrics, weighted_log_loss
-from ichtrain.seq import SeqInputs, cross_fit, predict_ensemble
-from ichtrain.stage2 import any_max, run_seq
-from ichtrain.submit import evaluate_experiment, predict_store, score_submission
+from ichtrain.evaluation.metrics import compute_metrics, weighted_log_loss
+from ichtrain.files import OOF, fold_dir
+from ichtrain.study.experiment import cross_validate, open_experiment
+from ichtrain.study.sequence import SeqInputs, cross_fit, predict_ensemble
+from ichtrain.study.stage2 import any_max, run_seq
+from ichtrain.study.submit import evaluate_experiment, predict_store, score_submission
 
 FOLDS = 3
 #: make demo-study's stage-1 logits, out of fold and per fold on its held-out archive (tests/data/make_stage1_oof.py).

@@ -16,7 +16,7 @@ from pydicom.uid import UID
 
 from ichprep import synth
 from ichprep.cli import main
-from ichprep.labels import LABELS
+from ichprep.reading.labels import LABELS
 from ichprep.synth import LESION_CODE, SUBTYPES, generate, plan_dataset, slice_regions
 
 KAGGLE_ORDER = (*SUBTYPES, "any")

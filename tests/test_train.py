@@ -134,7 +134,7 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
     from ichprep.convert import convert
     from ichprep.spec import PreprocessSpec
     from ichprep.windows import parse_windows
-    from ichtrain.submit import predict_store
+    from ichtrain.study.submit import predict_store
 
     other = tmp_path / "other.zarr"
     convert(
@@ -212,7 +212,7 @@ def test_ddp_two_process_gloo_run(easy_store, tmp_path):
     import pandas as pd
 
     split = pd.read_parquet(out / "split.parquet")
-    from ichprep.store import open_store
+    from ichprep.storage.store import open_store
 
     slices = open_store(easy_store).slices
     n_val = int(((split["split"] == "val") & slices["ok"] & slices["any"].notna()).sum())
@@ -283,8 +283,8 @@ def test_hybrid_balance_is_calibrated_and_no_worse_than_none(balance_runs):
 def test_the_checkpoint_carries_the_platt_map_that_evaluate_applies(balance_runs, easy_store, tmp_path):
     """Validation is scored cross-fitted (as in training); other data get the map fitted on all of validation."""
     from ichtrain.engine import sigmoid
-    from ichtrain.predict import evaluate_checkpoint, infer_loaded, load_for_store
-    from ichtrain.recalibrate import Platt
+    from ichtrain.evaluation.evaluate import evaluate_checkpoint, infer_loaded, load_for_store
+    from ichtrain.evaluation.recalibrate import Platt
 
     best = balance_runs["hybrid"] / "best.pt"
     final = json.loads((balance_runs["hybrid"] / "metrics.json").read_text())["final"]
@@ -300,7 +300,7 @@ def test_the_checkpoint_carries_the_platt_map_that_evaluate_applies(balance_runs
     mask[written["slot"].to_numpy()] = True
     raw = infer_loaded(loaded, mask, workers=0)
     order = np.searchsorted(raw.slots, written["slot"].to_numpy())
-    expected = sigmoid(Platt.from_state(state, 6)(raw.logits[order]))
+    expected = sigmoid(Platt.from_dict(state["calibration"], 6)(raw.logits[order]))
     np.testing.assert_allclose(written[[f"prob_{n}" for n in state["names"]]].to_numpy(), expected, atol=1e-6)
 
 
@@ -322,8 +322,8 @@ def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(e
     """--slice-selection middle:K narrows training only; the middle-slice figures come as an extra block."""
     import pandas as pd
 
-    from ichprep.store import open_store
-    from ichtrain.data import select_slices
+    from ichprep.storage.store import open_store
+    from ichtrain.data.tables import select_slices
 
     out = tmp_path / "middle"
     train(tiny_config(out, max_steps=2, slice_selection="middle:4"))

@@ -16,10 +16,11 @@ import sys
 
 import numpy as np
 
-from ichtrain.experiment import calibrated_oof, fold_dir, oof_outputs, open_experiment, open_training_store
-from ichtrain.predict import as_store, load_for_store
-from ichtrain.stage2 import seq_inputs
-from ichtrain.submit import stage_one
+from ichtrain.evaluation.evaluate import as_store, load_for_store
+from ichtrain.files import fold_dir
+from ichtrain.study.experiment import calibrated_oof, oof_outputs, open_experiment, open_training_store
+from ichtrain.study.stage2 import seq_inputs
+from ichtrain.study.submit import stage1
 
 
 def main(exp: str, heldout: str, out: str) -> None:
@@ -33,7 +34,7 @@ def main(exp: str, heldout: str, out: str) -> None:
     held = []
     for k in range(experiment.folds):
         loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", held_store, "cpu")
-        stage = stage_one(loaded, tta="none", batch_size=64, workers=0)
+        stage = stage1(loaded, tta="none", batch_size=64, workers=0)
         held.append(seq_inputs(held_store, stage.mapped, kind="logits", task=task, slot_fold=none))
     np.savez_compressed(
         out,

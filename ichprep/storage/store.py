@@ -18,18 +18,19 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .errors import StoreError
-from .labels import LABELS
+from ..errors import StoreError
+from ..reading.labels import LABELS
+from ..spec import AXES, PreprocessSpec, warn_if_outdated
 from .location import Location, as_location
 from .shardcodec import IMAGES, IMAGES_META, FastLayout, Mismatch, ShardReader, encode_shard, fast_layout, shard_path
-from .shardcodec import SHARD_DIR as SHARD_DIR  # re-exported: ichprep.store names the whole layout
-from .spec import AXES, PreprocessSpec, warn_if_outdated
+from .shardcodec import SHARD_DIR as SHARD_DIR  # re-exported: ichprep.storage.store names the whole layout
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def _not_images(root: Location, mismatch: Mismatch) -> StoreError:
 
 def open_reader(root: str | Path | Location, layout: FastLayout | Mismatch | None = None):
     """Fast read access, ``reader[a:b]``: direct shard decoding where the array's metadata has the one
-    layout :mod:`ichprep.shardcodec` implements, zarr for every other valid layout.
+    layout :mod:`ichprep.storage.shardcodec` implements, zarr for every other valid layout.
 
     The choice is made once per call, from ``images/zarr.json`` (or ``layout``, already read by the caller).
     """
@@ -154,6 +155,19 @@ def _zarr_shard_file(root: Location, spec: PreprocessSpec, shard: int, images: z
     return IMAGES + "/" + images.metadata.encode_chunk_key((shard, 0, 0, 0))
 
 
+class ShardRecord(TypedDict):
+    """One written shard, as its marker (``.ichprep/shards/NNNNNN.json``) stores it and the manifest lists it."""
+
+    index: int  # the shard number (the key every marker on disk has)
+    start: int  # its first slot
+    stop: int  # one past its last slot
+    sha256: str | None  # of the shard file; None: every slot zero-filled, so there is no file
+    size: int  # bytes of the shard file
+    inputs: NotRequired[str]  # sha256 of the first slot and member paths: what a resumed run must match
+    errors: NotRequired[list[list]]  # [slot, reason, detail] of every zero-filled slot
+    skipped: NotRequired[bool]  # True when an earlier run wrote it and this one kept it
+
+
 def write_shard(
     root: str | Path | Location,
     spec: PreprocessSpec,
@@ -161,18 +175,17 @@ def write_shard(
     start: int,
     buffer: np.ndarray,
     layout: FastLayout | Mismatch | None = None,
-) -> dict:
+) -> ShardRecord:
     """Write shard ``shard`` whole, in one write (never a partial shard write), and record its checksum.
 
     Where the array's metadata (``layout``, or read here) has the direct codec's layout, the shard is
-    encoded here (same bytes as zarr, see :mod:`ichprep.shardcodec`) and written atomically; any other
+    encoded here (same bytes as zarr, see :mod:`ichprep.storage.shardcodec`) and written atomically; any other
     layout goes through zarr. A shard that is all fill value (every slot zero-filled) has no file, as
     zarr would leave it: sha256 None.
     """
     root = as_location(root)
     layout = images_layout(root) if layout is None else layout
-    # "index" holds the shard number: the key is stored in every marker on disk, so it keeps its name.
-    record = {"index": shard, "start": start, "stop": start + len(buffer), "sha256": None, "size": 0}
+    record = ShardRecord(index=shard, start=start, stop=start + len(buffer), sha256=None, size=0)
     if (
         isinstance(layout, FastLayout)
         and layout.shard_slices == spec.shard_slices
@@ -190,7 +203,9 @@ def write_shard(
     return record
 
 
-def _write_direct(root: Location, layout: FastLayout, shard: int, buffer: np.ndarray, record: dict) -> dict:
+def _write_direct(
+    root: Location, layout: FastLayout, shard: int, buffer: np.ndarray, record: ShardRecord
+) -> ShardRecord:
     name = shard_path(shard)
     if buffer.any():
         # Hash the bytes we hold rather than reading the shard back (a second GET on object stores).
@@ -204,6 +219,24 @@ def _write_direct(root: Location, layout: FastLayout, shard: int, buffer: np.nda
 
 def n_shards(n_slices: int, shard_slices: int) -> int:
     return -(-n_slices // shard_slices)
+
+
+class SlotRange(NamedTuple):
+    """Consecutive slots ``[start, stop)``, held from ``row`` on in the arrays that list the slots in order."""
+
+    row: int
+    start: int
+    stop: int
+
+
+def slot_ranges(slots: np.ndarray) -> list[SlotRange]:
+    """Each range of consecutive slots in an ascending slot list: one read or write each."""
+    if len(slots) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(slots)]])
+    return [SlotRange(row=int(a), start=int(slots[a]), stop=int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 def count_patients(slices: pd.DataFrame) -> int:

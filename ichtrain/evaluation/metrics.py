@@ -2,7 +2,7 @@
 
 Inputs everywhere are ``y_true`` (N, K) with values 0/1 (NaN = label missing)
 and ``y_prob`` (N, K) sigmoid probabilities, with ``names`` giving the K
-column names (a subset of ``ichprep.labels.LABELS``, in the model's order).
+column names (a subset of ``ichprep.reading.labels.LABELS``, in the model's order).
 
 The headline number is the RSNA 2019 competition metric
 (:func:`weighted_log_loss`); the point estimates of AUC, AP, thresholded
@@ -10,7 +10,7 @@ confusion metrics and study-level AUC come from scikit-learn so that they
 match what other people compute.  Calibration (mean probability vs
 prevalence, ECE, reliability bins) shows whether the probabilities can be
 trusted after balanced training, and study-level bootstrap intervals
-(:mod:`ichtrain.bootstrap`, weighted versions checked against scikit-learn)
+(:mod:`ichtrain.evaluation.bootstrap`, weighted versions checked against scikit-learn)
 show how much a small validation set proves.  :func:`compute_metrics`
 returns plain JSON-ready dicts (floats, ints, strings, ``None`` for
 undefined values) so the trainer can write them straight to ``metrics.json``.
@@ -49,7 +49,7 @@ DEFAULT_THRESHOLD = 0.5
 def _as_float_2d(values, k: int | None, what: str) -> np.ndarray:
     """(N, K) float64 array; accepts pandas (nullable Int8 with <NA> -> NaN) and 1-D for K == 1."""
     if hasattr(values, "to_numpy"):
-        # Nullable integers (what ichprep.labels returns) refuse np.asarray(float) with <NA>: ask pandas for NaN.
+        # Nullable integers (ichprep.reading.labels) refuse np.asarray(float) with <NA>: ask pandas for NaN.
         values = values.to_numpy(dtype=float, na_value=np.nan)
     # float64 always: in float32, 1 - 1e-7 rounds to 1.0 and the clip would be useless.
     arr = np.asarray(values, dtype=np.float64)
@@ -574,11 +574,14 @@ def _ci_text(interval, info: Mapping | None, resamples: bool = False) -> str:
     return f" ({info['level']:.0%} CI {interval[0]:.3f}-{interval[1]:.3f}{tail})"
 
 
+def fmt(x: float | None, spec: str = ".4f") -> str:
+    """A figure as logs and tables print it ("-" where undefined)."""
+    return "-" if x is None else format(x, spec)
+
+
 def format_metrics(metrics: Mapping) -> str:
     """Compact text table for the CLI: one row per class, then the summary numbers (with intervals if any)."""
-
-    def f(x, spec=".4f") -> str:
-        return "-" if x is None else format(x, spec)
+    f = fmt
 
     def auc_cell(m: Mapping) -> str:
         ci = (m.get("ci95") or {}).get("roc_auc")

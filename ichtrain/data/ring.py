@@ -11,11 +11,9 @@ so the workers write straight into pinned memory and the copy to the device does
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import weakref
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -30,7 +28,7 @@ SPARE_SLOTS = 2
 
 
 class Batch(NamedTuple):
-    """One batch of a :class:`~ichtrain.data.ShardStream`."""
+    """One batch of a :class:`~ichtrain.data.stream.ShardStream`."""
 
     images: torch.Tensor  # uint8 (b, C*(2*context+1), H, W)
     targets: torch.Tensor  # float32 (b, K)
@@ -119,34 +117,3 @@ class WorkerSlots:
         )
         self.seq += 1
         return out
-
-
-class RingLoader:
-    """``DataLoader(stream, num_workers=workers)`` whose workers write into a :class:`BatchRing`.
-
-    Yields :class:`Batch`es; a batch's images are valid until the next batch is asked for.  Each pass
-    (``iter``) gets its own ring, so workers of an abandoned pass can never write into a new pass's slots.
-    """
-
-    def __init__(self, stream, workers: int, device: torch.device):
-        if workers < 1:
-            raise ValueError(f"RingLoader needs at least one worker, got {workers}")
-        self.stream, self.workers, self.device = stream, workers, device
-
-    def __iter__(self) -> Iterator[Batch]:
-        ring = BatchRing(self.workers, (self.stream.batch_size, *self.stream.sample_shape))
-        if self.device.type == "cuda":
-            ring.pin()
-        loader = torch.utils.data.DataLoader(
-            self.stream.with_ring(ring), batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH
-        )
-        held: collections.deque = collections.deque()  # (SlotBatch, CUDA event or None), in arrival order
-        for batch in loader:
-            while held and (held[0][1] is None or held[0][1].query()):
-                ring.release(held.popleft()[0])
-            yield Batch(images=ring.images_of(batch), targets=batch.targets, slots=batch.slots)
-            event = None
-            if ring.pinned:
-                event = torch.cuda.Event()
-                event.record()  # after the work queued on this batch, its copy to the device included
-            held.append((batch, event))

@@ -29,8 +29,8 @@ import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from isal import isal_zlib
 
-from . import scratch
-from .errors import SourceError, TruncatedFileError, ZipMemberError
+from .. import scratch
+from ..errors import SourceError, TruncatedFileError, ZipMemberError
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .checkpoint import safe_load, save_checkpoint
-from .config import HEADS, SEQ_INPUTS, SEQ_MODELS, SeqConfig, check_choice
-from .engine import loss_weights
-from .errors import CheckpointError, DataError
+from ..checkpoint import safe_load, save_checkpoint
+from ..config import HEADS, SEQ_INPUTS, SEQ_MODELS, SeqConfig, check_choice
+from ..engine import loss_weights
+from ..errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _check_studies(studies, n_studies: int, what: str) -> np.ndarray:
 
 
 def _device(name: str) -> torch.device:
-    from .train import resolve_device  # the trainer's rule for "auto" and a missing CUDA device
+    from ..device import resolve_device  # the trainer's rule for "auto" and a missing CUDA device
 
     return resolve_device(name)
 
@@ -661,7 +661,7 @@ def load_seq(path, device="cpu") -> LoadedSeq:
     """The models :func:`save_seq` wrote, loaded with ``weights_only=True``, in eval mode on ``device``."""
     state = safe_load(path, "stage-2 model file")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a stage-2 model file (written by ichtrain.seq.save_seq)")
+        raise CheckpointError(f"{path} is not a stage-2 model file (written by ichtrain.study.sequence.save_seq)")
     if state.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has stage-2 format version {state.get('version')}, this ichtrain reads {FORMAT_VERSION}"

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .config import GROUPINGS, MAX_FOLDS, MIN_FOLDS, SPLITS, TrainConfig, check_choice, check_fraction, check_int
-from .data import _check_columns, is_positive
-from .errors import ConfigError, DataError
+from ..config import GROUPINGS, MAX_FOLDS, MIN_FOLDS, SPLITS, TrainConfig, check_choice, check_fraction, check_int
+from ..errors import ConfigError, DataError
+from .tables import _check_columns, is_positive
 
 logger = logging.getLogger(__name__)
 

@@ -243,7 +243,7 @@ _STAGES = (("stage 1", "tab:gray"), ("stage 2", "tab:blue"))
 
 
 def _class_values(metrics: Mapping, names: Sequence[str], key: str) -> np.ndarray:
-    """``per_class[name][key]`` of a :func:`~ichtrain.metrics.compute_metrics` result, NaN where undefined."""
+    """``per_class[name][key]`` of a :func:`~ichtrain.evaluation.metrics.compute_metrics` result (NaN: undefined)."""
     per_class = metrics["per_class"]
     return np.array([_value(per_class.get(name, {}), key) for name in names])
 

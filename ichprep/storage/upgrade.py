@@ -23,11 +23,11 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 
-from .errors import StoreError
+from ..errors import StoreError
+from ..spec import AXES, FORMAT_VERSION, PIPELINE, check_format
 from .location import Location, as_location
 from .lock import store_lock
 from .manifest import load_manifest, with_metadata, write_manifest
-from .spec import AXES, FORMAT_VERSION, PIPELINE, check_format
 from .store import ATTRS_KEY, GROUP_META, IMAGES_META, MANIFEST, RUN_FILE, read_attrs
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError, StoreExistsError
+from ..errors import StoreError, StoreExistsError
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
 from .store import (
@@ -31,6 +31,7 @@ from .store import (
     images_layout,
     open_reader,
     open_store,
+    slot_ranges,
     store_files,
     write_shard,
 )
@@ -54,16 +55,6 @@ def read_study_list(path: str | Path) -> list[str]:
     if not studies:
         raise StoreError(f"{path} lists no study UIDs (one per line)")
     return studies
-
-
-def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
-    """(position in slots, first slot, stop slot) of each run of consecutive slots: one read each."""
-    if len(slots) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(slots)]])
-    return [(int(a), int(slots[a]), int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 def _prepare_dest(dest: Location, overwrite: bool) -> None:
@@ -141,7 +132,7 @@ def export_store(
     for shard, first in enumerate(range(0, len(slots), spec.shard_slices)):
         part = slots[first : first + spec.shard_slices]
         buffer = np.empty((len(part),) + store.images.shape[1:], dtype=np.uint8)
-        for at, a, b in _runs(part):
+        for at, a, b in slot_ranges(part):
             buffer[at : at + (b - a)] = reader[a:b]
         results.append(write_shard(dest, spec, shard, first, buffer, layout))
         if progress:

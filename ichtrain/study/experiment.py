@@ -25,28 +25,21 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from ichprep.store import Store, open_store
+from ichprep.storage.store import Store, open_store, slot_ranges
 
-from .checkpoint import load_checkpoint
-from .config import INFER_BATCH_SIZE, TASKS, TrainConfig
-from .data import targets, train_candidates
-from .engine import sigmoid
-from .errors import ConfigError, DataError
-from .folds import assign_folds, folds_table
-from .predict import Loaded, infer_loaded, load_for_store
-from .recalibrate import Platt, cross_fit, cross_fit_parts
-from .train import RESUME_FIXED, run_metrics, store_identity, train, write_predictions
+from ..checkpoint import Checkpoint, store_identity
+from ..config import INFER_BATCH_SIZE, RESUME_FIXED, TASKS, TrainConfig
+from ..data.folds import assign_folds, folds_table
+from ..data.tables import targets, train_candidates
+from ..engine import sigmoid
+from ..errors import ConfigError, DataError
+from ..evaluation.evaluate import Loaded, infer_loaded, load_for_store
+from ..evaluation.recalibrate import Platt, cross_fit, cross_fit_parts
+from ..evaluation.report import run_metrics, write_predictions
+from ..files import BEST, CONFIG, EXPERIMENT, FOLDS, LAST, METRICS, OOF, OUTPUTS, fold_dir
+from ..train import train
 
 logger = logging.getLogger(__name__)
-
-EXPERIMENT = "experiment.json"
-FOLDS = "folds.parquet"
-OUTPUTS = "outputs.zarr"
-OOF = "oof.parquet"
-
-
-def fold_dir(exp: str | Path, k: int) -> Path:
-    return Path(exp) / f"fold{k}"
 
 
 def is_experiment(path: str | Path) -> bool:
@@ -64,8 +57,10 @@ class Experiment(NamedTuple):
     names: tuple[str, ...]
 
 
-def open_experiment(exp: str | Path) -> Experiment:
-    """Read EXP's description (experiment.json and folds.parquet)."""
+def open_experiment(exp: Experiment | str | Path) -> Experiment:
+    """Read EXP's description (experiment.json and folds.parquet); an open experiment is returned as it is."""
+    if isinstance(exp, Experiment):
+        return exp
     path = Path(exp)
     if not is_experiment(path):
         raise ConfigError(f"{path} is not an experiment folder (no {EXPERIMENT}); make one with `ichtrain cv`")
@@ -116,7 +111,7 @@ def _check_same(path: Path, new: dict) -> None:
 
 def _check_fold_run(run: Path, base: TrainConfig, *, folds: int, k: int) -> None:
     """A fold trained elsewhere (``train --folds --fold``) must be fold k of this experiment's settings."""
-    done = json.loads((run / "config.json").read_text())
+    done = json.loads((run / CONFIG).read_text())
     wanted = {**base.to_dict(), "folds": folds, "fold": k}
     differ = [f for f in RESUME_FIXED if done.get(f) != wanted.get(f)]
     if differ:
@@ -150,11 +145,11 @@ def cross_validate(
     (exp / EXPERIMENT).write_text(json.dumps(shared, indent=2) + "\n")
     for k in range(folds):
         run = fold_dir(exp, k)
-        if (run / "metrics.json").exists():
+        if (run / METRICS).exists():
             _check_fold_run(run, base, folds=folds, k=k)
-            logger.info("fold %d of %d: finished earlier (%s), kept", k, folds, run / "metrics.json")
+            logger.info("fold %d of %d: finished earlier (%s), kept", k, folds, run / METRICS)
         else:
-            last = run / "last.pt"
+            last = run / LAST
             logger.info("fold %d of %d: %s", k, folds, f"resuming from {last}" if last.exists() else "training")
             train(
                 dataclasses.replace(
@@ -186,22 +181,6 @@ def infer_slots(
     return Inferred(slots=out.slots[order], logits=out.logits[order], features=out.features[order])
 
 
-class Run(NamedTuple):
-    """Consecutive slots ``[start, stop)``, held from ``row`` on in the arrays that list the slots in order."""
-
-    row: int
-    start: int
-    stop: int
-
-
-def _runs(slots: np.ndarray) -> list[Run]:
-    """Each run of consecutive slots in an ascending slot list: one read or write each."""
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(slots)]])
-    return [Run(row=int(a), start=int(slots[a]), stop=int(slots[b - 1]) + 1) for a, b in zip(starts, stops)]
-
-
 def _outputs_group(path: Path, *, n_slots: int, shard_slices: int, inferred: Inferred) -> zarr.Group:
     """EXP/outputs.zarr, created on first use: ``features`` and ``logits``, one row per slot, NaN until written."""
     if path.exists():
@@ -222,10 +201,10 @@ def _outputs_group(path: Path, *, n_slots: int, shard_slices: int, inferred: Inf
 
 def write_outputs(group: zarr.Group, inferred: Inferred, fold: int) -> None:
     """Write one fold's rows, then record the fold as done (a fold interrupted half-way is redone)."""
-    for run in _runs(inferred.slots):
-        rows = slice(run.row, run.row + run.stop - run.start)
-        group["features"][run.start : run.stop] = inferred.features[rows]
-        group["logits"][run.start : run.stop] = inferred.logits[rows]
+    for part in slot_ranges(inferred.slots):
+        rows = slice(part.row, part.row + part.stop - part.start)
+        group["features"][part.start : part.stop] = inferred.features[rows]
+        group["logits"][part.start : part.stop] = inferred.logits[rows]
     group.attrs["folds_done"] = sorted({*group.attrs["folds_done"], fold})
 
 
@@ -237,10 +216,10 @@ def read_outputs(path: Path, slots: np.ndarray, folds: int) -> Inferred:
         raise DataError(f"{path} lacks fold(s) {missing}; rerun `ichtrain cv` to export them")
     features = np.empty((len(slots), group["features"].shape[1]), np.float16)
     logits = np.empty((len(slots), group["logits"].shape[1]), np.float32)
-    for run in _runs(slots):
-        rows = slice(run.row, run.row + run.stop - run.start)
-        features[rows] = group["features"][run.start : run.stop]
-        logits[rows] = group["logits"][run.start : run.stop]
+    for part in slot_ranges(slots):
+        rows = slice(part.row, part.row + part.stop - part.start)
+        features[rows] = group["features"][part.start : part.stop]
+        logits[rows] = group["logits"][part.start : part.stop]
     return Inferred(slots=slots, logits=logits, features=features)
 
 
@@ -261,7 +240,7 @@ def export_fold(
     path = exp / OUTPUTS
     if path.exists() and k in zarr.open_group(str(path), mode="r").attrs.get("folds_done", []):
         return
-    loaded = load_for_store(fold_dir(exp, k) / "best.pt", store, device)
+    loaded = load_for_store(fold_dir(exp, k) / BEST, store, device)
     inferred = infer_slots(loaded, mask, tta=tta, batch_size=batch_size)
     group = _outputs_group(path, n_slots=len(store.slices), shard_slices=store.spec.shard_slices, inferred=inferred)
     group.attrs.update({"tta": tta, "names": list(loaded.names)})
@@ -288,11 +267,11 @@ def calibrated_oof(experiment: Experiment, store: Store, outputs: Inferred) -> I
     logits = outputs.logits.copy()
     fold_of = experiment.fold[outputs.slots]
     for k in range(experiment.folds):
-        state = load_checkpoint(fold_dir(experiment.path, k) / "best.pt")
-        if state.get("calibration") is None:
+        stored = Checkpoint.load(fold_dir(experiment.path, k) / BEST).calibration
+        if stored is None:
             continue  # a fold trained without a map (or before maps existed) is read as it is, as predict does
         mine = fold_of == k
-        logits[mine] = Platt.from_state(state, logits.shape[1])(outputs.logits[mine])
+        logits[mine] = Platt.from_dict(stored, logits.shape[1])(outputs.logits[mine])
         split = np.where(experiment.fold == k, "val", "train")
         val = train_candidates(store.slices, split, None, task=cfg.task, part="val")
         parts = cross_fit_parts(store.slices, val, seed=cfg.seed, by=cfg.split_by)
@@ -339,11 +318,11 @@ def score_experiment(exp: str | Path) -> dict:
     )
     fold_metrics = []
     for k in range(experiment.folds):
-        run = json.loads((fold_dir(experiment.path, k) / "metrics.json").read_text())
+        run = json.loads((fold_dir(experiment.path, k) / METRICS).read_text())
         fold_metrics.append({"fold": k, "best_epoch": run["best_epoch"], **run["final"]})
     summary = {
         "oof": oof_block(store, slots, probs, names=names, task=task, seed=experiment.cfg.seed),
         "folds": fold_metrics,
     }
-    (experiment.path / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (experiment.path / METRICS).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import StoreLockedError
+from ..errors import StoreLockedError
 from .location import Location, as_location
 from .store import STATE
 

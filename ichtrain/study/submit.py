@@ -10,7 +10,6 @@ its K fold models, each followed by its own stage-2 model when ``EXP/seq`` exist
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -23,24 +22,24 @@ import pandas as pd
 
 from ichprep.cluster import OnDemand
 from ichprep.convert import convert
-from ichprep.labels import LABELS, read_labels
-from ichprep.source import read_csv
+from ichprep.reading.labels import LABELS, read_labels
+from ichprep.reading.source import read_csv
 from ichprep.spec import PreprocessSpec
-from ichprep.store import REJECTED, Store
+from ichprep.storage.store import REJECTED, Store
 
-from .checkpoint import load_checkpoint
-from .config import INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig
-from .data import targets
-from .engine import Predictions, sigmoid
-from .errors import DataError
+from ..checkpoint import Checkpoint
+from ..config import INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig
+from ..data.tables import targets
+from ..engine import Predictions, sigmoid
+from ..errors import ConfigError, DataError
+from ..evaluation.evaluate import Loaded, as_store, load_for_store
+from ..evaluation.metrics import per_class_log_loss, weighted_log_loss
+from ..evaluation.plots import plot_compare
+from ..evaluation.report import write_report
+from ..files import BEST, COMPARE_PLOT, STAGE2_DIR, STAGE2_MODEL
+from . import sequence
 from .experiment import Inferred, fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
-from .metrics import per_class_log_loss, weighted_log_loss
-from .predict import CLIP, Loaded, as_store, check_task, kaggle_rows, load_for_store, six_columns
-from .recalibrate import Platt
-from .seq import load_seq
-from .seq import predict as seq_predict
-from .stage2 import SEQ_DIR, SEQ_MODEL, any_max, seq_inputs
-from .train import write_figures
+from .stage2 import any_max, seq_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class SourceProbs(NamedTuple):
     staged: bool  # True when ``probs`` came from stage 2
 
 
-class StageOne(NamedTuple):
+class Stage1(NamedTuple):
     """A checkpoint's outputs on every slot of its store."""
 
     inferred: Inferred  # features and logits of the readable slots, as the network made them
@@ -64,14 +63,15 @@ class StageOne(NamedTuple):
     prevalence: list[float]  # the checkpoint's training prevalence per output
 
 
-def stage_one(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> StageOne:
+def stage1(loaded: Loaded, *, tta: str, batch_size: int, workers: int) -> Stage1:
     n, k = len(loaded.store.slices), len(loaded.names)
     inferred = infer_slots(loaded, np.ones(n, bool), tta=tta, batch_size=batch_size, workers=workers)
-    mapped = inferred._replace(logits=Platt.from_state(loaded.state, k)(inferred.logits))
+    mapped = inferred._replace(logits=loaded.platt(inferred.logits))
     probs = np.full((n, k), np.nan, np.float32)
     probs[inferred.slots] = sigmoid(mapped.logits)
-    return StageOne(
-        inferred=inferred, mapped=mapped, probs=probs, prevalence=loaded.state.get("train_prevalence", [0.5] * k)
+    prevalence = loaded.checkpoint.train_prevalence
+    return Stage1(
+        inferred=inferred, mapped=mapped, probs=probs, prevalence=[0.5] * k if prevalence is None else prevalence
     )
 
 
@@ -87,7 +87,7 @@ def checkpoint_probs(
 ) -> SourceProbs:
     loaded = load_for_store(checkpoint, store, device)
     check_task(loaded, checkpoint, allow_subtypes_only)
-    stage = stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
+    stage = stage1(loaded, tta=tta, batch_size=batch_size, workers=workers)
     return SourceProbs(
         probs=stage.probs,
         stage1=stage.probs,
@@ -110,18 +110,18 @@ def experiment_probs(
     """The mean over folds of stage-1 probabilities and, with EXP/seq, of each fold's stage-2 probabilities."""
     experiment = open_experiment(exp)
     store = as_store(store)
-    seq_path = experiment.path / SEQ_DIR / SEQ_MODEL
+    seq_path = experiment.path / STAGE2_DIR / STAGE2_MODEL
     staged = use_seq and seq_path.exists()
     if use_seq and not staged:
         logger.warning(
             "%s has no stage 2 (%s); predicting with stage 1 only (run `ichtrain seq %s`)", exp, seq_path, exp
         )
-    seq = load_seq(seq_path) if staged else None
-    stage1, stage2, prevalence = [], [], []
+    seq = sequence.load_seq(seq_path) if staged else None
+    first, second, prevalence = [], [], []
     for k in range(experiment.folds):
-        loaded = load_for_store(fold_dir(experiment.path, k) / "best.pt", store, device)
-        stage = stage_one(loaded, tta=tta, batch_size=batch_size, workers=workers)
-        stage1.append(stage.probs)
+        loaded = load_for_store(fold_dir(experiment.path, k) / BEST, store, device)
+        stage = stage1(loaded, tta=tta, batch_size=batch_size, workers=workers)
+        first.append(stage.probs)
         prevalence.append(stage.prevalence)
         if seq is not None:
             inputs = seq_inputs(
@@ -131,14 +131,13 @@ def experiment_probs(
                 task=experiment.cfg.task,
                 slot_fold=np.zeros(len(store.slices), np.int64),
             )
-            staged_probs = seq_predict(seq.fitted[k], inputs, np.arange(len(inputs.starts)))
+            staged_probs = sequence.predict(seq.fitted[k], inputs, np.arange(len(inputs.starts)))
             staged_probs[~store.slices["ok"].to_numpy(bool)] = np.nan
-            stage2.append(staged_probs.astype(np.float32))
-    first = np.mean(stage1, axis=0)
-    final = np.mean(stage2, axis=0) if staged else first
+            second.append(staged_probs.astype(np.float32))
+    mean1 = np.mean(first, axis=0)
     return SourceProbs(
-        probs=final,
-        stage1=first,
+        probs=np.mean(second, axis=0) if staged else mean1,
+        stage1=mean1,
         names=experiment.names,
         prevalence=dict(zip(experiment.names, np.mean(prevalence, axis=0))),
         staged=staged,
@@ -276,14 +275,14 @@ def follow_sample(frame: pd.DataFrame, sample_submission: str | Path, fallback: 
 
 def source_spec(source: str | Path) -> PreprocessSpec:
     """The preprocessing a source was trained on (an experiment's: its first fold's)."""
-    checkpoint = fold_dir(source, 0) / "best.pt" if is_experiment(source) else source
-    return PreprocessSpec.from_attrs(load_checkpoint(checkpoint)["spec"])
+    checkpoint = fold_dir(source, 0) / BEST if is_experiment(source) else source
+    return PreprocessSpec.from_attrs(Checkpoint.load(checkpoint).spec)
 
 
 def predict_dicoms(
     sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None, **options
 ) -> pd.DataFrame:
-    """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.source`) with the first source's spec into a
+    """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.reading.source`) with the first source's spec into a
     temporary store, then predict from it.  Without a ``client`` a local cluster converts where the files are
     many enough to pay for it (:class:`ichprep.cluster.OnDemand`)."""
     sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
@@ -311,22 +310,19 @@ def evaluate_experiment(
     """Stage 1 (mean of the folds) and stage 2 on every labelled slice of a store; the final stage's figures."""
     experiment = open_experiment(exp)
     store = as_store(store_path)
-    probs = experiment_probs(exp, store, tta=tta, use_seq=True, device=device, batch_size=batch_size, workers=workers)
+    probs = experiment_probs(
+        experiment, store, tta=tta, use_seq=True, device=device, batch_size=batch_size, workers=workers
+    )
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
     slots = scored_slots(store, task)
     metrics = {"stage1": oof_block(store, slots, probs.stage1[slots], names=names, task=task, seed=seed)}
     if probs.staged:
         metrics["stage2"] = oof_block(store, slots, probs.probs[slots], names=names, task=task, seed=seed)
     metrics["final"] = metrics["stage2" if probs.staged else "stage1"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     preds = Predictions(probs=probs.probs[slots], targets=targets(store.slices, task)[slots], slots=slots)
-    write_figures(out, preds, names=names, store=store, predictions="predictions.parquet")
+    out = write_report(out, preds, metrics, names=names, store=store)
     if probs.staged:
-        from .plots import plot_compare
-
-        plot_compare(metrics["stage1"], metrics["stage2"], names, out / "compare.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_compare(metrics["stage1"], metrics["stage2"], names, out / COMPARE_PLOT)
     return metrics
 
 
@@ -365,3 +361,46 @@ def score_submission(submission: str | Path, labels_csv: str | Path) -> dict:
         "n_submitted": len(predicted),
         "n_labelled": len(truth),
     }
+
+
+#: Submitted probabilities stay inside [CLIP, 1 - CLIP]: written with 6 decimals, a smaller one would read as 0.
+CLIP = 1e-6
+
+
+def kaggle_rows(image_ids: list[str], table: np.ndarray) -> pd.DataFrame:
+    """Kaggle's submission format: ``ID_<image>_<label>``, six rows per image in LABELS order."""
+    ids = [f"{image_id}_{name}" for image_id in image_ids for name in LABELS]
+    return pd.DataFrame({"ID": ids, "Label": table.reshape(-1)})
+
+
+def six_columns(probs: np.ndarray, names: tuple[str, ...], prevalence: dict[str, float]) -> np.ndarray:
+    """Fill all six Kaggle labels: the model's outputs where it has them, else derived or prevalence.
+
+    A binary model has no subtype outputs (they get the training prevalence); a subtype model has no
+    ``any`` output (it gets the maximum subtype probability, since any = OR of the subtypes).
+    """
+    table = np.empty((len(probs), len(LABELS)), np.float64)
+    for j, name in enumerate(LABELS):
+        if name in names:
+            table[:, j] = probs[:, names.index(name)]
+        elif name == "any":
+            table[:, j] = probs.max(axis=1) if len(names) else prevalence.get("any", 0.5)
+        else:
+            table[:, j] = prevalence.get(name, 0.0)
+    return table
+
+
+def check_task(loaded: Loaded, checkpoint, allow_subtypes_only: bool) -> None:
+    """A subtypes-only model never saw a normal slice: its ``any`` (the max subtype) is not a detector."""
+    if "any" in loaded.names:
+        return
+    message = (
+        f"checkpoint {checkpoint} was trained with --task {loaded.cfg.task} on bleeding slices only, so it "
+        "never learned to reject normal slices and its 'any' (max subtype) is not a hemorrhage detector"
+    )
+    if not allow_subtypes_only:
+        raise ConfigError(
+            f"{message}; predict with an rsna or binary checkpoint, or pass --allow-subtypes-only "
+            "to write these probabilities anyway"
+        )
+    logger.warning("%s; writing them anyway (--allow-subtypes-only)", message)

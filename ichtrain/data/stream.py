@@ -16,170 +16,24 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.utils.data
 
-from ichprep.location import as_location
-from ichprep.store import open_reader
+from ichprep.storage.location import as_location
+from ichprep.storage.store import open_reader
 
-from .balance import sampling_rates
-from .config import BALANCES, SPLIT_PARTS, TASKS, TrainConfig, check_choice, check_fraction, check_int, middle_count
-from .errors import ConfigError, DataError
+from ..config import TrainConfig, check_int
+from ..errors import ConfigError, DataError
+from .order import Emission, SequenceOrder, WindowShuffle, emissions
 from .ring import Batch, BatchRing, WorkerSlots, shared_empty
+from .tables import study_bounds
 
 logger = logging.getLogger(__name__)
-
-
-def _check_columns(frame: pd.DataFrame, columns, what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{what} lacks column(s) {', '.join(missing)}; is it an ichprep store table?")
-
-
-def targets(slices: pd.DataFrame, task: str) -> np.ndarray:
-    """float32 (N, K) targets of ``task``; an unlabelled slice (null label) gives NaN there (a NaN row)."""
-    check_choice("task", task, TASKS)
-    columns = TASKS[task]
-    _check_columns(slices, columns, "slices")
-    return slices[list(columns)].to_numpy(dtype=np.float32, na_value=np.nan)
-
-
-def is_positive(slices: pd.DataFrame) -> np.ndarray:
-    """bool (N,): the slice is labelled ``any == 1`` (nulls count as not positive)."""
-    _check_columns(slices, ["any"], "slices")
-    return slices["any"].eq(1).fillna(False).to_numpy(dtype=bool)
-
-
-def select_slices(slices: pd.DataFrame, studies: pd.DataFrame, selection: str = "all") -> np.ndarray:
-    """bool (N,): the slots a selection keeps.
-
-    ``"all"`` keeps every slot; ``"middle:K"`` keeps, per study, the K slices centred on its middle slice
-    ``start + n // 2`` (the reference method trains on these), the whole study when it has fewer than K.
-    """
-    n = len(slices)
-    k = middle_count(selection)
-    if k is None:
-        return np.ones(n, bool)
-    start, stop = study_bounds(studies, n)
-    # Per study the window is [mid - k//2, mid - k//2 + k); it only leaves the study when n_study < k.
-    mid = start + (stop - start) // 2
-    lo = np.maximum(start, mid - k // 2)
-    hi = np.minimum(stop, mid - k // 2 + k)
-    slot = np.arange(n)
-    return (slot >= lo) & (slot < hi)
-
-
-def study_bounds(studies: pd.DataFrame, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slot ``(start, stop)`` of the slot's study, int64 (N,) each; checks the studies tile [0, N)."""
-    _check_columns(studies, ["start", "stop"], "studies")
-    start = studies["start"].to_numpy(np.int64)
-    stop = studies["stop"].to_numpy(np.int64)
-    order = np.argsort(start, kind="stable")
-    start, stop = start[order], stop[order]
-    edges_ok = len(start) > 0 and start[0] == 0 and stop[-1] == n_slices and np.array_equal(start[1:], stop[:-1])
-    if not edges_ok or (stop <= start).any():
-        raise DataError(
-            f"studies do not tile the {n_slices} slots as contiguous [start, stop) runs; "
-            "the store's studies.parquet does not match its slices"
-        )
-    size = stop - start
-    return np.repeat(start, size), np.repeat(stop, size)
-
-
-def train_candidates(
-    slices: pd.DataFrame, split: np.ndarray, selection_mask: np.ndarray | None, task: str, part: str = "train"
-) -> np.ndarray:
-    """Sorted slots eligible for ``part`` of ``task``.
-
-    Eligible: ``ok`` (not zero-filled), every task label present, ``split == part``, selected
-    (``selection_mask``; None = all).  Task ``subtypes`` models only bleeding slices, so it also requires
-    ``any == 1``.
-    """
-    check_choice("split part", part, SPLIT_PARTS)
-    n = len(slices)
-    split = np.asarray(split)
-    if split.shape != (n,):
-        raise DataError(f"split has shape {split.shape}, expected ({n},) (one entry per slot)")
-    mask = np.ones(n, bool) if selection_mask is None else np.asarray(selection_mask)
-    if mask.shape != (n,) or mask.dtype != bool:
-        raise DataError(f"selection_mask must be bool of shape ({n},), got {mask.dtype} {mask.shape}")
-    _check_columns(slices, ["ok"], "slices")
-    keep = slices["ok"].to_numpy(dtype=bool) & ~np.isnan(targets(slices, task)).any(axis=1) & (split == part) & mask
-    if task == "subtypes":
-        keep &= is_positive(slices)
-    return np.flatnonzero(keep)
-
-
-def epoch_plan(
-    candidates: np.ndarray,
-    positive: np.ndarray,
-    balance: str = TrainConfig.balance,
-    pos_fraction: float = TrainConfig.pos_fraction,
-    seed: int = 0,
-    epoch: int = 0,
-) -> np.ndarray:
-    """int64 (N,) repeat counts of one epoch: 0 for non-candidates, N = ``len(positive)``.
-
-    ``"none"``: every candidate once.  ``"hybrid"`` (the reference method's mix of under- and
-    over-sampling): each negative kept with probability ``p_neg``, each positive repeated ``r_pos`` times
-    on average (integer part always, fractional part by a coin flip), with
-    ``n_pos*r_pos + n_neg*p_neg = n`` and ``n_pos*r_pos = pos_fraction * n``: the epoch keeps about its
-    length and gets about ``pos_fraction`` positives.  If positives already make ``pos_fraction`` nothing
-    changes; with no positives or no negatives it falls back to "none" (with a warning).
-    Random draws depend on (seed, epoch) only.
-    """
-    check_choice("balance", balance, BALANCES)
-    check_fraction("pos_fraction", pos_fraction)
-    seed, epoch = check_int("seed", seed), check_int("epoch", epoch)
-    positive = np.asarray(positive)
-    if positive.ndim != 1 or positive.dtype != bool:
-        raise DataError(
-            f"positive must be a 1-D bool array (one entry per slot), got {positive.dtype} {positive.shape}"
-        )
-    candidates = np.asarray(candidates)
-    if candidates.ndim != 1 or (candidates.size and not np.issubdtype(candidates.dtype, np.integer)):
-        raise DataError(f"candidates must be a 1-D integer array of slots, got {candidates.dtype} {candidates.shape}")
-    n_slots = len(positive)
-    if candidates.size and (candidates.min() < 0 or candidates.max() >= n_slots):
-        raise DataError(f"candidates must be slots in [0, {n_slots})")
-    if len(np.unique(candidates)) != len(candidates):
-        raise DataError("candidates holds a slot twice; repeats are the plan's job")
-
-    counts = np.zeros(n_slots, np.int64)
-    counts[candidates] = 1
-    if balance == "none" or len(candidates) == 0:
-        return counts
-    pos = positive[candidates]
-    n, n_pos = len(candidates), int(pos.sum())
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        logger.warning("balance 'hybrid' needs positives and negatives (have %d and %d); using 'none'", n_pos, n_neg)
-        return counts
-    r_pos, p_neg = sampling_rates(n_pos, n_neg, balance, pos_fraction)
-    if r_pos == 1.0:  # positives already make pos_fraction
-        return counts
-    rng = np.random.default_rng([seed, epoch])
-    pos_slots, neg_slots = candidates[pos], candidates[~pos]
-    whole = int(np.floor(r_pos))
-    counts[pos_slots] = whole + (rng.random(n_pos) < r_pos - whole)
-    counts[neg_slots] = rng.random(n_neg) < p_neg
-    logger.info(
-        "epoch %d plan: %d candidates (%.3f positive) -> %d samples (%.3f positive; r_pos %.2f, p_neg %.3f)",
-        epoch,
-        n,
-        n_pos / n,
-        int(counts.sum()),
-        counts[pos_slots].sum() / max(1, counts.sum()),
-        r_pos,
-        p_neg,
-    )
-    return counts
 
 
 def _open_images(root: Path):
@@ -225,97 +79,6 @@ class Piece(NamedTuple):
     slots: np.ndarray  # int64 (n,), ascending
     neighbours: np.ndarray  # int64 (n, 2*context+1): each slot's stack, the slot itself in the middle
     repeats: np.ndarray  # int64 (n,) >= 1: samples of each slot in this range
-
-
-class Emission(NamedTuple):
-    """Samples to write next, in order: sample ``sample[i]`` of piece number ``piece[i]``."""
-
-    piece: np.ndarray
-    sample: np.ndarray
-
-
-_NOTHING = Emission(np.empty(0, np.int64), np.empty(0, np.int64))
-
-
-class SequenceOrder:
-    """Each piece's samples in sequence as soon as it arrives (evaluation order); no piece is held."""
-
-    window = 1
-
-    def __init__(self):
-        self._added = 0
-
-    def add(self, n: int) -> Emission:
-        self._added += 1
-        return Emission(np.full(n, self._added - 1, np.int64), np.arange(n))
-
-    def rest(self) -> Emission:
-        return _NOTHING
-
-
-class WindowShuffle:
-    """Shuffled order over a window of ``window`` pieces, so that exactly that many are ever held.
-
-    Each sample of piece p goes out in one of the rounds p .. p + window - 1 (raised to window - 1:
-    nothing goes out before ``window`` pieces are in).  When piece p arrives, round p goes out in random
-    order; after the last piece, every later round goes out together in random order.  No sample of piece
-    p - window + 1 is due after round p, so a round mixes the ``window`` latest pieces evenly.  Rounds are
-    stratified: each run of ``window`` consecutive samples of a piece (neighbouring slices, mostly of one
-    study) takes the ``window`` rounds in a random permutation, so a study's slices spread over the
-    rounds instead of bunching in one batch.
-    """
-
-    def __init__(self, window: int, rng: np.random.Generator):
-        self.window, self.rng = window, rng
-        self._pending: list[tuple[int, np.ndarray]] = []  # (piece number, round of each of its samples)
-        self._added = 0
-
-    def add(self, n: int) -> Emission:
-        p = self._added
-        self._added += 1
-        delays = np.argsort(self.rng.random((-(-n // self.window), self.window)), axis=1).ravel()[:n]
-        self._pending.append((p, np.maximum(p + delays, self.window - 1)))
-        out = self._due(lambda rounds: rounds == p)
-        self._pending = [(q, rounds) for q, rounds in self._pending if q > p - self.window + 1]
-        return out
-
-    def rest(self) -> Emission:
-        last = self._added - 1
-        out = self._due(lambda rounds: rounds > last)
-        self._pending = []
-        return out
-
-    def _due(self, due) -> Emission:
-        picked = [(q, np.flatnonzero(due(rounds))) for q, rounds in self._pending]
-        if not picked:
-            return _NOTHING
-        piece = np.concatenate([np.full(len(samples), q, np.int64) for q, samples in picked])
-        sample = np.concatenate([samples for _, samples in picked])
-        shuffled = self.rng.permutation(len(sample))
-        return Emission(piece[shuffled], sample[shuffled])
-
-
-class Step(NamedTuple):
-    """What to emit after one more piece arrived (or, last, after all of them)."""
-
-    live: dict  # piece number -> piece, for every piece the emission may name
-    emission: Emission
-
-
-def emissions(order, pieces: Iterable, size: Callable[[object], int]) -> Iterator[Step]:
-    """Feeds ``pieces`` (taken one at a time, so a lazy iterable loads each when its turn comes) to ``order``.
-
-    ``live`` drops a piece once ``order`` is done with it, right after the step is consumed: use a
-    step's emission before asking for the next step.
-    """
-    live = {}
-    for p, piece in enumerate(pieces):
-        live[p] = piece
-        step = Step(live, order.add(size(piece)))
-        del piece  # only ``live`` holds a piece, so it is freed as soon as ``order`` is done with it
-        yield step
-        live.pop(p - order.window + 1, None)
-    yield Step(live, order.rest())
 
 
 class _Loaded(NamedTuple):
@@ -415,8 +178,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     the buffer holds (block, row indices) per sample, never pixels, and each sample's 1 or
     ``2*context+1`` slices are copied once, from the block straight into the batch tensor.  Inside a
     DataLoader worker that tensor is in shared memory, so sending it to the main process does not copy it
-    again: a new tensor per batch, or, under :class:`~ichtrain.ring.RingLoader` (the trainer's loader), a
-    slot of a :class:`~ichtrain.ring.BatchRing` the worker reuses.  No batch is a view of a block.
+    again: a new tensor per batch, or, under :class:`~ichtrain.data.ring.RingLoader` (the trainer's loader), a
+    slot of a :class:`~ichtrain.data.ring.BatchRing` the worker reuses.  No batch is a view of a block.
 
     ``shuffle=True``: each sample goes out in one of the ``buffer_shards`` rounds after its shard is read,
     at random (rng per (seed, epoch, rank, worker); :class:`WindowShuffle`), so a batch mixes the
@@ -492,7 +255,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     @classmethod
     def from_store(cls, store, counts: np.ndarray, targets: np.ndarray, **kwargs) -> ShardStream:
-        """Build from an opened :class:`ichprep.store.Store` (shard size, study bounds and ``ok`` from it)."""
+        """Build from an opened :class:`ichprep.storage.store.Store` (shard size, study bounds and ``ok`` from it)."""
         start, stop = study_bounds(store.studies, len(store.slices))
         kwargs.setdefault("ok", store.slices["ok"].to_numpy(dtype=bool))
         return cls(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from .errors import LabelsError, SourceError
+from ..errors import LabelsError, SourceError
 from .source import read_csv
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .config import GROUPINGS
-from .folds import assign_folds, groups_of
+from ..config import GROUPINGS
+from ..data.folds import assign_folds, groups_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,8 @@ class Platt(NamedTuple):
         return {"method": "platt", "slope": self.slope.tolist(), "intercept": self.intercept.tolist()}
 
     @classmethod
-    def from_state(cls, state: dict, k: int) -> Platt:
-        """The map stored in a checkpoint; the identity for one trained without (``--calibration none``)."""
-        stored = state.get("calibration")
+    def from_dict(cls, stored: dict | None, k: int) -> Platt:
+        """A map as :meth:`to_dict` stored it; the identity for None (``--calibration none``)."""
         if stored is None:
             return cls.identity(k)
         return cls(slope=np.asarray(stored["slope"], np.float64), intercept=np.asarray(stored["intercept"], np.float64))

@@ -24,15 +24,15 @@ import numpy as np
 import zstandard
 from numcodecs import Zstd
 
-from . import scratch
-from .errors import StoreError
+from .. import scratch
+from ..errors import StoreError
 from .location import Location
 
 EMPTY = 0xFFFF_FFFF_FFFF_FFFF
 _ENTRY = 16  # bytes per index entry: offset and nbytes, uint64 each
 
 #: The images array's folder in a store, its metadata file and the folder of its shard files
-#: (:mod:`ichprep.store` re-exports them).
+#: (:mod:`ichprep.storage.store` re-exports them).
 IMAGES = "images"
 IMAGES_META = f"{IMAGES}/zarr.json"
 SHARD_DIR = f"{IMAGES}/c"

@@ -22,7 +22,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
-from . import scratch
+from .. import scratch
 
 #: Explicit VR codes (PS3.5 table 6.2-1) and those with a 4-byte length after 2 reserved bytes.
 _VRS = frozenset(

@@ -7,7 +7,7 @@ subclasses (never a bare ``KeyError``/``AttributeError``) that name the file:
 * :func:`read_slice` reads header and pixels and returns HU as float32.
 
 A read is one straight line: :func:`_dataset` picks the reader once (ichkit's own walk,
-:mod:`ichprep.plainread`, for plain files such as every RSNA file; ``pydicom.dcmread`` for the
+:mod:`ichprep.reading.plainread`, for plain files such as every RSNA file; ``pydicom.dcmread`` for the
 rest), then :func:`_header`, :func:`check_slice`, :func:`_pixels` and :func:`to_hu`.  Errors are
 classified by exception type and by facts checked before decoding (no decoder for the transfer
 syntax, uncompressed pixel data shorter than the header says), never by an exception's text.
@@ -38,8 +38,8 @@ from pydicom.pixels import get_decoder
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from . import scratch
-from .errors import (
+from .. import scratch
+from ..errors import (
     DicomReadError,
     EmptyFileError,
     InvalidHeaderError,

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ichprep.store import Store
+from ichprep.storage.store import Store
 
-from .config import SEQ_INPUTS, SeqConfig, check_choice
-from .data import targets
-from .engine import sigmoid
-from .errors import ConfigError
+from ..config import SEQ_INPUTS, SeqConfig, check_choice
+from ..data.tables import targets
+from ..engine import sigmoid
+from ..errors import ConfigError
+from ..evaluation.metrics import weighted_log_loss
+from ..evaluation.plots import plot_compare, plot_study
+from ..evaluation.report import write_predictions
+from ..files import COMPARE_PLOT, METRICS, OOF, STAGE2_DIR, STAGE2_MODEL, study_plot
 from .experiment import (
     Inferred,
     calibrated_oof,
@@ -32,15 +36,9 @@ from .experiment import (
     open_training_store,
     scored_slots,
 )
-from .metrics import weighted_log_loss
-from .plots import plot_compare, plot_study
-from .seq import SeqInputs, cross_fit, save_seq
-from .train import write_predictions
+from .sequence import SeqInputs, cross_fit, save_seq
 
 logger = logging.getLogger(__name__)
-
-SEQ_DIR = "seq"
-SEQ_MODEL = "seq.pt"
 
 
 def study_ranges(store: Store) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +138,7 @@ def run_seq(
     experiment = open_experiment(exp)
     store = open_training_store(experiment)
     task, names, seed = experiment.cfg.task, experiment.names, experiment.cfg.seed
-    out = Path(out) if out is not None else experiment.path / SEQ_DIR
+    out = Path(out) if out is not None else experiment.path / STAGE2_DIR
     out.mkdir(parents=True, exist_ok=True)
     raw = oof_outputs(experiment, store)
     mapped = calibrated_oof(experiment, store, raw)
@@ -148,7 +146,7 @@ def run_seq(
     inputs = seq_inputs(store, mapped if calibrated else raw, kind=kind, task=task, slot_fold=experiment.fold)
     fitted = cross_fit(inputs, cfg, names)
     save_seq(
-        out / SEQ_MODEL,
+        out / STAGE2_MODEL,
         fitted.fitted,
         cfg,
         names=names,
@@ -162,9 +160,7 @@ def run_seq(
     probs2 = fitted.probs[slots].astype(np.float32)
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
-    write_predictions(
-        out / "oof.parquet", store, slots=slots, probs=probs2, truth=truth, names=names, columns={"fold": fold}
-    )
+    write_predictions(out / OOF, store, slots=slots, probs=probs2, truth=truth, names=names, columns={"fold": fold})
     stage1 = oof_block(store, slots, probs1, names=names, task=task, seed=seed)
     stage2 = oof_block(store, slots, probs2, names=names, task=task, seed=seed)
     per_fold = [
@@ -190,15 +186,15 @@ def run_seq(
         "any_max": any_rule,
         "config": {**dataclasses.asdict(cfg), "inputs": kind, "calibrated": calibrated},
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (out / METRICS).write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
-    plot_compare(stage1, stage2, names, experiment.path / "compare.png")
+    plot_compare(stage1, stage2, names, experiment.path / COMPARE_PLOT)
     shown = inputs if calibrated else seq_inputs(store, mapped, kind="logits", task=task, slot_fold=experiment.fold)
     full1, full2 = sigmoid(shown.logits), fitted.probs
     s = _showcase_study(inputs, probs1=full1, probs2=full2, names=names)
     a, b = inputs.starts[s], inputs.stops[s]
     uid = str(store.slices["study_uid"].iloc[a])
-    for stale in experiment.path.glob("study_*.png"):  # the showcase of an earlier stage 2
+    for stale in experiment.path.glob(study_plot("*")):  # the showcase of an earlier stage 2
         stale.unlink()
     plot_study(
         full1[a:b],
@@ -206,7 +202,7 @@ def run_seq(
         inputs.targets[a:b],
         names=names,
         title=f"study {uid}: stage 1 (dashed) vs stage 2",
-        out_png=experiment.path / f"study_{uid}.png",
+        out_png=experiment.path / study_plot(uid),
     )
     logger.info(
         "stage 2 (%s on %s): out-of-fold weighted log loss %.4f vs stage 1 %.4f on %d slices",

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cluster import resolve_client
+from ..cluster import map_tasks, resolve_client
+from ..errors import DicomReadError, ScanTableError
+from ..storage.store import count_patients
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
-from .errors import DicomReadError, ScanTableError
 from .labels import LABELS, read_labels
 from .plainread import HEAD_BYTES, parse
 from .source import ZIP_COLUMNS, Member, Source, list_members, parse_source, read_member
-from .store import count_patients
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ScanSummary:
 
 
 def list_dicom_files(root: str | Path) -> list[str]:
-    """Every ``*.dcm`` file of a source (folder, zip, URL; see :mod:`ichprep.source`), sorted by path."""
+    """Every ``*.dcm`` file of a source (folder, zip, URL; see :mod:`ichprep.reading.source`), sorted by path."""
     return [member.path for member in list_members(parse_source(root))]
 
 
@@ -239,7 +239,7 @@ def scan(
     Parameters
     ----------
     dicom_dir : str or PathLike
-        A SOURCE: a folder, a zip or an fsspec URL (:mod:`ichprep.source`).
+        A SOURCE: a folder, a zip or an fsspec URL (:mod:`ichprep.reading.source`).
     labels_csv : str or PathLike, optional
         Kaggle's label CSV, parsed first so a bad CSV fails before the long part.
     client : distributed.Client or OnDemand, optional
@@ -271,23 +271,8 @@ def scan(
     members = list_members(source)
     logger.info("scanning %d files in %s", len(members), source)
     advance = progress("scan", len(members)) if progress else None
-    parts = []
-    client = resolve_client(client, len(members))
-    if client is None:
-        for batch in _batches(members, batch_size):
-            parts.append(scan_files(batch, source))
-            if advance:
-                advance(len(batch))
-    else:
-        from distributed import as_completed
-
-        batches = list(_batches(members, batch_size))
-        futures = client.map(scan_files, batches, source=source, retries=3, pure=False)
-        sizes = {f.key: len(b) for f, b in zip(futures, batches)}
-        for future in as_completed(futures):
-            parts.append(future.result())
-            if advance:
-                advance(sizes[future.key])
+    batches = list(_batches(members, batch_size))
+    parts = map_tasks(resolve_client(client, len(members)), scan_files, batches, progress=advance, source=source)
     table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
     table, labels_without_file = attach_labels(table, labels)
     table = order_slices(flag_duplicates(table))

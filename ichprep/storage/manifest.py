@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from .errors import StoreError
+from ..errors import StoreError
 from .location import Location, as_location, read_any
 from .store import (
     GROUP_META,
@@ -27,6 +27,7 @@ from .store import (
     SHARD_DIR,
     SLICES,
     STUDIES,
+    ShardRecord,
     count_patients,
     open_store,
     read_attrs,
@@ -57,7 +58,7 @@ def source_summary(table: pd.DataFrame) -> dict:
 
 def build_manifest(
     root: Location,
-    shard_results: list[dict],
+    shard_results: list[ShardRecord],
     slices: pd.DataFrame,
     source: dict,
     header_failures: int,
@@ -66,7 +67,7 @@ def build_manifest(
     """Manifest of a finished store from its shard records and the slices table it has just written;
     ``source`` from :func:`source_summary`."""
     files = {}
-    for result in sorted(shard_results, key=lambda r: r["index"]):  # "index": the shard number (stored key)
+    for result in sorted(shard_results, key=lambda r: r["index"]):
         if result["sha256"] is not None:
             files[shard_path(result["index"])] = {"sha256": result["sha256"], "size": result["size"]}
     for name in _TABLES:

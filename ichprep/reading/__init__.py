@@ -1,0 +1,1 @@
+"""Reading a SOURCE: listing its members, their headers and Hounsfield units, and the label CSV."""

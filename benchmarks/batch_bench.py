@@ -17,7 +17,7 @@ warm page cache (one untimed epoch first):
   over the whole epoch), and the stream once more with plain batch tensors in the workers (moved to
   shared memory when sent: one copy more, done by the queue's feeder thread) to show what allocating
   them in shared memory up front does;
-* ``ring``: the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`), whose workers reuse batch slots
+* ``ring``: the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`), whose workers reuse batch cells
   of one shared segment (:mod:`ichtrain.data.ring`) instead of fresh shared memory per batch (``--ring-only``:
   just these DataLoader rows and the fresh-memory ones beside them).
 
@@ -163,7 +163,7 @@ def through_loader(dataset, batch_size: int | None, workers: int) -> LoaderRun:
 
 
 def through_trainer_loader(stream: ShardStream, workers: int) -> LoaderRun:
-    """One epoch through the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`: reused batch slots)."""
+    """One epoch through the trainer's own loader (:func:`ichtrain.data.loader.batch_loader`: reused batch cells)."""
     return timed_pass(batch_loader(stream, workers, torch.device("cpu")))
 
 

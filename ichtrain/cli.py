@@ -439,11 +439,11 @@ def seq(exp, out, model, inputs, **options) -> None:
     )
 
 
-SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an experiment folder
+MODEL = click.Path(exists=True, path_type=Path)  # a checkpoint file or an experiment folder
 
 
 @main.command()
-@click.argument("source", type=SOURCE)
+@click.argument("model", type=MODEL)
 @click.option("--store", required=True, type=STORE)
 @click.option(
     "--split",
@@ -456,8 +456,8 @@ SOURCE = click.Path(exists=True, path_type=Path)  # a checkpoint file or an expe
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
 @_inference_options
-def evaluate(source, store, split, out, tta, device, batch_size, workers) -> None:
-    """Metrics, predictions, ROC and calibration plots of SOURCE (RUN/best.pt or an experiment) on STORE.
+def evaluate(model, store, split, out, tta, device, batch_size, workers) -> None:
+    """Metrics, predictions, ROC and calibration plots of MODEL (RUN/best.pt or an experiment) on STORE.
 
     An experiment is scored as its folds' mean (stage 1) and, when EXP/seq exists, through stage 2.
     """
@@ -467,14 +467,14 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
     from .study.submit import evaluate_experiment
 
     try:
-        if is_experiment(source):
+        if is_experiment(model):
             metrics = evaluate_experiment(
-                source, store, out, tta=tta, device=device, batch_size=batch_size, workers=workers
+                model, store, out, tta=tta, device=device, batch_size=batch_size, workers=workers
             )
         else:
             metrics = {
                 "final": evaluate_checkpoint(
-                    source, store, out, split=split, device=device, batch_size=batch_size, workers=workers, tta=tta
+                    model, store, out, split=split, device=device, batch_size=batch_size, workers=workers, tta=tta
                 )
             }
     except (IchtrainError, ValueError, OSError) as exc:
@@ -493,12 +493,12 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
 
 
 @main.command()
-@click.argument("sources", nargs=-1, required=True, type=SOURCE)
+@click.argument("models", nargs=-1, required=True, type=MODEL)
 @click.option("--store", type=STORE, help="Predict every slice of this store.")
 @click.option(
     "--dicom-dir",
     type=SourceParam(),
-    help="Predict DICOMs directly (converted with the first source's spec first): a folder, a zip "
+    help="Predict DICOMs directly (converted with the first model's spec first): a folder, a zip "
     "(rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_test) or a URL.",
 )
 @click.option(
@@ -534,7 +534,7 @@ def evaluate(source, store, split, out, tta, device, batch_size, workers) -> Non
     "never saw a normal slice).",
 )
 def predict(
-    sources,
+    models,
     store,
     dicom_dir,
     sample_submission,
@@ -549,7 +549,7 @@ def predict(
 ) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
-    SOURCES are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
+    MODELS are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
     """
     from .study.submit import predict_dicoms, predict_store
 
@@ -567,12 +567,12 @@ def predict(
     }
     try:
         if store is not None:
-            frame = predict_store(sources, store, output, **options)
+            frame = predict_store(models, store, output, **options)
         else:
-            frame = predict_dicoms(sources, dicom_dir, output, **options)
+            frame = predict_dicoms(models, dicom_dir, output, **options)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
-    click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images, {len(sources)} source(s)) to {output}")
+    click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images, {len(models)} model(s)) to {output}")
 
 
 @main.command()

@@ -596,7 +596,7 @@ def test_ring_loader_reuses_slots_and_gives_the_workers_batches(store, monkeypat
 
 def test_ring_slot_is_claimed_only_after_its_last_batch_is_released():
     r = ring.BatchRing(workers=2, batch_shape=(3, 1, 2, 2), depth=2)
-    mine = ring.WorkerSlots(r, worker=1)
+    mine = ring.WorkerCells(r, worker=1)
     sent = []
     for _ in range(3):
         images = mine.empty((3, 1, 2, 2))

@@ -31,7 +31,7 @@ class RingLoader:
         loader = torch.utils.data.DataLoader(
             self.stream.with_ring(ring), batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH
         )
-        held: collections.deque = collections.deque()  # (SlotBatch, CUDA event or None), in arrival order
+        held: collections.deque = collections.deque()  # (CellBatch, CUDA event or None), in arrival order
         for batch in loader:
             while held and (held[0][1] is None or held[0][1].query()):
                 ring.release(held.popleft()[0])

@@ -1,9 +1,11 @@
-"""Batch memory that DataLoader workers reuse: one shared segment of batch slots per loader pass.
+"""Batch memory that DataLoader workers reuse: one shared segment of batch cells per loader pass.
 
-A worker writes its ``b``-th batch into its slot ``b % depth`` once the consumer has released batch
-``b - depth``, and sends only the slot's coordinates; the consumer reads the batch in place.  A slot that
+A cell holds one batch; "slot" keeps its one meaning, a row of the store.
+
+A worker writes its batch number ``b`` into its cell ``b % depth`` once the consumer has released batch
+``b - depth``, and sends only the cell's coordinates; the consumer reads the batch in place.  A cell that
 is still in use never makes a worker wait: that batch goes into fresh shared memory instead, as every batch
-did before (what that costs per batch: BENCHMARKS.md, "Loader: reused batch slots").  The consumer
+did before (what that costs per batch: BENCHMARKS.md, "Loader: reused batch cells").  The consumer
 releases a batch when it asks for the next one (on CUDA, once an event recorded then has passed, so the
 copy to the device has finished reading it).  On CUDA the segment is page-locked with ``cudaHostRegister``,
 so the workers write straight into pinned memory and the copy to the device does not wait for the host.
@@ -21,10 +23,10 @@ import torch.utils.data
 
 logger = logging.getLogger(__name__)
 
-#: Batches each worker may have in flight (DataLoader ``prefetch_factor``); a worker gets this many slots + 2.
+#: Batches each worker may have in flight (DataLoader ``prefetch_factor``); a worker gets this many cells + 2.
 PREFETCH = 4
-#: Slots per worker beyond PREFETCH: the batch the consumer holds and one it has not yet released.
-SPARE_SLOTS = 2
+#: Cells per worker beyond PREFETCH: the batch the consumer holds and one it has not yet released.
+SPARE_CELLS = 2
 
 
 class Batch(NamedTuple):
@@ -35,13 +37,13 @@ class Batch(NamedTuple):
     slots: torch.Tensor  # int64 (b,)
 
 
-class SlotBatch(NamedTuple):
+class CellBatch(NamedTuple):
     """What a worker sends for a batch it wrote into the ring: everything but the images."""
 
     worker: int
-    seq: int  # the worker's batch number in this pass
+    number: int  # the worker's batch number in this pass
     size: int
-    images: torch.Tensor | None  # None: the images are in the worker's slot ``seq % depth``
+    images: torch.Tensor | None  # None: the images are in the worker's cell ``number % depth``
     targets: torch.Tensor
     slots: torch.Tensor
 
@@ -57,63 +59,63 @@ def _unregister(pointer: int) -> None:
 
 
 class BatchRing:
-    """``workers x depth`` batch slots in shared memory, and per worker the count of batches released."""
+    """``workers x depth`` batch cells in shared memory, and per worker the count of batches released."""
 
-    def __init__(self, workers: int, batch_shape: tuple[int, ...], *, depth: int = PREFETCH + SPARE_SLOTS):
+    def __init__(self, workers: int, batch_shape: tuple[int, ...], *, depth: int = PREFETCH + SPARE_CELLS):
         self.depth = depth
         self.images = shared_empty((workers, depth, *batch_shape))
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
         self.pinned = False
 
     def pin(self) -> None:
-        """Page-lock the slots for CUDA copies (unlocked again when the ring is collected).
+        """Page-lock the cells for CUDA copies (unlocked again when the ring is collected).
 
-        If the driver refuses, the slots stay pageable: copies to the device are then synchronous, not wrong.
+        If the driver refuses, the cells stay pageable: copies to the device are then synchronous, not wrong.
         """
         pointer, size = self.images.data_ptr(), self.images.numel()
         code = int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
         if code != 0:
-            logger.warning("could not page-lock %d bytes of batch slots (CUDA error %d): copies will wait", size, code)
+            logger.warning("could not page-lock %d bytes of batch cells (CUDA error %d): copies will wait", size, code)
             return
         weakref.finalize(self, _unregister, pointer)
         self.pinned = True
 
-    def claim(self, worker: int, seq: int, size: int) -> torch.Tensor | None:
-        """Worker ``worker``'s slot for its batch ``seq`` of ``size`` samples, or None while it is in use."""
-        if seq - int(self.released[worker]) >= self.depth:
+    def claim(self, worker: int, number: int, size: int) -> torch.Tensor | None:
+        """Worker ``worker``'s cell for its batch ``number`` of ``size`` samples, or None while it is in use."""
+        if number - int(self.released[worker]) >= self.depth:
             return None
-        return self.images[worker, seq % self.depth, :size]
+        return self.images[worker, number % self.depth, :size]
 
-    def images_of(self, batch: SlotBatch) -> torch.Tensor:
+    def images_of(self, batch: CellBatch) -> torch.Tensor:
         if batch.images is not None:
             return batch.images
-        return self.images[batch.worker, batch.seq % self.depth, : batch.size]
+        return self.images[batch.worker, batch.number % self.depth, : batch.size]
 
-    def release(self, batch: SlotBatch) -> None:
+    def release(self, batch: CellBatch) -> None:
         """Every batch of the worker up to ``batch`` is done with (a worker's batches are released in order)."""
-        self.released[batch.worker] = batch.seq + 1
+        self.released[batch.worker] = batch.number + 1
 
 
-class WorkerSlots:
-    """Inside one worker: batch memory from the ring, or fresh shared memory while its slot is in use."""
+class WorkerCells:
+    """Inside one worker: batch memory from the ring, or fresh shared memory while its cell is in use."""
 
     def __init__(self, ring: BatchRing, worker: int):
-        self.ring, self.worker, self.seq = ring, worker, 0
-        self._in_slot = False
+        self.ring, self.worker, self.number = ring, worker, 0
+        self._in_cell = False
 
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        slot = self.ring.claim(self.worker, self.seq, shape[0])
-        self._in_slot = slot is not None
-        return slot if slot is not None else shared_empty(shape)
+        cell = self.ring.claim(self.worker, self.number, shape[0])
+        self._in_cell = cell is not None
+        return cell if cell is not None else shared_empty(shape)
 
-    def batch(self, images: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor) -> SlotBatch:
-        out = SlotBatch(
+    def batch(self, images: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor) -> CellBatch:
+        out = CellBatch(
             worker=self.worker,
-            seq=self.seq,
+            number=self.number,
             size=len(slots),
-            images=None if self._in_slot else images,
+            images=None if self._in_cell else images,
             targets=targets,
             slots=slots,
         )
-        self.seq += 1
+        self.number += 1
         return out

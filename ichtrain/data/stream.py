@@ -1,8 +1,8 @@
-"""From an ichprep store to training samples: targets, splits, slice selection, epoch plans, a shard stream.
+"""The shard stream: an epoch's samples read from the store shard by shard and written into finished batches.
 
-Everything but :class:`ShardStream` works without I/O (pure functions of the store's tables, and the
-stream's shuffle orders of sample counts and an rng), so the trainer can log, test and checkpoint the
-decisions (split, candidates, per-epoch repeat counts) separately from I/O.
+What to read is decided without I/O elsewhere in this package (candidates in :mod:`.tables`, repeat counts
+in :mod:`.balance`, the order in :mod:`.order`), so the trainer can log, test and checkpoint those decisions
+separately from I/O.
 
 The stream reads the store the way it is laid out: one ``images[a:b]`` call per shard (each zarr call has a
 fixed cost, so per-slice reads would be I/O-bound), shards visited in a shuffled order, the samples of
@@ -30,7 +30,7 @@ from ichprep.storage.store import open_reader
 from ..config import TrainConfig, check_int
 from ..errors import ConfigError, DataError
 from .order import Emission, SequenceOrder, WindowShuffle, emissions
-from .ring import Batch, BatchRing, WorkerSlots, shared_empty
+from .ring import Batch, BatchRing, WorkerCells, shared_empty
 from .tables import study_bounds
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _open_images(root: Path):
     return open_reader(as_location(root))
 
 
-class Layout(NamedTuple):
+class EpochLayout(NamedTuple):
     """One epoch's sample sequence, the same on every rank: the shards read, in order, and their sample counts."""
 
     order: np.ndarray  # shard numbers in reading order
@@ -52,7 +52,7 @@ class Layout(NamedTuple):
 
 def epoch_layout(
     counts: np.ndarray, shard_slices: int, shuffle: bool, seed: int, epoch: int, world_size: int
-) -> Layout:
+) -> EpochLayout:
     """Shards holding a slot with count > 0, shuffled per (seed, epoch) or sorted, and each rank's length."""
     totals = np.add.reduceat(counts, np.arange(0, len(counts), shard_slices))
     order = np.flatnonzero(totals > 0)
@@ -68,7 +68,7 @@ def epoch_layout(
             total,
             world_size,
         )
-    return Layout(order=order, totals=totals[order], ends=ends, per_rank=total // world_size)
+    return EpochLayout(order=order, totals=totals[order], ends=ends, per_rank=total // world_size)
 
 
 class Piece(NamedTuple):
@@ -111,7 +111,7 @@ class _BatchWriter:
         sample_shape: tuple[int, int, int],
         stack: int,
         targets: np.ndarray,
-        memory: NewMemory | WorkerSlots,
+        memory: NewMemory | WorkerCells,
     ):
         self._left, self._batch_size, self._sample_shape = total, batch_size, sample_shape
         self._stack, self._targets, self._memory = stack, targets, memory
@@ -131,9 +131,9 @@ class _BatchWriter:
         n = len(emission.piece)
         cuts = np.flatnonzero(emission.piece[1:] != emission.piece[:-1]) + 1
         for a, b in zip([0, *cuts], [*cuts, n]) if n else ():
-            yield from self._run(live[int(emission.piece[a])], emission.sample[a:b])
+            yield from self._write_piece(live[int(emission.piece[a])], emission.sample[a:b])
 
-    def _run(self, loaded: _Loaded, samples: np.ndarray) -> Iterator[Batch]:
+    def _write_piece(self, loaded: _Loaded, samples: np.ndarray) -> Iterator[Batch]:
         """Samples of one piece, in order."""
         while len(samples):
             f = self._filled
@@ -159,14 +159,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     Layout of one epoch, computed identically on every rank from (counts, seed, epoch) by
     :func:`epoch_layout`: shards holding a slot with count > 0 are ordered (shuffled per (seed, epoch), or
     sorted when ``shuffle=False``) and concatenated into one sequence of samples (slots ascending within a
-    shard, each repeated).  The sequence is cut into ``world_size`` equal contiguous pieces (the last
+    shard, each repeated).  The sequence is cut into ``world_size`` equal contiguous ranges (the last
     ``total % world_size`` samples, fewer than ``world_size``, are dropped so that every rank makes the
-    same number of steps), and each rank's piece into ``num_workers`` contiguous pieces of
+    same number of steps), and each rank's range into ``num_workers`` contiguous ranges of
     ``len // num_workers`` (+1 for the first ``len % num_workers``).  Every worker's sample count is
-    therefore the same on every rank.  Pieces are disjoint; a shard lies in one piece except where a cut
-    falls inside it: then each side reads only its own slot range.
+    therefore the same on every rank.  Ranges are disjoint; a shard lies in one range except where a cut
+    falls inside it: then each side reads only its own part of the shard (a :class:`Piece` is a shard, or
+    the part of one, in a worker's range).
 
-    Each worker batches its own piece: all its batches have ``batch_size`` samples but its last, so
+    Each worker batches its own range: all its batches have ``batch_size`` samples but its last, so
     ``DataLoader(stream, batch_size=None, num_workers=W)`` yields :meth:`batches` ``(batch_size, W)``
     batches, equal on every rank.  ``len(stream)`` counts samples, so such a DataLoader's ``len()`` does
     too: count steps with :meth:`batches`.
@@ -179,7 +180,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     ``2*context+1`` slices are copied once, from the block straight into the batch tensor.  Inside a
     DataLoader worker that tensor is in shared memory, so sending it to the main process does not copy it
     again: a new tensor per batch, or, under :class:`~ichtrain.data.ring.RingLoader` (the trainer's loader), a
-    slot of a :class:`~ichtrain.data.ring.BatchRing` the worker reuses.  No batch is a view of a block.
+    cell of a :class:`~ichtrain.data.ring.BatchRing` the worker reuses.  No batch is a view of a block.
 
     ``shuffle=True``: each sample goes out in one of the ``buffer_shards`` rounds after its shard is read,
     at random (rng per (seed, epoch, rank, worker); :class:`WindowShuffle`), so a batch mixes the
@@ -291,11 +292,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         clone._ring = ring
         return clone
 
-    def _worker_memory(self, info) -> NewMemory | WorkerSlots:
+    def _worker_memory(self, info) -> NewMemory | WorkerCells:
         if info is None:
             return NewMemory(shared=False)
         if self._ring is not None:
-            return WorkerSlots(self._ring, info.id)
+            return WorkerCells(self._ring, info.id)
         return NewMemory(shared=self._share_in_workers)
 
     def __getstate__(self):
@@ -310,7 +311,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._images, self._images_pid = _open_images(self.root), os.getpid()
         return self._images
 
-    def _plan(self) -> Layout:
+    def _plan(self) -> EpochLayout:
         if self._layout is None:
             self._layout = epoch_layout(
                 self.counts, self.shard_slices, self.shuffle, self.seed, self.epoch, self.world_size
@@ -322,7 +323,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self._plan().per_rank
 
     def batches(self, batch_size: int, num_workers: int, drop_last: bool = False) -> int:
-        """Batches of ``batch_size`` this rank yields this epoch with ``num_workers`` (each batches its own piece)."""
+        """Batches of ``batch_size`` this rank yields this epoch with ``num_workers`` (each batches its own range)."""
         check_int("batch_size", batch_size, 1)
         sizes = [g1 - g0 for g0, g1 in self._worker_ranges(max(1, num_workers))]  # num_workers 0 = main process
         return sum(s // batch_size if drop_last else -(-s // batch_size) for s in sizes)

@@ -1,10 +1,10 @@
 """Predictions of runs and experiments on a store or a DICOM folder: averaged, scored, or written for Kaggle.
 
-``--dicom-dir`` converts the folder into a temporary store with the source's own preprocessing spec, through
+``--dicom-dir`` converts the folder into a temporary store with the model's own preprocessing spec, through
 the converter's code (same HU, windows, resize, study grouping and z order that ``--context`` and stage 2
 need), then predicts from that store: there is one preprocessing path, not two.
 
-A source is a checkpoint (``RUN/best.pt``) or an experiment folder (``ichtrain cv``): an experiment averages
+A MODEL is a checkpoint (``RUN/best.pt``) or an experiment folder (``ichtrain cv``): an experiment averages
 its K fold models, each followed by its own stage-2 model when ``EXP/seq`` exists (unless ``use_seq=False``).
 """
 
@@ -44,8 +44,8 @@ from .stage2 import any_max, seq_inputs
 logger = logging.getLogger(__name__)
 
 
-class SourceProbs(NamedTuple):
-    """One source's probabilities for every slot of a store (NaN where a slot has no pixels)."""
+class ModelProbs(NamedTuple):
+    """One model's probabilities for every slot of a store (NaN where a slot has no pixels)."""
 
     probs: np.ndarray  # float32 (N, K): the final stage (stage 2 when used)
     stage1: np.ndarray  # float32 (N, K): stage 1 alone (== probs for a checkpoint)
@@ -84,11 +84,11 @@ def checkpoint_probs(
     batch_size: int = INFER_BATCH_SIZE,
     workers: int = INFER_WORKERS,
     allow_subtypes_only: bool = False,
-) -> SourceProbs:
+) -> ModelProbs:
     loaded = load_for_store(checkpoint, store, device)
     check_task(loaded, checkpoint, allow_subtypes_only)
     stage = stage1(loaded, tta=tta, batch_size=batch_size, workers=workers)
-    return SourceProbs(
+    return ModelProbs(
         probs=stage.probs,
         stage1=stage.probs,
         names=loaded.names,
@@ -106,7 +106,7 @@ def experiment_probs(
     device: str = TrainConfig.device,
     batch_size: int = INFER_BATCH_SIZE,
     workers: int = INFER_WORKERS,
-) -> SourceProbs:
+) -> ModelProbs:
     """The mean over folds of stage-1 probabilities and, with EXP/seq, of each fold's stage-2 probabilities."""
     experiment = open_experiment(exp)
     store = as_store(store)
@@ -135,7 +135,7 @@ def experiment_probs(
             staged_probs[~store.slices["ok"].to_numpy(bool)] = np.nan
             second.append(staged_probs.astype(np.float32))
     mean1 = np.mean(first, axis=0)
-    return SourceProbs(
+    return ModelProbs(
         probs=np.mean(second, axis=0) if staged else mean1,
         stage1=mean1,
         names=experiment.names,
@@ -144,12 +144,12 @@ def experiment_probs(
     )
 
 
-def source_probs(source: str | Path, store: Store | str | Path, **options) -> SourceProbs:
-    if is_experiment(source):
+def model_probs(model: str | Path, store: Store | str | Path, **options) -> ModelProbs:
+    if is_experiment(model):
         options.pop("allow_subtypes_only", None)
-        return experiment_probs(source, store, **options)
+        return experiment_probs(model, store, **options)
     options.pop("use_seq", None)
-    return checkpoint_probs(source, store, **options)
+    return checkpoint_probs(model, store, **options)
 
 
 class KaggleTable(NamedTuple):
@@ -157,7 +157,7 @@ class KaggleTable(NamedTuple):
     fallback: np.ndarray  # (6,) the answer for an image without pixels
 
 
-def _kaggle_table(probs: SourceProbs) -> KaggleTable:
+def _kaggle_table(probs: ModelProbs) -> KaggleTable:
     fallback = np.array([probs.prevalence.get(n, 0.5) for n in probs.names])
     filled = np.where(np.isnan(probs.probs), fallback, probs.probs)
     return KaggleTable(
@@ -167,7 +167,7 @@ def _kaggle_table(probs: SourceProbs) -> KaggleTable:
 
 
 def predict_store(
-    sources: str | Path | Sequence[str | Path],
+    models: str | Path | Sequence[str | Path],
     store_path: Store | str | Path,
     out_csv,
     *,
@@ -181,18 +181,18 @@ def predict_store(
     allow_subtypes_only: bool = False,
     sample_submission: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write a Kaggle-format CSV for every slice of a store: the mean of the sources' probabilities.
+    """Write a Kaggle-format CSV for every slice of a store: the mean of the models' probabilities.
 
     ``any_at_least_subtypes`` raises ``any`` to the largest subtype probability (a bleed of any kind is a
     bleed).  Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
     checkpoint unless ``allow_subtypes_only``.  ``sample_submission`` (a file, URL or ``ZIP::PATH``): write
     exactly its rows, in its order (see :func:`follow_sample`).
     """
-    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    models = [models] if isinstance(models, (str, Path)) else list(models)
     store = as_store(store_path)
     tables = [
         _kaggle_table(
-            source_probs(
+            model_probs(
                 s,
                 store,
                 tta=tta,
@@ -203,7 +203,7 @@ def predict_store(
                 allow_subtypes_only=allow_subtypes_only,
             )
         )
-        for s in sources
+        for s in models
     ]
     table = np.mean([t.table for t in tables], axis=0)
     if any_at_least_subtypes:
@@ -227,10 +227,10 @@ def predict_store(
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")
     logger.info(
-        "wrote %d predictions (%d images, %d sources, %d without readable pixels) to %s",
+        "wrote %d predictions (%d images, %d models, %d without readable pixels) to %s",
         len(frame),
         len(image_ids),
-        len(sources),
+        len(models),
         len(no_pixels),
         out_csv,
     )
@@ -273,28 +273,28 @@ def follow_sample(frame: pd.DataFrame, sample_submission: str | Path, fallback: 
     return pd.DataFrame({"ID": sample["ID"].to_numpy(), "Label": np.clip(values.to_numpy(float), CLIP, 1 - CLIP)})
 
 
-def source_spec(source: str | Path) -> PreprocessSpec:
-    """The preprocessing a source was trained on (an experiment's: its first fold's)."""
-    checkpoint = fold_dir(source, 0) / BEST if is_experiment(source) else source
+def model_spec(model: str | Path) -> PreprocessSpec:
+    """The preprocessing a model was trained on (an experiment's: its first fold's)."""
+    checkpoint = fold_dir(model, 0) / BEST if is_experiment(model) else model
     return PreprocessSpec.from_attrs(Checkpoint.load(checkpoint).spec)
 
 
 def predict_dicoms(
-    sources: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None, **options
+    models: str | Path | Sequence[str | Path], dicom_dir, out_csv, *, client=None, **options
 ) -> pd.DataFrame:
-    """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.reading.source`) with the first source's spec into a
+    """Convert ``dicom_dir`` (a folder, zip or URL: :mod:`ichprep.reading.source`) with the first model's spec into a
     temporary store, then predict from it.  Without a ``client`` a local cluster converts where the files are
     many enough to pay for it (:class:`ichprep.cluster.OnDemand`)."""
-    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    models = [models] if isinstance(models, (str, Path)) else list(models)
     if options.get("sample_submission") is not None:
         read_csv(options["sample_submission"], nrows=1)  # a wrong path fails before the conversion
     with tempfile.TemporaryDirectory(prefix="ichtrain-predict-") as tmp:
         store = Path(tmp) / "cache.zarr"
         with OnDemand() if client is None else nullcontext(client) as on_demand:  # closed before inference
-            convert(dicom_dir, store, source_spec(sources[0]), client=on_demand)
+            convert(dicom_dir, store, model_spec(models[0]), client=on_demand)
         rejected = pd.read_csv(store / REJECTED, dtype=str)
         unreadable = rejected.loc[rejected["stage"] == "header", "image_id"].tolist()
-        return predict_store(sources, store, out_csv, unreadable=unreadable, **options)
+        return predict_store(models, store, out_csv, unreadable=unreadable, **options)
 
 
 def evaluate_experiment(

@@ -111,6 +111,11 @@ class Learner(NamedTuple):
     scheduler: object
     scaler: torch.amp.GradScaler
 
+    @property
+    def validated(self) -> torch.nn.Module:
+        """What validation calls: the average (never wrapped: it is not trained), else the wrapped model."""
+        return self.net if self.average is None else self.evaluated
+
 
 def build_learner(
     cfg: TrainConfig, *, n_outputs: int, windows: int, device: torch.device, world: int, resumed: Checkpoint | None
@@ -147,6 +152,23 @@ def build_learner(
         net = torch.compile(net)
     evaluated = model if average is None else average.module
     return Learner(model, evaluated, net, average, optimizer, scheduler, scaler)
+
+
+def start_epoch(data: RunData, base: StepSetup, cfg: TrainConfig, *, epoch: int, rank: int) -> StepSetup:
+    """Give the training stream this epoch's plan; the epoch's steps draw augmentations from their own seed."""
+    plan = epoch_plan(
+        data.train_slots, data.positive, balance=cfg.balance, pos_fraction=cfg.pos_fraction, seed=cfg.seed, epoch=epoch
+    )
+    data.train.set_epoch(epoch, plan)
+    generator = torch.Generator(device=base.device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
+    return dataclasses.replace(base, generator=generator)
+
+
+def schedule(learner: Learner, cfg: TrainConfig, val_loss: float) -> None:
+    if cfg.scheduler == "plateau":
+        learner.scheduler.step(val_loss)
+    else:
+        learner.scheduler.step()
 
 
 def refresh_evaluated(learner: Learner, setup: StepSetup, loader, *, batches: int, world: int) -> None:
@@ -188,6 +210,18 @@ def epoch_record(epoch: int, stats: EpochStats, metrics: dict, *, lr: float, nam
         record["val_any_mean_prob"] = metrics["per_class"]["any"]["mean_prob"]
         record["val_study_any_auc"] = metrics.get("study_any_auc")
     return {k: _clean(v) for k, v in record.items()}
+
+
+def log_epoch(epoch: int, stats: EpochStats, metrics: dict, *, improved: bool) -> None:
+    logger.info(
+        "epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
+        epoch + 1,
+        stats.train_loss,
+        stats.train_images_per_s,
+        metrics["weighted_log_loss"],
+        fmt(metrics["mean_auc"]),
+        " (best so far)" if improved else "",
+    )
 
 
 @dataclass
@@ -348,29 +382,14 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     )
 
     for epoch in range(run.next_epoch, cfg.epochs):
-        plan = epoch_plan(
-            data.train_slots,
-            data.positive,
-            balance=cfg.balance,
-            pos_fraction=cfg.pos_fraction,
-            seed=cfg.seed,
-            epoch=epoch,
-        )
-        data.train.set_epoch(epoch, plan)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 1_009 + rank)
-        setup = dataclasses.replace(base, generator=generator)
+        setup = start_epoch(data, base, cfg, epoch=epoch, rank=rank)
         steps = min(data.train.batches(cfg.batch_size, cfg.workers), cfg.max_steps or math.inf)
         on_log = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
-        stats = train_one_epoch(
-            setup, batch_loader(data.train, cfg.workers, device), max_steps=cfg.max_steps, on_log=on_log
-        )
-        refresh_evaluated(
-            learner, setup, batch_loader(data.train, cfg.workers, device), batches=cfg.bn_refresh_batches, world=world
-        )
+        loader = batch_loader(data.train, cfg.workers, device)
+        stats = train_one_epoch(setup, loader, max_steps=cfg.max_steps, on_log=on_log)
+        refresh_evaluated(learner, setup, loader, batches=cfg.bn_refresh_batches, world=world)
         validation = validate_epoch(
-            learner.net
-            if learner.average is None
-            else learner.evaluated,  # the average is never wrapped: it is not trained
+            learner.validated,
             batch_loader(data.val, cfg.workers, device),
             store=store,
             cfg=cfg,
@@ -381,22 +400,10 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
             channels_last=setup.channels_last,
             world=world,
         )
-        val_loss = validation.metrics["weighted_log_loss"]
-        if cfg.scheduler == "plateau":
-            learner.scheduler.step(val_loss)
-        else:
-            learner.scheduler.step()
+        schedule(learner, cfg, validation.metrics["weighted_log_loss"])
         record = epoch_record(epoch, stats, validation.metrics, lr=learner.optimizer.param_groups[0]["lr"], names=names)
         improved = run.add(record, validation.metrics)
-        logger.info(
-            "epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
-            epoch + 1,
-            stats.train_loss,
-            stats.train_images_per_s,
-            val_loss,
-            fmt(validation.metrics["mean_auc"]),
-            " (best so far)" if improved else "",
-        )
+        log_epoch(epoch, stats, validation.metrics, improved=improved)
         if rank == 0:
             checkpoint = epoch_checkpoint(learner, run, validation, epoch=epoch, facts=facts, device=device)
             save_epoch(out, checkpoint, validation, record=record, improved=improved, store=store)

@@ -138,13 +138,12 @@ def evaluate_checkpoint(
     mask[train_candidates(store.slices, parts, None, task=cfg.task, part="val")] = True
     # "At Youden" uses the run's validation thresholds: on other data, what a deployed threshold would give.
     thresholds = youden_thresholds(saved.metrics) if saved.metrics else None
-    loader = loader_for(loaded, mask, y=y, batch_size=batch_size, workers=workers)
     common = dict(store=store, cfg=cfg, names=names, thresholds=thresholds)
     if split == "val" and saved.calibration and saved.store_identity == store_identity(store):
         # The stored map was fitted on these very slices: score them cross-fitted, as training did.
         validation = validate_epoch(
             loaded.model,
-            loader,
+            loader_for(loaded, mask, y=y, batch_size=batch_size, workers=workers),
             parts=validation_parts(store, cfg, np.flatnonzero(mask)),
             device=loaded.device,
             amp_dtype=amp_dtype_for(loaded.device, True),
@@ -153,14 +152,7 @@ def evaluate_checkpoint(
         )
         preds, metrics = validation.preds, validation.metrics
     else:
-        outputs = infer(
-            loaded.model,
-            loader,
-            image_size=cfg.image_size,
-            device=loaded.device,
-            amp_dtype=amp_dtype_for(loaded.device, True),
-            tta=tta,
-        )
+        outputs = infer_loaded(loaded, mask, y=y, tta=tta, batch_size=batch_size, workers=workers)
         calibrated = through_map(outputs, names=names, platt=loaded.platt if saved.calibration else None)
         preds, metrics = calibrated.preds, score(calibrated, **common)
     write_report(out, preds, metrics, names=names, store=store)

@@ -61,3 +61,21 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+#: Environment variables that choose CPU kernels or their thread count, and so a CPU run's last bits.
+KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_CBWR")
+
+
+def compute_facts(device: torch.device) -> dict:
+    """What a run's figures depend on besides its command, data and seed (README, "Determinism")."""
+    facts = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
+    }
+    if device.type == "cuda":
+        facts |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return facts

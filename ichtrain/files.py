@@ -10,6 +10,7 @@ from pathlib import Path
 
 # ---------------------------------------------------------------- a run (also each fold of an experiment)
 CONFIG = "config.json"  # the run's TrainConfig
+COMPUTE = "compute.json"  # threads, CPU kernels and device the run computed with (ichtrain.device.compute_facts)
 SPLIT = "split.parquet"  # every slot's part: train, val or unused
 METRICS_LOG = "metrics.jsonl"  # one record per epoch, with the full metrics
 METRICS = "metrics.json"  # a run's final/best_epoch/last/history; an experiment's and evaluate's blocks

@@ -31,7 +31,7 @@ from .data.folds import run_split, slot_table
 from .data.loader import batch_loader
 from .data.stream import ShardStream
 from .data.tables import is_positive, select_slices, targets, train_candidates
-from .device import amp_dtype_for, init_distributed, resolve_device, rng_state, set_rng_state
+from .device import amp_dtype_for, compute_facts, init_distributed, resolve_device, rng_state, set_rng_state
 from .engine import EpochStats, StepSetup, WeightAverage, loss_weights, refresh_batchnorm, train_one_epoch
 from .errors import DataError
 from .evaluation.metrics import fmt
@@ -340,6 +340,9 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         out.mkdir(parents=True, exist_ok=True)
         slot_table(store.slices, split=data.split).to_parquet(out / files.SPLIT)
         (out / files.CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        compute = compute_facts(device)
+        (out / files.COMPUTE).write_text(json.dumps(compute, indent=2) + "\n")
+        logger.info("on %s: %d threads, CPU kernels %s", device, compute["threads"], compute["cpu_capability"])
         if cfg.pretrained is None and resumed is None:
             logger.warning(random_init_advice(cfg.arch))
     logger.info(

@@ -1,9 +1,14 @@
-"""Shared fixtures: real pydicom CT files and a small synthetic RSNA-style dataset."""
+"""Shared fixtures and helpers: real pydicom CT files, small synthetic RSNA-style datasets, stores and runs.
+
+This is the one conftest.py: the test folders have none, because conftest files outside a package are all
+imported under the name ``conftest`` and ``from conftest import ...`` would then find the last one loaded.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -175,3 +181,120 @@ def kill_after_shards(cmd: list[str], markers: Path, shards: int) -> int:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return len(list(markers.glob("*.json")))
+
+
+def save_dicom(ds, path):
+    """Write a pydicom dataset as a conforming file; its path."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, synth_dataset):
+    """Synth files plus one of each kind of bad file; returns (folder, labels csv, {file name: expected reason})."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path_factory.mktemp("hostile") / "dicoms"
+    shutil.copytree(synth_dataset / "stage_2_train", folder)
+    good = sorted(folder.glob("ID_*.dcm"))
+    template = good[5]
+    expected = {}
+
+    (folder / "zero.dcm").write_bytes(b"")
+    expected["zero.dcm"] = "empty_file"
+    (folder / "random.dcm").write_bytes(np.random.default_rng(0).bytes(4096))
+    expected["random.dcm"] = "not_dicom"
+    (folder / "notes.dcm").write_text("Patient notes, not an image\n" * 50)
+    expected["notes.dcm"] = "not_dicom"
+    (folder / "cut_header.dcm").write_bytes(template.read_bytes()[:400])
+    expected["cut_header.dcm"] = "truncated"
+
+    ds = pydicom.dcmread(template)
+    del ds.PixelData
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["nopixels"])
+    save_dicom(ds, folder / "nopixels.dcm")
+    expected["nopixels.dcm"] = "no_pixel_data"
+
+    mr = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    save_dicom(mr, folder / "mr.dcm")
+    expected["mr.dcm"] = "unsupported_image"
+
+    ds = pydicom.dcmread(template)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["multiframe"])
+    save_dicom(ds, folder / "multiframe.dcm")
+    expected["multiframe.dcm"] = "unsupported_image"
+
+    ds = pydicom.dcmread(template)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["rgb"])
+    save_dicom(ds, folder / "rgb.dcm")
+    expected["rgb.dcm"] = "unsupported_image"
+
+    shutil.copy(good[7], folder / "copy_of_a_slice.dcm")  # same SOPInstanceUID as good[7]
+    expected["copy_of_a_slice.dcm"] = "duplicate"
+
+    os.symlink(folder / "loop_b.dcm", folder / "loop_a.dcm")
+    os.symlink(folder / "loop_a.dcm", folder / "loop_b.dcm")
+    expected["loop_a.dcm"] = expected["loop_b.dcm"] = "unreadable_file"
+    os.symlink(folder, folder / "dir_loop")  # a folder symlinked into itself is not followed
+    (folder / "denied.dcm").write_bytes(template.read_bytes())  # made unreadable by the test (root ignores chmod)
+    expected["denied.dcm"] = "unreadable_file"
+
+    ds = pydicom.dcmread(good[0])
+    study_without_z = ds.StudyInstanceUID
+    labels = pd.read_csv(synth_dataset / "stage_2_train.csv")
+    labels = pd.concat([labels, pd.DataFrame({"ID": ["ID_ffffffff0_any"], "Label": [1]})])  # an id with no file
+    csv = folder.parent / "labels.csv"
+    labels.to_csv(csv, index=False)
+    # One slice loses ImagePositionPatient: its whole study is ordered by InstanceNumber and says so.
+    del ds.ImagePositionPatient
+    save_dicom(ds, good[0])
+    return folder, csv, expected, study_without_z
+
+
+#: The synthetic archive of :func:`archives`.
+ARCHIVE_ARGS = {"studies": 4, "seed": 11, "test_studies": 1}
+
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory) -> dict[str, Path]:
+    """The same synthetic archive as a folder, a deflated zip and a stored zip (tests must not modify them)."""
+    from ichprep.synth import generate
+
+    base = tmp_path_factory.mktemp("sources")
+    generate(base / "folder", **ARCHIVE_ARGS)
+    generate(base / "deflated.zip", **ARCHIVE_ARGS, as_zip=True, zip_method="deflated")
+    generate(base / "stored.zip", **ARCHIVE_ARGS, as_zip=True, zip_method="stored")
+    return {"folder": base / "folder", "deflated": base / "deflated.zip", "stored": base / "stored.zip"}
+
+
+def fake_slices(n_patients=150, seed=0) -> pd.DataFrame:
+    """Patients with 1-3 studies of 20-40 slices; every 7th patient's id is null (study is its own group)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for s in range(rng.integers(1, 4)):
+            pid = None if p % 7 == 0 else f"ID_p{p}"
+            rows += [(f"1.2.{p}.{s}", pid)] * int(rng.integers(20, 41))
+    frame = pd.DataFrame(rows, columns=["study_uid", "patient_id"]).astype("string")
+    return frame
+
+
+def wait_for(predicate, timeout: float = 120.0, poll: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def ichprep_command() -> str:
+    """The venv's ``ichprep`` console script."""
+    return str(BIN / "ichprep")

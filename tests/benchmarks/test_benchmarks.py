@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite: ``python -m benchmarks --quick`` runs and writes sane JSON.
+"""benchmarks: smoke test of the suite, ``python -m benchmarks --quick`` runs and writes sane JSON.
 
 Numbers are never asserted here (timings depend on the machine and its load); only that every section
 is there, figures are positive and finite, and targets carry a verdict or n/a.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _positive(value) -> bool:
@@ -42,7 +42,9 @@ def test_sections_present(quick_results):
     for key in ("meta", "dataset", "conversion", "size", "loader", "batches", "train", "profile", "ratios", "targets"):
         assert key in quick_results, key
     meta = quick_results["meta"]
-    assert meta["quick"] is True and meta["cpu_count"] >= 1 and meta["versions"]["zarr"]
+    assert meta["quick"] is True
+    assert meta["cpu_count"] >= 1
+    assert meta["versions"]["zarr"]
 
 
 def test_conversion_figures_positive(quick_results):
@@ -59,7 +61,8 @@ def test_conversion_figures_positive(quick_results):
         "prototype_malloc_fix_2_workers",
     ):
         fig = conv[key]
-        assert _positive(fig["slices_per_s"]) and _positive(fig["ms_per_slice"]), key
+        assert _positive(fig["slices_per_s"]), key
+        assert _positive(fig["ms_per_slice"]), key
         assert len(fig["wall_s"]) == fig["repeats"] == 1
     assert _positive(conv["scan"]["files_per_s"])
     assert conv["prototype_direct_shard_write"]["identical_to_zarr"] is True
@@ -69,7 +72,8 @@ def test_conversion_figures_positive(quick_results):
 
 def test_size_figures(quick_results):
     size = quick_results["size"]
-    assert size["slices"] > 0 and size["store_shard_files"] >= 1
+    assert size["slices"] > 0
+    assert size["store_shard_files"] >= 1
     for key in ("source_bytes_per_slice", "png_bytes_per_slice", "store_bytes_per_slice"):
         assert _positive(size[key]), key
     assert 0 < size["ratios"]["store_vs_source"] < 1
@@ -85,7 +89,8 @@ def test_loader_and_train_figures(quick_results):
     assert len(loader["io_probe"]) == 3
     assert loader["store_direct_prototype"]["identical_to_zarr"] is True
     train = quick_results["train"]
-    assert _positive(train["images_per_s"]) and len(train["step_s"]) >= 1
+    assert _positive(train["images_per_s"])
+    assert len(train["step_s"]) >= 1
     assert _positive(quick_results["ratios"]["loader_vs_train"])
 
 
@@ -96,11 +101,13 @@ def test_batch_figures(quick_results):
         (c, 32, w) for c in (0, 1) for w in ("in process", "DataLoader, 1 worker")
     }  # --quick: batch 32 only
     for r in rows:
-        assert _positive(r["samples_per_s"]) and len(r["wall_s"]) == r["repeats"] == 1, r["contender"]
+        assert _positive(r["samples_per_s"]), r["contender"]
+        assert len(r["wall_s"]) == r["repeats"] == 1, r["contender"]
         assert _positive(r["cpu_ms_per_sample"]), r["contender"]
         assert (r["where"] != "in process") == ("first_batch_s" in r) == ("main_cpu_ms_per_sample" in r)
     former = sum(r["contender"].startswith("former") for r in rows)
-    assert former == 4 and len(batches["ratios"]) == len(rows) - former
+    assert former == 4
+    assert len(batches["ratios"]) == len(rows) - former
     assert all(_positive(v) for v in batches["ratios"].values())
     assert all(_positive(v) for v in batches["allocation"]["ms"].values())
     mix = batches["buffer_mix"]
@@ -116,7 +123,9 @@ def test_buffer_simulation_is_rsna_like():
 
     table = rsna_like(studies=2000, seed=1)
     sizes = np.bincount(table.study)
-    assert 24 <= sizes.min() and sizes.max() <= 60 and abs(sizes.mean() - 35) < 1.5
+    assert 24 <= sizes.min()
+    assert sizes.max() <= 60
+    assert abs(sizes.mean() - 35) < 1.5
     assert abs(table.positive.mean() - 0.14) < 0.02
     bleeding = np.bincount(table.study, weights=table.positive) > 0
     assert abs(bleeding.mean() - 0.41) < 0.04
@@ -144,7 +153,9 @@ def test_seq_bench_tiny(tmp_path, capsys):
     from benchmarks import seq_bench
 
     lengths = seq_bench.study_lengths(500, 17_311, seed=3)
-    assert lengths.sum() == 17_311 and lengths.min() >= 20 and lengths.max() <= 60
+    assert lengths.sum() == 17_311
+    assert lengths.min() >= 20
+    assert lengths.max() <= 60
     out = tmp_path / "seq.json"
     threads = torch.get_num_threads()
     try:  # one thread: never stalled by a core another job holds
@@ -155,15 +166,20 @@ def test_seq_bench_tiny(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "2 of 3 batches, extrapolated" in printed and "read + standardise" in printed
+    assert "2 of 3 batches, extrapolated" in printed
+    assert "read + standardise" in printed
     section = json.loads(out.read_text())
-    assert section["studies"] == 80 and section["slots"] == round(80 * 752_803 / 21_744)
+    assert section["studies"] == 80
+    assert section["slots"] == round(80 * 752_803 / 21_744)
     rows = section["rows"]
     assert [(r["dim"], r["contender"]) for r in rows] == [
         (d, c) for d in (8, 24) for c in ("read + standardise", "gru", "transformer", "window")
     ]
     for r in rows:
-        assert _positive(r["epoch_s"]) and _positive(r["slots_per_s"]) and _positive(r["epoch_vs_baseline"])
-        assert r["peak_extra_mib"] >= 0 and r["extrapolated"] == (r["contender"] != "read + standardise")
+        assert _positive(r["epoch_s"])
+        assert _positive(r["slots_per_s"])
+        assert _positive(r["epoch_vs_baseline"])
+        assert r["peak_extra_mib"] >= 0
+        assert r["extrapolated"] == (r["contender"] != "read + standardise")
     positive = np.asarray(seq_bench.simulate(400, 13_849, 4, seed=1).targets)[:, 5]
     assert abs(positive.mean() - 0.14) < 0.04

@@ -1,4 +1,4 @@
-"""``benchmarks.driver_bench`` at 20,000 simulated slices on 1 worker: the simulation, the store it writes
+"""benchmarks.driver_bench: at 20,000 simulated slices on 1 worker, the simulation, the store it writes
 and the stages it reports. No timing is asserted (the figures depend on the machine and its load)."""
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ def ran(tmp_path_factory):
 def test_simulated_table_has_the_scan_schema(sim):
     assert dict(sim.table.dtypes.astype(str)) == {k: str(pd.Series(dtype=v).dtype) for k, v in SCAN_DTYPES.items()}
     ok = sim.table[sim.table["status"] == OK]
-    assert ok["image_id"].str.fullmatch(r"ID_[0-9a-f]{9}").all() and sim.table["image_id"].is_unique
+    assert ok["image_id"].str.fullmatch(r"ID_[0-9a-f]{9}").all()
+    assert sim.table["image_id"].is_unique
     assert (ok["sop_uid"] == ok["image_id"]).all()
     assert sim.table["path"].is_monotonic_increasing  # as the scan's batches arrive: by path
     assert (ok[["rows", "cols"]] == 512).all().all()
-    assert (ok["slope"] == 1).all() and (ok["intercept"] == -1024).all()
+    assert (ok["slope"] == 1).all()
+    assert (ok["intercept"] == -1024).all()
     assert ok["file_size"].between(524_988, 525_788).all()
 
 
@@ -83,7 +85,8 @@ def test_slices_hold_every_simulated_ok_row(ran):
     slices = pd.read_parquet(work / "cache.zarr" / SLICES)
     assert len(slices) == report.expected.n_ok
     assert set(slices["image_id"]) == set(raw.loc[raw["status"] == OK, "image_id"])
-    assert slices["ok"].all() and slices["any"].notna().all()
+    assert slices["ok"].all()
+    assert slices["any"].notna().all()
 
 
 def test_studies_and_rejected(ran):
@@ -93,7 +96,8 @@ def test_studies_and_rejected(ran):
     assert studies["n_slices"].sum() == report.expected.n_ok
     rejected = pd.read_csv(work / "cache.zarr" / REJECTED)
     assert len(rejected) == report.expected.n_rejected
-    assert set(rejected["stage"]) == {"header"} and set(rejected["reason"]) == {"truncated"}
+    assert set(rejected["stage"]) == {"header"}
+    assert set(rejected["reason"]) == {"truncated"}
 
 
 def test_manifest_counts_and_verify(ran):
@@ -103,7 +107,8 @@ def test_manifest_counts_and_verify(ran):
     e = report.expected
     assert manifest["counts"]["slices"] == manifest["counts"]["slices_ok"] == e.n_ok
     assert manifest["counts"]["header_failures"] == e.n_rejected
-    assert manifest["counts"]["studies"] == e.n_studies and manifest["counts"]["patients"] == e.n_patients
+    assert manifest["counts"]["studies"] == e.n_studies
+    assert manifest["counts"]["patients"] == e.n_patients
     assert manifest["counts"]["shards"] == report.n_shards == -(-e.n_ok // 64)
     assert manifest["source"]["n_files"] == e.n_files
     assert not [name for name in manifest["files"] if name.startswith("images/c/")]  # no-op shards: no file
@@ -135,7 +140,9 @@ def test_every_stage_reported_with_positive_figures(ran):
     ):
         assert sum(n.startswith(prefix) for n in names) == 1, prefix
     for stage in report.stages:
-        assert stage.wall_s > 0 and stage.peak_rss_mib > 0 and stage.high_water_mib > 0, stage
+        assert stage.wall_s > 0, stage
+        assert stage.peak_rss_mib > 0, stage
+        assert stage.high_water_mib > 0, stage
     assert report.total_s == pytest.approx(sum(s.wall_s for s in report.stages if s.counted))
     assert report.peak_rss_mib >= max(s.high_water_mib for s in report.stages)
 
@@ -153,5 +160,6 @@ def test_counts_reported(ran):
 def test_table_and_verdict(ran):
     report, _ = ran
     text = bench.table(report)
-    assert all(s.name in text for s in report.stages) and "total (driver)" in text
+    assert all(s.name in text for s in report.stages)
+    assert "total (driver)" in text
     assert bench.verdict(report).startswith("Verdict: driver ")

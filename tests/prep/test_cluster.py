@@ -1,4 +1,4 @@
-"""The command line starts a local Dask cluster only for work that pays for it."""
+"""ichprep.cluster: the command line starts a local Dask cluster only for work that pays for it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_small_work_runs_in_process_and_starts_nothing():
 def test_enough_files_or_explicit_workers_start_one_cluster_reused_and_closed():
     with OnDemand(workers=1) as clients:
         client = clients.client(1)  # --workers given: the user asked for a cluster
-        assert client is not None and sum(client.nthreads().values()) == 1
+        assert client is not None
+        assert sum(client.nthreads().values()) == 1
         assert clients.client(10**6) is client
     assert client.status in ("closed", "closing")
     with OnDemand(workers=None, min_files=5) as clients:
@@ -28,7 +29,8 @@ def test_enough_files_or_explicit_workers_start_one_cluster_reused_and_closed():
 
 def test_resolve_client_passes_clients_and_none_through():
     marker = object()
-    assert resolve_client(marker, 1) is marker and resolve_client(None, 10**6) is None
+    assert resolve_client(marker, 1) is marker
+    assert resolve_client(None, 10**6) is None
 
 
 def test_convert_with_on_demand_matches_in_process_bytes(synth_dataset, tmp_path):

@@ -1,11 +1,10 @@
+"""ichprep.convert: the store against an independent recomputation, its tables, resume, locks and verify."""
+
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,6 +12,7 @@ import pandas as pd
 import pydicom
 import pytest
 import zarr
+from conftest import ichprep_command as _ichprep
 from conftest import kill_after_shards
 
 from ichprep.cluster import dask_client
@@ -73,12 +73,15 @@ def test_store_tables_follow_the_contract(store6, synth_dataset6):
         assert run["z"].is_monotonic_increasing
         assert row.n_slices == len(run)
         assert row.any == run["any"].max()
-    assert studies["start"].iloc[0] == 0 and studies["stop"].iloc[-1] == len(slices)
+    assert studies["start"].iloc[0] == 0
+    assert studies["stop"].iloc[-1] == len(slices)
     assert set(slices["study_uid"]) == set(studies["study_uid"])
     attrs = zarr.open_group(str(store6), mode="r").attrs["ichkit"]
     assert [w["name"] for w in attrs["windows"]] == ["brain", "subdural", "soft"]
-    assert attrs["size"] == 256 and attrs["layout"]["shard_slices"] == 16
-    assert store.images.shards == (16, 3, 256, 256) and store.images.chunks == (1, 3, 256, 256)
+    assert attrs["size"] == 256
+    assert attrs["layout"]["shard_slices"] == 16
+    assert store.images.shards == (16, 3, 256, 256)
+    assert store.images.chunks == (1, 3, 256, 256)
     # Every file of the source folder is accounted for: a slot, or a line in rejected.csv.
     n_files = len(list((synth_dataset6 / "stage_2_train").glob("*.dcm")))
     rejected = pd.read_csv(store6 / "rejected.csv")
@@ -94,7 +97,8 @@ def test_bad_pixels_keep_their_slot_zero_filled(store6):
         assert bad.loc[i, "error"].startswith("truncated")
     rejected = pd.read_csv(store6 / "rejected.csv")
     assert set(bad["image_id"]) <= set(rejected.loc[rejected["stage"] == "pixels", "image_id"])
-    assert (rejected["reason"] == "truncated").sum() >= 1 and rejected["detail"].str.len().min() > 0
+    assert (rejected["reason"] == "truncated").sum() >= 1
+    assert rejected["detail"].str.len().min() > 0
 
 
 def test_labels_in_slices_match_the_csv(store6, synth_dataset6):
@@ -115,9 +119,8 @@ def test_identical_bytes_across_worker_counts_and_resume_skips(store6, synth_dat
             synth_dataset6 / "stage_2_train", root, spec, labels_csv=synth_dataset6 / "stage_2_train.csv", client=client
         )
     assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
-    assert (
-        summary.shards_skipped == 0 and summary.n_shards == len(json.loads((root / MANIFEST).read_text())["files"]) - 5
-    )
+    assert summary.shards_skipped == 0
+    assert summary.n_shards == len(json.loads((root / MANIFEST).read_text())["files"]) - 5
     again = convert(synth_dataset6 / "stage_2_train", root, spec, labels_csv=synth_dataset6 / "stage_2_train.csv")
     assert again.shards_skipped == again.n_shards
     # A shard altered on disk is not trusted: it is rewritten to the same bytes.
@@ -155,7 +158,8 @@ def test_other_options_refuse_without_overwrite(store6, synth_dataset6, tmp_path
     with pytest.raises(StoreExistsError, match="differs in: spec.*--overwrite"):
         convert(src, root, PreprocessSpec(size=128, shard_slices=32))
     summary = convert(src, root, PreprocessSpec(size=128, shard_slices=32), overwrite=True)
-    assert open_store(root).images.shape[2:] == (128, 128) and summary.shards_skipped == 0
+    assert open_store(root).images.shape[2:] == (128, 128)
+    assert summary.shards_skipped == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "precious.txt").write_text("x")
     with pytest.raises(StoreExistsError, match="not an ichprep store"):
@@ -199,10 +203,6 @@ def test_verify_refuses_manifest_paths_outside_the_store(store6, tmp_path):
     path.write_text(json.dumps(manifest))
     report = verify_store(store6, path)
     assert [p.kind for p in report.problems] == ["unsafe_path"]
-
-
-def _ichprep() -> str:
-    return str(Path(sys.executable).parent / "ichprep")
 
 
 def test_resume_removes_temporaries_of_a_killed_writer(store6, synth_dataset6, tmp_path):
@@ -253,69 +253,3 @@ def test_resume_after_kill_gives_identical_bytes(synth_dataset6, store6, tmp_pat
     assert "already done, verified and skipped" in result.stdout
     assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
     assert verify_store(root).ok
-
-
-def test_convert_on_an_external_dask_cluster(synth_dataset6, store6, tmp_path):
-    """A `dask scheduler` + 2 `dask worker` processes on 127.0.0.1, joined with --scheduler."""
-    dask = str(Path(sys.executable).parent / "dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = [
-        subprocess.Popen(
-            [
-                dask,
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-dashboard",
-                "--scheduler-file",
-                str(scheduler_file),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for _ in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [dask, "worker", address, "--nthreads", "1", "--no-dashboard"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
-        root = tmp_path / "cluster.zarr"
-        result = subprocess.run(
-            [
-                _ichprep(),
-                "convert",
-                str(synth_dataset6 / "stage_2_train"),
-                "--labels",
-                str(synth_dataset6 / "stage_2_train.csv"),
-                "-o",
-                str(root),
-                "--shard-slices",
-                "16",
-                "--scheduler",
-                address,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
-        assert (root / MANIFEST).read_bytes() == (store6 / MANIFEST).read_bytes()
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)

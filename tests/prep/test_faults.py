@@ -1,4 +1,4 @@
-"""Crashes and faults: killed converters, killed Dask workers, concurrent converters, killed training."""
+"""ichprep.convert under faults: killed converters, killed Dask workers, concurrent converters."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import wait_for as _wait_for
 
 from ichprep.storage.manifest import verify_store
 from ichprep.storage.store import MANIFEST, STATE
@@ -32,15 +32,6 @@ def _convert_cmd(dataset: Path, root: Path, *extra: str) -> list[str]:
         "16",
         *extra,
     ]
-
-
-def _wait_for(predicate, timeout: float = 120.0, poll: float = 0.01) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
 
 
 def _markers(root: Path) -> int:
@@ -165,61 +156,3 @@ def test_a_dask_worker_killed_mid_run_loses_nothing(synth_dataset6, store6, tmp_
         for proc in procs:
             proc.kill()
             proc.wait(timeout=30)
-
-
-def test_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(easy_store, tmp_path):
-    args = [
-        "train",
-        str(easy_store),
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "48",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--max-steps",
-        "6",
-        "--device",
-        "cpu",
-        "--seed",
-        "4",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: same floating-point sums
-    straight = tmp_path / "straight"
-    subprocess.run(
-        [str(BIN / "ichtrain"), *args, "--out", str(straight)], check=True, capture_output=True, env=env, timeout=600
-    )
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [str(BIN / "ichtrain"), *args, "--out", str(killed)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    # Kill during the second epoch: after the first epoch's checkpoint, before the second's.
-    assert _wait_for(lambda: (killed / "last.pt").exists() or proc.poll() is not None, 300)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    epoch_at_kill = torch.load(killed / "last.pt", weights_only=True)["epoch"]
-    assert epoch_at_kill < 2, "training finished before the kill"
-    subprocess.run(
-        [str(BIN / "ichtrain"), *args, "--out", str(killed), "--resume", str(killed / "last.pt")],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=600,
-    )
-    a = torch.load(straight / "last.pt", weights_only=True)
-    b = torch.load(killed / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    history = [h["val_loss"] for h in b["history"]]
-    assert history == pytest.approx([h["val_loss"] for h in a["history"]], rel=1e-5)
-    assert len(open(killed / "metrics.jsonl").read().splitlines()) >= 3

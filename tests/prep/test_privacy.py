@@ -1,3 +1,5 @@
+"""ichprep.privacy: a pseudonymised store holds no original identifier or path; pseudonyms are keyed and stable."""
+
 from __future__ import annotations
 
 import json

@@ -97,7 +97,8 @@ def test_info_is_json_and_text(info):
     for window in info["spec"]["windows"]:
         assert window["name"] in text
     assert f"{info['counts']['slices']} ({info['counts']['ok']} ok" in text
-    assert "INTER_AREA" in text and "any (studies)" in text
+    assert "INTER_AREA" in text
+    assert "any (studies)" in text
 
 
 # ---------------------------------------------------------------- montage
@@ -165,7 +166,9 @@ def test_index_highlights_its_row(tables, store):
     assert (marked[frame_y, layout.width // 2] == HIGHLIGHT).all()
     assert not (plain == HIGHLIGHT).all(axis=-1).any()
     changed = np.flatnonzero((marked != plain).any(axis=(1, 2)))
-    assert changed.min() >= y - GAP and changed.max() <= y + SMALL_PANEL + GAP  # only that row changes
+    # Only that row changes.
+    assert changed.min() >= y - GAP
+    assert changed.max() <= y + SMALL_PANEL + GAP
 
 
 def test_subsampling_keeps_the_selected_slice(store, tables):
@@ -175,7 +178,10 @@ def test_subsampling_keeps_the_selected_slice(store, tables):
     assert montage.shape[:2] == (MontageLayout(5, 3, 256).height, MontageLayout(5, 3, 256).width)
     np.testing.assert_array_equal(_pick(10, 20, None), np.arange(10))
     pick = _pick(100, 7, keep=33)
-    assert 33 in pick and len(pick) <= 7 and pick[0] == 0 and pick[-1] == 99
+    assert 33 in pick
+    assert len(pick) <= 7
+    assert pick[0] == 0
+    assert pick[-1] == 99
     assert (np.diff(pick) > 0).all()
 
 

@@ -1,4 +1,4 @@
-"""Per-thread scratch buffers: reused within a thread, private to it, replaced on a new shape."""
+"""ichprep.scratch: per-thread buffers, reused within a thread, private to it, replaced on a new shape."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ def test_same_request_same_memory_new_shape_new_buffer():
     a = scratch.array("test-a", (4, 5), np.float32)
     a[...] = 7
     b = scratch.array("test-a", (4, 5), np.float32)
-    assert np.shares_memory(a, b) and (b == 7).all()
+    assert np.shares_memory(a, b)
+    assert (b == 7).all()
     c = scratch.array("test-a", (8, 5), np.float32)
-    assert c.shape == (8, 5) and not np.shares_memory(a, c)
+    assert c.shape == (8, 5)
+    assert not np.shares_memory(a, c)
     assert not np.shares_memory(c, scratch.array("test-b", (8, 5), np.float32))  # names are separate
 
 
@@ -33,6 +35,8 @@ def test_byte_buffer_grows_without_touching_views_still_held():
     small[:3] = b"abc"
     held = small[:3]
     big = scratch.byte_buffer("test-bytes", 100)  # a new object: resizing would fail while `held` exists
-    assert len(big) == 100 and bytes(held) == b"abc"
+    assert len(big) == 100
+    assert bytes(held) == b"abc"
     again = scratch.byte_buffer("test-bytes", 50)
-    assert len(again) == 50 and again.obj is big.obj  # large enough: reused
+    assert len(again) == 50
+    assert again.obj is big.obj  # large enough: reused

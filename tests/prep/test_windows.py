@@ -1,3 +1,5 @@
+"""ichprep.windows: the preset windows by hand, parsing, padding, resizing and the preprocessing order."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +49,8 @@ def test_subdural_and_soft_hand_computed():
 def test_apply_windows_stacks_channels():
     hu = np.linspace(-200, 300, 64 * 64, dtype=np.float32).reshape(64, 64)
     image = apply_windows(hu, DEFAULT_WINDOWS)
-    assert image.shape == (3, 64, 64) and image.dtype == np.uint8
+    assert image.shape == (3, 64, 64)
+    assert image.dtype == np.uint8
     for channel, window in zip(image, DEFAULT_WINDOWS):
         np.testing.assert_array_equal(channel, apply_window(hu, window))
 
@@ -82,7 +85,9 @@ def test_pad_non_square_with_air_centered():
     hu = np.zeros((4, 8), dtype=np.float32)
     square = pad_to_square(hu)
     assert square.shape == (8, 8)
-    assert (square[2:6] == 0).all() and (square[:2] == -1000).all() and (square[6:] == -1000).all()
+    assert (square[2:6] == 0).all()
+    assert (square[:2] == -1000).all()
+    assert (square[6:] == -1000).all()
 
 
 def test_resize_area_averages():

@@ -1,14 +1,12 @@
-"""--context N for any N: config and CLI bounds, 2N+1-slice stacks from the stream, and a model that takes them."""
+"""ichtrain.config, data.stream and model with --context N: its bounds, 2N+1-slice stacks, a model that takes them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from ichprep.storage.store import open_reader, open_store
-from ichtrain.cli import main
 from ichtrain.config import MAX_CONTEXT, TrainConfig
 from ichtrain.data.stream import ShardStream
 from ichtrain.data.tables import study_bounds, targets, train_candidates
@@ -25,16 +23,6 @@ def test_config_takes_any_context_up_to_the_maximum(context):
 def test_config_refuses_a_negative_absurd_or_non_integer_context(context):
     with pytest.raises(ConfigError, match=f"context must be an integer from 0 to {MAX_CONTEXT} .*got"):
         TrainConfig(store="s", out="o", context=context)
-
-
-def test_cli_context_help_and_bounds(tmp_path):
-    runner = CliRunner()
-    help_text = " ".join(runner.invoke(main, ["train", "--help"]).output.split())
-    assert "--context N" in help_text and "(2N+1) x windows input channels" in help_text and "2N+1 times" in help_text
-    negative = runner.invoke(main, ["train", str(tmp_path), "--out", str(tmp_path / "r"), "--context", "-1"])
-    assert negative.exit_code == 2 and "x>=0" in negative.output
-    absurd = runner.invoke(main, ["train", str(tmp_path), "--out", str(tmp_path / "r"), "--context", "9"])
-    assert absurd.exit_code != 0 and "context must be an integer from 0 to 8" in absurd.output
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,5 @@
+"""ichtrain.model: every torchvision family built, pretrained weights loaded, the input widened, the head replaced."""
+
 from __future__ import annotations
 
 import ast
@@ -39,14 +41,16 @@ FAMILIES = (
 def test_default_resnet152_forward_and_one_step():
     model = build_model("resnet152", n_outputs=6)
     assert isinstance(model, torchvision.models.ResNet)
-    assert model.fc.out_features == 6 and model.conv1.in_channels == 3
+    assert model.fc.out_features == 6
+    assert model.conv1.in_channels == 3
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([[0, 0, 0, 1, 0, 1], [0] * 6], dtype=torch.float32)
     before = model.fc.weight.detach().clone()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
     loss.backward()
     optimizer.step()
-    assert torch.isfinite(loss) and not torch.equal(before, model.fc.weight)
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.fc.weight)
 
 
 def test_unknown_arch_lists_choices():
@@ -120,7 +124,8 @@ def test_build_model_takes_windows_and_slices():
 def test_archs_are_torchvision_classification_models_but_the_unsupported():
     """ARCHS (a static tuple, so that --help needs no torch) and UNSUPPORTED cover torchvision's list exactly."""
     listed = torchvision.models.list_models(module=torchvision.models)
-    assert len(set(ARCHS)) == len(ARCHS) and not set(ARCHS) & set(UNSUPPORTED)
+    assert len(set(ARCHS)) == len(ARCHS)
+    assert not set(ARCHS) & set(UNSUPPORTED)
     assert sorted(ARCHS + tuple(UNSUPPORTED)) == sorted(listed)
     # The RSNA 2019 winners' backbones that torchvision has (it has no se-resnext; regnet_y is its SE family).
     regnets = {name for name in listed if name.startswith("regnet")}
@@ -134,7 +139,8 @@ def test_archs_are_torchvision_classification_models_but_the_unsupported():
         *(f"efficientnet_b{i}" for i in range(8)),
         *regnets,
     }
-    assert winners <= set(ARCHS) and set(FAMILIES) <= set(ARCHS)
+    assert winners <= set(ARCHS)
+    assert set(FAMILIES) <= set(ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -163,7 +169,8 @@ def test_every_family_loads_widens_and_replaces_its_head(arch, tmp_path):
         torch.testing.assert_close(conv.weight, source.get_submodule(name).weight.repeat(1, slices, 1, 1) / slices)
         head = classifier(model)
         assert head is [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        assert head.out_features == 5 and head.in_features == classifier(source).in_features
+        assert head.out_features == 5
+        assert head.in_features == classifier(source).in_features
         head_name = next(n for n, m in model.named_modules() if m is head)
         wanted = source.state_dict()
         for key, value in model.state_dict().items():
@@ -176,7 +183,9 @@ def test_every_family_loads_widens_and_replaces_its_head(arch, tmp_path):
         with torch.no_grad():
             out = model(x)
         # The widened conv is the one that reads the input, and the head's output is the model's output.
-        assert out.shape == (2, 5) and torch.equal(seen["input"], x) and torch.equal(seen["output"], out)
+        assert out.shape == (2, 5)
+        assert torch.equal(seen["input"], x)
+        assert torch.equal(seen["output"], out)
 
 
 @pytest.mark.parametrize("arch", ["densenet121", "efficientnet_b0", "convnext_tiny"])
@@ -205,7 +214,9 @@ def test_widening_keeps_the_first_conv_bias_and_geometry():
     old = model.features[0][0]
     widen_input(model, windows=2, slices=5)
     new = model.features[0][0]
-    assert new.in_channels == 10 and new is not old and torch.equal(new.bias, old.bias)
+    assert new.in_channels == 10
+    assert new is not old
+    assert torch.equal(new.bias, old.bias)
     assert (new.kernel_size, new.stride, new.padding) == (old.kernel_size, old.stride, old.padding)
     for c in range(10):
         torch.testing.assert_close(new.weight[:, c], old.weight[:, c % 2] * 3 / 10)

@@ -1,10 +1,8 @@
+"""ichtrain.train: a short CPU run learns, resumes exactly, balances, calibrates and keeps the best epoch."""
+
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -13,7 +11,7 @@ import torch
 
 from ichtrain.checkpoint import load_checkpoint
 from ichtrain.config import TrainConfig
-from ichtrain.errors import CheckpointError, ConfigError, SpecMismatchError
+from ichtrain.errors import ConfigError
 from ichtrain.train import train
 
 
@@ -39,7 +37,8 @@ def test_learning_is_real(easy_store, tmp_path):
     # The stratified split validates on bleeding patients of every size, the few-slice ones included.
     assert metrics["per_class"]["any"]["roc_auc"] > 0.85
     saved = json.loads((out / "metrics.json").read_text())
-    assert len(saved["history"]) == 5 and saved["final"]["per_class"]["any"]["roc_auc"] > 0.85
+    assert len(saved["history"]) == 5
+    assert saved["final"]["per_class"]["any"]["roc_auc"] > 0.85
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
     for name in ("best.pt", "last.pt", "loss.png", "roc.png", "val_predictions.parquet", "split.parquet"):
         assert (out / name).stat().st_size > 0, name
@@ -52,15 +51,6 @@ def test_patients_never_in_both_splits(tiny_run):
     per_patient = split.groupby(split["patient_id"].fillna(split["study_uid"]))["split"].nunique()
     assert (per_patient == 1).all()
     assert set(split["split"]) == {"train", "val"}
-
-
-def test_checkpoint_carries_config_and_spec_and_loads_weights_only(tiny_run, easy_store):
-    state = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
-    assert state["config"]["arch"] == "resnet18" and state["epoch"] == 0
-    assert [w["name"] for w in state["spec"]["windows"]] == ["brain", "subdural", "soft"]
-    assert state["names"] == ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
-    for key in ("optimizer", "scheduler", "scaler", "rng", "history"):
-        assert key in state
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
@@ -103,47 +93,18 @@ def test_the_weight_average_follows_its_formula_without_touching_the_model():
     for average in (fresh, warm):
         decays.append(average.current_decay())
         average.update(model)
-    assert decays == [0.1, 0.75] and (fresh.updates, warm.updates) == (1, 31)  # min(decay, (1 + t) / (10 + t))
+    assert decays == [0.1, 0.75]  # min(decay, (1 + t) / (10 + t))
+    assert (fresh.updates, warm.updates) == (1, 31)
     assert WeightAverage(model, 0.75, updates=WeightAverage.warmed_up(0.75) - 1).current_decay() < 0.75
     for average, decay in zip((fresh, warm), decays):
         for mine, first, now in zip(average.module.parameters(), start, model.parameters()):
             torch.testing.assert_close(mine, decay * first + (1 - decay) * now)
-            assert not mine.requires_grad and now.requires_grad
+            assert not mine.requires_grad
+            assert now.requires_grad
     average = warm
     model[1].running_mean.fill_(5.0)
     average.take_buffers(model)
     assert average.module[1].running_mean.tolist() == [5.0, 5.0]
-
-
-def test_resume_with_other_options_is_refused(tiny_run, easy_store, tmp_path):
-    with pytest.raises(CheckpointError, match=r"options differ from the checkpoint's run \(arch\)"):
-        train(
-            TrainConfig(
-                store=str(easy_store),
-                out=str(tmp_path),
-                arch="resnet34",
-                image_size=48,
-                epochs=2,
-                workers=0,
-                resume=str(tiny_run / "last.pt"),
-            )
-        )
-
-
-def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
-    from ichprep.convert import convert
-    from ichprep.spec import PreprocessSpec
-    from ichprep.windows import parse_windows
-    from ichtrain.study.submit import predict_store
-
-    other = tmp_path / "other.zarr"
-    convert(
-        synth_dataset / "stage_2_train",
-        other,
-        PreprocessSpec(windows=parse_windows(["brain", "bone", "soft"]), size=64),
-    )
-    with pytest.raises(SpecMismatchError, match="another preprocessing spec.*windows"):
-        predict_store(tiny_run / "best.pt", other, tmp_path / "sub.csv", workers=0)
 
 
 @pytest.mark.parametrize(
@@ -160,76 +121,6 @@ def test_store_with_another_spec_is_refused(tiny_run, tmp_path, synth_dataset):
 def test_invalid_config_lists_choices(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(store="s", out="o", **{field: value})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_process_gloo_run(easy_store, tmp_path):
-    """torchrun with 2 CPU processes: the run completes, rank 0 alone writes, metrics cover the val split."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "ichtrain",
-        "train",
-        str(easy_store),
-        "--out",
-        str(out),
-        "--arch",
-        "resnet18",
-        "--image-size",
-        "48",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--workers",
-        "1",
-        "--max-steps",
-        "2",
-        "--device",
-        "cpu",
-        "--task",
-        "binary",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    final = json.loads((out / "metrics.json").read_text())["final"]
-    import pandas as pd
-
-    split = pd.read_parquet(out / "split.parquet")
-    from ichprep.storage.store import open_store
-
-    slices = open_store(easy_store).slices
-    n_val = int(((split["split"] == "val") & slices["ok"] & slices["any"].notna()).sum())
-    assert n_val - 2 < final["n_images"] <= n_val  # gathered from both ranks (fewer than 2 dropped for equal lengths)
-
-
-def test_checkpoint_with_code_in_it_is_refused(tmp_path):
-    import pickle
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(CheckpointError, match=r"weights_only=True.*(GLOBAL|operand).*pickled code"):
-        load_checkpoint(path)
 
 
 # ---------------------------------------------------------------- calibration, validation, best epoch
@@ -276,7 +167,8 @@ def test_hybrid_balance_is_calibrated_and_no_worse_than_none(balance_runs):
     assert (
         hybrid["ci95"]["weighted_log_loss"][0] <= hybrid["weighted_log_loss"] <= hybrid["ci95"]["weighted_log_loss"][1]
     )
-    assert any_["ece"] is not None and hybrid["mean_ece"] is not None
+    assert any_["ece"] is not None
+    assert hybrid["mean_ece"] is not None
     assert (balance_runs["hybrid"] / "calibration.png").stat().st_size > 0
 
 
@@ -289,7 +181,8 @@ def test_the_checkpoint_carries_the_platt_map_that_evaluate_applies(balance_runs
     best = balance_runs["hybrid"] / "best.pt"
     final = json.loads((balance_runs["hybrid"] / "metrics.json").read_text())["final"]
     state = load_checkpoint(best)
-    assert state["calibration"]["method"] == "platt" and len(state["calibration"]["slope"]) == 6
+    assert state["calibration"]["method"] == "platt"
+    assert len(state["calibration"]["slope"]) == 6
     assert set(final["uncalibrated"]["mean_prob"]) == set(final["per_class"])
     again = evaluate_checkpoint(best, easy_store, tmp_path / "val", split="val", workers=0)
     assert again["weighted_log_loss"] == pytest.approx(final["weighted_log_loss"], rel=1e-4)
@@ -313,7 +206,8 @@ def test_final_metrics_are_the_best_epochs(balance_runs):
     assert saved["final"]["weighted_log_loss"] == pytest.approx(losses[best])
     assert saved["last"]["weighted_log_loss"] == pytest.approx(losses[-1])
     state = load_checkpoint(out / "best.pt")
-    assert state["epoch"] == best and state["metrics"]["weighted_log_loss"] == pytest.approx(losses[best])
+    assert state["epoch"] == best
+    assert state["metrics"]["weighted_log_loss"] == pytest.approx(losses[best])
     val = pd.read_parquet(out / "val_predictions.parquet")
     assert len(val) == saved["final"]["n_images"]
 
@@ -336,18 +230,6 @@ def test_validation_covers_every_labelled_slice_when_training_on_middle_slices(e
     assert final["middle_slices"]["n_images"] == int((labelled & middle & (split == "val")).sum())
     assert final["middle_slices"]["selection"] == "middle:4"
     assert final["n_images"] > 2 * final["middle_slices"]["n_images"]
-
-
-def test_resume_on_another_store_is_refused(tiny_run, easy_store, tiny_config, tmp_path):
-    """Same spec, other content (here: another manifest): the run's store identity does not match."""
-    import shutil
-
-    other = tmp_path / "other.zarr"
-    shutil.copytree(easy_store, other)
-    with open(other / "manifest.json", "a") as f:
-        f.write("\n")
-    with pytest.raises(CheckpointError, match=r"options differ.*store \(its manifest differs"):
-        train(tiny_config(tmp_path / "r", store=str(other), epochs=2, resume=str(tiny_run / "last.pt")))
 
 
 def test_training_from_random_weights_says_how_to_get_pretrained_ones(tiny_config, tmp_path, caplog):

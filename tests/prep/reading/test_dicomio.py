@@ -1,3 +1,5 @@
+"""ichprep.reading.dicomio: headers and HU pixels as pydicom reads them, the wrap-around fix, and each read error."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +37,8 @@ def test_header_read_does_not_decode_pixels(monkeypatch):
     path = pydicom_file("CT_small.dcm")
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: pytest.fail("decoded pixels")))
     header = read_header(path)
-    assert header.rows == 128 and header.cols == 128
+    assert header.rows == 128
+    assert header.cols == 128
     assert header.has_pixels
     assert header.image_id == "CT_small"
 
@@ -84,7 +87,8 @@ def test_wrap_around_slice_read_end_to_end(tmp_path):
 def test_multivalued_window_takes_first(tmp_path):
     path, _ = _rewrite(tmp_path, WindowCenter=[36, 40], WindowWidth=[80, 120])
     header = read_header(path)
-    assert header.window_center == 36 and header.window_width == 80
+    assert header.window_center == 36
+    assert header.window_width == 80
     assert first_value(pydicom.dcmread(path).WindowCenter) == 36
 
 
@@ -115,7 +119,8 @@ def test_not_dicom(tmp_path):
     with pytest.raises(errors.NotDicomError) as info:
         read_header(path)
     assert isinstance(info.value, ValueError)  # catchable as a built-in too
-    assert "not_dicom" in str(info.value) and str(path) in str(info.value)
+    assert "not_dicom" in str(info.value)
+    assert str(path) in str(info.value)
 
 
 def test_empty_file(tmp_path):
@@ -154,7 +159,8 @@ def test_no_preamble_still_reads(tmp_path):
     pydicom.dcmwrite(path, ds, enforce_file_format=False)
     assert path.read_bytes()[128:132] != b"DICM"
     header, hu = read_slice(path)
-    assert header.study_uid == ds.StudyInstanceUID and hu.shape == (128, 128)
+    assert header.study_uid == ds.StudyInstanceUID
+    assert hu.shape == (128, 128)
 
 
 def test_native_fast_path_equals_pixel_array(synth_dataset, tmp_path):
@@ -184,7 +190,9 @@ def test_native_fast_path_equals_pixel_array(synth_dataset, tmp_path):
 def test_read_slice_returns_a_named_header_and_hu():
     result = read_slice(pydicom_file("CT_small.dcm"))
     header, hu = result
-    assert result.header is header and result.hu is hu and header.rows == hu.shape[0]
+    assert result.header is header
+    assert result.hu is hu
+    assert header.rows == hu.shape[0]
 
 
 def test_truncated_pixel_data_is_worded_as_pydicom_words_it(tmp_path):

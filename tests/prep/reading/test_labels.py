@@ -1,3 +1,5 @@
+"""ichprep.reading.labels: the Kaggle label CSV read and written, duplicates merged, bad lines named."""
+
 from __future__ import annotations
 
 import pandas as pd

@@ -1,4 +1,4 @@
-"""The plain-file walk must read every file it accepts exactly as pydicom does, and decline the rest."""
+"""ichprep.reading.plainread: the plain-file walk reads every file it accepts as pydicom does, declines the rest."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_pydicoms_own_files_read_as_pydicom_reads_them():
             np.testing.assert_array_equal(native, pydicom.dcmread(path).pixel_array, err_msg=str(path))
             pixels += 1
     # Many are plain little endian files: neither comparison is empty.
-    assert headers >= 10 and pixels >= 3, (headers, pixels)
+    assert headers >= 10, (headers, pixels)
+    assert pixels >= 3, (headers, pixels)
 
 
 def test_compressed_big_endian_and_raw_files_are_declined(tmp_path):
@@ -100,7 +101,8 @@ def test_compressed_big_endian_and_raw_files_are_declined(tmp_path):
     cut = data[: plain.get_item(0x7FE00010).value_tell + 100]
     assert parse(cut) is None  # pixels cut short
     assert parse(cut, want_pixels=False) is not None  # ... which a header read does not need
-    assert parse(b"") is None and parse(b"\0" * 200) is None
+    assert parse(b"") is None
+    assert parse(b"\0" * 200) is None
 
 
 def _write(tmp_path: Path, name: str, syntax, **elements) -> Path:
@@ -133,14 +135,16 @@ def _write(tmp_path: Path, name: str, syntax, **elements) -> Path:
 def test_both_little_endian_syntaxes_are_read(tmp_path, syntax):
     path = _write(tmp_path, "slice.dcm", syntax, ImagePositionPatient=[0, 0, "-12.5"], InstanceNumber="7")
     assert read_plain(path) is not None
-    assert _assert_same(path, stop_before_pixels=False) and _assert_same(path, stop_before_pixels=True)
+    assert _assert_same(path, stop_before_pixels=False)
+    assert _assert_same(path, stop_before_pixels=True)
     assert dicomio.read_header(path).z == -12.5
 
 
 def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path):
     path = _write(tmp_path, "long.dcm", ExplicitVRLittleEndian, ImageComments="x" * (HEAD_BYTES + 1000))
     plain = read_plain(path, want_pixels=False)
-    assert plain is not None and plain.has_pixels
+    assert plain is not None
+    assert plain.has_pixels
     assert _assert_same(path, stop_before_pixels=True)
 
 
@@ -186,16 +190,20 @@ def test_plain_dataset_answers_what_pydicom_answers():
     np.testing.assert_array_equal(plain.pixel_array, ds.pixel_array)
     assert plain[0x00100010].value == ds[0x00100010].value
     # The walk ends at the pixel data; pydicom also reads what trails it (here (FFFC,FFFC) padding).
-    assert set(plain.keys()) == {tag for tag in ds.keys() if tag <= 0x7FE00010} and len(plain) == len(plain.keys())
-    assert 0x00100010 in plain and 0x00100011 not in plain
+    assert set(plain.keys()) == {tag for tag in ds.keys() if tag <= 0x7FE00010}
+    assert len(plain) == len(plain.keys())
+    assert 0x00100010 in plain
+    assert 0x00100011 not in plain
     assert not hasattr(plain, "StudyInstanceUID")  # no catch-all attribute access
 
 
 def test_a_header_only_walk_keeps_no_pixel_element_as_pydicom_keeps_none():
     path = pydicom_file("CT_small.dcm")
     plain, ds = read_plain(path, want_pixels=False), pydicom.dcmread(path, stop_before_pixels=True)
-    assert plain.has_pixels and 0x7FE00010 not in plain
-    assert len(plain) == len(ds) and sorted(plain.keys()) == sorted(ds.keys())
+    assert plain.has_pixels
+    assert 0x7FE00010 not in plain
+    assert len(plain) == len(ds)
+    assert sorted(plain.keys()) == sorted(ds.keys())
 
 
 def test_declined_pixels_are_decoded_by_pydicom_from_the_same_elements(tmp_path):

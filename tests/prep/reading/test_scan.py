@@ -1,3 +1,5 @@
+"""ichprep.reading.scan: every file in the table, studies ordered by z, labels attached, bad files flagged."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -53,7 +55,9 @@ def test_bad_files_stay_in_the_table_flagged(tmp_path, synth_dataset):
     (folder / "ID_empty.dcm").write_bytes(b"")
     (folder / "readme.txt").write_text("ignored: not .dcm")
     table, summary = scan(folder)
-    assert summary.n_files == 5 and summary.n_ok == 3 and summary.n_rejected == 2
+    assert summary.n_files == 5
+    assert summary.n_ok == 3
+    assert summary.n_rejected == 2
     bad = table[table["status"] != OK].set_index("image_id")
     assert set(bad.index) == {"ID_text", "ID_empty"}
     assert bad.loc["ID_text", "status"] == "not_dicom"

@@ -1,5 +1,8 @@
-"""Store format 3: ``images`` carries Zarr v3 dimension_names (since 2) and the recorded pipeline names the real
-readers (since 3); format-1 and format-2 stores still read, and upgrade."""
+"""ichprep.storage.upgrade: store format 3, format-1 and format-2 stores still read, and upgrade.
+
+Format 3: ``images`` carries Zarr v3 dimension_names (since 2) and the recorded pipeline names the real readers
+(since 3).
+"""
 
 from __future__ import annotations
 
@@ -90,9 +93,13 @@ def test_images_carry_dimension_names_and_the_spec_stays_in_the_group(current):
     meta = json.loads((current / IMAGES / "zarr.json").read_text())
     assert meta["dimension_names"] == ["slice", "channel", "y", "x"] == list(AXES)
     attrs = json.loads((current / "zarr.json").read_text())["attributes"]["ichkit"]
-    assert attrs["format_version"] == FORMAT_VERSION == 3 and attrs["layout"]["axes"] == list(AXES)
-    assert attrs["pipeline"] == list(PIPELINE) and "plainread" in PIPELINE[0] and "pydicom.dcmread" in PIPELINE[0]
-    assert "windows" in attrs and "ichkit" not in meta["attributes"]
+    assert attrs["format_version"] == FORMAT_VERSION == 3
+    assert attrs["layout"]["axes"] == list(AXES)
+    assert attrs["pipeline"] == list(PIPELINE)
+    assert "plainread" in PIPELINE[0]
+    assert "pydicom.dcmread" in PIPELINE[0]
+    assert "windows" in attrs
+    assert "ichkit" not in meta["attributes"]
 
 
 #: The tables and .ichprep/ next to the arrays are not Zarr nodes; zarr says so when xarray lists the group.
@@ -135,7 +142,9 @@ def test_an_older_store_opens_with_one_warning_and_the_same_pixels(current, old,
     with caplog.at_level(logging.WARNING):
         before = open_store(old)
     (message,) = upgrade_warnings(caplog)
-    assert f"format {version}" in message and "recorded pipeline" in message and f"ichprep upgrade {old}" in message
+    assert f"format {version}" in message
+    assert "recorded pipeline" in message
+    assert f"ichprep upgrade {old}" in message
     assert ("dimension_names" in message) == (version == 1)
     new = open_store(current)
     assert before.spec == new.spec
@@ -147,7 +156,8 @@ def test_an_older_store_opens_with_one_warning_and_the_same_pixels(current, old,
         stream = ShardStream.from_store(store, counts, targets(store.slices, "rsna"), shuffle=False)
         seen[store.root.url] = {int(s): img for b in stream for img, s in zip(b.images.numpy(), b.slots)}
     a, b = seen.values()
-    assert a.keys() == b.keys() and len(a) == counts.sum()
+    assert a.keys() == b.keys()
+    assert len(a) == counts.sum()
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -199,7 +209,8 @@ def test_rerunning_convert_on_an_upgraded_store_resumes(synth_dataset, old):
     upgrade_store(old)
     before = (old / MANIFEST).read_bytes()
     summary = convert(synth_dataset / "stage_2_train", old, SPEC, labels_csv=synth_dataset / "stage_2_train.csv")
-    assert summary.shards_skipped == summary.n_shards and (old / MANIFEST).read_bytes() == before
+    assert summary.shards_skipped == summary.n_shards
+    assert (old / MANIFEST).read_bytes() == before
 
 
 def test_upgrade_refuses_a_store_whose_metadata_was_altered(old):
@@ -223,12 +234,14 @@ def test_upgrade_command(format1, tmp_path):
     published = tmp_path / "published.json"
     result = CliRunner().invoke(main, ["upgrade", str(format1), "--manifest-out", str(published)])
     assert result.exit_code == 0, result.output
-    assert "from store format 1 to 3" in result.output and "shards untouched" in result.output
+    assert "from store format 1 to 3" in result.output
+    assert "shards untouched" in result.output
     assert published.read_bytes() == (format1 / MANIFEST).read_bytes()
     assert CliRunner().invoke(main, ["verify", str(format1), "--manifest", str(published)]).exit_code == 0
     assert xr.open_zarr(format1, zarr_format=3, consolidated=False)["images"].dims == AXES
     again = CliRunner().invoke(main, ["upgrade", str(format1)])
-    assert again.exit_code == 0 and "already store format 3" in again.output
+    assert again.exit_code == 0
+    assert "already store format 3" in again.output
 
 
 # ---------------------------------------------------------------- verify wording
@@ -245,12 +258,12 @@ def test_verify_names_a_rewritten_shard_size_without_guessing_why(current, tmp_p
         noisy = pixels.copy()
         noisy[0] = np.random.default_rng(0).integers(0, 256, noisy[0].shape, dtype=np.uint8)
         data = bytes(encode_shard(noisy, SPEC.shard_slices, level))
-    assert (len(data) < expected) == smaller and len(data) != expected
+    assert (len(data) < expected) == smaller
+    assert len(data) != expected
     shard.write_bytes(data)
     (problem,) = [p for p in verify_store(root).problems if p.path == shard_path(0)]
     assert problem.kind == "size"
     assert problem.detail == f"differs from the manifest (size {len(data)}, expected {expected})"
     result = CliRunner().invoke(main, ["verify", str(root)])
-    assert (
-        result.exit_code == 1 and f"differs from the manifest (size {len(data)}, expected {expected})" in result.output
-    )
+    assert result.exit_code == 1
+    assert f"differs from the manifest (size {len(data)}, expected {expected})" in result.output

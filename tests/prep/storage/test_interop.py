@@ -1,4 +1,4 @@
-"""A store read without ichkit: zarr-python, Dask, xarray, tensorstore and a plain PyTorch Dataset.
+"""ichprep.storage.store read without ichkit: zarr-python, Dask, xarray, tensorstore and a plain PyTorch Dataset.
 
 Every reader must return, for every slot, the bytes of ichkit's own reader (``open_reader(root)[0:N]``),
 on the layouts that matter: zstd (ichkit's direct shard encoder) and blosc-lz4 (written through zarr),
@@ -28,7 +28,7 @@ from ichprep.storage.store import open_reader, open_store
 # zarr lists the group's other files (the tables, the manifest) with a warning the README calls harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component:UserWarning")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 SECTION = "## Reading a cache without ichkit"
 #: A phrase found in exactly one python block of the section, per recipe.
 RECIPES = {

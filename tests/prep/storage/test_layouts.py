@@ -1,4 +1,4 @@
-"""Every valid Zarr v3 rewrite of ``images`` reads as zarr-python reads it, on every ichkit read path.
+"""ichprep.storage.shardcodec and store: every valid Zarr v3 rewrite of ``images`` reads as zarr-python reads it.
 
 A store converted by ichprep is copied and its ``images`` array rewritten by zarr-python in another
 layout (the group's attributes untouched, so they still say zstd). The direct shard codec must be used
@@ -115,14 +115,17 @@ def variant(request, original, tmp_path_factory) -> tuple[str, Path, np.ndarray]
 
 def test_the_converted_store_takes_the_fast_path(original):
     layout = images_layout(original)
-    assert isinstance(layout, FastLayout) and layout.shard_slices == SHARD and layout.level == 1
+    assert isinstance(layout, FastLayout)
+    assert layout.shard_slices == SHARD
+    assert layout.level == 1
     assert isinstance(open_reader(original), ShardReader)
 
 
 def test_each_variant_names_the_field_that_differs(variant):
     name, root, _ = variant
     layout = images_layout(root)
-    assert isinstance(layout, Mismatch) and layout.zarr_only
+    assert isinstance(layout, Mismatch)
+    assert layout.zarr_only
     assert layout.field == _variant(name, (0, 3, 32, 32))[2]
     assert layout.field in str(layout)
 

@@ -1,4 +1,4 @@
-"""studies.parquet from slices.parquet: runs, counts, label maxima, and the contiguity rule."""
+"""ichprep.storage.store: studies.parquet from slices.parquet, runs, counts, label maxima, the contiguity rule."""
 
 from __future__ import annotations
 
@@ -32,12 +32,15 @@ def test_runs_counts_and_label_maxima():
     )
     studies = build_studies(slices)
     assert studies["study_uid"].tolist() == ["a", "b", "c"]
-    assert studies["start"].tolist() == [0, 3, 4] and studies["stop"].tolist() == [3, 4, 6]
-    assert studies["n_slices"].tolist() == [3, 1, 2] and studies["n_ok"].tolist() == [2, 1, 2]
+    assert studies["start"].tolist() == [0, 3, 4]
+    assert studies["stop"].tolist() == [3, 4, 6]
+    assert studies["n_slices"].tolist() == [3, 1, 2]
+    assert studies["n_ok"].tolist() == [2, 1, 2]
     assert studies["patient_id"].tolist() == ["P1", "P2", "P3"]  # the first one given in the study
     assert studies["any"].tolist() == [1, pd.NA, 0]  # NA only where no slice of the study is labelled
     assert studies["epidural"].isna().all()
-    assert studies["any"].dtype == "Int8" and studies["start"].dtype == "int64"
+    assert studies["any"].dtype == "Int8"
+    assert studies["start"].dtype == "int64"
 
 
 def test_a_study_split_in_two_runs_is_refused():
@@ -47,4 +50,5 @@ def test_a_study_split_in_two_runs_is_refused():
 
 def test_no_slices_no_studies():
     studies = build_studies(_slices([], [], [], []))
-    assert len(studies) == 0 and "any" in studies.columns
+    assert len(studies) == 0
+    assert "any" in studies.columns

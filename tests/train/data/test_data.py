@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.utils.data
+from conftest import fake_slices
 
 from ichprep.reading.labels import LABELS, SUBTYPES
 from ichprep.storage.store import open_reader, open_store
-from ichtrain.data import balance, ring, tables
+from ichtrain.data import ring, tables
 from ichtrain.data import stream as stream_module
 from ichtrain.data.balance import epoch_plan
 from ichtrain.data.folds import split_slices
@@ -75,18 +76,6 @@ def by_slot(batches) -> dict[int, np.ndarray]:
     return {int(slot): image for batch in batches for image, slot in zip(batch.images.numpy(), batch.slots)}
 
 
-def fake_slices(n_patients=150, seed=0) -> pd.DataFrame:
-    """Patients with 1-3 studies of 20-40 slices; every 7th patient's id is null (study is its own group)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for p in range(n_patients):
-        for s in range(rng.integers(1, 4)):
-            pid = None if p % 7 == 0 else f"ID_p{p}"
-            rows += [(f"1.2.{p}.{s}", pid)] * int(rng.integers(20, 41))
-    frame = pd.DataFrame(rows, columns=["study_uid", "patient_id"]).astype("string")
-    return frame
-
-
 def group_keys(frame: pd.DataFrame) -> pd.Series:
     return frame["patient_id"].fillna("study:" + frame["study_uid"])
 
@@ -94,66 +83,22 @@ def group_keys(frame: pd.DataFrame) -> pd.Series:
 # ---- targets, candidates -------------------------------------------------------------------------------------
 
 
-def test_targets_tasks_and_unlabelled_rows(store):
+@pytest.mark.parametrize("task, columns", [("rsna", LABELS), ("binary", ("any",)), ("subtypes", SUBTYPES)])
+def test_targets_tasks_and_unlabelled_rows(store, task, columns):
     unlabelled = store.slices[LABELS[0]].isna().to_numpy()
     assert unlabelled.sum() >= 1
-    for task, columns in (("rsna", LABELS), ("binary", ("any",)), ("subtypes", SUBTYPES)):
-        y = targets(store.slices, task)
-        assert y.dtype == np.float32 and y.shape == (len(store.slices), len(columns))
-        assert np.isnan(y[unlabelled]).all() and not np.isnan(y[~unlabelled]).any()
-        assert np.array_equal(y[~unlabelled], store.slices.loc[~unlabelled, list(columns)].to_numpy(np.float32))
+    y = targets(store.slices, task)
+    assert y.dtype == np.float32
+    assert y.shape == (len(store.slices), len(columns))
+    assert np.isnan(y[unlabelled]).all()
+    assert not np.isnan(y[~unlabelled]).any()
+    assert np.array_equal(y[~unlabelled], store.slices.loc[~unlabelled, list(columns)].to_numpy(np.float32))
+
+
+def test_targets_rsna_ends_with_any_and_an_unknown_task_is_refused(store):
     assert tables.TASKS["rsna"][-1] == "any"
     with pytest.raises(ConfigError, match="rsna, binary, subtypes"):
         targets(store.slices, "multi")
-
-
-def test_choices_bounds_and_defaults_have_one_definition():
-    """config holds every choice list and bound; data, the CLI and the library checks take theirs from it."""
-    from ichtrain import cli, config
-    from ichtrain.config import SeqConfig, TrainConfig
-
-    assert tables.TASKS is config.TASKS and balance.BALANCES is config.BALANCES
-    train = {param.name: param for param in cli.train.params}
-    for option, choices in (
-        ("task", tuple(config.TASKS)),
-        ("split_by", config.SPLITS),
-        ("balance", config.BALANCES),
-        ("calibration", config.CALIBRATIONS),
-        ("arch", config.ARCHS),
-        ("optimizer", config.OPTIMIZERS),
-        ("device", config.DEVICES),
-    ):
-        assert tuple(train[option].type.choices) == choices, option
-    for option in ("val_fraction", "pos_fraction"):
-        bounds = train[option].type
-        assert (bounds.min, bounds.max, bounds.min_open, bounds.max_open) == (0, 1, True, True)
-    # What --help shows is the dataclass's default wherever a dataclass holds one.
-    shown = [p for p in cli.train.params if getattr(p, "show_default", False) and hasattr(TrainConfig, p.name)]
-    assert len(shown) == 22 and all(param.default == getattr(TrainConfig, param.name) for param in shown)
-    shown = [p for p in cli.seq.params if getattr(p, "show_default", False) and hasattr(SeqConfig, p.name)]
-    assert {p.name for p in shown} == {"model", "layers", "batch_studies", "device"}
-    # Except --device: stage 2 runs where stage 1 did (auto), while the library's SeqConfig defaults to the CPU.
-    assert all(param.default == getattr(SeqConfig, param.name) for param in shown if param.name != "device")
-    # Settings whose default depends on --model: left unset (None), and --help lists each model's from the table.
-    per_model = {p.name: p for p in cli.seq.params if p.name in config.SEQ_MODEL_DEFAULTS["window"]}
-    assert set(per_model) == {"epochs", "hidden", "lr", "holdout"}
-    for name, param in per_model.items():
-        assert param.default is None and not param.show_default
-        listed = ", ".join(f"{m} {d[name]:g}" for m, d in config.SEQ_MODEL_DEFAULTS.items())
-        assert param.help.endswith(f"[default: {listed}].")
-    assert set(config.SEQ_MODEL_DEFAULTS) == set(config.SEQ_MODELS)
-    # The config, the public library function and its CLI option refuse the same fractions with one message.
-    frame = fake_slices(20)
-    for bad in (0, 1, 1.5, "0.2", True):
-        with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\), a number between 0 and 1"):
-            TrainConfig(store="s", out="o", val_fraction=bad)
-        with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\), a number between 0 and 1"):
-            split_slices(frame, bad)
-    for bad in ("middle:0", "middle:01", "top:3"):
-        with pytest.raises(ConfigError, match="use 'all' or 'middle:K'"):
-            TrainConfig(store="s", out="o", slice_selection=bad)
-        with pytest.raises(ConfigError, match="use 'all' or 'middle:K'"):
-            select_slices(frame, pd.DataFrame({"start": [0], "stop": [20]}), bad)
 
 
 def test_train_candidates(store):
@@ -161,20 +106,24 @@ def test_train_candidates(store):
     n = len(slices)
     bad = np.flatnonzero(~slices["ok"].to_numpy(bool))
     unlabelled = np.flatnonzero(slices["any"].isna().to_numpy())
-    assert len(bad) and len(unlabelled)
+    assert len(bad)
+    assert len(unlabelled)
     split = split_slices(slices, 0.3, seed=1, by="study")
     cand = train_candidates(slices, split, None, "rsna")
-    assert not np.isin(cand, bad).any() and not np.isin(cand, unlabelled).any()
+    assert not np.isin(cand, bad).any()
+    assert not np.isin(cand, unlabelled).any()
     assert (split[cand] == "train").all()
     expected = set(np.flatnonzero(split == "train")) - set(bad) - set(unlabelled)
     assert set(cand) == expected
     val = train_candidates(slices, split, None, "rsna", part="val")
-    assert not set(val) & set(cand) and (split[val] == "val").all()
+    assert not set(val) & set(cand)
+    assert (split[val] == "val").all()
 
     mask = select_slices(slices, store.studies, "middle:5")
     assert set(train_candidates(slices, split, mask, "binary")) == expected & set(np.flatnonzero(mask))
     sub = train_candidates(slices, np.full(n, "train"), None, "subtypes")
-    assert len(sub) and set(sub) == set(np.flatnonzero(is_positive(slices))) - set(bad)
+    assert len(sub)
+    assert set(sub) == set(np.flatnonzero(is_positive(slices))) - set(bad)
     with pytest.raises(ConfigError, match="train, val"):
         train_candidates(slices, split, None, "rsna", part="test")
     with pytest.raises(DataError):
@@ -205,7 +154,8 @@ def test_split_null_patient_falls_back_to_study(store):
     nulls = frame["patient_id"].isna().to_numpy()
     # Null-patient studies are split per study: several of them, on both sides.
     per_study = pd.Series(split[nulls]).groupby(frame.loc[nulls, "study_uid"].to_numpy()).agg(set)
-    assert all(len(s) == 1 for s in per_study) and set().union(*per_study) == {"train", "val"}
+    assert all(len(s) == 1 for s in per_study)
+    assert set().union(*per_study) == {"train", "val"}
     real = split_slices(store.slices, 0.25, seed=0)
     assert (pd.Series(real).groupby(store.slices["patient_id"].to_numpy()).nunique() == 1).all()
     assert set(real) == {"train", "val"}
@@ -219,11 +169,15 @@ def test_slice_split_is_leaky_and_bad_args():
     assert "leaky" in split_slices.__doc__
     with pytest.raises(ConfigError, match="patient, study, slice"):
         split_slices(frame, 0.2, by="series")
-    for bad in (0, 1, 1.5, -0.1, "0.2"):
-        with pytest.raises(ConfigError, match="between 0 and 1"):
-            split_slices(frame, bad)
     with pytest.raises(DataError):
         split_slices(frame[frame["study_uid"] == "1.2.1.0"], 0.2, by="study")
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, "0.2"])
+def test_split_refuses_a_fraction_outside_0_1(bad):
+    frame = fake_slices(20)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        split_slices(frame, bad)
 
 
 # ---- slice selection -----------------------------------------------------------------------------------------
@@ -251,11 +205,16 @@ def test_select_short_study_and_bad_forms():
     studies = pd.DataFrame({"start": [0, 3, 5], "stop": [3, 5, 10]})  # 3, 2 and 5 slices
     mask = select_slices(slices, studies, "middle:4")
     assert list(np.flatnonzero(mask)) == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # short studies whole; [5,10) -> 5..8
-    for bad in ("middle", "middle:0", "middle:x", "top:3", "middle:-2", "", None):
-        with pytest.raises(ConfigError, match="middle:K"):
-            select_slices(slices, studies, bad)
     with pytest.raises(DataError):
         study_bounds(pd.DataFrame({"start": [0, 4], "stop": [3, 10]}), 10)
+
+
+@pytest.mark.parametrize("bad", ["middle", "middle:0", "middle:x", "top:3", "middle:-2", "", None])
+def test_select_refuses_bad_forms(bad):
+    slices = pd.DataFrame({"x": range(10)})
+    studies = pd.DataFrame({"start": [0, 3, 5], "stop": [3, 5, 10]})
+    with pytest.raises(ConfigError, match="middle:K"):
+        select_slices(slices, studies, bad)
 
 
 # ---- epoch plan ----------------------------------------------------------------------------------------------
@@ -267,7 +226,8 @@ def test_epoch_plan_hybrid():
     positive[np.random.default_rng(0).choice(n, 50, replace=False)] = True
     candidates = np.setdiff1d(np.arange(n), np.arange(0, n, 10))  # every 10th slot is not a candidate
     counts = epoch_plan(candidates, positive, "hybrid", 0.5, seed=0, epoch=0)
-    assert counts.shape == (n,) and counts.dtype == np.int64
+    assert counts.shape == (n,)
+    assert counts.dtype == np.int64
     assert (counts[np.arange(0, n, 10)] == 0).all()
     assert abs(counts.sum() / len(candidates) - 1) < 0.15
     assert abs(counts[positive].sum() / counts.sum() - 0.5) < 0.05
@@ -285,7 +245,8 @@ def test_epoch_plan_fallbacks_and_errors(caplog):
     positive = np.zeros(100, bool)
     with caplog.at_level(logging.WARNING, logger="ichtrain.data.balance"):
         counts = epoch_plan(np.arange(100), positive)
-    assert (counts == 1).all() and "using 'none'" in caplog.text
+    assert (counts == 1).all()
+    assert "using 'none'" in caplog.text
     positive[:60] = True  # already >= pos_fraction
     assert (epoch_plan(np.arange(100), positive, pos_fraction=0.5) == 1).all()
     with pytest.raises(ConfigError, match="hybrid, none"):
@@ -343,8 +304,10 @@ def test_stream_sequential_yields_every_slot_once(store, images):
     assert len(ds) == sum(len(b.slots) for b in out) == counts.sum()
     y = targets(store.slices, "rsna")
     for batch in out:
-        assert isinstance(batch, Batch) and batch.images.dtype == torch.uint8
-        assert batch.targets.dtype == torch.float32 and batch.slots.dtype == torch.int64
+        assert isinstance(batch, Batch)
+        assert batch.images.dtype == torch.uint8
+        assert batch.targets.dtype == torch.float32
+        assert batch.slots.dtype == torch.int64
         slots = batch.slots.numpy()
         assert np.array_equal(batch.images.numpy(), images[slots])
         assert np.array_equal(batch.targets.numpy(), y[slots])
@@ -363,7 +326,8 @@ def test_stream_repeats_follow_plan_and_is_deterministic(store):
     # The buffer mixes shards: the first samples do not all come from one shard.
     assert len({slot // SHARD for slot in first[:8]}) > 1
     ds.set_epoch(1)
-    assert Counter(slots_of(drain(ds))) == Counter(first) and slots_of(drain(ds)) != first
+    assert Counter(slots_of(drain(ds))) == Counter(first)
+    assert slots_of(drain(ds)) != first
     ds.set_epoch(2, epoch_plan(cand, is_positive(store.slices), seed=0, epoch=2))
     assert Counter(slots_of(drain(ds))) == {i: int(c) for i, c in enumerate(ds.counts) if c}
     # Sequential: each slot's repeats follow each other, slots ascending.
@@ -427,7 +391,8 @@ def test_stream_holds_at_most_buffer_shards_blocks(store, monkeypatch, shuffle):
     alive = [
         watch.alive() for _ in stream(store, counts, task="binary", buffer_shards=3, batch_size=4, shuffle=shuffle)
     ]
-    assert max(alive) == (3 if shuffle else 1) and len(watch.blocks) == store.n_shards
+    assert max(alive) == (3 if shuffle else 1)
+    assert len(watch.blocks) == store.n_shards
 
 
 def fake_worker(monkeypatch, worker, num_workers):
@@ -449,7 +414,9 @@ def test_stream_ranks_and_workers_are_disjoint(store, monkeypatch):
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == sum(len(p) for p in parts.values())
     assert lengths == {total // 2}
     assert len(parts[0, 0]) + len(parts[0, 1]) == len(parts[1, 0]) + len(parts[1, 1]) == total // 2
-    assert len(parts[0, 0]) == len(parts[1, 0]) and len(parts[0, 1]) == len(parts[1, 1])  # same batches per rank
+    # Same batches per rank.
+    assert len(parts[0, 0]) == len(parts[1, 0])
+    assert len(parts[0, 1]) == len(parts[1, 1])
     assert total - len(set().union(*sets)) == total % 2
 
     # One rank: the workers cover everything exactly, also with repeats.
@@ -478,7 +445,8 @@ def test_stream_batch_shapes_and_short_last_batch_per_worker(store, monkeypatch,
         total += n
         for b in drain(ds):
             n = len(b.slots)
-            assert b.images.shape == (n, 3 * (2 * context + 1), 32, 32) and b.targets.shape == (n, 6)
+            assert b.images.shape == (n, 3 * (2 * context + 1), 32, 32)
+            assert b.targets.shape == (n, 6)
             assert b.slots.shape == (n,)
     assert total == counts.sum()
 
@@ -528,7 +496,8 @@ def test_stream_dataloader_two_workers(store, monkeypatch):
     assert all(isinstance(b, Batch) for b in batches)
     assert Counter(slots_of(batches)) == {i: int(c) for i, c in enumerate(counts) if c}
     assert len(batches) == ds.batches(4, 2)
-    assert batches[0].images.shape == (4, 9, 32, 32) and batches[0].targets.shape == (4, 6)
+    assert batches[0].images.shape == (4, 9, 32, 32)
+    assert batches[0].targets.shape == (4, 6)
     ordered = two_workers_in_process(ds, monkeypatch)
     assert [b.slots.tolist() for b in batches] == [b.slots.tolist() for b in ordered]
     assert all(torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets) for b, e in zip(batches, ordered))
@@ -585,7 +554,9 @@ def test_ring_loader_reuses_slots_and_gives_the_workers_batches(store, monkeypat
     expected = two_workers_in_process(ds, monkeypatch)
     assert len(got) == len(expected) == ds.batches(2, 2) > 4 * ring.PREFETCH
     for (b, _), e in zip(got, expected):
-        assert torch.equal(b.slots, e.slots) and torch.equal(b.images, e.images) and torch.equal(b.targets, e.targets)
+        assert torch.equal(b.slots, e.slots)
+        assert torch.equal(b.images, e.images)
+        assert torch.equal(b.targets, e.targets)
     storages = Counter(address for _, address in got)
     in_ring = storages.most_common(1)[0][1]
     if copies_finish is False:
@@ -605,7 +576,9 @@ def test_ring_slot_is_claimed_only_after_its_last_batch_is_released():
     assert [b.images is None for b in sent] == [True, True, False]  # batch 2 would reuse batch 0's slot
     assert [int(r.images_of(b).max()) for b in sent] == [0, 1, 2]
     r.release(sent[0])
-    assert r.claim(1, 3, 3) is None and r.claim(1, 2, 3) is not None and r.claim(0, 2, 3) is None
+    assert r.claim(1, 3, 3) is None
+    assert r.claim(1, 2, 3) is not None
+    assert r.claim(0, 2, 3) is None
     assert r.claim(1, 2, 2).shape == (2, 1, 2, 2)  # a short last batch is a view of the slot's head
 
 
@@ -624,16 +597,21 @@ def test_stream_context_neighbours(store, images):
         assert np.array_equal(image, np.concatenate([images[prev], images[slot], images[nxt]]))
     first = store.studies["start"].to_numpy()
     s1 = int(first[1])  # second study's first slot: previous neighbour is itself
-    assert np.array_equal(out[s1][:3], images[s1]) and np.array_equal(out[s1 - 1][6:], images[s1 - 1])
-    assert np.array_equal(out[0][:3], images[0]) and np.array_equal(out[n - 1][6:], images[n - 1])
+    assert np.array_equal(out[s1][:3], images[s1])
+    assert np.array_equal(out[s1 - 1][6:], images[s1 - 1])
+    assert np.array_equal(out[0][:3], images[0])
+    assert np.array_equal(out[n - 1][6:], images[n - 1])
     # Shard edges inside a study: the neighbour comes from the previous/next shard.
     edge = next(k * SHARD for k in range(1, store.n_shards) if start[k * SHARD] < k * SHARD)
-    assert np.array_equal(out[edge][:3], images[edge - 1]) and np.array_equal(out[edge - 1][6:], images[edge])
+    assert np.array_equal(out[edge][:3], images[edge - 1])
+    assert np.array_equal(out[edge - 1][6:], images[edge])
     # With ok (from_store's default) a zero-filled neighbour is replaced by the slot itself.
     b = int(bad[0])
     with_ok = by_slot(drain(stream(store, counts, context=1, shuffle=False)))
-    assert not images[b].any() and np.array_equal(out[b + 1][:3], images[b])
-    assert np.array_equal(with_ok[b + 1][:3], images[b + 1]) and np.array_equal(with_ok[b - 1][6:], images[b - 1])
+    assert not images[b].any()
+    assert np.array_equal(out[b + 1][:3], images[b])
+    assert np.array_equal(with_ok[b + 1][:3], images[b + 1])
+    assert np.array_equal(with_ok[b - 1][6:], images[b - 1])
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -663,14 +641,17 @@ def test_stream_rejects_bad_inputs(store):
         stream(store, all_ok(store), rank=2, world_size=2)
     with pytest.raises(ConfigError):
         stream(store, all_ok(store), context=-1)
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ConfigError, match="batch_size"):
-            stream(store, all_ok(store), batch_size=bad)
     with pytest.raises(ConfigError, match="buffer_shards"):
         stream(store, all_ok(store), buffer_shards=0)
     start, stop = study_bounds(store.studies, n)
     with pytest.raises(DataError):
         ShardStream(store.root, all_ok(store), targets(store.slices, "rsna"), SHARD, stop, start)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_stream_refuses_a_bad_batch_size(store, bad):
+    with pytest.raises(ConfigError, match="batch_size"):
+        stream(store, all_ok(store), batch_size=bad)
 
 
 _DDP_SCRIPT = """
@@ -734,6 +715,7 @@ def test_ranks_get_disjoint_shards_in_a_real_gloo_run(tmp_path, store):
     rank0, rank1 = (r["slots"] for r in data["ranks"])
     assert len(rank0) == len(rank1)
     assert not set(rank0) & set(rank1)
-    assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)
+    assert len(set(rank0)) == len(rank0)
+    assert len(set(rank1)) == len(rank1)
     assert data["expected"] - 2 < len(rank0) + len(rank1) <= data["expected"]
     assert [r["batches"] for r in data["ranks"]] == [r["expected"] for r in data["ranks"]]

@@ -35,7 +35,8 @@ def test_folds_group_stratify_and_balance():
     per_group = pd.Series(fold).groupby(groups.inverse).nunique()
     assert (per_group == 1).all()  # a patient never straddles folds
     sizes = np.bincount(fold, minlength=5)
-    assert sizes.min() > 0 and sizes.max() / sizes.min() < 1.15
+    assert sizes.min() > 0
+    assert sizes.max() / sizes.min() < 1.15
     group_fold = pd.Series(fold).groupby(groups.inverse).first().to_numpy()
     bleeding = np.bincount(group_fold[groups.positive], minlength=5)
     assert bleeding.max() - bleeding.min() <= 1  # bleeding patients spread evenly
@@ -46,7 +47,8 @@ def test_folds_group_stratify_and_balance():
     perm = np.random.default_rng(0).permutation(len(frame))
     assert np.array_equal(assign_folds(frame.iloc[perm].reset_index(drop=True), 5, seed=0), fold[perm])
     table = folds_table(frame, fold)
-    assert list(table.columns) == ["image_id", "study_uid", "patient_id", "fold"] and len(table) == len(frame)
+    assert list(table.columns) == ["image_id", "study_uid", "patient_id", "fold"]
+    assert len(table) == len(frame)
 
 
 def test_fold_errors():

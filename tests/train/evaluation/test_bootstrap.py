@@ -34,7 +34,8 @@ def test_weighted_auc_ap_unweighted_continuous_scores():
 def test_weighted_auc_ap_undefined_without_both_labels():
     y = np.array([1.0, 1.0, 0.0])
     got = weighted_auc_ap(y, np.array([0.9, 0.5, 0.1]), np.array([1.0, 2.0, 0.0]))  # the negative has weight 0
-    assert np.isnan(got.auc) and np.isnan(got.ap)
+    assert np.isnan(got.auc)
+    assert np.isnan(got.ap)
     with pytest.raises(ValueError, match="same length"):
         weighted_auc_ap(y, np.array([0.9, 0.5]), np.ones(3))
 
@@ -53,7 +54,9 @@ def test_resample_is_reproducible_and_chunked_consistently(monkeypatch):
     a = resample(unit_sums, [ranking], replicates=50, seed=3)
     b = resample(unit_sums, [ranking], replicates=50, seed=3)
     c = resample(unit_sums, [ranking], replicates=50, seed=4)
-    assert a.sums.shape == (50, 2) and a.auc.shape == (50, 1) and a.ap.shape == (50, 1)
+    assert a.sums.shape == (50, 2)
+    assert a.auc.shape == (50, 1)
+    assert a.ap.shape == (50, 1)
     np.testing.assert_array_equal(a.auc, b.auc)
     np.testing.assert_array_equal(a.sums, b.sums)
     assert not np.array_equal(a.auc, c.auc)
@@ -73,7 +76,8 @@ def test_resample_replicate_equals_weighted_sklearn():
     reps = resample(np.eye(40), [ranking], replicates=5, seed=0)
     counts = reps.sums
     np.testing.assert_array_equal(counts.sum(axis=1), 40)
-    assert np.array_equal(counts, np.round(counts)) and (counts >= 0).all()
+    assert np.array_equal(counts, np.round(counts))
+    assert (counts >= 0).all()
     for r in range(5):
         w = counts[r][ranking.unit]
         assert reps.auc[r, 0] == pytest.approx(roc_auc_score(ranking.y, ranking.score, sample_weight=w), abs=1e-12)

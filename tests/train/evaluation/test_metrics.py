@@ -69,7 +69,8 @@ def test_probabilities_are_clipped():
     assert loss == pytest.approx(-math.log(EPS), rel=1e-9)
     # float32 input must not defeat the clip (1 - 1e-7 rounds to 1 in float32)
     loss32 = weighted_log_loss(np.array([[0.0]], dtype=np.float32), np.array([[1.0]], dtype=np.float32), ("any",))
-    assert math.isfinite(loss32) and loss32 == pytest.approx(-math.log(EPS), rel=1e-6)
+    assert math.isfinite(loss32)
+    assert loss32 == pytest.approx(-math.log(EPS), rel=1e-6)
 
 
 def test_missing_labels_drop_out_of_the_image_weights():
@@ -97,9 +98,12 @@ def test_perfect_predictions():
     assert m["mean_auc"] == 1.0
     for name in LABELS:
         c = m["per_class"][name]
-        assert c["roc_auc"] == 1.0 and c["average_precision"] == 1.0
-        assert c["at_youden"]["sensitivity"] == 1.0 and c["at_youden"]["specificity"] == 1.0
-        assert c["at_0.5"]["f1"] == 1.0 and c["at_0.5"]["accuracy"] == 1.0
+        assert c["roc_auc"] == 1.0
+        assert c["average_precision"] == 1.0
+        assert c["at_youden"]["sensitivity"] == 1.0
+        assert c["at_youden"]["specificity"] == 1.0
+        assert c["at_0.5"]["f1"] == 1.0
+        assert c["at_0.5"]["accuracy"] == 1.0
 
 
 def test_constant_predictions_have_auc_one_half():
@@ -109,7 +113,9 @@ def test_constant_predictions_have_auc_one_half():
     assert m["mean_auc"] == 0.5
     # at 0.5 nothing is called positive: sensitivity 0, precision undefined -> None
     at = m["per_class"]["any"]["at_0.5"]
-    assert at["sensitivity"] == 0.0 and at["specificity"] == 1.0 and at["precision"] is None
+    assert at["sensitivity"] == 0.0
+    assert at["specificity"] == 1.0
+    assert at["precision"] is None
 
 
 def test_single_label_class_gets_none_not_an_error():
@@ -117,9 +123,13 @@ def test_single_label_class_gets_none_not_an_error():
     y[:, 0] = 0  # no epidural in this split
     m = compute_metrics(y, p, LABELS)
     epi = m["per_class"]["epidural"]
-    assert epi["roc_auc"] is None and epi["average_precision"] is None and epi["youden_threshold"] is None
-    assert epi["n_pos"] == 0 and epi["prevalence"] == 0.0
-    assert epi["at_youden"]["source"] == "default" and epi["at_youden"]["sensitivity"] is None
+    assert epi["roc_auc"] is None
+    assert epi["average_precision"] is None
+    assert epi["youden_threshold"] is None
+    assert epi["n_pos"] == 0
+    assert epi["prevalence"] == 0.0
+    assert epi["at_youden"]["source"] == "default"
+    assert epi["at_youden"]["sensitivity"] is None
     # the mean is over classes where AUC exists
     others = [m["per_class"][n]["roc_auc"] for n in LABELS[1:]]
     assert m["mean_auc"] == pytest.approx(np.mean(others))
@@ -137,9 +147,12 @@ def test_youden_threshold_hand_example():
     assert youden_threshold(y, p) == 0.5
     m = compute_metrics(y, p, ("any",))
     at = m["per_class"]["any"]["at_youden"]
-    assert at["threshold"] == 0.5 and at["source"] == "youden"
-    assert at["sensitivity"] == 1.0 and at["specificity"] == 0.75
-    assert at["precision"] == 0.75 and at["accuracy"] == pytest.approx(6 / 7)
+    assert at["threshold"] == 0.5
+    assert at["source"] == "youden"
+    assert at["sensitivity"] == 1.0
+    assert at["specificity"] == 0.75
+    assert at["precision"] == 0.75
+    assert at["accuracy"] == pytest.approx(6 / 7)
     assert at["f1"] == pytest.approx(2 * 0.75 * 1 / 1.75)
     assert youden_thresholds(m) == {"any": 0.5}
 
@@ -149,8 +162,10 @@ def test_given_thresholds_are_used():
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.5, 0.7, 0.9])
     m = compute_metrics(y, p, ("any",), thresholds={"any": 0.8})
     at = m["per_class"]["any"]["at_youden"]
-    assert at["threshold"] == 0.8 and at["source"] == "given"
-    assert at["sensitivity"] == pytest.approx(1 / 3) and at["specificity"] == 1.0
+    assert at["threshold"] == 0.8
+    assert at["source"] == "given"
+    assert at["sensitivity"] == pytest.approx(1 / 3)
+    assert at["specificity"] == 1.0
     assert m["per_class"]["any"]["youden_threshold"] == 0.5  # still reported for these data
     assert youden_thresholds(m) == {"any": 0.8}
 
@@ -182,7 +197,8 @@ def test_study_auc_only_with_any_and_ids():
     y, p = _random_case()
     assert compute_metrics(y, p, LABELS)["study_any_auc"] is None
     sub = compute_metrics(y[:, :5], p[:, :5], SUBTYPES, study_ids=np.arange(len(y)) // 10)
-    assert sub["study_any_auc"] is None and sub["n_studies"] is None
+    assert sub["study_any_auc"] is None
+    assert sub["n_studies"] is None
     with pytest.raises(ValueError, match="study_ids"):
         compute_metrics(y, p, LABELS, study_ids=[1, 2])
 
@@ -256,19 +272,24 @@ def test_compute_metrics_reports_calibration():
     for name in ("epidural", "any"):
         c = m["per_class"][name]
         assert c["mean_prob"] == pytest.approx(p[:, LABELS.index(name)].mean())
-        assert 1 <= len(c["reliability"]) <= 10 and sum(b["n"] for b in c["reliability"]) == len(y)
+        assert 1 <= len(c["reliability"]) <= 10
+        assert sum(b["n"] for b in c["reliability"]) == len(y)
         assert c["ece"] == pytest.approx(calibration(y[:, LABELS.index(name)], p[:, LABELS.index(name)]).ece)
     empty = m["per_class"]["intraparenchymal"]
-    assert empty["mean_prob"] is None and empty["ece"] is None and empty["reliability"] is None
+    assert empty["mean_prob"] is None
+    assert empty["ece"] is None
+    assert empty["reliability"] is None
     eces = [c["ece"] for c in m["per_class"].values() if c["ece"] is not None]
-    assert len(eces) == 5 and m["mean_ece"] == pytest.approx(np.mean(eces))
+    assert len(eces) == 5
+    assert m["mean_ece"] == pytest.approx(np.mean(eces))
     # Calibrated scores (p = the true rate of their group) have a small ECE; doubled ones do not.
     rng = np.random.default_rng(0)
     rate = rng.choice([0.05, 0.2, 0.4], size=20_000)
     truth = (rng.random(rate.size) < rate).astype(float)
     good = compute_metrics(truth, rate, ("any",), bootstrap=0)["mean_ece"]
     bad = compute_metrics(truth, np.clip(2 * rate, 0, 1), ("any",), bootstrap=0)["mean_ece"]
-    assert good < 0.02 and bad > 0.1
+    assert good < 0.02
+    assert bad > 0.1
 
 
 # --------------------------------------------------------------------------- bootstrap intervals
@@ -340,8 +361,10 @@ def test_same_seed_same_intervals():
     a = compute_metrics(y, p, LABELS, study_ids=study, seed=7)
     b = compute_metrics(y, p, LABELS, study_ids=study, seed=7)
     c = compute_metrics(y, p, LABELS, study_ids=study, seed=8)
-    assert a["ci95"] == b["ci95"] and a["per_class"] == b["per_class"]
-    assert a["ci95"] != c["ci95"] and c["bootstrap"]["seed"] == 8
+    assert a["ci95"] == b["ci95"]
+    assert a["per_class"] == b["per_class"]
+    assert a["ci95"] != c["ci95"]
+    assert c["bootstrap"]["seed"] == 8
 
 
 def test_study_resampling_is_wider_than_slice_resampling_for_correlated_slices():
@@ -351,8 +374,10 @@ def test_study_resampling_is_wider_than_slice_resampling_for_correlated_slices()
     y, p = y[study], p[study]
     by_study = compute_metrics(y, p, LABELS, study_ids=study)
     by_slice = compute_metrics(y, p, LABELS)
-    assert by_study["bootstrap"]["unit"] == "study" and by_study["bootstrap"]["units"] == 150
-    assert by_slice["bootstrap"]["unit"] == "slice" and by_slice["bootstrap"]["units"] == 3000
+    assert by_study["bootstrap"]["unit"] == "study"
+    assert by_study["bootstrap"]["units"] == 150
+    assert by_slice["bootstrap"]["unit"] == "slice"
+    assert by_slice["bootstrap"]["units"] == 3000
     for key in ("weighted_log_loss", "mean_auc"):
         assert _width(by_study["ci95"][key]) > 2.5 * _width(by_slice["ci95"][key]), key
 
@@ -364,31 +389,39 @@ def test_interval_is_none_when_the_metric_is_often_undefined():
     y[:3, 0] = 1
     m = compute_metrics(y, p, LABELS, study_ids=study)
     epi = m["per_class"]["epidural"]
-    assert epi["roc_auc"] is not None and epi["ci95"]["roc_auc"] is None
+    assert epi["roc_auc"] is not None
+    assert epi["ci95"]["roc_auc"] is None
     assert epi["ci95"]["sensitivity"] is None
-    assert epi["ci95"]["log_loss"] is not None and epi["ci95"]["specificity"] is not None
+    assert epi["ci95"]["log_loss"] is not None
+    assert epi["ci95"]["specificity"] is not None
 
 
 def test_bootstrap_off_and_bad_arguments():
     y, p, study = _studies(20, 5)
     m = compute_metrics(y, p, LABELS, study_ids=study, bootstrap=0)
-    assert m["ci95"] is None and m["bootstrap"] is None
+    assert m["ci95"] is None
+    assert m["bootstrap"] is None
     assert all(c["ci95"] is None for c in m["per_class"].values())
     assert "CI" not in format_metrics(m)
-    for bad in (-1, 2.5, True):
-        with pytest.raises(ValueError, match="bootstrap"):
-            compute_metrics(y, p, LABELS, bootstrap=bad)
     with pytest.raises(ValueError, match="seed"):
         compute_metrics(y, p, LABELS, seed=None)
     with pytest.raises(ValueError, match="missing"):
         compute_metrics(y, p, LABELS, study_ids=np.where(study == 0, np.nan, study))
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_bootstrap_must_be_a_count_of_replicates(bad):
+    y, p, _ = _studies(20, 5)
+    with pytest.raises(ValueError, match="bootstrap"):
+        compute_metrics(y, p, LABELS, bootstrap=bad)
+
+
 def test_format_metrics_prints_intervals_and_calibration():
     y, p, study = _studies(40, 6)
     m = compute_metrics(y, p, LABELS, study_ids=study)
     lines = format_metrics(m).splitlines()
-    assert lines[0].split()[-3:] == ["p", "ECE", "n_pos"] and "mean p" in lines[0]
+    assert lines[0].split()[-3:] == ["p", "ECE", "n_pos"]
+    assert "mean p" in lines[0]
     lo, hi = m["per_class"]["any"]["ci95"]["roc_auc"]
     any_row = next(line for line in lines if line.startswith("any"))
     assert f"{m['per_class']['any']['roc_auc']:.3f} [{lo:.2f}-{hi:.2f}]" in any_row
@@ -429,7 +462,9 @@ def test_format_metrics_is_a_readable_table():
     assert lines[0].split()[:3] == ["class", "AUC", "AP"]
     for name in LABELS:
         assert any(line.startswith(name) for line in lines)
-    assert "weighted log loss" in text and "mean AUC" in text and "study any AUC" in text
+    assert "weighted log loss" in text
+    assert "mean AUC" in text
+    assert "study any AUC" in text
     assert f"{m['weighted_log_loss']:.5f}" in text
     epi = next(line for line in lines if line.startswith("epidural"))
     assert epi.split()[1] == "-"  # undefined AUC shown as a dash

@@ -14,12 +14,14 @@ from ichtrain.evaluation.plots import plot_calibration, plot_compare, plot_loss_
 
 
 def _read_png(path):
-    assert path.is_file() and path.stat().st_size > 5_000
+    assert path.is_file()
+    assert path.stat().st_size > 5_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(path))
     assert image is not None, f"{path} is not a readable image"
     height, width = image.shape[:2]
-    assert 400 <= width <= 2000 and 300 <= height <= 2000
+    assert 400 <= width <= 2000
+    assert 300 <= height <= 2000
     # not a blank canvas: a plot has plenty of non-white pixels
     assert (image < 200).any(axis=2).mean() > 0.01
     return image
@@ -84,7 +86,8 @@ def test_calibration_plot(tmp_path):
 
 def test_calibration_plot_without_positives_and_bad_input(tmp_path):
     out = plot_calibration(np.zeros((20, 2)), np.full((20, 2), 0.1), ("epidural", "any"), tmp_path / "none.png")
-    assert out.stat().st_size > 0 and cv2.imread(str(out)) is not None
+    assert out.stat().st_size > 0
+    assert cv2.imread(str(out)) is not None
     with pytest.raises(ValueError, match="columns"):
         plot_calibration(np.zeros((20, 2)), np.zeros((20, 2)), LABELS, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="sigmoid"):

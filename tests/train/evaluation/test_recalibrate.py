@@ -1,4 +1,4 @@
-"""Platt scaling of the network's logits: the fit, its guards, and the cross-fit that keeps validation honest."""
+"""ichtrain.evaluation.recalibrate: Platt scaling of logits, its guards, the cross-fit that keeps validation honest."""
 
 from __future__ import annotations
 

@@ -105,7 +105,8 @@ def _untrained(inputs: SeqInputs, cfg: SeqConfig, *, random_head: bool = False) 
 @pytest.mark.parametrize("kind", MODELS)
 def test_cross_fit_beats_noisy_stage1(data, kind):
     result = cross_fit(data, quick(kind), NAMES)
-    assert len(result.fitted) == 3 and np.isfinite(result.probs).all()
+    assert len(result.fitted) == 3
+    assert np.isfinite(result.probs).all()
     stage1 = weighted_log_loss(data.targets, _stage1(data), NAMES)
     stage2 = weighted_log_loss(data.targets, result.probs, NAMES)
     assert stage2 <= 0.9 * stage1, (stage1, stage2)
@@ -141,7 +142,8 @@ def test_fold_k_is_predicted_by_a_model_that_never_saw_it(data):
     nowhere = _slots(clean, np.flatnonzero(fold == -1))
     np.testing.assert_array_equal(honest.probs[fold0], attacked.probs[fold0])
     assert not np.allclose(honest.probs[fold1], attacked.probs[fold1])  # fold 1's model did train on fold 0
-    assert np.isnan(honest.probs[nowhere]).all() and np.isfinite(np.delete(honest.probs, nowhere, axis=0)).all()
+    assert np.isnan(honest.probs[nowhere]).all()
+    assert np.isfinite(np.delete(honest.probs, nowhere, axis=0)).all()
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -181,7 +183,8 @@ def test_fit_is_deterministic_and_leaves_the_global_rng(data):
     second = fit(data, train, cfg, NAMES)
     for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert [row["epoch"] for row in first.history] == [1] and first.history[0]["lr"] == pytest.approx(0, abs=1e-12)
+    assert [row["epoch"] for row in first.history] == [1]
+    assert first.history[0]["lr"] == pytest.approx(0, abs=1e-12)
     norm = standardisation(data, train)
     np.testing.assert_array_equal(first.norm_mean, norm.mean)
     rows = _slots(data, train)
@@ -193,7 +196,8 @@ def test_constant_feature_is_divided_by_one(data):
     x = data.x.copy()
     x[:, 3] = 2.5
     norm = standardisation(data._replace(x=x), np.arange(10))
-    assert norm.std[3] == 1.0 and norm.mean[3] == 2.5
+    assert norm.std[3] == 1.0
+    assert norm.mean[3] == 2.5
 
 
 def test_save_load_round_trip_and_ensemble(data, tmp_path):
@@ -202,8 +206,12 @@ def test_save_load_round_trip_and_ensemble(data, tmp_path):
     path = tmp_path / "seq.pt"
     save_seq(path, fitted, cfg, names=NAMES, in_dim=data.x.shape[1], inputs_kind="features", calibrated=True)
     loaded = load_seq(path)
-    assert loaded.cfg == cfg and loaded.names == NAMES and loaded.in_dim == data.x.shape[1]
-    assert loaded.inputs_kind == "features" and loaded.calibrated and loaded.fitted[1].history == fitted[1].history
+    assert loaded.cfg == cfg
+    assert loaded.names == NAMES
+    assert loaded.in_dim == data.x.shape[1]
+    assert loaded.inputs_kind == "features"
+    assert loaded.calibrated
+    assert loaded.fitted[1].history == fitted[1].history
     studies = np.arange(0, 60, 7)
     for before, after in zip(fitted, loaded.fitted):
         np.testing.assert_array_equal(predict(before, data, studies), predict(after, data, studies))

@@ -1,4 +1,4 @@
-"""Study-level modelling end to end: cv (3 patient folds), seq on the out-of-fold outputs, evaluate and predict.
+"""ichtrain.study end to end: cv (3 patient folds), seq on the out-of-fold outputs, evaluate and predict.
 
 A small synthetic archive (lesions span several slices) trained briefly on the CPU, and a second archive from
 another seed as the held-out test.  Stage 2's gain needs a stage 1 of `make demo-study`'s quality (120 studies,
@@ -33,7 +33,7 @@ from ichtrain.study.submit import evaluate_experiment, predict_store, score_subm
 
 FOLDS = 3
 #: make demo-study's stage-1 logits, out of fold and per fold on its held-out archive (tests/data/make_stage1_oof.py).
-DEMO_STUDY_STAGE1 = Path(__file__).parent / "data" / "demo_study_stage1.npz"
+DEMO_STUDY_STAGE1 = Path(__file__).parents[2] / "data" / "demo_study_stage1.npz"
 
 
 def _archive(root, studies: int, seed: int):
@@ -89,7 +89,8 @@ def test_cv_writes_folds_oof_and_metrics(experiment):
         assert set(oof.loc[oof["fold"] == k, "image_id"]) <= val_ids
         assert (fold_dir(exp, k) / "best.pt").exists()
     on_disk = json.loads((exp / "metrics.json").read_text())
-    assert set(on_disk) == {"oof", "folds"} and len(on_disk["folds"]) == FOLDS
+    assert set(on_disk) == {"oof", "folds"}
+    assert len(on_disk["folds"]) == FOLDS
     assert on_disk["oof"]["weighted_log_loss"] == pytest.approx(summary["oof"]["weighted_log_loss"])
     assert set(on_disk["oof"]["auc"]) == set(open_experiment(exp).names)
     assert on_disk["oof"]["n_images"] == len(oof)
@@ -176,7 +177,8 @@ def demo_study_stage2(demo_study):
 def test_stage2_on_make_demo_study_stage1_is_at_most_0_9x_and_keeps_study_auc(demo_study, demo_study_stage2):
     """The issue's condition, out of fold, on the 120-study experiment `make demo-study` trains."""
     oof, names = demo_study.oof, demo_study.names
-    assert len(oof.starts) == 120 and sorted(set(oof.study_fold.tolist())) == [0, 1, 2]
+    assert len(oof.starts) == 120
+    assert sorted(set(oof.study_fold.tolist())) == [0, 1, 2]
     stage1, stage2 = sigmoid(oof.logits), demo_study_stage2.probs
     labelled = ~np.isnan(oof.targets).any(axis=1)
     loss1 = weighted_log_loss(oof.targets[labelled], stage1[labelled], names)
@@ -195,7 +197,8 @@ def test_stage2_folds_beat_stage1_and_the_constant_on_the_held_out_archive(demo_
     labelled = ~np.isnan(targets).any(axis=1)
     constant = np.broadcast_to(np.nanmean(targets, axis=0), targets.shape)
     loss1, loss2, loss0 = (weighted_log_loss(targets[labelled], p[labelled], names) for p in (stage1, stage2, constant))
-    assert labelled.sum() > 800 and loss2 < loss1 < loss0, (loss2, loss1, loss0)
+    assert labelled.sum() > 800
+    assert loss2 < loss1 < loss0, (loss2, loss1, loss0)
 
 
 def test_window_model_refuses_feature_inputs(experiment):
@@ -219,8 +222,10 @@ def test_predict_experiment_on_another_archive(experiment, staged, tmp_path):
     folds = [fold_dir(exp, k) / "best.pt" for k in range(FOLDS)]
     predict_store(folds, held, tmp_path / "folds.csv", **options)
     a, b = pd.read_csv(tmp_path / "first.csv"), pd.read_csv(tmp_path / "folds.csv")
-    assert a["ID"].tolist() == b["ID"].tolist() and np.allclose(a["Label"], b["Label"], atol=2e-6)
+    assert a["ID"].tolist() == b["ID"].tolist()
+    assert np.allclose(a["Label"], b["Label"], atol=2e-6)
     metrics = evaluate_experiment(exp, held, tmp_path / "eval", **options)
     assert metrics["final"] is metrics["stage2"]
     assert metrics["stage1"]["n_images"] == metrics["stage2"]["n_images"] <= both["n_images"]
-    assert (tmp_path / "eval" / "compare.png").exists() and (tmp_path / "eval" / "calibration.png").exists()
+    assert (tmp_path / "eval" / "compare.png").exists()
+    assert (tmp_path / "eval" / "calibration.png").exists()

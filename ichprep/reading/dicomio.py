@@ -56,7 +56,7 @@ from .plainread import PlainDataset, parse, read_plain
 
 logger = logging.getLogger(__name__)
 
-#: What pydicom raises on malformed bytes while parsing values (found by fuzzing; see tests/test_hostile.py).
+#: What pydicom raises on malformed bytes while parsing values (found by fuzzing; see tests/prep/test_hostile.py).
 _PARSE_ERRORS = (
     ValueError,
     TypeError,
@@ -207,7 +207,7 @@ def _slice(ds: AnyDataset, has_pixels: bool, path: str | Path, reuse: bool = Fal
 def _dataset(path: str | Path, *, want_pixels: bool, reuse: bool = False, data: bytes | None = None) -> Opened:
     """The one place that picks the reader: ichkit's plain walk where the file is plain, else pydicom.
 
-    The walk reads a plain file exactly as pydicom would (tests/test_plainread.py), so the choice
+    The walk reads a plain file exactly as pydicom would (tests/prep/reading/test_plainread.py), so the choice
     never changes a result; whatever is not plain (compressed, big endian, no preamble, damaged)
     is pydicom's to read and to word the error for.
     """

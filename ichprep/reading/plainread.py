@@ -6,7 +6,7 @@ walks such a file's elements with ``struct`` and returns a :class:`PlainDataset`
 (no preamble, another transfer syntax, an undefined length, elements out of order, a file cut short)
 it returns None and the caller reads the file with pydicom.  A :class:`PlainDataset` holds pydicom
 ``RawDataElement`` s, so the values it hands to pydicom (for conversion or pixel decoding) are the
-ones ``dcmread`` would have read (tests/test_plainread.py compares the two on every file of the
+ones ``dcmread`` would have read (tests/prep/reading/test_plainread.py compares the two on every file of the
 synthetic set and of pydicom's own).
 """
 

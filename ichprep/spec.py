@@ -30,8 +30,7 @@ OLDER_FORMATS = {
 #: Axis names of ``images``, in order.
 AXES = ("slice", "channel", "y", "x")
 COMPRESSORS = ("zstd", "blosc-lz4")
-#: The steps from stored pixels to cached bytes, in order (recorded in the store: its words are part of the
-#: format, so "ichprep.plainread" keeps naming the element walk, now ichprep.reading.plainread).
+#: The steps from stored pixels to cached bytes, in order; recorded in stores, so the words stay as written.
 PIPELINE = (
     "read: Part 10 little-endian files with defined lengths by ichkit's element walk (ichprep.plainread, the "
     "values pydicom reads), any other file by pydicom.dcmread",

@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from .cluster import MIN_FILES_FOR_CLUSTER
 from .errors import IchprepError
+from .reading.studylabels import READER_RULES
 from .spec import COMPRESSORS
+from .synthlayouts import LAYOUTS
 
 logger = logging.getLogger("ichprep")
 
@@ -94,6 +96,16 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="kaggle",
+    show_default=True,
+    help="kaggle: the RSNA 2019 download. hospital: CQ500-style studies, several series each (thin, thick, "
+    "bone, contrast, scouts, dose screens; tilts, repeated positions, gaps), reads.csv and the archive's "
+    "truth (series_truth.csv, study_truth.csv). nifti: PhysioNet CT-ICH-style ct_scans/NNN.nii, masks/ "
+    "and hemorrhage_diagnosis_raw_ct.csv.",
+)
 @click.option("--studies", type=click.IntRange(min=1), default=20, show_default=True, help="Number of studies.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option(
@@ -115,7 +127,7 @@ def main(verbose: int) -> None:
     "--test-studies",
     type=click.IntRange(min=0),
     default=None,
-    help="Extra studies of other patients, unlabelled, in stage_2_test/ and listed in "
+    help="kaggle: extra studies of other patients, unlabelled, in stage_2_test/ and listed in "
     "stage_2_sample_submission.csv; the train files stay the same bytes "
     "[default: 0, with --zip studies // 5 (at least 1)].",
 )
@@ -123,25 +135,34 @@ def main(verbose: int) -> None:
     "--zip",
     "as_zip",
     is_flag=True,
-    help="OUT is a new zip file (e.g. rsna.zip) laid out like the Kaggle download: "
-    "rsna-intracranial-hemorrhage-detection/ with both DICOM folders and both CSVs.",
+    help="kaggle: OUT is a new zip file (e.g. rsna.zip) laid out like the Kaggle download: "
+    "rsna-intracranial-hemorrhage-detection/ with both DICOM folders and both CSVs. "
+    "hospital: one zip per study, OUT/CQ500-CT-<N>.zip, as CQ500 ships.",
 )
 @click.option(
     "--zip-method",
     type=click.Choice(["deflated", "stored"]),
     default="deflated",
     show_default=True,
-    help="Compression of the zip members (Kaggle's zip is deflated).",
+    help="kaggle: compression of the zip members (Kaggle's zip is deflated).",
 )
 @click.option(
     "--partial-volume",
     is_flag=True,
-    help="Show each lesion on its first and last slice at a random share (0-1) of its contrast, as a 5 mm "
-    "slice through a bleed's edge averages blood with brain; those slices stay labelled, as readers who "
+    help="kaggle: show each lesion on its first and last slice at a random share (0-1) of its contrast, as a "
+    "5 mm slice through a bleed's edge averages blood with brain; those slices stay labelled, as readers who "
     "scroll through a study label them. Stage-1 errors then sit where the neighbouring slices can mend them.",
 )
+@click.option(
+    "--size",
+    type=click.IntRange(64, 1024),
+    default=None,
+    help="hospital, nifti: rows and columns of the axial images (even); the head keeps its size in mm [default: 512].",
+)
+@click.option("--nii-gz", is_flag=True, help="nifti: write .nii.gz volumes instead of .nii.")
 def synth(
     out: Path,
+    layout: str,
     studies: int,
     seed: int,
     lesion_rate: float,
@@ -150,14 +171,55 @@ def synth(
     as_zip: bool,
     zip_method: str,
     partial_volume: bool,
+    size: int | None,
+    nii_gz: bool,
 ) -> None:
-    """Write a synthetic RSNA-style dataset to OUT.
+    """Write a synthetic head-CT archive to OUT, laid out as --layout.
 
-    OUT is a folder (stage_2_train/ + stage_2_train.csv, and with --test-studies stage_2_test/ +
+    kaggle: OUT is a folder (stage_2_train/ + stage_2_train.csv, and with --test-studies stage_2_test/ +
     stage_2_sample_submission.csv), or with --zip a zip file holding all four under
     rsna-intracranial-hemorrhage-detection/, whose DICOMs are then the source
     OUT::rsna-intracranial-hemorrhage-detection/stage_2_train.
+
+    hospital: OUT/CQ500CT<N> CQ500CT<N>/Unknown Study/CT <series>/CT000000.dcm ... (or with --zip
+    OUT/CQ500-CT-<N>.zip), OUT/reads.csv, OUT/series_truth.csv, OUT/study_truth.csv.
+
+    nifti: OUT/ct_scans/049.nii ..., OUT/masks/049.nii ..., OUT/hemorrhage_diagnosis_raw_ct.csv.
     """
+    _refuse_other_layouts(layout)
+    if layout == "kaggle":
+        _synth_kaggle(
+            out, studies, seed, lesion_rate, min_lesion_pixels, test_studies, as_zip, zip_method, partial_volume
+        )
+    elif layout == "hospital":
+        _synth_hospital(out, studies, seed, lesion_rate, min_lesion_pixels, as_zip, size)
+    else:
+        _synth_nifti(out, studies, seed, lesion_rate, min_lesion_pixels, nii_gz, size)
+
+
+# Options that mean something for some layouts only: flag, those layouts, a hint for the others.
+_LAYOUT_OPTIONS = {
+    "test_studies": ("--test-studies", ("kaggle",), ""),
+    "zip_method": ("--zip-method", ("kaggle",), ""),
+    "partial_volume": ("--partial-volume", ("kaggle",), ""),
+    "as_zip": ("--zip", ("kaggle", "hospital"), "; for compressed NIfTI volumes give --nii-gz"),
+    "size": ("--size", ("hospital", "nifti"), ""),
+    "nii_gz": ("--nii-gz", ("nifti",), ""),
+}
+
+
+def _refuse_other_layouts(layout: str) -> None:
+    """A layout-specific option given for another layout is an error, not silently dropped."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for name, (flag, layouts, hint) in _LAYOUT_OPTIONS.items():
+        given = ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+        if given and layout not in layouts:
+            raise click.UsageError(f"{flag} applies to --layout {' or '.join(layouts)} only, not {layout}{hint}")
+
+
+def _synth_kaggle(out, studies, seed, lesion_rate, min_lesion_pixels, test_studies, as_zip, zip_method, partial_volume):
     from .synth import generate
 
     with _bar(None, "slice", "synth") as progress:
@@ -190,6 +252,60 @@ def synth(
         click.echo(f"zip: {summary.zip_path} ({summary.zip_path.stat().st_size} bytes, {zip_method})")
     for quirk, ids in summary.quirks.items():
         click.echo(f"  quirk {quirk}: {len(ids)} slice(s)")
+
+
+def _synth_hospital(out, studies, seed, lesion_rate, min_lesion_pixels, as_zip, size):
+    from .synthlayouts import REFERENCE_SIZE, generate_hospital
+
+    with _bar(None, "file", "synth") as progress:
+        try:
+            summary = generate_hospital(
+                out,
+                studies,
+                seed,
+                as_zip=as_zip,
+                size=size or REFERENCE_SIZE,
+                lesion_rate=lesion_rate,
+                min_lesion_pixels=min_lesion_pixels,
+                progress=progress,
+            )
+        except (ValueError, OSError) as exc:
+            _fail(exc)
+    where = "one zip per study" if as_zip else "one folder per study"
+    click.echo(
+        f"wrote {summary.n_files} files in {summary.n_series} series of {summary.n_studies} studies "
+        f"({summary.n_positive_studies} with hemorrhage, {summary.n_thin_only} thin-only) to {out}, {where}"
+    )
+    click.echo("  series: " + ", ".join(f"{kind} {n}" for kind, n in summary.kinds.items()))
+    click.echo(f"reads: {summary.reads_csv}\ntruth: {summary.series_truth_csv}, {summary.study_truth_csv}")
+
+
+def _synth_nifti(out, studies, seed, lesion_rate, min_lesion_pixels, nii_gz, size):
+    from .synthlayouts import CT_DIR, MASK_DIR, REFERENCE_SIZE, generate_nifti
+
+    with _bar(None, "slice", "synth") as progress:
+        try:
+            summary = generate_nifti(
+                out,
+                studies,
+                seed,
+                gz=nii_gz,
+                size=size or REFERENCE_SIZE,
+                lesion_rate=lesion_rate,
+                min_lesion_pixels=min_lesion_pixels,
+                progress=progress,
+            )
+        except (ValueError, OSError) as exc:
+            _fail(exc)
+    click.echo(
+        f"wrote {summary.n_slices} slices of {summary.n_volumes} volumes ({summary.n_positive_slices} positive "
+        f"slices) to {out / CT_DIR}, masks in {out / MASK_DIR}\nlabels: {summary.labels_csv}"
+    )
+    if summary.scaled or summary.reversed:
+        click.echo(
+            f"  scaled (scl_inter -1024): {', '.join(summary.scaled) or '-'}; "
+            f"slices top down: {', '.join(summary.reversed) or '-'}"
+        )
 
 
 def cluster_options(command):
@@ -315,6 +431,55 @@ def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | No
     "pseudonyms under KEY (>= 16 characters; also read from $ICHPREP_PSEUDONYMIZE_KEY, "
     "which keeps it out of the process list).",
 )
+@click.option(
+    "--series",
+    "series_mode",
+    default="auto",
+    show_default=True,
+    metavar="auto|all|FILE",
+    help="Which series of each study to keep: auto, the one a 5 mm non-contrast soft-tissue model reads (the "
+    "rule: README, 'Archives other than Kaggle's'); all, every eligible series as its own run; or FILE, a "
+    "list of SeriesInstanceUIDs, one per line. Every decision is in STORE/series.parquet.",
+)
+@click.option(
+    "--slab-mm",
+    "slab",
+    default="auto",
+    show_default=True,
+    metavar="auto|off|MM",
+    help="Average a thin series' HU over consecutive slices into slabs: auto slabs a series under 3 mm to 5 mm "
+    "(a Kaggle archive never), MM slabs every kept series thinner than MM, off never.",
+)
+@click.option(
+    "--soft-kernel",
+    "soft_kernels",
+    multiple=True,
+    metavar="NAME",
+    help="A ConvolutionKernel of your scanners to count as soft tissue (repeat; adds to the built-in list).",
+)
+@click.option(
+    "--sharp-kernel",
+    "sharp_kernels",
+    multiple=True,
+    metavar="NAME",
+    help="A ConvolutionKernel to count as bone/lung (repeat; adds to the built-in list).",
+)
+@click.option(
+    "--study-labels",
+    "study_labels_csv",
+    metavar="CSV",
+    help="Study-level labels: a key column and label columns (any, IPH, SDH, ...) or reader columns like CQ500's "
+    "reads.csv (R1:ICH, R2:IPH, ...), matched against StudyInstanceUID, PatientID or the top folder name; written "
+    "to studies.parquet.",
+)
+@click.option("--study-key", metavar="COLUMN", default=None, help="The study-labels CSV's key column [default: found].")
+@click.option(
+    "--readers",
+    default="majority",
+    show_default=True,
+    metavar="|".join(READER_RULES) + "|READER",
+    help="How reader columns combine: majority (2 of 3), any, or one reader's name (R1).",
+)
 def convert(
     dicom_dir,
     labels_csv,
@@ -330,14 +495,25 @@ def convert(
     overwrite,
     manifest_out,
     pseudonymize_key,
+    series_mode,
+    slab,
+    soft_kernels,
+    sharp_kernels,
+    study_labels_csv,
+    study_key,
+    readers,
 ) -> None:
     """Convert every DICOM slice of SOURCE into one sharded Zarr v3 store.
 
-    Rerunning the same command after an interruption resumes: completed shards
-    are verified and skipped.
+    Per study the store holds the series --series chooses, each along its slice normal; thin series
+    become 5 mm slabs (--slab-mm).  Rerunning the same command after an interruption resumes:
+    completed shards are verified and skipped.
     """
     from .convert import convert as run_convert
     from .reading.scan import read_scan
+    from .reading.series import SERIES_MODES, SeriesRule, read_series_list
+    from .reading.slabs import parse_slab
+    from .reading.studylabels import read_study_labels
     from .report import format_bytes
     from .spec import PreprocessSpec
     from .windows import parse_windows
@@ -352,6 +528,11 @@ def convert(
             compression_level=compression_level,
         )
         scan_table = read_scan(scan_parquet) if scan_parquet else None
+        series = series_mode if series_mode in SERIES_MODES else read_series_list(series_mode)
+        rule = SeriesRule().extended(soft=soft_kernels, sharp=sharp_kernels)
+        study_labels = (
+            read_study_labels(study_labels_csv, key_column=study_key, readers=readers) if study_labels_csv else None
+        )
         with cluster as client, _bars() as progress:
             summary = run_convert(
                 dicom_dir,
@@ -364,6 +545,10 @@ def convert(
                 progress=progress,
                 pseudonymize_key=pseudonymize_key,
                 manifest_out=manifest_out,
+                series=series,
+                series_rule=rule,
+                slab=parse_slab(slab),
+                study_labels=study_labels,
             )
     except (IchprepError, OSError, ValueError) as exc:
         _fail(exc)
@@ -376,6 +561,7 @@ def convert(
         f"  rejected         {summary.n_rejected}"
         + "".join(f"\n    {reason}: {count}" for reason, count in summary.rejected.items())
     )
+    _echo_series(summary)
     click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
     click.echo(
         f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
@@ -389,6 +575,26 @@ def convert(
         )
     else:
         click.echo("completed, nothing rejected")
+
+
+def _echo_series(summary) -> None:
+    """The series decisions, where there were any to make (more than one series in some study, or slabs)."""
+    left_out = {reason: n for reason, n in summary.series.items() if reason != "kept"}
+    if left_out or summary.n_slabs:
+        click.echo(
+            f"  series kept      {summary.series.get('kept', 0)}; left out {sum(left_out.values())}"
+            + "".join(f"\n    {reason}: {count}" for reason, count in left_out.items())
+            + " (every decision in series.parquet)"
+        )
+    if summary.n_slabs:
+        click.echo(f"  slabs            {summary.n_slabs} slabs of thin slices (members in slabs.parquet)")
+    if summary.id_rule != "file_name":
+        click.echo("  image ids        SOPInstanceUIDs (file names repeat across series)")
+    if summary.study_labels is not None:
+        click.echo(
+            f"  study labels     matched by {summary.study_labels}"
+            + (f"; {summary.study_labels_unmatched} CSV keys match no study" if summary.study_labels_unmatched else "")
+        )
 
 
 @main.command()

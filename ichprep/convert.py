@@ -36,10 +36,13 @@ from . import scratch
 from .cluster import map_tasks, resolve_client
 from .errors import DicomReadError, ScanTableError, StoreExistsError
 from .privacy import check_key, pseudonymize_scan, scrub
-from .reading.dicomio import read_slice
 from .reading.labels import read_labels
-from .reading.scan import OK, attach_labels, scan
-from .reading.source import ZIP_COLUMNS, Member, Source, members_of, parse_source, read_member
+from .reading.scan import OK, assign_ids, attach_labels, scan
+from .reading.series import REPEATED_POSITION, SERIES_LEFT_OUT, SeriesRule, choose_series, decision_counts
+from .reading.slabs import Slots, plan_slots
+from .reading.slot import Slot, slot_hu
+from .reading.source import ZIP_COLUMNS, ZIP_SEP, Member, Source, members_of, parse_source
+from .reading.studylabels import StudyLabels, match_study_labels
 from .spec import PreprocessSpec
 from .storage.location import Location, as_location
 from .storage.lock import LOCK, store_lock
@@ -50,6 +53,8 @@ from .storage.store import (
     MARKERS,
     REJECTED,
     RUN_FILE,
+    SERIES,
+    SLABS,
     SLICE_COLUMNS,
     SLICES,
     STATE,
@@ -81,6 +86,11 @@ class ConvertSummary:
     store_bytes: int
     source_bytes: int
     manifest: dict = field(repr=False)
+    series: dict[str, int] = field(default_factory=dict)  # series kept, and left out by reason
+    n_slabs: int = 0
+    id_rule: str = "file_name"
+    study_labels: str | None = None  # how study labels were matched (``folder``, ...), None without them
+    study_labels_unmatched: int = 0  # CSV keys that match no study
 
     @property
     def n_rejected(self) -> int:
@@ -122,20 +132,20 @@ def convert_shard(
     root: str,
     shard: int,
     start: int,
-    members: list[Member],
+    slots: list[Slot],
     spec: PreprocessSpec,
     layout: FastLayout | Mismatch | None = None,
     source: Source | None = None,
 ) -> ShardRecord:
     """Decode, preprocess and write shard number ``shard`` whole (slots from ``start``); return its record.
 
-    Pixel failures keep their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's
-    checked metadata (:func:`ichprep.storage.store.images_layout`), read once by the caller for many shards.
-    ``source`` says where the members' bytes are; None (or a local folder) reads each by its path.
+    A slot is one member (a file) or a slab's members (:mod:`ichprep.reading.slot`).  Pixel failures keep
+    their slot (zero-filled) and are listed in ``errors``.  ``layout`` is the array's checked metadata
+    (:func:`ichprep.storage.store.images_layout`), read once by the caller for many shards.  ``source`` says
+    where the members' bytes are; None reads each by its path.
     """
     root = Location(root)
-    by_path = source is None or source.by_path
-    paths = [m.path for m in members]
+    paths = [m.path if isinstance(m, Member) else "+".join(p.path for p in m) for m in slots]
     digest = _inputs_digest(start, paths)
     done = _completed(root, shard, digest)
     if done is not None:
@@ -145,11 +155,9 @@ def convert_shard(
     # slot below is overwritten or zeroed.
     buffer = scratch.array("shard", (spec.shard_slices, spec.channels, spec.size, spec.size), np.uint8)[: len(paths)]
     errors = []
-    for i, member in enumerate(members):
+    for i, slot in enumerate(slots):
         try:
-            data = None if by_path else read_member(source, member, reuse=True)
-            _, hu = read_slice(member.path, reuse=True, data=data)
-            spec.apply(hu, out=buffer[i])
+            spec.apply(slot_hu(slot, source, reuse=True), out=buffer[i])
             continue
         except DicomReadError as exc:
             reason, detail = exc.reason, exc.detail
@@ -165,14 +173,17 @@ def convert_shard(
 # ---------------------------------------------------------------- the run
 
 
-def _identity(spec: PreprocessSpec, plan: pd.DataFrame) -> dict:
+def _identity(spec: PreprocessSpec, slots: Slots) -> dict:
     """What must match for a rerun to resume instead of refusing."""
-    return {
+    identity = {
         "spec": spec.key(),
         "layout": spec.to_attrs()["layout"],
-        "n_slices": len(plan),
-        "plan_sha256": source_digest(plan),  # path and size of every planned file
+        "n_slices": len(slots.slots),
+        "plan_sha256": source_digest(slots.members),  # path and size of every planned file
     }
+    if slots.slabs is not None:  # which files make each slot
+        identity["slots_sha256"] = hashlib.sha256(slots.members["slot"].to_numpy("int64").tobytes()).hexdigest()
+    return identity
 
 
 def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
@@ -218,23 +229,34 @@ def _tasks(n_slots: int, shard_slices: int) -> list[ShardTask]:
     ]
 
 
-def _write_plan(root: Location, plan: pd.DataFrame) -> str:
-    """Store the members to read, one row per slot, for the workers; returns the file's sha256 (its cache key).
+def _write_plan(root: Location, members: pd.DataFrame) -> str:
+    """Store the members to read, one row per file with its slot, for the workers; returns the file's sha256.
 
     A task then carries three numbers per shard, not its files: the driver's task graph does not grow with
     the archive's file names.
     """
     buffer = io.BytesIO()
-    plan[["abs_path", "file_size", *ZIP_COLUMNS]].rename(columns={"abs_path": "path"}).to_parquet(buffer, index=False)
+    columns = ["abs_path", "file_size", *ZIP_COLUMNS, "slot"]
+    members[columns].rename(columns={"abs_path": "path"}).to_parquet(buffer, index=False)
     data = buffer.getvalue()
     root.write_bytes(PLAN, data)
     return hashlib.sha256(data).hexdigest()
 
 
+def slots_of(members: pd.DataFrame) -> list[Slot]:
+    """Members grouped into slots (``slot`` column, ascending): a Member alone, a tuple for a slab."""
+    files = members_of(members)
+    slot = members["slot"].to_numpy()
+    if len(slot) == 0 or slot[-1] == len(slot) - 1:  # one file per slot: no grouping to do
+        return files
+    bounds = np.flatnonzero(np.r_[True, slot[1:] != slot[:-1], True])
+    return [files[a] if b - a == 1 else tuple(files[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 @lru_cache(maxsize=2)
-def _plan_members(root: str, key: str) -> list[Member]:
+def _plan_slots(root: str, key: str) -> list[Slot]:
     """The plan a worker reads once per run (``key``: the plan file's sha256: a new run never gets an old one)."""
-    return members_of(pd.read_parquet(io.BytesIO(Location(root).read_bytes(PLAN))))
+    return slots_of(pd.read_parquet(io.BytesIO(Location(root).read_bytes(PLAN))))
 
 
 def convert_shards(
@@ -242,10 +264,8 @@ def convert_shards(
 ) -> list[ShardRecord]:
     """:func:`convert_shard` for consecutive shards, as one Dask task; a retry skips the shards already done."""
     layout = images_layout(root)  # one metadata read per task, not per shard
-    members = _plan_members(root, plan_key)
-    return [
-        convert_shard(root, shard, start, members[start:stop], spec, layout, source) for shard, start, stop in shards
-    ]
+    slots = _plan_slots(root, plan_key)
+    return [convert_shard(root, shard, start, slots[start:stop], spec, layout, source) for shard, start, stop in shards]
 
 
 def shards_per_task(n_shards: int, n_workers: int) -> int:
@@ -258,23 +278,29 @@ def shards_per_task(n_shards: int, n_workers: int) -> int:
     return max(1, min(8, n_shards // (4 * max(n_workers, 1))))
 
 
-def _convert_each(shards: list[ShardTask], *, root: Location, spec: PreprocessSpec, source: Source, layout, members):
-    """:func:`convert_shard` for consecutive shards in this process, from members the caller holds."""
-    return [convert_shard(root.url, t.shard, t.start, members[t.start : t.stop], spec, layout, source) for t in shards]
+def _convert_each(shards: list[ShardTask], *, root: Location, spec: PreprocessSpec, source: Source, layout, slots):
+    """:func:`convert_shard` for consecutive shards in this process, from slots the caller holds."""
+    return [convert_shard(root.url, t.shard, t.start, slots[t.start : t.stop], spec, layout, source) for t in shards]
 
 
 def _run_tasks(
-    root: Location, tasks: list[ShardTask], spec: PreprocessSpec, client, progress, source: Source, plan: pd.DataFrame
+    root: Location,
+    tasks: list[ShardTask],
+    spec: PreprocessSpec,
+    client,
+    progress,
+    source: Source,
+    members: pd.DataFrame,
 ) -> list[ShardRecord]:
     if client is None:
-        members = members_of(plan.assign(path=plan["abs_path"]))
-        fn = functools.partial(_convert_each, root=root, layout=images_layout(root), members=members)
+        slots = slots_of(members.assign(path=members["abs_path"]))
+        fn = functools.partial(_convert_each, root=root, layout=images_layout(root), slots=slots)
         batches, kwargs, keys = [[task] for task in tasks], {}, None
     else:
         fn = convert_shards
         per_task = shards_per_task(len(tasks), sum(client.nthreads().values()))
         batches = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
-        kwargs = {"root": root.url, "plan_key": _write_plan(root, plan)}
+        kwargs = {"root": root.url, "plan_key": _write_plan(root, members)}
         keys = [f"ichprep-shards-{b[0].shard}-{b[-1].shard}" for b in batches]
     done = map_tasks(
         client,
@@ -290,11 +316,15 @@ def _run_tasks(
     return sorted((record for records in done for record in records), key=lambda r: r["index"])
 
 
-def _rejected_table(header_failures: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
-    """Header failures, then pixel failures (``error`` is "reason: detail"); built row by row, failures are few."""
+#: rejected.csv's ``stage`` of a file the scan left out, by its status (any other status is a header failure).
+_STAGES = {SERIES_LEFT_OUT: "series", REPEATED_POSITION: "series"}
+
+
+def _rejected_table(left_out: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+    """Files left out at the scan, then pixel failures (``error`` is "reason: detail"); built row by row."""
     rows = [
-        (p, i, "header", reason, detail)
-        for p, i, reason, detail in header_failures[["path", "image_id", "status", "error"]].itertuples(index=False)
+        (p, i, _STAGES.get(reason, "header"), reason, detail)
+        for p, i, reason, detail in left_out[["path", "image_id", "status", "error"]].itertuples(index=False)
     ]
     failed = slices.loc[~slices["ok"], ["path", "image_id", "error"]]
     for path, image_id, error in failed.itertuples(index=False):
@@ -327,6 +357,10 @@ def convert(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     pseudonymize_key: str | None = None,
     manifest_out: str | Path | None = None,
+    series: str | frozenset[str] = "auto",
+    series_rule: SeriesRule = SeriesRule(),
+    slab: str | float = "auto",
+    study_labels: StudyLabels | None = None,
 ) -> ConvertSummary:
     """Convert every readable slice of ``dicom_dir`` into ``store``; see the module docstring.
 
@@ -359,6 +393,16 @@ def convert(
         Replaces every identifier and path written to the store by a keyed hash (:mod:`ichprep.privacy`).
     manifest_out : str or PathLike, optional
         Also write the manifest there (e.g. ``data_manifests/NAME.json``).
+    series : "auto", "all" or a set of SeriesInstanceUIDs, optional
+        Which series of each study the store holds (:func:`ichprep.reading.series.choose_series`): the one a
+        5 mm non-contrast soft-tissue model reads, every eligible one (each its own run), or those listed.
+    series_rule : SeriesRule, optional
+        Eligibility limits and kernel lists for ``series``.
+    slab : "auto", "off" or a thickness in mm, optional
+        Average thin series into slabs (:mod:`ichprep.reading.slabs`); ``auto`` slabs a series under 3 mm to 5 mm.
+    study_labels : StudyLabels, optional
+        Study-level labels (:func:`ichprep.reading.studylabels.read_study_labels`, parsed by the caller before
+        the long part), joined onto studies.parquet where slice labels do not say.
 
     Returns
     -------
@@ -395,27 +439,37 @@ def convert(
             _check_scan_source(table, source)
             if labels_csv is not None:
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
+        table, id_rule = assign_ids(table, source)
         absolute = table["path"].astype(str).tolist()
         table = table.assign(abs_path=absolute, path=source.relative_all(absolute))
         originals = {}
         if pseudonymize_key is not None:
             table, originals = pseudonymize_scan(table, pseudonymize_key)
-        plan = table[table["status"] == OK].reset_index(drop=True)
-        header_failures = table[table["status"] != OK]
+        table, series_table = choose_series(table, series, series_rule)
+        slots = plan_slots(table, series_table, slab)
+        plan = slots.slots
+        left_out = table[table["status"] != OK]
         if plan.empty:
             raise DicomReadError(
                 str(source), f"no readable CT slice among {len(table)} files; see the scan for reasons"
             )
 
-        identity = _identity(spec, plan)
+        identity = _identity(spec, slots)
         resuming = _prepare(root, identity, overwrite)
         if not resuming:
-            create_images(root, len(plan), spec)
+            attrs = {"image_ids": id_rule} if id_rule != "file_name" else {}  # absent: Kaggle's file names
+            create_images(root, len(plan), spec, attrs=attrs)
             root.makedirs(MARKERS)
             root.write_json(RUN_FILE, identity)
         advance = progress("convert", len(plan)) if progress else None
         results = _run_tasks(
-            root, _tasks(len(plan), spec.shard_slices), spec, resolve_client(client, len(plan)), advance, source, plan
+            root,
+            _tasks(len(plan), spec.shard_slices),
+            spec,
+            resolve_client(client, len(plan)),
+            advance,
+            source,
+            slots.members,
         )
 
         errors = {slot: f"{reason}: {detail}" for r in results for slot, reason, detail in r["errors"]}
@@ -427,15 +481,23 @@ def convert(
         if originals:  # decode errors can quote a path
             slices = slices.assign(error=scrub(slices["error"], originals))
         root.write_parquet(SLICES, slices)
-        root.write_parquet(STUDIES, build_studies(slices))
-        rejected = _rejected_table(header_failures, slices)
+        studies = build_studies(slices)
+        matched = None
+        if study_labels is not None:
+            matched = match_study_labels(studies, study_labels, folders=_top_folders(slices, studies))
+            studies = matched.studies
+        root.write_parquet(STUDIES, studies)
+        root.write_parquet(SERIES, series_table)
+        if slots.slabs is not None:
+            root.write_parquet(SLABS, slots.slabs)
+        rejected = _rejected_table(left_out, slices)
         root.write_csv(REJECTED, rejected)
         manifest = build_manifest(
             root,
             results,
             slices,
             source_summary(table),
-            len(header_failures),
+            int((~left_out["status"].isin(list(_STAGES))).sum()),
             pseudonymized=pseudonymize_key is not None,
         )
         write_manifest(root, manifest, extra_copy=manifest_out)
@@ -447,9 +509,23 @@ def convert(
         n_studies=int(slices["study_uid"].nunique()),
         n_shards=n_shards(len(plan), spec.shard_slices),
         shards_skipped=sum(r["skipped"] for r in results),
-        rejected=dict(sorted(Counter(rejected["reason"].astype(str)).items())),
+        rejected=dict(
+            sorted(Counter(rejected.loc[rejected["reason"] != SERIES_LEFT_OUT, "reason"].astype(str)).items())
+        ),
         wall_s=wall,
         store_bytes=manifest["counts"]["store_bytes"],
-        source_bytes=int(plan["file_size"].sum()),
+        source_bytes=int(slots.members["file_size"].sum()),
         manifest=manifest,
+        series=decision_counts(series_table),
+        n_slabs=int(slots.slabs["image_id"].nunique()) if slots.slabs is not None else 0,
+        id_rule=id_rule,
+        study_labels=matched.matched_by if matched is not None else None,
+        study_labels_unmatched=len(matched.unmatched_keys) if matched is not None else 0,
     )
+
+
+def _top_folders(slices: pd.DataFrame, studies: pd.DataFrame) -> pd.Series:
+    """Each study's top folder in the SOURCE (or its zip, for a folder of zips), from its first slice's path."""
+    first = slices["path"].astype(str).to_numpy()[studies["start"].to_numpy()]
+    tops = [p.split(ZIP_SEP, 1)[0] if ZIP_SEP in p else p.split("/", 1)[0] for p in first]
+    return pd.Series(tops, index=studies.index)

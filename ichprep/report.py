@@ -18,9 +18,21 @@ import numpy as np
 import pandas as pd
 
 from .reading.labels import LABELS
+from .reading.series import SERIES_LEFT_OUT, decision_counts
 from .storage.location import as_location
 from .storage.manifest import load_manifest
-from .storage.store import REJECTED, STUDIES, Store, count_patients, open_store, read_attrs, store_files
+from .storage.store import (
+    REJECTED,
+    SERIES,
+    SLABS,
+    STUDIES,
+    Store,
+    count_patients,
+    open_store,
+    read_attrs,
+    read_parquet,
+    store_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +67,9 @@ def store_info(root: str | Path) -> dict:
     # A study is positive when any of its labelled, decoded slices is; it counts once however many are.
     labelled_any = slices.loc[ok & slices["any"].notna().to_numpy(), ["study_uid", "any"]]
     per_study = labelled_any.groupby("study_uid")["any"].max()
+    # Studies labelled as a whole (convert --study-labels) count by their studies.parquet label.
+    whole = store.studies.set_index("study_uid")["any"].dropna()
+    per_study = pd.concat([per_study, whole[~whole.index.isin(per_study.index)]])
     studies_positive = int((per_study == 1).sum())
 
     # Sizes from the files actually on disk (a copied store may differ from the manifest), leaving out
@@ -66,6 +81,7 @@ def store_info(root: str | Path) -> dict:
     if root.isfile(REJECTED):
         with root.open(REJECTED) as f:
             rejected = pd.read_csv(f, dtype=str)["reason"]
+        rejected = rejected[rejected != SERIES_LEFT_OUT]  # decisions, shown under "series"
     return {
         "store": root.url,
         "spec": {
@@ -96,6 +112,7 @@ def store_info(root: str | Path) -> dict:
                 "fraction": _fraction(studies_positive, len(per_study)),
             },
         },
+        "series": _series_info(root, attrs),
         "size": {
             "store_bytes": store_bytes,
             "bytes_per_slice": store_bytes / len(slices) if len(slices) else None,
@@ -103,6 +120,22 @@ def store_info(root: str | Path) -> dict:
             "source_files": int(manifest["source"]["n_files"]),
             "ratio": _fraction(store_bytes, source_bytes),
         },
+    }
+
+
+def _series_info(root, attrs: dict) -> dict | None:
+    """Series kept and left out (by reason), slabs and the image-id rule; None for a store older than series.parquet."""
+    if not root.isfile(SERIES):
+        return None
+    series = read_parquet(root, SERIES)
+    n_slabs = int(read_parquet(root, SLABS)["image_id"].nunique()) if root.isfile(SLABS) else 0
+    reasons = series.loc[~series["kept"].astype(bool), "reason"].astype(str)
+    return {
+        "seen": len(series),
+        "decisions": decision_counts(series),
+        "left_out": {str(k): int(v) for k, v in reasons.value_counts().sort_index().items()},
+        "slabs": n_slabs,
+        "image_ids": attrs.get("image_ids", "file_name"),
     }
 
 
@@ -148,6 +181,7 @@ def format_info(info: dict) -> str:
     ]
     rows = [(name, p) for name, p in labels["slices"].items()] + [("any (studies)", labels["studies_any"])]
     lines += [f"  {name:<20} {p['positive']:>9} {p['labelled']:>9} {_pct(p['fraction']):>9}" for name, p in rows]
+    lines += _format_series(info["series"])
     ratio = "n/a" if not size["ratio"] else f"{size['ratio']:.3f} ({1 / size['ratio']:.1f}x smaller)"
     lines += [
         "",
@@ -157,6 +191,20 @@ def format_info(info: dict) -> str:
         f"  store / source   {ratio}",
     ]
     return "\n".join(lines)
+
+
+def _format_series(series: dict | None) -> list[str]:
+    if series is None:
+        return []
+    decisions = series["decisions"]
+    left = sum(v for k, v in decisions.items() if k != "kept")
+    lines = ["", f"Series ({series['seen']} seen; every decision in series.parquet)"]
+    lines.append(f"  kept             {decisions.get('kept', 0)}")
+    lines.append(f"  left out         {left}")
+    lines += [f"    {reason:<40} {n:>5}" for reason, n in decisions.items() if reason != "kept"]
+    lines.append(f"  slabs            {series['slabs']}")
+    lines.append(f"  image ids        {series['image_ids'].replace('_', ' ')}s")
+    return lines
 
 
 # ---------------------------------------------------------------- montage

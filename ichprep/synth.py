@@ -185,8 +185,10 @@ def _study_geometry(
     force_lesion: bool = False,
     lesion_rate: float = 0.4,
     min_lesion_pixels: int = MIN_LESION_PIXELS,
+    slices: tuple[int, int] = (20, 41),
 ) -> StudyGeometry:
-    n = int(rng.integers(20, 41))
+    # slices: the range (low inclusive, high exclusive) the slice count is drawn from
+    n = int(rng.integers(*slices))
     lateral = rng.uniform(64, 72)
     vent = (int(0.38 * n), int(0.70 * n))
     lesions: tuple[Lesion, ...] = ()
@@ -489,17 +491,31 @@ def slice_regions(geom: StudyGeometry, z: int, shape: tuple[int, int]) -> np.nda
     return _draw(geom, z, shape, codes=True)[2]
 
 
+def clean_slice(
+    geom: StudyGeometry, z: int, shape: tuple[int, int], codes: bool = False
+) -> tuple[np.ndarray, dict[str, int], np.ndarray | None]:
+    """Noise-free HU (float32) of slice z, the visible pixel count of each subtype drawn on it, and (if codes)
+    the tissue code map of slice_regions()."""
+    hu, counts, tissue = _draw(geom, z, shape, codes)
+    pixels = dict.fromkeys(SUBTYPES, 0)
+    for i, n in counts.items():
+        pixels[geom.lesions[i].subtype] += n
+    return hu, pixels, tissue
+
+
+def slice_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A read-only crop of the noise bank (HU) for one slice; the crop's place is drawn from rng."""
+    rows, cols = shape
+    oy, ox = (int(x) for x in rng.integers(0, [BANK_SIZE - rows + 1, BANK_SIZE - cols + 1]))
+    return _noise_bank()[oy : oy + rows, ox : ox + cols]
+
+
 def render_slice(
     geom: StudyGeometry, z: int, shape: tuple[int, int], rng: np.random.Generator
 ) -> tuple[np.ndarray, dict[str, int]]:
     """HU image (float32, with noise) of slice z, and the visible pixel count of each subtype drawn on it."""
-    hu, counts, _ = _draw(geom, z, shape)
-    rows, cols = shape
-    oy, ox = (int(x) for x in rng.integers(0, [BANK_SIZE - rows + 1, BANK_SIZE - cols + 1]))
-    hu += _noise_bank()[oy : oy + rows, ox : ox + cols]
-    pixels = dict.fromkeys(SUBTYPES, 0)
-    for i, n in counts.items():
-        pixels[geom.lesions[i].subtype] += n
+    hu, pixels, _ = clean_slice(geom, z, shape)
+    hu += slice_noise(shape, rng)
     return hu, pixels
 
 
@@ -623,16 +639,16 @@ class _FolderOut:
 
 
 class _ZipOut:
-    """Where the dataset goes: members under KAGGLE_TOP/ of an open zip, with fixed dates and modes."""
+    """Where the dataset goes: members under ``top``/ (KAGGLE_TOP) of an open zip, with fixed dates and modes."""
 
-    def __init__(self, zf: zipfile.ZipFile, path: Path, method: int):
-        self.zf, self.path, self.method = zf, path, method
+    def __init__(self, zf: zipfile.ZipFile, path: Path, method: int, top: str = KAGGLE_TOP):
+        self.zf, self.path, self.method, self.top = zf, path, method, top
 
     def where(self, name: str) -> str:
-        return f"{self.path}::{KAGGLE_TOP}/{name}"
+        return f"{self.path}::{self.top}/{name}"
 
     def _info(self, name: str, directory: bool = False) -> zipfile.ZipInfo:
-        info = zipfile.ZipInfo(f"{KAGGLE_TOP}/{name}", date_time=ZIP_DATE_TIME)
+        info = zipfile.ZipInfo(f"{self.top}/{name}", date_time=ZIP_DATE_TIME)
         info.create_system = 3  # Unix on every platform, so external_attr means the same everywhere
         info.external_attr = (0o40755 << 16 | 0x10) if directory else 0o100644 << 16
         info.compress_type = zipfile.ZIP_STORED if directory else self.method
@@ -649,13 +665,13 @@ class _ZipOut:
 
 
 @contextmanager
-def _zip_out(path: Path, method: int) -> Iterator[_ZipOut]:
+def _zip_out(path: Path, method: int, top: str = KAGGLE_TOP) -> Iterator[_ZipOut]:
     """A zip written under a temporary name next to ``path`` and renamed when complete, so that a killed run
     never leaves a half zip under the final name."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "xb") as f, zipfile.ZipFile(f, "w") as zf:
-            out = _ZipOut(zf, path, method)
+            out = _ZipOut(zf, path, method, top)
             out.mkdir("")
             yield out
             # Members are streamed in study order; the central directory (what listings show) is by name.

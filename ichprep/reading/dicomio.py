@@ -111,6 +111,18 @@ class SliceHeader:
     window_center: float | None
     window_width: float | None
     has_pixels: bool
+    # What choosing a series needs (ichprep.reading.series): one value per file, joined with "\\" where multi-valued.
+    sop_class_uid: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    image_type: str | None = None
+    kernel: str | None = None
+    contrast: str | None = None
+    slice_thickness: float | None = None
+    normal_x: float | None = None
+    normal_y: float | None = None
+    normal_z: float | None = None
+    position: float | None = None  # ImagePositionPatient projected on the slice normal (z where no orientation)
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -281,6 +293,8 @@ def _header(ds: AnyDataset, has_pixels: bool, path: str | Path) -> SliceHeader:
         slope = _first(ds, "RescaleSlope", float)
         intercept = _first(ds, "RescaleIntercept", float)
         file_meta = getattr(ds, "file_meta", None)
+        xyz = [_number(v) for v in position[:3]] if len(position) >= 3 else None
+        normal = slice_normal([_number(v) for v in _values(ds, "ImageOrientationPatient")])
         return SliceHeader(
             image_id=image_id_of(path),
             path=str(path),
@@ -289,7 +303,7 @@ def _header(ds: AnyDataset, has_pixels: bool, path: str | Path) -> SliceHeader:
             patient_id=_first(ds, "PatientID"),
             sop_uid=_first(ds, "SOPInstanceUID"),
             modality=_first(ds, "Modality"),
-            z=_number(position[2]) if len(position) >= 3 else None,
+            z=xyz[2] if xyz is not None else None,
             instance_number=_first(ds, "InstanceNumber", int),
             rows=_first(ds, "Rows", int),
             cols=_first(ds, "Columns", int),
@@ -305,6 +319,17 @@ def _header(ds: AnyDataset, has_pixels: bool, path: str | Path) -> SliceHeader:
             window_center=_first(ds, "WindowCenter", float),
             window_width=_first(ds, "WindowWidth", float),
             has_pixels=has_pixels,
+            sop_class_uid=_first(ds, "SOPClassUID"),
+            series_number=_first(ds, "SeriesNumber", int),
+            series_description=_first(ds, "SeriesDescription"),
+            image_type=_joined(ds, "ImageType"),
+            kernel=_joined(ds, "ConvolutionKernel"),
+            contrast=_first(ds, "ContrastBolusAgent"),
+            slice_thickness=_first(ds, "SliceThickness", float),
+            normal_x=normal[0] if normal is not None else None,
+            normal_y=normal[1] if normal is not None else None,
+            normal_z=normal[2] if normal is not None else None,
+            position=project(xyz, normal),
         )
     except DicomReadError:
         raise
@@ -467,6 +492,35 @@ def _decode(ds: AnyDataset, header: SliceHeader) -> np.ndarray:
         raise PixelDecodeError(path, str(exc)) from exc
 
 
+def slice_normal(orientation: list) -> tuple[float, float, float] | None:
+    """Unit normal (row x column) of ImageOrientationPatient, turned toward the head; None unless 6 numbers.
+
+    Turned so that z never decreases along it: positions then rise with z in every axial series,
+    whichever way its rows and columns run.
+    """
+    if len(orientation) != 6 or any(v is None for v in orientation):
+        return None
+    rx, ry, rz, cx, cy, cz = orientation
+    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
+    norm = math.sqrt(nx * nx + ny * ny + nz * nz)
+    if not norm > 1e-6:  # parallel or zero vectors: no plane
+        return None
+    sign = -1.0 if nz < 0 else 1.0
+    return sign * nx / norm, sign * ny / norm, sign * nz / norm
+
+
+def project(xyz: list | None, normal: tuple[float, float, float] | None) -> float | None:
+    """A position along the slice normal; z itself where the orientation is unknown (so order is by z, as before).
+
+    For an axial slice (normal (0, 0, 1)) the sum is z exactly: the other terms are zeros.
+    """
+    if xyz is None or any(v is None for v in xyz):
+        return None
+    if normal is None:
+        return xyz[2]
+    return xyz[0] * normal[0] + xyz[1] * normal[1] + xyz[2] * normal[2]
+
+
 def image_id_of(path: str | Path) -> str:
     """The Kaggle image id is the file name without ``.dcm`` (not a header field)."""
     name = Path(path).name
@@ -511,6 +565,13 @@ _ELEMENTS = {
         "SeriesInstanceUID",
         "InstanceNumber",
         "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SeriesNumber",
+        "SeriesDescription",
+        "ImageType",
+        "ConvolutionKernel",
+        "ContrastBolusAgent",
+        "SliceThickness",
         "SamplesPerPixel",
         "NumberOfFrames",
         "Rows",
@@ -551,6 +612,12 @@ def _values(ds: AnyDataset, keyword: str, raw_ok: bool = True) -> list:
     if value is None or value == "":
         return []
     return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+
+def _joined(ds: AnyDataset, keyword: str) -> str | None:
+    """A multi-valued text element as one string, values joined by a backslash as stored (ImageType)."""
+    values = [t for t in (_text(v) for v in _values(ds, keyword)) if t is not None]
+    return "\\".join(values) if values else None
 
 
 def _first(ds: AnyDataset, keyword: str, kind=None):

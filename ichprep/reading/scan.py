@@ -8,12 +8,14 @@ to the reason (``not_dicom``, ``truncated``, ...) and the message in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -22,8 +24,10 @@ from ..errors import DicomReadError, ScanTableError
 from ..storage.store import count_patients
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
 from .labels import LABELS, read_labels
+from .nifti import is_volume, scan_volume, volume_id
 from .plainread import HEAD_BYTES, parse
-from .source import ZIP_COLUMNS, Member, Source, list_members, parse_source, read_member
+from .series import sort_slices
+from .source import ZIP_COLUMNS, Member, Source, by_path, list_members, parse_source, read_member
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ SCAN_DTYPES: dict[str, str] = {
             "status",
             "error",
             "order_by",
+            "sop_class_uid",
+            "series_description",
+            "image_type",
+            "kernel",
+            "contrast",
         )
     },
     **{
@@ -57,6 +66,11 @@ SCAN_DTYPES: dict[str, str] = {
             "intercept",
             "window_center",
             "window_width",
+            "slice_thickness",
+            "normal_x",
+            "normal_y",
+            "normal_z",
+            "position",
         )
     },
     **{
@@ -70,6 +84,8 @@ SCAN_DTYPES: dict[str, str] = {
             "samples_per_pixel",
             "n_frames",
             "file_size",
+            "series_number",
+            "frame",  # a slice's index in a volume file (NIfTI); null for a DICOM file
         )
     },
     **{name: "Int64" for name in ZIP_COLUMNS},
@@ -105,7 +121,7 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
     and whole only where its header is longer than those or not plain.
     """
     try:
-        if source is None or source.by_path:
+        if by_path(source, member):
             header = read_header(path)
         else:
             header = read_header(path, data=_header_bytes(source, member))
@@ -141,11 +157,35 @@ def _header_bytes(source: Source, member: Member) -> bytes:
     return read_member(source, member)
 
 
+def scan_volume_file(path: str, source: Source | None = None, member: Member | None = None) -> list[dict]:
+    """One scan row per slice of a NIfTI volume (:func:`ichprep.reading.nifti.scan_volume`), or one failure row.
+
+    Each slice's ``file_size`` is its share of the volume's bytes, so a store's source bytes add up.
+    """
+    try:
+        data = None if by_path(source, member) else read_member(source, member)
+        rows = scan_volume(path, data=data)
+    except DicomReadError as exc:
+        return [{"image_id": volume_id(path), "path": str(path), "status": exc.reason, "error": exc.detail}]
+    except FileNotFoundError as exc:
+        return [{"image_id": volume_id(path), "path": str(path), "status": "missing", "error": str(exc)}]
+    size = member.size if member is not None and member.size is not None else os.stat(path).st_size
+    for row in rows:
+        row["file_size"] = size // len(rows)
+    return rows
+
+
+def _scan_one(path: str, source: Source | None, member: Member | None) -> list[dict]:
+    if is_volume(path):
+        return scan_volume_file(path, source, member)
+    return [scan_file(path, source, member)]
+
+
 def scan_files(paths: list[str] | list[Member], source: Source | None = None) -> pd.DataFrame:
     """Scan a batch of files (one Dask task): local paths, or the members of ``source``."""
     if source is None:
-        return to_frame([scan_file(p) for p in paths])
-    return to_frame([scan_file(m.path, source, m) for m in paths])
+        return to_frame([row for p in paths for row in _scan_one(p, None, None)])
+    return to_frame([row for m in paths for row in _scan_one(m.path, source, m)])
 
 
 def to_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -162,22 +202,15 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def order_slices(table: pd.DataFrame) -> pd.DataFrame:
-    """Readable slices grouped by study, each study by z ascending (ties by InstanceNumber, then id).
+    """Readable slices by study, series and position along the normal (:func:`ichprep.reading.series.sort_slices`).
 
-    A study where any slice lacks ImagePositionPatient is ordered by
-    InstanceNumber instead, and its rows say so in ``order_by``.  Rows with a
-    non-ok status follow, by path.  The index is reset: row i is slot i.
+    A series where any slice lacks ImagePositionPatient is ordered by InstanceNumber instead, and its
+    rows say so in ``order_by``.  Rows with a non-ok status follow, by path.  The index is reset: row i is slot i.
     """
     ok = table["status"] == OK
-    good, bad = table[ok], table[~ok]
-    all_z = good["z"].notna().groupby(good["study_uid"]).transform("all")
-    good = good.assign(
-        order_by=all_z.map({True: "z", False: "instance_number"}).astype("string"),
-        _key=good["z"].where(all_z, good["instance_number"].astype("Float64")),
-    )
-    good = good.sort_values(["study_uid", "_key", "instance_number", "image_id"], na_position="last", kind="stable")
+    good, bad = sort_slices(table[ok]), table[~ok]
     bad = bad.sort_values("path", kind="stable")
-    return pd.concat([good.drop(columns="_key"), bad]).reset_index(drop=True)
+    return pd.concat([good, bad]).reset_index(drop=True)
 
 
 def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
@@ -196,6 +229,38 @@ def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
             table.loc[index, "error"] = f"same SOPInstanceUID {sop} as {kept[sop]} (kept)"
         logger.warning("%d files repeat another file's SOPInstanceUID; they are left out", int(dup.sum()))
     return table
+
+
+class Identities(NamedTuple):
+    """:func:`assign_ids`' result: the table with its ``image_id`` column, and the rule that made it."""
+
+    table: pd.DataFrame
+    rule: str
+
+
+#: How a store's image ids were made: file names (Kaggle's ``ID_<hex>.dcm``) where they are unique among the
+#: readable slices, else each file's SOPInstanceUID (``ID_`` + a hash of its path where it has none).
+ID_RULES: tuple[str, ...] = ("file_name", "sop_uid")
+
+
+def assign_ids(table: pd.DataFrame, source: Source) -> Identities:
+    """One ``image_id`` per readable slice, unique in the table (see :data:`ID_RULES`); volume slices keep theirs.
+
+    Idempotent: ids follow from paths, SOPInstanceUIDs and statuses only, so a scan table given to
+    ``convert`` gets the ids its own scan would.
+    """
+    files = table["frame"].isna()
+    stems = table["path"].astype(str).map(image_id_of)
+    readable = (table["status"] == OK) & files
+    if stems[readable].is_unique:
+        return Identities(table.assign(image_id=table["image_id"].where(~files, stems).astype("string")), "file_name")
+    relative = source.relative_all(table["path"].astype(str).tolist())
+    hashed = pd.Series(
+        ["ID_" + hashlib.sha256(p.encode()).hexdigest()[:16] for p in relative], index=table.index, dtype="string"
+    )
+    ids = table["sop_uid"].astype("string").fillna(hashed)
+    logger.info("file names repeat among the slices: image ids are the files' SOPInstanceUIDs")
+    return Identities(table.assign(image_id=table["image_id"].where(~files, ids).astype("string")), "sop_uid")
 
 
 def attach_labels(table: pd.DataFrame, labels: pd.DataFrame | None) -> tuple[pd.DataFrame, int]:
@@ -274,8 +339,9 @@ def scan(
     batches = list(_batches(members, batch_size))
     parts = map_tasks(resolve_client(client, len(members)), scan_files, batches, progress=advance, source=source)
     table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
+    table = assign_ids(flag_duplicates(table), source).table
     table, labels_without_file = attach_labels(table, labels)
-    table = order_slices(flag_duplicates(table))
+    table = order_slices(table)
     return table, summarize(table, labels_without_file)
 
 

@@ -5,7 +5,12 @@ A SOURCE is written as
 - ``stage_2_train`` or ``/data/rsna/stage_2_train``: a local folder;
 - ``s3://bucket/stage_2_train/`` (``gs://``, ``file://``, ...): every object below a prefix;
 - ``rsna.zip`` or ``rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train``: a zip file, whole or one
-  folder inside it; the zip itself may be local or a URL (``s3://bucket/rsna.zip::top/stage_2_train``).
+  folder inside it; the zip itself may be local or a URL (``s3://bucket/rsna.zip::top/stage_2_train``);
+- a folder (or prefix) of zips, e.g. CQ500's download, one ``CQ500-CT-<N>.zip`` per study: a folder's ``*.zip``
+  files are listed member by member (``/data/cq500/CQ500-CT-1.zip::CQ500CT1 CQ500CT1/.../CT000000.dcm``) next to
+  its loose ``*.dcm`` files; a zip inside a zip is not followed.  A zip of the folder whose central directory
+  cannot be read becomes one member, its own path, that the scan rejects as ``bad_zip_member`` saying why
+  (logged at listing too): one bad download never stops the run.
 
 The driver lists a source once (:func:`list_members`).  For a zip that is one read of the central
 directory, and every member row records where its bytes are (local header offset, compressed size,
@@ -22,6 +27,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import attrgetter
 from typing import NamedTuple
 
 import fsspec
@@ -36,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 ZIP_SEP = "::"
 DICOM_SUFFIX = ".dcm"
+ZIP_SUFFIX = ".zip"
+#: NIfTI volumes (:mod:`ichprep.reading.nifti`): a folder's ``*.nii`` and ``*.nii.gz`` files are listed too.
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+_LISTED = (DICOM_SUFFIX, *VOLUME_SUFFIXES)
 STORED, DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
 #: Columns a zip member adds to the scan table (null for other sources).
 ZIP_COLUMNS = ("zip_offset", "zip_csize", "zip_method", "zip_crc")
@@ -74,7 +84,8 @@ class Source:
 
     @property
     def by_path(self) -> bool:
-        """A local folder: its files are read by path, everything else by :func:`read_member`."""
+        """A local folder: its loose files are read by path (see :func:`by_path`), everything else by
+        :func:`read_member`."""
         return self.is_local and not self.is_zip
 
     @property
@@ -95,6 +106,15 @@ class Source:
         prefix = self.prefix
         n = len(prefix)
         return [p[n:] if p.startswith(prefix) else self.relative(p) for p in paths]
+
+
+def by_path(source: Source | None, member: Member | None) -> bool:
+    """Whether a worker reads ``member`` by its path (a loose file of a local folder) or by :func:`read_member`.
+
+    ``source`` None means plain local paths.  A member with a zip offset lies in a zip (of a zip SOURCE, or of
+    a folder of zips) and is read from that zip's byte range.
+    """
+    return source is None or (source.by_path and (member is None or member.offset is None))
 
 
 class _FS(NamedTuple):
@@ -159,37 +179,65 @@ def parse_source(text: str | os.PathLike | Source) -> Source:
 
 
 def list_members(source: Source) -> list[Member]:
-    """Every ``*.dcm`` file of the source, sorted by path.
+    """Every ``*.dcm`` file of the source, and of a folder every member ``*.dcm`` of its ``*.zip`` files and
+    every NIfTI volume (``*.nii``, ``*.nii.gz``), sorted by path.
 
     A local folder is walked without following symlinked folders (so loops cannot hang us) and without
-    sizes (the workers stat the files); a bucket listing and a zip's central directory give sizes.
+    sizes for its loose files (the workers stat them); a bucket listing and a zip's central directory give
+    sizes.  An unreadable zip of a folder is one member with no zip method (see :func:`_folder_zip`).
     """
     if source.is_zip:
         return _zip_members(source)
     fs, root = _filesystem(source.url)
+    found, zips = [], []
     if source.is_local:
-        found = []
         for folder, dirs, files in os.walk(root, followlinks=False):
             dirs.sort()
-            found.extend(os.path.join(folder, f) for f in files if f.lower().endswith(DICOM_SUFFIX))
-        return [Member(path) for path in sorted(found)]
-    prefix = source.prefix
-    listing = fs.find(root, detail=True)
-    # fsspec paths lack the protocol: rebuild each member's URL from the source's own spelling.
-    members = [
-        Member(prefix + name[len(root.rstrip("/")) + 1 :], int(info["size"]))
-        for name, info in listing.items()
-        if name.lower().endswith(DICOM_SUFFIX)
-    ]
-    return sorted(members)
+            for name in files:
+                lower = name.lower()
+                if lower.endswith(_LISTED):
+                    found.append(Member(os.path.join(folder, name)))
+                elif lower.endswith(ZIP_SUFFIX):
+                    zips.append((os.path.join(folder, name), None))
+    else:
+        prefix, cut = source.prefix, len(root.rstrip("/")) + 1
+        # fsspec paths lack the protocol: rebuild each member's URL from the source's own spelling.
+        for name, info in fs.find(root, detail=True).items():
+            lower = name.lower()
+            if lower.endswith(_LISTED):
+                found.append(Member(prefix + name[cut:], int(info["size"])))
+            elif lower.endswith(ZIP_SUFFIX):
+                zips.append((prefix + name[cut:], int(info["size"])))
+    for url, size in zips:
+        found.extend(_folder_zip(url, size))
+    return sorted(found, key=attrgetter("path"))  # by path alone: a stand-in's None fields never get compared
+
+
+def _folder_zip(url: str, size: int | None) -> list[Member]:
+    """The members of one zip of a folder; one stand-in member, offset 0 and no method, if it is unreadable.
+
+    The stand-in carries the zip's own path, so the scan reports the zip and why (:func:`_zip_read`) and
+    the run goes on with the other zips.
+    """
+    try:
+        return _zip_members(Source(url, "", is_zip=True))
+    except SourceError as exc:
+        logger.warning("%s: its members are left out: %s", url, exc)
+        return [Member(url, size, offset=0)]
+
+
+def _zip_infos(url: str) -> list[zipfile.ZipInfo]:
+    """The central directory of the zip at ``url``."""
+    fs, path = _filesystem(url)
+    with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        return archive.infolist()
 
 
 def _zip_members(source: Source) -> list[Member]:
     fs, path = _filesystem(source.url)
     inner = f"{source.inner}/" if source.inner else ""
     try:
-        with fs.open(path, "rb") as f, zipfile.ZipFile(f) as archive:
-            infos = archive.infolist()
+        infos = _zip_infos(source.url)
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
         if fs.cat_file(path, start=0, end=4) != _LOCAL_MAGIC:
             raise SourceError(
@@ -249,13 +297,15 @@ def read_member(source: Source, member: Member, head: int | None = None, reuse: 
     FileNotFoundError
         A file or object of a folder or URL source is gone.
     """
-    if not source.is_zip:
-        fs, root = _filesystem(source.url)
-        path = f"{root.rstrip('/')}/{source.relative(member.path)}"  # the cached root: no URL parse per member
-        if head is not None:
-            return fs.cat_file(path, start=0, end=head)
-        return fs.cat_file(path)
-    return _zip_read(source, member, head, reuse)
+    if source.is_zip:
+        return _zip_read(source.url, member, head, reuse)
+    if member.offset is not None:  # a member of one of the folder's zips: that zip is the path before '::'
+        return _zip_read(member.path.split(ZIP_SEP, 1)[0], member, head, reuse)
+    fs, root = _filesystem(source.url)
+    path = f"{root.rstrip('/')}/{source.relative(member.path)}"  # the cached root: no URL parse per member
+    if head is not None:
+        return fs.cat_file(path, start=0, end=head)
+    return fs.cat_file(path)
 
 
 def _read_range(url: str, start: int, length: int, into: memoryview | None = None) -> bytes | memoryview:
@@ -271,10 +321,11 @@ def _read_range(url: str, start: int, length: int, into: memoryview | None = Non
 
 
 def _local_handle(path: str):
-    """This thread's open handle on a local zip, reopened when the file at ``path`` is replaced."""
+    """This thread's open handle on a local zip, reopened when the file at ``path`` is replaced or another zip
+    is read."""
     stat = os.stat(path)
-    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    slot = scratch.reused(f"zip:{path}", dict)
+    identity = (path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    slot = scratch.reused("zip-handle", dict)  # one handle per thread: a folder of 500 zips must not hold 500 open
     if slot.get("identity") != identity:
         if "file" in slot:
             slot["file"].close()
@@ -282,9 +333,12 @@ def _local_handle(path: str):
     return slot["file"]
 
 
-def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> bytes | memoryview:
+def _zip_read(url: str, member: Member, head: int | None, reuse: bool) -> bytes | memoryview:
+    """Read ``member`` of the zip at ``url`` from its byte range (see :func:`read_member`)."""
     path = member.path
     if member.method not in (STORED, DEFLATED):
+        if member.method is None:  # the stand-in for an unreadable zip of a folder (_folder_zip)
+            raise ZipMemberError(path, _zip_damage(url))
         raise ZipMemberError(path, f"compression method {member.method} is not supported (stored or deflated only)")
     if head is None:
         want = member.csize
@@ -292,7 +346,7 @@ def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> 
         want = min(member.csize, head + (_DEFLATE_HEAD_SLACK if member.method == DEFLATED else 0))
     span = _LOCAL_HEADER.size + _EXTRA_SLACK + want
     into = scratch.byte_buffer("zip", span) if reuse and member.method == STORED and head is None else None
-    raw = _read_range(source.url, member.offset, span, into)
+    raw = _read_range(url, member.offset, span, into)
     if len(raw) < _LOCAL_HEADER.size:
         raise TruncatedFileError(path, f"the zip ends inside this member's local header (offset {member.offset})")
     fields = _LOCAL_HEADER.unpack_from(raw)
@@ -302,7 +356,7 @@ def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> 
         raise ZipMemberError(path, "the member is encrypted")
     start = _LOCAL_HEADER.size + fields[10] + fields[11]
     if start + want > len(raw):  # a long extra field: fetch the data on its own
-        raw = _read_range(source.url, member.offset + start, want, into)
+        raw = _read_range(url, member.offset + start, want, into)
         start = 0
     data = memoryview(raw)[start : start + want]
     if len(data) < want:
@@ -322,6 +376,15 @@ def _zip_read(source: Source, member: Member, head: int | None, reuse: bool) -> 
                 f"the member fails its CRC-32 check ({len(data)} bytes, expected {member.size}): the zip is damaged",
             )
     return data
+
+
+def _zip_damage(url: str) -> str:
+    """Why the zip at ``url`` cannot be listed, for the scan's report."""
+    try:
+        _zip_infos(url)
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        return f"not a readable zip file (truncated, damaged or no zip at all; none of its members is scanned): {exc}"
+    return "the zip was unreadable when the source was listed and is readable now: scan again"
 
 
 def read_file(text: str | os.PathLike) -> bytes:

@@ -24,7 +24,9 @@ from .store import (
     IMAGES_META,
     MANIFEST,
     REJECTED,
+    SERIES,
     SHARD_DIR,
+    SLABS,
     SLICES,
     STUDIES,
     ShardRecord,
@@ -36,6 +38,8 @@ from .store import (
 
 MANIFEST_FORMAT = "ichkit-manifest/1"
 _TABLES = (GROUP_META, IMAGES_META, SLICES, STUDIES, REJECTED)
+#: Tables a store has where its conversion made them (older stores have no series.parquet).
+_OPTIONAL_TABLES = (SERIES, SLABS)
 
 
 def _entry(root: Location, name: str) -> dict:
@@ -70,7 +74,7 @@ def build_manifest(
     for result in sorted(shard_results, key=lambda r: r["index"]):
         if result["sha256"] is not None:
             files[shard_path(result["index"])] = {"sha256": result["sha256"], "size": result["size"]}
-    for name in _TABLES:
+    for name in _TABLES + tuple(n for n in _OPTIONAL_TABLES if root.isfile(n)):
         files[name] = _entry(root, name)
     attrs = read_attrs(root)
     return {

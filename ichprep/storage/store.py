@@ -7,6 +7,8 @@
       images/              uint8 (N, C, H, W); chunk = 1 slice, shard = shard_slices slices
       slices.parquet       row i describes images[i]
       studies.parquet      one row per study: [start, stop) rows of images
+      series.parquet       one row per series seen: its properties, whether it was kept, and why (or why not)
+      slabs.parquet        only where thin series were slabbed: each slab's member slices
       rejected.csv         every file left out or zero-filled, with the reason
       manifest.json        sha256 + size of every file above (written last)
       .ichprep/            conversion state (run identity, per-shard completion markers, lock)
@@ -38,6 +40,8 @@ ATTRS_KEY = "ichkit"
 GROUP_META = "zarr.json"
 SLICES = "slices.parquet"
 STUDIES = "studies.parquet"
+SERIES = "series.parquet"
+SLABS = "slabs.parquet"
 REJECTED = "rejected.csv"
 MANIFEST = "manifest.json"
 STATE = ".ichprep"
@@ -71,9 +75,15 @@ def compressor(spec: PreprocessSpec):
     return BloscCodec(cname="lz4", clevel=spec.compression_level, shuffle="noshuffle")
 
 
-def create_images(root: str | Path | Location, n_slices: int, spec: PreprocessSpec) -> zarr.Array:
+def create_images(
+    root: str | Path | Location, n_slices: int, spec: PreprocessSpec, attrs: dict | None = None
+) -> zarr.Array:
+    """The group and its empty ``images`` array; ``attrs`` adds to the spec's attributes (e.g. ``image_ids``)."""
     group = zarr.open_group(
-        as_location(root).zarr_store(), mode="w", zarr_format=3, attributes={ATTRS_KEY: spec.to_attrs()}
+        as_location(root).zarr_store(),
+        mode="w",
+        zarr_format=3,
+        attributes={ATTRS_KEY: {**spec.to_attrs(), **(attrs or {})}},
     )
     shape = (n_slices, spec.channels, spec.size, spec.size)
     return group.create_array(

@@ -181,7 +181,7 @@ def synth(
     rsna-intracranial-hemorrhage-detection/, whose DICOMs are then the source
     OUT::rsna-intracranial-hemorrhage-detection/stage_2_train.
 
-    hospital: OUT/CQ500CT<N> CQ500CT<N>/Unknown Study/CT <series>/CT000000.dcm ... (or with --zip
+    hospital: OUT/CQ500CT<N> CQ500CT<N>/Unknown Study/CT <description>/CT000000.dcm ... (or with --zip
     OUT/CQ500-CT-<N>.zip), OUT/reads.csv, OUT/series_truth.csv, OUT/study_truth.csv.
 
     nifti: OUT/ct_scans/049.nii ..., OUT/masks/049.nii ..., OUT/hemorrhage_diagnosis_raw_ct.csv.
@@ -564,7 +564,7 @@ def convert(
     _echo_series(summary)
     click.echo(f"  wall time        {summary.wall_s:.1f} s ({summary.slices_per_s:.0f} slices/s)")
     click.echo(
-        f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source DICOMs "
+        f"  size on disk     {format_bytes(summary.store_bytes)} = {summary.ratio:.3f} x the source files "
         f"({format_bytes(summary.source_bytes)})"
     )
     if manifest_out:

@@ -24,7 +24,8 @@ positions stepping along the tilted normal; a *repeated position* is one extra f
 other SOPInstanceUID and noise) at the position of another; a *gap* is one interior position left out
 (its InstanceNumber is missing too). Both are put on the expected series. Kernels come from
 :data:`VENDORS`. Study 0 always bleeds and is never thin-only; in an archive of two or more studies
-every kind, a thin-only study, a tilt, a repeat and a gap appear at least once.
+every kind, a thin-only study, a tilt, a repeat and a gap appear at least once (so a study's series,
+unlike its head and lesions, depend on the number of studies).
 
 ``series_truth.csv`` (:data:`SERIES_TRUTH_COLUMNS`) is this archive's ground truth per series, for tests
 and demos: ``expected`` = 1 for the series a 5 mm non-contrast soft-tissue model should read (the
@@ -53,7 +54,7 @@ posterior, column index c from patient right to left (LPS, as an axial DICOM ima
 [1,0,0,0,1,0] and IPP ``(-cols/2 * s, -rows/2 * s, z)`` for pixel spacing s). Slice number z (0 = lowest)
 is stored as ``data[i, j, k] = image[rows - 1 - j, i]`` with k = z (k = n - 1 - z in volume 051), that is
 ``image == data[:, ::-1, k].T`` (== ``np.rot90(data[:, :, k])``): voxel axis i runs to the patient's
-left, j to anterior, k to superior (axis codes L, A, S, as dcm2niix writes an axial series). The affine
+left, j to anterior, k to superior (nibabel axis codes L, A, S). The affine
 (sform and qform, code 1, RAS mm) is ``[[-s, 0, 0, cols/2 * s], [0, s, 0, rows/2 * s - (rows - 1) * s],
 [0, 0, 5, z0], [0, 0, 0, 1]]`` (volume 051: z column -5, origin z0 + 5 (n - 1)), so a voxel's world
 position is its pixel's DICOM position with x and y negated. A reader that uses the affine, e.g.
@@ -133,7 +134,7 @@ RATES = {
     "repeated": 0.2,
     "gap": 0.15,
 }
-WINDOWS = {"bone": (500.0, 2500.0), "localizer": (40.0, 400.0)}  # others: synth's brain window (40, 80)
+WINDOWS = {"bone": (500.0, 2500.0), "localizer": (1000.0, 3000.0)}  # others: synth's brain window (40, 80)
 BONE_SHARPEN, BONE_NOISE_HU, CONTRAST_HU = 1.5, 25.0, 8.0
 SCOUT_GAIN = 3.0  # scout value = gain * mean attenuation (HU + 1000) along the ray - 1000
 CTDI_VOL = 55.0  # mGy, a head protocol's; only printed on the dose screen
@@ -413,10 +414,13 @@ def _interpolate(clean: np.ndarray, thickness: float, pos: int) -> np.ndarray:
     return clean[a] * (1 - w) + clean[b] * w
 
 
-def axial_hu(seed: int, study: HospitalStudy, series: SeriesPlan, rendered: Rendered, pos: int, repeat: bool = False):
+def axial_hu(
+    seed: int, study: HospitalStudy, series: SeriesPlan, rendered: Rendered, pos: int, repeat: bool = False
+) -> np.ndarray:
     """HU image (float32) of an axial series' position ``pos``; ``repeat``: the repeated file's other noise."""
-    if series.kind == "thin":
-        base, noise_scale = _interpolate(rendered.clean, series.thickness, pos), math.sqrt(SLICE_MM / series.thickness)
+    if series.kind == "thin":  # thinner slices hold fewer photons: noise grows as 1 / sqrt(thickness)
+        base = _interpolate(rendered.clean, series.thickness, pos)
+        noise_scale = math.sqrt(SLICE_MM / series.thickness)
     else:
         base, noise_scale = rendered.clean[pos].copy(), 1.0
     if series.kind == "bone":  # a sharp kernel: edges enhanced, noise amplified
@@ -494,11 +498,8 @@ def _ct_file(seed: int, study: HospitalStudy, series: SeriesPlan, j: int, instan
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         del ds.SliceThickness  # a projection has no slice thickness
     else:
-        ds.ImageType, ds.SliceThickness, ds.ConvolutionKernel = (
-            ["ORIGINAL", "PRIMARY", "AXIAL"],
-            series.thickness,
-            series.kernel,
-        )
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SliceThickness, ds.ConvolutionKernel = series.thickness, series.kernel
     if series.kind == "contrast":
         ds.ContrastBolusAgent = CONTRAST_AGENT
     return synth._dicom_bytes(ds)
@@ -587,7 +588,10 @@ def reads_row(study: HospitalStudy, labels: dict[str, int]) -> dict[str, object]
     """A study's reads.csv row: each reader's findings, the truth with that reader's flips."""
     truth, row = true_findings(study, labels), {"name": study.name, "Category": study.category}
     for reader, flips in zip(READERS, study.reader_flips):
-        row |= {f"{reader}:{f}": truth[f] ^ (f in flips) for f in READ_FINDINGS}
+        read = {f: truth[f] ^ (f in flips) for f in READ_FINDINGS}
+        # A reader who reads a subtype reads ICH: each reader's row is consistent, as a reader's own form is.
+        read["ICH"] = max(read["ICH"], *(read[f] for f in CQ500_SUBTYPES))
+        row |= {f"{reader}:{f}": value for f, value in read.items()}
     return row
 
 

@@ -71,7 +71,7 @@ def test_synth_scan_convert_verify(tmp_path):
     assert result.exit_code == 0, result.output
     assert "truncated: 1" in result.output
     assert "slices/s" in result.output
-    assert "x the source DICOMs" in result.output
+    assert "x the source files" in result.output
     manifest = json.loads((store / MANIFEST).read_text())
     assert manifest_copy.read_text() == (store / MANIFEST).read_text()
     assert [w["name"] for w in manifest["spec"]["windows"]] == ["brain", "stroke"]

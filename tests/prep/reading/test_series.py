@@ -222,7 +222,10 @@ def test_repeated_file_names_make_sop_uids_the_ids_and_unique_names_stay():
     unique = to_frame(_series("A", "A.s", 3))
     unique["path"] = [f"/src/ID_{k:09x}.dcm" for k in range(3)]
     kept = assign_ids(unique, source)
-    assert (kept.rule, kept.table["image_id"].tolist()) == ("file_name", ["ID_000000000", "ID_000000001", "ID_000000002"])
+    assert (kept.rule, kept.table["image_id"].tolist()) == (
+        "file_name",
+        ["ID_000000000", "ID_000000001", "ID_000000002"],
+    )
 
 
 def test_sop_rule_without_a_sop_uid_hashes_the_relative_path():

@@ -75,10 +75,14 @@ class SourceParam(click.ParamType):
 
 
 SOURCE_HELP = (
-    "SOURCE is a folder, a zip file (rsna.zip, or a folder inside it: "
+    "SOURCE is a folder (its *.dcm files, the members of its *.zip files, e.g. CQ500's one zip per study, and "
+    "its *.nii/*.nii.gz volumes), a zip file (rsna.zip, or a folder inside it: "
     "rsna.zip::rsna-intracranial-hemorrhage-detection/stage_2_train) or a URL (s3://bucket/stage_2_train/)."
 )
-LABELS_HELP = "Kaggle label CSV (ID,Label): a file, a URL, or a CSV inside the zip (rsna.zip::top/stage_2_train.csv)."
+LABELS_HELP = (
+    "Slice-label CSV: Kaggle's (ID,Label) or CT-ICH's per-slice form (PatientNumber,SliceNumber,...): a file, "
+    "a URL, or a CSV inside the zip (rsna.zip::top/stage_2_train.csv)."
+)
 
 
 def _fail(exc: Exception) -> None:
@@ -591,9 +595,11 @@ def _echo_series(summary) -> None:
     if summary.id_rule != "file_name":
         click.echo("  image ids        SOPInstanceUIDs (file names repeat across series)")
     if summary.study_labels is not None:
+        unmatched = summary.study_labels_unmatched
+        shown = ", ".join(f"{k.key!r} (line {k.line})" for k in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
         click.echo(
             f"  study labels     matched by {summary.study_labels}"
-            + (f"; {summary.study_labels_unmatched} CSV keys match no study" if summary.study_labels_unmatched else "")
+            + (f"; {len(unmatched)} CSV keys match no study: {shown}" if unmatched else "")
         )
 
 

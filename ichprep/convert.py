@@ -42,7 +42,7 @@ from .reading.series import REPEATED_POSITION, SERIES_LEFT_OUT, SeriesRule, choo
 from .reading.slabs import Slots, plan_slots
 from .reading.slot import Slot, slot_hu
 from .reading.source import ZIP_COLUMNS, ZIP_SEP, Member, Source, members_of, parse_source
-from .reading.studylabels import StudyLabels, match_study_labels
+from .reading.studylabels import KeyLine, StudyLabels, match_study_labels
 from .spec import PreprocessSpec
 from .storage.location import Location, as_location
 from .storage.lock import LOCK, store_lock
@@ -90,7 +90,7 @@ class ConvertSummary:
     n_slabs: int = 0
     id_rule: str = "file_name"
     study_labels: str | None = None  # how study labels were matched (``folder``, ...), None without them
-    study_labels_unmatched: int = 0  # CSV keys that match no study
+    study_labels_unmatched: tuple[KeyLine, ...] = ()  # CSV keys that match no study, with their lines
 
     @property
     def n_rejected(self) -> int:
@@ -520,7 +520,7 @@ def convert(
         n_slabs=int(slots.slabs["image_id"].nunique()) if slots.slabs is not None else 0,
         id_rule=id_rule,
         study_labels=matched.matched_by if matched is not None else None,
-        study_labels_unmatched=len(matched.unmatched_keys) if matched is not None else 0,
+        study_labels_unmatched=matched.unmatched_keys if matched is not None else (),
     )
 
 

@@ -325,6 +325,11 @@ def scan_volume(path: str | os.PathLike, data: bytes | None = None) -> list[dict
     """
     header = read_volume_header(path, data)
     path, layout, affine = header.path, header.layout, header.affine
+    if header.dtype.itemsize == 1 and header.slope == 1 and header.inter == 0:
+        # CT values span -1024..3000 HU; one unscaled byte per voxel is a segmentation (CT-ICH's masks/).
+        raise UnsupportedImageError(
+            path, f"{header.dtype} voxels: a mask or label volume, not CT in HU (give the folder of the CT volumes)"
+        )
     vid = volume_id(path)
     voxel = np.linalg.norm(affine[:3, :3], axis=0)  # mm per voxel step along each voxel axis
     centre = np.empty(4)

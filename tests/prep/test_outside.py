@@ -268,3 +268,35 @@ def test_a_nifti_store_trains_evaluates_and_predicts(nifti, tmp_path):
         .str.match(r"^\d{3}_\d{3}_(epidural|intraparenchymal|intraventricular|subarachnoid|subdural|any)$")
         .all()
     )
+
+
+def test_an_unknown_study_key_is_reported_with_its_csv_line(hospital, tmp_path):
+    reads = pd.read_csv(hospital.reads_csv)
+    extra = reads.iloc[[0]].assign(name="CQ500-CT-999")
+    path = tmp_path / "reads.csv"
+    pd.concat([reads, extra]).to_csv(path, index=False)
+    result = CliRunner().invoke(
+        main,
+        ["convert", str(hospital.out_dir), "-o", str(tmp_path / "s.zarr"), "--size", "32", "--study-labels", str(path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"1 CSV keys match no study: 'CQ500-CT-999' (line {len(reads) + 2})" in result.output
+
+
+def test_pseudonymised_series_and_slab_tables_hold_no_original_uid_or_path(hospital, tmp_path):
+    root = tmp_path / "p.zarr"
+    convert(hospital.out_dir, root, SPEC, pseudonymize_key="k" * 16)
+    truth = pd.read_csv(hospital.series_truth_csv)
+    originals = set(truth["SeriesInstanceUID"]) | set(truth["StudyInstanceUID"])
+    for name in (SERIES, SLABS):
+        text = pd.read_parquet(root / name).to_csv()
+        assert not any(uid in text for uid in originals), name
+        assert "CQ500CT" not in text and "Unknown Study" not in text
+
+
+def test_the_whole_ct_ich_folder_converts_its_scans_and_rejects_its_masks_as_such(nifti, tmp_path):
+    summary = convert(nifti.out_dir, tmp_path / "all.zarr", SPEC)
+    assert summary.n_slices == nifti.n_slices
+    rejected = pd.read_csv(tmp_path / "all.zarr" / REJECTED)
+    assert sorted(rejected["path"]) == sorted(f"masks/{p.name}" for p in nifti.masks)
+    assert rejected["detail"].str.contains("a mask or label volume").all()

@@ -586,9 +586,9 @@ def _echo_series(summary) -> None:
     left_out = {reason: n for reason, n in summary.series.items() if reason != "kept"}
     if left_out or summary.n_slabs:
         click.echo(
-            f"  series kept      {summary.series.get('kept', 0)}; left out {sum(left_out.values())}"
+            f"  series kept      {summary.series.get('kept', 0)}; left out {sum(left_out.values())} "
+            "(every decision in series.parquet)"
             + "".join(f"\n    {reason}: {count}" for reason, count in left_out.items())
-            + " (every decision in series.parquet)"
         )
     if summary.n_slabs:
         click.echo(f"  slabs            {summary.n_slabs} slabs of thin slices (members in slabs.parquet)")

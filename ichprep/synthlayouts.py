@@ -80,7 +80,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from . import synth
-from .reading.labels import LABELS
+from .reading.labels import CTICH_COLUMNS, LABELS
 from .synth import (
     LESION_CODE,
     MIN_LESION_PIXELS,
@@ -186,17 +186,7 @@ SERIES_TRUTH_COLUMNS = (
 STUDY_TRUTH_COLUMNS = ("study_folder", "name", "StudyInstanceUID", "PatientID", *LABELS)
 FIRST_NIFTI_NUMBER = 49  # CT-ICH's first PatientNumber
 CT_DIR, MASK_DIR, NIFTI_CSV = "ct_scans", "masks", "hemorrhage_diagnosis_raw_ct.csv"
-NIFTI_COLUMNS = (
-    "PatientNumber",
-    "SliceNumber",
-    "Intraventricular",
-    "Intraparenchymal",
-    "Subarachnoid",
-    "Epidural",
-    "Subdural",
-    "No_Hemorrhage",
-    "Fracture_Yes_No",
-)
+NIFTI_COLUMNS = (*CTICH_COLUMNS, "Fracture_Yes_No")
 SCALED_VOLUME, REVERSED_VOLUME = 1, 2  # volume indices (050, 051) with scl_inter -1024 / slices top down
 SCALED_INTERCEPT = -1024.0
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

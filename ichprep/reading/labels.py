@@ -98,11 +98,11 @@ def read_labels(path: str | Path) -> pd.DataFrame:
 
 
 #: CT-ICH's subtype columns, by the RSNA label each one is.
-CTICH_SUBTYPES: dict[str, str] = {
-    "Epidural": "epidural",
-    "Intraparenchymal": "intraparenchymal",
+CTICH_SUBTYPES: dict[str, str] = {  # in the order of the file's columns
     "Intraventricular": "intraventricular",
+    "Intraparenchymal": "intraparenchymal",
     "Subarachnoid": "subarachnoid",
+    "Epidural": "epidural",
     "Subdural": "subdural",
 }
 _CTICH_KEYS = ("PatientNumber", "SliceNumber")

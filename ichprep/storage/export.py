@@ -19,11 +19,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import StoreError, StoreExistsError
+from ..reading.labels import LABELS
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
 from .store import (
     MANIFEST,
     REJECTED,
+    SERIES,
+    SLABS,
     SLICES,
     STUDIES,
     build_studies,
@@ -31,6 +34,8 @@ from .store import (
     images_layout,
     open_reader,
     open_store,
+    read_attrs,
+    read_parquet,
     slot_ranges,
     store_files,
     write_shard,
@@ -64,6 +69,17 @@ def _prepare_dest(dest: Location, overwrite: bool) -> None:
         for name in dest.entries():
             dest.remove(name)
     dest.makedirs()
+
+
+def _studies_of(slices: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """The exported studies' rows: runs of the new slice table, with the labels and reader columns they had
+    (study-level labels from ``convert --study-labels`` are in no slice)."""
+    studies = build_studies(slices)
+    for label in LABELS:
+        studies[label] = studies[label].fillna(chosen[label].astype("Int8"))
+    for column in chosen.columns.difference(studies.columns, sort=False):
+        studies[column] = chosen[column].to_numpy()
+    return studies
 
 
 def export_store(
@@ -126,7 +142,8 @@ def export_store(
     slots = np.concatenate([np.arange(r.start, r.stop) for r in chosen.itertuples()])
     slices = store.slices.iloc[slots].reset_index(drop=True)
 
-    create_images(dest, len(slots), spec)
+    kept_attrs = {k: v for k, v in read_attrs(src).items() if k not in spec.to_attrs()}  # e.g. image_ids
+    create_images(dest, len(slots), spec, attrs=kept_attrs)
     reader, layout = open_reader(src), images_layout(dest)  # each array's metadata read once
     results = []
     for shard, first in enumerate(range(0, len(slots), spec.shard_slices)):
@@ -139,7 +156,11 @@ def export_store(
             progress(len(part))
 
     dest.write_parquet(SLICES, slices)
-    dest.write_parquet(STUDIES, build_studies(slices))
+    dest.write_parquet(STUDIES, _studies_of(slices, chosen.reset_index(drop=True)))
+    for name, key, keep in ((SERIES, "study_uid", chosen["study_uid"]), (SLABS, "image_id", slices["image_id"])):
+        if src.isfile(name):
+            table = read_parquet(src, name)
+            dest.write_parquet(name, table[table[key].isin(set(keep))].reset_index(drop=True))
     with src.open(REJECTED) as f:
         rejected = pd.read_csv(f, dtype=str)
     dest.write_csv(REJECTED, rejected[rejected["image_id"].isin(set(slices["image_id"]))])

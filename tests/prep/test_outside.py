@@ -300,3 +300,24 @@ def test_the_whole_ct_ich_folder_converts_its_scans_and_rejects_its_masks_as_suc
     rejected = pd.read_csv(tmp_path / "all.zarr" / REJECTED)
     assert sorted(rejected["path"]) == sorted(f"masks/{p.name}" for p in nifti.masks)
     assert rejected["detail"].str.contains("a mask or label volume").all()
+
+
+def test_an_export_keeps_study_labels_readers_series_slabs_and_the_id_rule(converted, tmp_path):
+    from ichprep.storage.export import export_store
+
+    root, _ = converted
+    studies = _table(root, STUDIES)
+    chosen = studies["study_uid"].iloc[[1, 3]].tolist()
+    export_store(root, tmp_path / "sub.zarr", studies=chosen)
+    sub = _table(tmp_path / "sub.zarr", STUDIES)
+    expected = studies.set_index("study_uid").loc[chosen].drop(columns=["start", "stop"])
+    pd.testing.assert_frame_equal(
+        sub.set_index("study_uid").drop(columns=["start", "stop"]), expected, check_dtype=False
+    )
+    assert set(_table(tmp_path / "sub.zarr", SERIES)["study_uid"]) == set(chosen)
+    slab_ids = set(_table(tmp_path / "sub.zarr", SLABS)["image_id"])
+    assert slab_ids <= set(_table(tmp_path / "sub.zarr", SLICES)["image_id"])
+    assert (
+        json.loads((tmp_path / "sub.zarr" / "zarr.json").read_text())["attributes"]["ichkit"]["image_ids"] == "sop_uid"
+    )
+    assert verify_store(tmp_path / "sub.zarr").ok

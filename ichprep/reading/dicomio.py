@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -125,7 +125,7 @@ class SliceHeader:
     position: float | None = None  # ImagePositionPatient projected on the slice normal (z where no orientation)
 
     def to_row(self) -> dict:
-        return asdict(self)
+        return dict(self.__dict__)  # the fields, flat: asdict's recursive copy costs more than the rest of a scan row
 
     @property
     def wrap12(self) -> bool:
@@ -293,8 +293,8 @@ def _header(ds: AnyDataset, has_pixels: bool, path: str | Path) -> SliceHeader:
         slope = _first(ds, "RescaleSlope", float)
         intercept = _first(ds, "RescaleIntercept", float)
         file_meta = getattr(ds, "file_meta", None)
-        xyz = [_number(v) for v in position[:3]] if len(position) >= 3 else None
-        normal = slice_normal([_number(v) for v in _values(ds, "ImageOrientationPatient")])
+        xyz = _vector(position, 3)
+        normal = slice_normal(_vector(_values(ds, "ImageOrientationPatient"), 6) or [])
         return SliceHeader(
             image_id=image_id_of(path),
             path=str(path),
@@ -523,7 +523,7 @@ def project(xyz: list | None, normal: tuple[float, float, float] | None) -> floa
 
 def image_id_of(path: str | Path) -> str:
     """The Kaggle image id is the file name without ``.dcm`` (not a header field)."""
-    name = Path(path).name
+    name = os.path.basename(path)
     return name[: -len(".dcm")] if name.lower().endswith(".dcm") else name
 
 
@@ -612,6 +612,16 @@ def _values(ds: AnyDataset, keyword: str, raw_ok: bool = True) -> list:
     if value is None or value == "":
         return []
     return list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+
+
+def _vector(values: list, n: int) -> list[float] | None:
+    """The first ``n`` values as floats (one conversion each), None unless there are ``n``; non-finite is an error."""
+    if len(values) < n or any(isinstance(v, str) and not v for v in values[:n]):
+        return None
+    floats = [float(v) for v in values[:n]]
+    if not math.isfinite(sum(floats)):
+        raise ValueError(f"non-finite number in {values[:n]!r}")
+    return floats
 
 
 def _joined(ds: AnyDataset, keyword: str) -> str | None:

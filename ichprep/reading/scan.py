@@ -338,7 +338,7 @@ def scan(
     advance = progress("scan", len(members)) if progress else None
     batches = list(_batches(members, batch_size))
     parts = map_tasks(resolve_client(client, len(members)), scan_files, batches, progress=advance, source=source)
-    table = to_frame(pd.concat(parts, ignore_index=True)) if parts else to_frame([])
+    table = pd.concat(parts, ignore_index=True) if parts else to_frame([])  # each part has SCAN_DTYPES already
     table = assign_ids(flag_duplicates(table), source).table
     table, labels_without_file = attach_labels(table, labels)
     table = order_slices(table)

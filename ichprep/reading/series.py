@@ -229,64 +229,86 @@ def along_normal(table: pd.DataFrame) -> pd.Series:
     return table["position"].astype("Float64").fillna(table["z"].astype("Float64"))
 
 
+def _ranks(column: pd.Series) -> np.ndarray:
+    """Each text value's rank in sorted order, missing values last (integer keys sort far faster than text)."""
+    codes, _ = pd.factorize(column, sort=True)
+    return np.where(codes < 0, len(codes), codes)
+
+
 def sort_slices(table: pd.DataFrame) -> pd.DataFrame:
-    """Slices grouped by study, each study's series by SeriesNumber, each series along its normal."""
+    """Slices grouped by study, each study's series by SeriesNumber, each series along its normal.
+
+    Ties go by InstanceNumber, then image id, then the table's own order (a stable sort); missing keys last.
+    """
     keyed = order_key(table)
-    keyed = keyed.sort_values(
-        ["study_uid", "_series_number", "series_uid", "_key", "instance_number", "image_id"],
-        na_position="last",
-        kind="stable",
+    order = np.lexsort(  # last key first
+        [
+            _ranks(keyed["image_id"]),
+            keyed["instance_number"].astype("Float64").to_numpy(float, na_value=np.inf),
+            keyed["_key"].to_numpy(float, na_value=np.inf),
+            _ranks(keyed["series_uid"]),
+            keyed["_series_number"].to_numpy(float, na_value=np.inf),
+            _ranks(keyed["study_uid"]),
+        ]
     )
-    return keyed.drop(columns=["_series_number", "_key"])
+    return keyed.iloc[order].drop(columns=["_series_number", "_key"])
 
 
 def _spacing(ok: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:
-    """Per series: positions' spacing (median, min, max), repeated positions and gaps, from sorted rows."""
-    group = [ok["study_uid"], ok["series_uid"]]
-    step = along_normal(ok).groupby(group).diff()
-    repeated = step.abs() <= rule.same_position_mm
-    moving = step.where(~repeated)
-    stats = moving.groupby(group).agg(["median", "min", "max"])
-    gaps = moving > rule.gap_factor * moving.groupby(group).transform("median")
-    return pd.DataFrame(
+    """Per series: its readable slices, their spacing (median, min, max), repeats and gaps, from sorted rows."""
+    study, series = ok["study_uid"].to_numpy(object), ok["series_uid"].to_numpy(object)
+    first = np.r_[True, (study[1:] != study[:-1]) | (series[1:] != series[:-1])] if len(ok) else np.zeros(0, bool)
+    run = np.cumsum(first) - 1  # one integer per series: sorted rows hold each series as one run
+    position = along_normal(ok).to_numpy(float, na_value=np.nan)
+    step = np.where(first, np.nan, np.diff(position, prepend=np.nan))
+    repeated = np.abs(step) <= rule.same_position_mm
+    moving = pd.Series(np.where(repeated, np.nan, step))
+    by_run = moving.groupby(run)
+    median = by_run.transform("median").to_numpy()
+    gaps = moving.to_numpy() > rule.gap_factor * median
+    frame = pd.DataFrame(
         {
-            "spacing_median_mm": stats["median"],
-            "spacing_min_mm": stats["min"],
-            "spacing_max_mm": stats["max"],
-            "n_repeated": repeated.fillna(False).groupby(group).sum(),
-            "n_gaps": gaps.fillna(False).groupby(group).sum(),
-            "max_gap_mm": moving.where(gaps).groupby(group).max(),
+            "n_slices": np.bincount(run),
+            "spacing_median_mm": by_run.median(),
+            "spacing_min_mm": by_run.min(),
+            "spacing_max_mm": by_run.max(),
+            "n_repeated": np.bincount(run, weights=repeated, minlength=run[-1] + 1 if len(run) else 0),
+            "n_gaps": np.bincount(run, weights=gaps, minlength=run[-1] + 1 if len(run) else 0),
+            "max_gap_mm": moving.where(gaps).groupby(run).max(),
         }
     )
+    frame.index = pd.MultiIndex.from_arrays([study[first], series[first]], names=["study_uid", "series_uid"])
+    return frame
 
 
-def _properties(table: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:
-    """One row per series: what choosing it needs (text fields from its first file that has them)."""
+def _properties(table: pd.DataFrame, ok: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:
+    """One row per series: what choosing it needs (text fields from its first file that has them).
+
+    ``ok``: the table's readable slices, sorted (:func:`sort_slices`).
+    """
     seen = table[table["series_uid"].notna()]
-    group = seen.groupby(["study_uid", "series_uid"], sort=True)
-    ok = seen[seen["status"] == OK]
-    props = pd.DataFrame(
-        {
-            "series_number": group["series_number"].min(),
-            "series_description": group["series_description"].first(),
-            "sop_class_uid": group["sop_class_uid"].first(),
-            "image_type": group["image_type"].first(),
-            "kernel": group["kernel"].first(),
-            "contrast_agent": group["contrast"].first(),
-            "slice_thickness": group["slice_thickness"].median(),
-            "normal_z": group["normal_z"].median(),
-            "n_files": group.size(),
-            "n_slices": ok.groupby(["study_uid", "series_uid"]).size(),
-        }
+    props = seen.groupby(["study_uid", "series_uid"], sort=True).agg(  # one grouping for every column
+        series_number=("series_number", "min"),
+        series_description=("series_description", "first"),
+        sop_class_uid=("sop_class_uid", "first"),
+        image_type=("image_type", "first"),
+        kernel=("kernel", "first"),
+        contrast_agent=("contrast", "first"),
+        slice_thickness=("slice_thickness", "median"),
+        normal_z=("normal_z", "median"),
+        n_files=("status", "size"),
     )
-    props["n_slices"] = props["n_slices"].fillna(0).astype(int)
-    return props.join(_spacing(sort_slices(ok), rule))
+    props = props.join(_spacing(ok, rule))
+    props["n_slices"] = props["n_slices"].fillna(0).astype(int)  # a series with no readable slice has none
+    return props
 
 
 def _decide(props: pd.DataFrame, mode: str | frozenset[str], rule: SeriesRule) -> pd.DataFrame:
     rows = []
-    props = props.astype(object).where(props.notna(), None)  # None, not pd.NA: the rules below test truth
-    for (study, series), p in props.iterrows():
+    props = props.reset_index()
+    records = props.astype(object).where(props.notna(), None).to_dict("records")  # None, not pd.NA: rules test truth
+    for p in records:
+        study, series = p["study_uid"], p["series_uid"]
         number = p["series_number"]
         spacing = p["spacing_median_mm"]
         thickness = p["slice_thickness"] if p["slice_thickness"] is not None else spacing
@@ -364,11 +386,13 @@ def _reasons(rows: list[dict]) -> str:
     return "; ".join(f"series {r['series_number']}: {r['reason']}" for r in rows)
 
 
-def _mark_repeated(table: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:
-    """Leave out a kept series' second slice at one position; the first (InstanceNumber, image id) stays."""
-    ok = sort_slices(table[table["status"] == OK])
+def _mark_repeated(table: pd.DataFrame, ok: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:
+    """Leave out a kept series' second slice at one position; the first (InstanceNumber, image id) stays.
+
+    ``ok``: the readable slices before the series choice, sorted; a repeat in a series left out stays so.
+    """
     same = along_normal(ok).groupby([ok["study_uid"], ok["series_uid"]]).diff().abs() <= rule.same_position_mm
-    same = same.fillna(False).to_numpy(bool)
+    same = same.fillna(False).to_numpy(bool) & (table.loc[ok.index, "status"] == OK).to_numpy()
     if not same.any():
         return table
     first = ok["image_id"].where(~same).ffill()  # the slice each repeat repeats (sorted: it comes first)
@@ -418,7 +442,8 @@ def choose_series(
         unknown = mode - set(table["series_uid"].dropna().astype(str))
         if unknown:
             logger.warning("%d listed series are not in the source, e.g. %s", len(unknown), sorted(unknown)[0])
-    series = _decide(_properties(table, rule), mode, rule)
+    ok = sort_slices(table[table["status"] == OK])
+    series = _decide(_properties(table, ok, rule), mode, rule)
     left_out = series[~series["kept"]]
     reasons = pd.Series(
         left_out["reason"].to_numpy(), index=pd.MultiIndex.from_frame(left_out[["study_uid", "series_uid"]])
@@ -429,7 +454,7 @@ def choose_series(
     if dropped.any():
         table.loc[dropped, "status"] = SERIES_LEFT_OUT
         table.loc[dropped, "error"] = reasons.reindex(keys[dropped]).to_numpy()
-    return SeriesChoice(_mark_repeated(table, rule), series)
+    return SeriesChoice(_mark_repeated(table, ok, rule), series)
 
 
 def decision_counts(series: pd.DataFrame) -> dict[str, int]:

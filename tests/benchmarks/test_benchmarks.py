@@ -183,3 +183,39 @@ def test_seq_bench_tiny(tmp_path, capsys):
         assert r["extrapolated"] == (r["contender"] != "read + standardise")
     positive = np.asarray(seq_bench.simulate(400, 13_849, 4, seed=1).targets)[:, 5]
     assert abs(positive.mean() - 0.14) < 0.04
+
+
+def test_archive_bench_quick(tmp_path, capsys):
+    """Archive benchmark at --quick: old and new code each from where it should be, every figure positive."""
+    from benchmarks import archive_bench
+
+    out = tmp_path / "archive.json"
+    archive_bench.main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")])
+    printed = capsys.readouterr().out
+    assert "series decisions, large table" in printed
+    assert "Note: the old code on the hospital archive writes every file" in printed
+    results = json.loads(out.read_text())
+    imported = results["meta"]["ichprep_imported_from"]
+    assert Path(imported["old"]).is_relative_to(tmp_path / "work" / "base")
+    assert Path(imported["new"]).is_relative_to(ROOT)
+    figures = results["figures"]
+    expected = {
+        f"{step}_{layout}_{figure}_{code}"
+        for layout in ("kaggle", "hospital")
+        for step, figure in (("scan", "files_per_s"), ("convert", "slices_per_s"), ("convert", "input_files_per_s"))
+        for code in ("old", "new")
+    }
+    expected |= {f"decisions_{t}_{f}" for t in ("hospital", "large") for f in ("s", "share_of_scan")}
+    expected |= {f"slab_{s}_{f}" for s in ("auto", "off") for f in ("s", "input_files_per_s")}
+    assert set(figures) == expected | {"slab_auto_vs_off_time"}
+    for name, value in figures.items():
+        assert _positive(value), name
+    for layout in ("kaggle", "hospital"):
+        for section in ("scan", "convert"):
+            for code in ("old", "new"):
+                assert len(results[section][layout][code]["wall_s"]) == 1, (section, layout, code)
+            assert _positive(results[section][layout]["new_vs_old"]), (section, layout)
+    assert results["slab"]["auto"]["last_run"]["n_slabs"] > 0  # the thin-only studies were slabbed
+    assert results["slab"]["off"]["last_run"]["n_slabs"] == 0
+    assert results["decisions"]["large"]["rows"] >= archive_bench.LARGE_ROWS
+    assert [t["met"] in (True, False) for t in results["targets"]] == [True] * 3

@@ -209,21 +209,6 @@ def _lost_to(props: dict, best: dict, rule: SeriesRule) -> str:
     return f"higher SeriesNumber ({other})"
 
 
-def order_key(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a store is sorted by: study, series, then position along the normal (or InstanceNumber).
-
-    A series where any slice lacks a position is ordered by InstanceNumber, and says so in ``order_by``.
-    """
-    series = [table["study_uid"], table["series_uid"].fillna(table["study_uid"])]
-    position = along_normal(table)
-    all_pos = position.notna().groupby(series).transform("all")
-    return table.assign(
-        order_by=all_pos.map({True: "z", False: "instance_number"}).astype("string"),
-        _series_number=table["series_number"].astype("Float64").fillna(np.inf),
-        _key=position.where(all_pos, table["instance_number"].astype("Float64")),
-    )
-
-
 def along_normal(table: pd.DataFrame) -> pd.Series:
     """Each slice's position along its normal; z where a table (an older scan) has no position."""
     return table["position"].astype("Float64").fillna(table["z"].astype("Float64"))
@@ -239,19 +224,25 @@ def sort_slices(table: pd.DataFrame) -> pd.DataFrame:
     """Slices grouped by study, each study's series by SeriesNumber, each series along its normal.
 
     Ties go by InstanceNumber, then image id, then the table's own order (a stable sort); missing keys last.
+    A series where any slice lacks a position is ordered by InstanceNumber, and says so in ``order_by``.
     """
-    keyed = order_key(table)
+    study, series = _ranks(table["study_uid"]), _ranks(table["series_uid"])
+    position = along_normal(table)
+    by_series = pd.Series(study * (len(table) + 1) + series, index=table.index)
+    all_pos = position.notna().groupby(by_series).transform("all")
+    number = table["instance_number"].astype("Float64")
     order = np.lexsort(  # last key first
         [
-            _ranks(keyed["image_id"]),
-            keyed["instance_number"].astype("Float64").to_numpy(float, na_value=np.inf),
-            keyed["_key"].to_numpy(float, na_value=np.inf),
-            _ranks(keyed["series_uid"]),
-            keyed["_series_number"].to_numpy(float, na_value=np.inf),
-            _ranks(keyed["study_uid"]),
+            _ranks(table["image_id"]),
+            number.to_numpy(float, na_value=np.inf),
+            position.where(all_pos, number).to_numpy(float, na_value=np.inf),
+            series,
+            table["series_number"].astype("Float64").to_numpy(float, na_value=np.inf),
+            study,
         ]
     )
-    return keyed.iloc[order].drop(columns=["_series_number", "_key"])
+    ordered = table.assign(order_by=all_pos.map({True: "z", False: "instance_number"}).astype("string"))
+    return ordered.iloc[order]
 
 
 def _spacing(ok: pd.DataFrame, rule: SeriesRule) -> pd.DataFrame:

@@ -476,6 +476,12 @@ def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | No
     "reads.csv (R1:ICH, R2:IPH, ...), matched against StudyInstanceUID, PatientID or the top folder name; written "
     "to studies.parquet.",
 )
+@click.option(
+    "--volume-ids",
+    "volume_ids_csv",
+    metavar="CSV",
+    help="NIfTI volumes' study (and patient) ids: a CSV volume,study[,patient] [default: the file names].",
+)
 @click.option("--study-key", metavar="COLUMN", default=None, help="The study-labels CSV's key column [default: found].")
 @click.option(
     "--readers",
@@ -506,6 +512,7 @@ def convert(
     study_labels_csv,
     study_key,
     readers,
+    volume_ids_csv,
 ) -> None:
     """Convert every DICOM slice of SOURCE into one sharded Zarr v3 store.
 
@@ -514,6 +521,7 @@ def convert(
     completed shards are verified and skipped.
     """
     from .convert import convert as run_convert
+    from .reading.nifti import read_volume_ids
     from .reading.scan import read_scan
     from .reading.series import SERIES_MODES, SeriesRule, read_series_list
     from .reading.slabs import parse_slab
@@ -537,6 +545,7 @@ def convert(
         study_labels = (
             read_study_labels(study_labels_csv, key_column=study_key, readers=readers) if study_labels_csv else None
         )
+        volume_ids = read_volume_ids(volume_ids_csv) if volume_ids_csv else None
         with cluster as client, _bars() as progress:
             summary = run_convert(
                 dicom_dir,
@@ -553,6 +562,7 @@ def convert(
                 series_rule=rule,
                 slab=parse_slab(slab),
                 study_labels=study_labels,
+                volume_ids=volume_ids,
             )
     except (IchprepError, OSError, ValueError) as exc:
         _fail(exc)

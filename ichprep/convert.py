@@ -37,6 +37,7 @@ from .cluster import map_tasks, resolve_client
 from .errors import DicomReadError, ScanTableError, StoreExistsError
 from .privacy import check_key, pseudonymize_scan, scrub
 from .reading.labels import read_labels
+from .reading.nifti import apply_volume_ids
 from .reading.scan import OK, assign_ids, attach_labels, scan
 from .reading.series import REPEATED_POSITION, SERIES_LEFT_OUT, SeriesRule, choose_series, decision_counts
 from .reading.slabs import Slots, plan_slots
@@ -361,6 +362,7 @@ def convert(
     series_rule: SeriesRule = SeriesRule(),
     slab: str | float = "auto",
     study_labels: StudyLabels | None = None,
+    volume_ids: pd.DataFrame | None = None,
 ) -> ConvertSummary:
     """Convert every readable slice of ``dicom_dir`` into ``store``; see the module docstring.
 
@@ -403,6 +405,8 @@ def convert(
     study_labels : StudyLabels, optional
         Study-level labels (:func:`ichprep.reading.studylabels.read_study_labels`, parsed by the caller before
         the long part), joined onto studies.parquet where slice labels do not say.
+    volume_ids : pandas.DataFrame, optional
+        NIfTI volumes' study and patient ids (:func:`ichprep.reading.nifti.read_volume_ids`) instead of file names.
 
     Returns
     -------
@@ -439,6 +443,8 @@ def convert(
             _check_scan_source(table, source)
             if labels_csv is not None:
                 table, _ = attach_labels(table.copy(), read_labels(labels_csv))
+        if volume_ids is not None:
+            table = apply_volume_ids(table, volume_ids)
         table, id_rule = assign_ids(table, source)
         absolute = table["path"].astype(str).tolist()
         table = table.assign(abs_path=absolute, path=source.relative_all(absolute))

@@ -41,6 +41,7 @@ from typing import BinaryIO, NamedTuple
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from isal import igzip, isal_zlib
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
@@ -57,6 +58,7 @@ from ..errors import (
 )
 from .dicomio import to_hu
 from .source import VOLUME_SUFFIXES as VOLUME_SUFFIXES  # re-exported: the suffixes are listed there
+from .source import read_csv
 
 logger = logging.getLogger(__name__)
 
@@ -468,3 +470,45 @@ def _inflate_error(path: str, exc: Exception):
     if isinstance(exc, EOFError):
         return TruncatedFileError(path, f"gzip stream ends early ({exc})")
     return PixelDecodeError(path, f"gzip data do not inflate ({exc})")
+
+
+#: Columns of a ``--volume-ids`` CSV: the volume (file name or id), its study, and optionally its patient.
+VOLUME_ID_COLUMNS = ("volume", "study", "patient")
+
+
+def read_volume_ids(path: str | os.PathLike) -> pd.DataFrame:
+    """A mapping CSV (``volume,study[,patient]``) as a table indexed by volume id (``049.nii.gz`` -> ``049``).
+
+    Raises ValueError naming the file and the lines of missing or repeated volumes.
+    """
+    table = read_csv(path, dtype=str, keep_default_na=False)
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    if not {"volume", "study"} <= set(table.columns):
+        raise ValueError(f"{path}: a volume-ids CSV needs columns volume,study[,patient]; it has {list(table.columns)}")
+    table = table.assign(volume=[volume_id(v.strip()) for v in table["volume"]], study=table["study"].str.strip())
+    bad = table.index[(table["volume"] == "") | (table["study"] == "") | table["volume"].duplicated(keep=False)]
+    if len(bad):
+        lines = ", ".join(str(i + 2) for i in bad[:5])
+        raise ValueError(f"{path}: empty or repeated volume, or empty study, at line(s) {lines}")
+    patient = table["patient"].str.strip() if "patient" in table else table["study"]
+    return pd.DataFrame(
+        {"study_uid": table["study"].to_numpy(), "patient_id": patient.to_numpy()}, index=table["volume"]
+    )
+
+
+def apply_volume_ids(table: pd.DataFrame, ids: pd.DataFrame) -> pd.DataFrame:
+    """Volume slices' study, series and patient from ``ids`` (:func:`read_volume_ids`); others keep file names."""
+    frames = table["frame"].notna()
+    volumes = table.loc[frames, "path"].astype(str).map(volume_id)
+    known = volumes.isin(ids.index)
+    missing = sorted(set(volumes[~known]))
+    if missing:
+        logger.warning(
+            "%d volumes are not in the volume-ids CSV and keep their file names: %s", len(missing), missing[:5]
+        )
+    rows = volumes[known]
+    table = table.copy()
+    for column in ("study_uid", "series_uid"):
+        table.loc[rows.index, column] = ids.loc[rows.to_numpy(), "study_uid"].to_numpy()
+    table.loc[rows.index, "patient_id"] = ids.loc[rows.to_numpy(), "patient_id"].to_numpy()
+    return table

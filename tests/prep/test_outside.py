@@ -321,3 +321,39 @@ def test_an_export_keeps_study_labels_readers_series_slabs_and_the_id_rule(conve
         json.loads((tmp_path / "sub.zarr" / "zarr.json").read_text())["attributes"]["ichkit"]["image_ids"] == "sop_uid"
     )
     assert verify_store(tmp_path / "sub.zarr").ok
+
+
+def test_a_volume_ids_csv_names_the_studies_and_patients_of_nifti_volumes(nifti, tmp_path):
+    from ichprep.reading.nifti import read_volume_ids
+
+    names = sorted(p.name for p in nifti.volumes)
+    mapping = tmp_path / "ids.csv"
+    mapping.write_text("volume,study,patient\n" + "".join(f"{n},S{i},P{i // 2}\n" for i, n in enumerate(names[1:])))
+    summary = convert(nifti.out_dir / "ct_scans", tmp_path / "n.zarr", SPEC, volume_ids=read_volume_ids(mapping))
+    studies = _table(tmp_path / "n.zarr", STUDIES)
+    assert summary.n_studies == nifti.n_volumes
+    unmapped = names[0].split(".")[0]  # keeps its file name
+    assert sorted(studies["study_uid"]) == sorted([unmapped, *(f"S{i}" for i in range(len(names) - 1))])
+    assert studies.set_index("study_uid").loc["S1", "patient_id"] == "P0"
+    assert _table(tmp_path / "n.zarr", SLICES)["image_id"].str.match(r"^\d{3}_\d{3}$").all()  # labels still match
+
+
+def test_a_volume_ids_csv_with_a_repeated_volume_names_its_lines(tmp_path):
+    from ichprep.reading.nifti import read_volume_ids
+
+    path = tmp_path / "ids.csv"
+    path.write_text("volume,study\n049.nii,A\n050.nii,B\n049.nii.gz,C\n")
+    with pytest.raises(ValueError, match=r"line\(s\) 2, 4"):
+        read_volume_ids(path)
+
+
+def test_a_kaggle_store_is_in_the_order_of_the_rule_before_series_and_keeps_every_study(store6):
+    """One series per study: the order is study, then z, then InstanceNumber, then image id, as it always was."""
+    slices = _table(store6, SLICES)
+    expected = slices.sort_values(["study_uid", "z", "instance_number", "image_id"], kind="stable")
+    assert slices["image_id"].tolist() == expected["image_id"].tolist()
+    series = _table(store6, SERIES)
+    assert series["kept"].all()
+    assert len(series) == slices["study_uid"].nunique()
+    rejected = pd.read_csv(store6 / REJECTED)
+    assert not (rejected["stage"] == "series").any()

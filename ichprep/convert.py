@@ -456,8 +456,9 @@ def convert(
         plan = slots.slots
         left_out = table[table["status"] != OK]
         if plan.empty:
+            statuses = ", ".join(f"{k} {v}" for k, v in sorted(Counter(table["status"].astype(str)).items()))
             raise DicomReadError(
-                str(source), f"no readable CT slice among {len(table)} files; see the scan for reasons"
+                str(source), f"no readable CT slice among {len(table)} files (by status: {statuses}); see the scan"
             )
 
         identity = _identity(spec, slots)

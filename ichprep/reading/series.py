@@ -8,11 +8,12 @@ decides per series, from the scan table alone, and returns every decision in :da
 
 Eligible (:class:`SeriesRule`): CT image storage (not a secondary capture or any other object), not a
 localizer or screen save, axial (slice normal within ``max_tilt_deg`` of the z axis: a tilted gantry
-stays), at least ``min_slices`` slices.  ``auto`` keeps one eligible series per study, ranked by
-kernel (soft tissue, then unknown, then bone or lung: :data:`SOFT_KERNELS`, :data:`SHARP_KERNELS`),
-then non-contrast, then thickness closest to ``target_mm``, then most slices, then lowest
-SeriesNumber, then SeriesInstanceUID: a total order, so the choice is deterministic.  ``all`` keeps
-every eligible series; a set of SeriesInstanceUIDs keeps exactly those.
+stays), at least ``min_slices`` slices where the study has a series that long.  ``auto`` keeps one
+eligible series per study, ranked by kernel (soft tissue, then unknown, then bone or lung:
+:data:`SOFT_KERNELS`, :data:`SHARP_KERNELS`), then non-contrast, then thickness closest to
+``target_mm``, then most slices, then lowest SeriesNumber, then SeriesInstanceUID: a total order, so
+the choice is deterministic.  ``all`` keeps every eligible series; a set of SeriesInstanceUIDs keeps
+exactly those.
 
 Within a kept series a second slice at a position already taken (within ``same_position_mm``) is
 left out as ``repeated_position`` (the first by InstanceNumber, then image id, stays); spacing and
@@ -173,9 +174,20 @@ def _ineligible(props: dict, rule: SeriesRule) -> str | None:
         return "screen capture"
     if props["tilt_deg"] is not None and props["tilt_deg"] > rule.max_tilt_deg:
         return f"not axial (normal {props['tilt_deg']:.0f} deg from z, over {rule.max_tilt_deg:g})"
-    if props["n_slices"] < rule.min_slices:
-        return f"too few slices ({props['n_slices']} < {rule.min_slices})"
     return None
+
+
+def _too_few(study_rows: list[dict], rule: SeriesRule) -> None:
+    """Make a series of under ``min_slices`` slices ineligible, where its study has a longer eligible one.
+
+    (A study whose every series is short, a partial export or a test folder, keeps them eligible.)
+    """
+    long_enough = [r for r in study_rows if r["eligible"] and r["n_slices"] >= rule.min_slices]
+    if not long_enough:
+        return
+    for r in study_rows:
+        if r["eligible"] and r["n_slices"] < rule.min_slices:
+            r.update(eligible=False, reason=f"too few slices ({r['n_slices']} < {rule.min_slices})")
 
 
 def _rank(props: dict, rule: SeriesRule) -> tuple:
@@ -330,6 +342,7 @@ def _decide(props: pd.DataFrame, mode: str | frozenset[str], rule: SeriesRule) -
     for row in rows:
         by_study.setdefault(row["study_uid"], []).append(row)
     for study_rows in by_study.values():
+        _too_few(study_rows, rule)
         eligible = [r for r in study_rows if r["eligible"]]
         if isinstance(mode, frozenset):
             for r in study_rows:

@@ -150,6 +150,13 @@ def test_a_tilted_gantry_stays_and_a_steep_or_short_series_does_not():
     assert series.loc["S.short", "reason"] == "too few slices (5 < 10)"
 
 
+def test_a_study_of_short_series_only_keeps_one_of_them():
+    rows = _series("S", "S.a", 4, number=1) + _series("S", "S.b", 6, number=2, kernel="BONE")
+    series = choose_series(to_frame(rows)).series.set_index("series_uid")
+    assert series["eligible"].all()
+    assert series.index[series["kept"]].tolist() == ["S.a"]
+
+
 def test_ties_go_to_more_slices_then_the_lower_series_number_whatever_the_row_order():
     rows = _series("S", "S.a", 30, number=7) + _series("S", "S.b", 32, number=8) + _series("S", "S.c", 32, number=6)
     for order in (rows, rows[::-1]):

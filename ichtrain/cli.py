@@ -451,32 +451,50 @@ MODEL = click.Path(exists=True, path_type=Path)  # a checkpoint file or an exper
     default="val",
     show_default=True,
     help="For a checkpoint: val = every labelled slice of the run's validation patients; all = every "
-    "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one.",
+    "labelled slice of STORE (e.g. a held-out archive). An experiment always scores every one. A store "
+    "with study labels only (convert --study-labels) is scored by study on every slice.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
+@click.option(
+    "--study-rule",
+    type=click.Choice(config.STUDY_RULES),
+    default=config.STUDY_RULES[0],
+    show_default=True,
+    help="How slice probabilities become a study's (max measured best on out-of-fold studies: BENCHMARKS.md).",
+)
+@click.option(
+    "--operating-point",
+    "targets",
+    multiple=True,
+    metavar="sens=S|spec=S",
+    help="Another study-level operating point to fix on MODEL's validation and apply unchanged here "
+    "(repeat); sens>=0.95 and the Youden point are always reported.",
+)
 @_inference_options
-def evaluate(model, store, split, out, tta, device, batch_size, workers) -> None:
-    """Metrics, predictions, ROC and calibration plots of MODEL (RUN/best.pt or an experiment) on STORE.
+def evaluate(model, store, split, out, tta, study_rule, targets, device, batch_size, workers) -> None:
+    """Slice and study-level metrics of MODEL (RUN/best.pt or an experiment) on STORE, with figures.
 
-    An experiment is scored as its folds' mean (stage 1) and, when EXP/seq exists, through stage 2.
+    Slice metrics, predictions, ROC and calibration plots where STORE has slice labels; then per label the
+    study AUC [95 % CI] and sensitivity/specificity at operating points fixed on MODEL's own validation,
+    with every reader beside the model where STORE has readers (study_metrics.json, study_roc.png,
+    worst_studies.png). An experiment is scored as its folds' mean (stage 1) and, when EXP/seq exists,
+    through stage 2.
     """
-    from .evaluation.evaluate import evaluate_checkpoint
+    from ichprep.storage.store import open_store
+
     from .evaluation.metrics import format_metrics
-    from .study.experiment import is_experiment
-    from .study.submit import evaluate_experiment
+    from .study.external import DEFAULT_TARGETS, format_studies, reference_points
 
     try:
-        if is_experiment(model):
-            metrics = evaluate_experiment(
-                model, store, out, tta=tta, device=device, batch_size=batch_size, workers=workers
-            )
+        opened = open_store(store)
+        reference = reference_points(model, rule=study_rule, targets=DEFAULT_TARGETS + tuple(targets))
+        if _has_slice_labels(opened):
+            metrics = _evaluate_slices(model, opened, split, out, tta, device, batch_size, workers)
         else:
-            metrics = {
-                "final": evaluate_checkpoint(
-                    model, store, out, split=split, device=device, batch_size=batch_size, workers=workers, tta=tta
-                )
-            }
+            metrics = {}
+            click.echo(f"{store} has no slice labels: scored by study only")
+        table = _evaluate_by_study(model, opened, out, reference, bool(metrics), tta, device, batch_size, workers)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     for stage in ("stage1", "stage2"):
@@ -487,9 +505,52 @@ def evaluate(model, store, split, out, tta, device, batch_size, workers) -> None
                 else "stage 2 (each fold's sequence model on its stage 1, averaged):"
             )
             click.echo(format_metrics(metrics[stage]))
-    if "stage1" not in metrics:
+    if metrics and "stage1" not in metrics:
         click.echo(format_metrics(metrics["final"]))
-    click.echo(f"wrote {out}/metrics.json, {out}/predictions.parquet, {out}/roc.png, {out}/calibration.png")
+    click.echo(format_studies(table))
+    wrote = "metrics.json, predictions.parquet, roc.png, calibration.png, " if metrics else ""
+    click.echo(f"wrote {out}: {wrote}study_metrics.json, study_predictions.csv, study_roc.png, worst_studies.png")
+
+
+def _has_slice_labels(store) -> bool:
+    """Whether any readable slice of the store carries a label (a store made with --study-labels has none)."""
+    labelled = store.slices[list(config.LABELS)].notna().any(axis=1).to_numpy()
+    return bool((labelled & store.slices["ok"].to_numpy(bool)).any())
+
+
+def _evaluate_slices(model, store, split, out, tta, device, batch_size, workers) -> dict:
+    from .evaluation.evaluate import evaluate_checkpoint
+    from .study.experiment import is_experiment
+    from .study.submit import evaluate_experiment
+
+    if is_experiment(model):
+        return evaluate_experiment(model, store, out, tta=tta, device=device, batch_size=batch_size, workers=workers)
+    final = evaluate_checkpoint(
+        model, store, out, split=split, device=device, batch_size=batch_size, workers=workers, tta=tta
+    )
+    return {"final": final}
+
+
+def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_size, workers) -> dict:
+    """The study-level block: from the slice evaluation's predictions where it ran (``scored``), else every slice."""
+    import numpy as np
+    import pandas as pd
+
+    from .files import PREDICTIONS
+    from .study.external import evaluate_studies, slice_table
+    from .study.submit import model_probs
+
+    if scored:
+        preds = pd.read_parquet(Path(out) / PREDICTIONS)
+        names = tuple(c[len("prob_") :] for c in preds.columns if c.startswith("prob_"))
+        slots = preds["slot"].to_numpy()
+        probs = preds[[f"prob_{n}" for n in names]].to_numpy()
+    else:
+        found = model_probs(model, store, tta=tta, device=device, batch_size=batch_size, workers=workers)
+        names = found.names
+        slots = np.flatnonzero(~np.isnan(found.probs).any(axis=1))
+        probs = found.probs[slots]
+    return evaluate_studies(slice_table(store, slots, probs, names), store, out, names=names, reference=reference)
 
 
 @main.command()

@@ -109,6 +109,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BUFFER_SHARDS = 23
 MIN_FOLDS = 2
 MAX_FOLDS = 20
+#: How slice probabilities become one study score (ichtrain.evaluation.studylevel.study_scores); max first: the default.
+STUDY_RULES: tuple[str, ...] = ("max", "top3", "noisy_or")
 EVAL_SPLITS = ("val", "all")  # evaluate: the run's validation patients, or every labelled slice
 #: Each stage-2 model's own defaults of the settings left unset (how they were chosen: BENCHMARKS.md, "Stage 2").
 #: The window model has about a hundred weights and fits to convergence; the recurrent and attention models

@@ -397,11 +397,20 @@ def study_labels(rendered: Rendered) -> dict[str, int]:
 
 
 def _interpolate(clean: np.ndarray, thickness: float, pos: int) -> np.ndarray:
-    """A thin slice's noise-free HU: linear along z between the 5 mm slices around its centre."""
+    """HU between the 5 mm slices around a thin slice's centre, linear along z."""
     f = min(max((pos + 0.5) * thickness / SLICE_MM - 0.5, 0.0), len(clean) - 1.0)
     a = int(f)
     b, w = min(a + 1, len(clean) - 1), np.float32(f - a)
     return clean[a] * (1 - w) + clean[b] * w
+
+
+def _thin(clean: np.ndarray, thickness: float, pos: int) -> np.ndarray:
+    """A thin slice's noise-free HU: the interpolation, shifted so the thin slices of each 5 mm slab average to
+    that 5 mm slice exactly (a 5 mm slice is the sum of the thin ones it spans, as a scanner reconstructs it)."""
+    per = round(SLICE_MM / thickness)
+    k = min(pos // per, len(clean) - 1)
+    mean = np.mean([_interpolate(clean, thickness, m) for m in range(k * per, (k + 1) * per)], axis=0)
+    return _interpolate(clean, thickness, pos) + (clean[k] - mean)
 
 
 def axial_hu(
@@ -409,7 +418,7 @@ def axial_hu(
 ) -> np.ndarray:
     """HU image (float32) of an axial series' position ``pos``; ``repeat``: the repeated file's other noise."""
     if series.kind == "thin":  # thinner slices hold fewer photons: noise grows as 1 / sqrt(thickness)
-        base = _interpolate(rendered.clean, series.thickness, pos)
+        base = _thin(rendered.clean, series.thickness, pos)
         noise_scale = math.sqrt(SLICE_MM / series.thickness)
     else:
         base, noise_scale = rendered.clean[pos].copy(), 1.0

@@ -594,6 +594,18 @@ def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_
     help="Write predictions of a --task subtypes checkpoint (its 'any' is the max subtype of a model that "
     "never saw a normal slice).",
 )
+@click.option(
+    "--study-csv",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write one score per study and label (study_uid, label, probability) here, by --study-rule.",
+)
+@click.option(
+    "--study-rule",
+    type=click.Choice(config.STUDY_RULES),
+    default=config.STUDY_RULES[0],
+    show_default=True,
+    help="How slice probabilities become a study's.",
+)
 def predict(
     models,
     store,
@@ -607,6 +619,8 @@ def predict(
     batch_size,
     workers,
     allow_subtypes_only,
+    study_csv,
+    study_rule,
 ) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
@@ -625,6 +639,8 @@ def predict(
         "any_at_least_subtypes": not raw_any,
         "allow_subtypes_only": allow_subtypes_only,
         "sample_submission": sample_submission,
+        "study_csv": study_csv,
+        "study_rule": study_rule,
     }
     try:
         if store is not None:
@@ -634,6 +650,8 @@ def predict(
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
     click.echo(f"wrote {len(frame)} rows ({len(frame) // 6} images, {len(models)} model(s)) to {output}")
+    if study_csv:
+        click.echo(f"wrote study scores ({study_rule} over slices) to {study_csv}")
 
 
 @main.command()

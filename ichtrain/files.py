@@ -21,6 +21,7 @@ ROC_PLOT = "roc.png"
 CALIBRATION_PLOT = "calibration.png"
 VAL_PREDICTIONS = "val_predictions.parquet"  # the best epoch's validation predictions
 PREDICTIONS = "predictions.parquet"  # ichtrain evaluate's predictions
+OPERATING_POINTS = "operating_points.json"  # study-level thresholds fixed on the validation table beside it
 
 # ---------------------------------------------------------------- an experiment
 EXPERIMENT = "experiment.json"  # the options every fold shares
@@ -30,6 +31,11 @@ OOF = "oof.parquet"  # out-of-fold predictions (stage 1 in EXP, stage 2 in EXP/s
 STAGE2_DIR = "seq"  # stage 2's folder inside the experiment (``ichtrain seq``)
 STAGE2_MODEL = "seq.pt"  # stage 2's models, one per fold
 COMPARE_PLOT = "compare.png"  # stage 1 against stage 2, per label
+
+
+def is_experiment(path: str | Path) -> bool:
+    """Whether ``path`` is an experiment folder (``ichtrain cv --out EXP``) rather than a run or a checkpoint."""
+    return (Path(path) / EXPERIMENT).is_file()
 
 
 def fold_dir(exp: str | Path, k: int) -> Path:

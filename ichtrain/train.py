@@ -38,6 +38,7 @@ from .evaluation.metrics import fmt
 from .evaluation.plots import plot_loss_curves
 from .evaluation.report import Validation, validate_epoch, validation_parts, write_figures
 from .model import build_model, random_init_advice
+from .study.external import write_reference
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def save_epoch(
         write_figures(
             out, validation.preds, names=tuple(checkpoint.names), store=store, predictions=files.VAL_PREDICTIONS
         )
+        write_reference(out / files.VAL_PREDICTIONS)
     plot_loss_curves(checkpoint.history, out / files.LOSS_PLOT)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -408,16 +407,6 @@ def study_auc(y_true, score, *, n_boot: int = 2000, seed: int = 0) -> AucInterva
     return study_aucs(y, score, n_boot=n_boot, seed=seed)[0]
 
 
-def benchmark_study_auc(n_studies: int = 21_744, n_labels: int = len(LABELS), n_boot: int = 2000) -> float:
-    """Seconds :func:`study_aucs` takes on synthetic data of CQ500-to-RSNA size (not a test: machines differ)."""
-    rng = np.random.default_rng(0)
-    y = (rng.random((n_studies, n_labels)) < 0.1).astype(float)
-    s = np.clip(rng.random((n_studies, n_labels)) * 0.7 + 0.3 * y, 0.0, 1.0)
-    start = time.perf_counter()
-    study_aucs(y, s, n_boot=n_boot, seed=0)
-    return time.perf_counter() - start
-
-
 # --------------------------------------------------------------------------- 4. readers
 
 
@@ -710,7 +699,3 @@ def format_external_table(table: Mapping) -> str:
         lines += ["", f"Readers against the majority of the other readers (even splits: {rule})"]
         lines += _layout(reader_rows)
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(f"study_aucs, 21744 studies x 6 labels, 2000 resamples: {benchmark_study_auc():.2f} s")

@@ -37,13 +37,11 @@ from ..evaluation.evaluate import Loaded, infer_loaded, load_for_store
 from ..evaluation.recalibrate import Platt, cross_fit, cross_fit_parts
 from ..evaluation.report import run_metrics, write_predictions
 from ..files import BEST, CONFIG, EXPERIMENT, FOLDS, LAST, METRICS, OOF, OUTPUTS, fold_dir
+from ..files import is_experiment as is_experiment  # re-exported: callers ask the experiment module
 from ..train import train
+from .external import write_reference
 
 logger = logging.getLogger(__name__)
-
-
-def is_experiment(path: str | Path) -> bool:
-    return (Path(path) / EXPERIMENT).is_file()
 
 
 class Experiment(NamedTuple):
@@ -316,6 +314,7 @@ def score_experiment(exp: str | Path) -> dict:
         names=names,
         columns={"fold": experiment.fold[slots]},
     )
+    write_reference(experiment.path / OOF)
     fold_metrics = []
     for k in range(experiment.folds):
         run = json.loads((fold_dir(experiment.path, k) / METRICS).read_text())

@@ -30,8 +30,7 @@ from ..evaluation.studylevel import (
     study_scores,
 )
 from ..evaluation.studyplots import plot_study_roc, plot_worst_studies
-from ..files import OOF, STAGE2_DIR, VAL_PREDICTIONS
-from .experiment import is_experiment
+from ..files import OOF, OPERATING_POINTS, STAGE2_DIR, VAL_PREDICTIONS, is_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,11 @@ def reference_points(
     model: str | Path, *, rule: str = DEFAULT_RULE, targets: tuple[str, ...] = DEFAULT_TARGETS, staged: bool = True
 ) -> Reference:
     """Per label, the study-level thresholds of ``targets`` on the MODEL's validation studies."""
-    path = validation_table(model, staged=staged)
+    return reference_from(validation_table(model, staged=staged), rule=rule, targets=targets)
+
+
+def reference_from(path: Path, *, rule: str = DEFAULT_RULE, targets: tuple[str, ...] = DEFAULT_TARGETS) -> Reference:
+    """Per label, the study-level thresholds of ``targets`` on one validation table (``prob_``/``true_`` columns)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: operating points are fixed on the MODEL's validation predictions")
     slices = pd.read_parquet(path)
@@ -79,6 +82,14 @@ def reference_points(
         known = ~np.isnan(y)
         thresholds[label] = operating_points(y[known], s[known], sensitivities=(), youden=False, targets=targets)
     return Reference(rule=rule, thresholds=thresholds, source=str(path), n_studies=len(studies))
+
+
+def write_reference(path: Path) -> Path:
+    """The default operating points of a validation table, written beside it (``operating_points.json``)."""
+    reference = reference_from(path)
+    out = path.parent / OPERATING_POINTS
+    out.write_text(json.dumps(reference._asdict(), indent=2) + "\n")
+    return out
 
 
 def slice_table(store: Store, slots: np.ndarray, probs: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:

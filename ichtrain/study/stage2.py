@@ -36,6 +36,7 @@ from .experiment import (
     open_training_store,
     scored_slots,
 )
+from .external import write_reference
 from .sequence import SeqInputs, cross_fit, save_seq
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def run_seq(
     truth = inputs.targets[slots]
     fold = experiment.fold[slots]
     write_predictions(out / OOF, store, slots=slots, probs=probs2, truth=truth, names=names, columns={"fold": fold})
+    write_reference(out / OOF)
     stage1 = oof_block(store, slots, probs1, names=names, task=task, seed=seed)
     stage2 = oof_block(store, slots, probs2, names=names, task=task, seed=seed)
     per_fold = [

@@ -28,7 +28,7 @@ from ichprep.spec import PreprocessSpec
 from ichprep.storage.store import REJECTED, Store
 
 from ..checkpoint import Checkpoint
-from ..config import INFER_BATCH_SIZE, INFER_WORKERS, TrainConfig
+from ..config import INFER_BATCH_SIZE, INFER_WORKERS, STUDY_RULES, TrainConfig
 from ..data.tables import targets
 from ..engine import Predictions, sigmoid
 from ..errors import ConfigError, DataError
@@ -39,6 +39,7 @@ from ..evaluation.report import write_report
 from ..files import BEST, COMPARE_PLOT, STAGE2_DIR, STAGE2_MODEL
 from . import sequence
 from .experiment import Inferred, fold_dir, infer_slots, is_experiment, oof_block, open_experiment, scored_slots
+from .external import write_study_csv
 from .stage2 import any_max, seq_inputs
 
 logger = logging.getLogger(__name__)
@@ -180,13 +181,16 @@ def predict_store(
     unreadable: list[str] | None = None,
     allow_subtypes_only: bool = False,
     sample_submission: str | Path | None = None,
+    study_csv: str | Path | None = None,
+    study_rule: str = STUDY_RULES[0],
 ) -> pd.DataFrame:
     """Write a Kaggle-format CSV for every slice of a store: the mean of the models' probabilities.
 
     ``any_at_least_subtypes`` raises ``any`` to the largest subtype probability (a bleed of any kind is a
     bleed).  Unreadable slices get the training prevalence.  Raises ConfigError for a ``--task subtypes``
     checkpoint unless ``allow_subtypes_only``.  ``sample_submission`` (a file, URL or ``ZIP::PATH``): write
-    exactly its rows, in its order (see :func:`follow_sample`).
+    exactly its rows, in its order (see :func:`follow_sample`).  ``study_csv``: also one score per study and
+    label by ``study_rule`` (:func:`ichtrain.study.external.write_study_csv`).
     """
     models = [models] if isinstance(models, (str, Path)) else list(models)
     store = as_store(store_path)
@@ -209,6 +213,8 @@ def predict_store(
     if any_at_least_subtypes:
         table = any_max(table, LABELS)
     ok = store.slices["ok"].to_numpy(bool)
+    if study_csv is not None:  # study scores from the readable slices only
+        write_study_csv(np.where(ok[:, None], table, np.nan), store, study_csv, names=LABELS, rule=study_rule)
     image_ids = store.slices["image_id"].astype(str).tolist()
     extra = list(unreadable or [])
     if extra:

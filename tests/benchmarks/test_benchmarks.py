@@ -219,3 +219,13 @@ def test_archive_bench_quick(tmp_path, capsys):
     assert results["slab"]["off"]["last_run"]["n_slabs"] == 0
     assert results["decisions"]["large"]["rows"] >= archive_bench.LARGE_ROWS
     assert [t["met"] in (True, False) for t in results["targets"]] == [True] * 3
+
+
+def test_study_bench_times_the_table_and_every_rule(capsys):
+    from benchmarks.study_bench import main as study_main
+    from ichtrain.config import STUDY_RULES
+
+    result = study_main(["--studies", "300", "--slices", "3000", "--resamples", "50"])
+    assert result["external_table_s"] > 0
+    assert set(result["study_scores_s"]) == set(STUDY_RULES)
+    assert "external_table, 300 studies" in capsys.readouterr().out

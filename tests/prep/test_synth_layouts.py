@@ -239,16 +239,13 @@ def test_thin_series_averages_back_to_the_thick_one():
     for mm in sl.THIN_MM:
         m = round(5 / mm)
         thin = replace(thick, kind="thin", thickness=mm, n_positions=n * m)
-        for z in range(2, n - 2):
+        for z in range(n):
             average = np.mean([sl.axial_hu(0, study, thin, rendered, z * m + i) for i in range(m)], axis=0)
             head = clean[z] > -500
-            # linear interpolation: a 5 mm slab of thin slices averages to 1/8, 3/4, 1/8 of the 5 mm slices
-            blend = 0.75 * clean[z] + 0.125 * (clean[z - 1] + clean[z + 1])
-            assert np.abs(average - blend)[head].mean() < 7, (mm, z)
-            diff = [np.abs(average - thick_hu[zz])[head].mean() for zz in (z - 1, z, z + 1)]
-            assert diff[1] < min(diff[0], diff[2]), (mm, z, diff)  # closest to its own 5 mm slice
-        middle = np.mean([sl.axial_hu(0, study, thin, rendered, n // 2 * m + i) for i in range(m)], axis=0)
-        assert np.abs(middle - thick_hu[n // 2])[clean[n // 2] > -500].mean() < 12
+            # the thin slices of a 5 mm slab average to that 5 mm slice: the difference is noise alone
+            assert np.abs(average - clean[z])[head].mean() < 6, (mm, z)
+            diff = [np.abs(average - thick_hu[zz])[head].mean() for zz in (z - 1, z, z + 1) if 0 <= zz < n]
+            assert min(diff) == np.abs(average - thick_hu[z])[head].mean(), (mm, z, diff)  # its own 5 mm slice
 
 
 def test_study_truth_and_reads(hospital):

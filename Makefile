@@ -7,9 +7,10 @@ DEMO   ?= demo_out
 DEMO_STUDIES ?= 40
 STUDY  ?= demo_study
 STUDY_STUDIES ?= 120
+EXTERNAL ?= demo_external
 KAGGLE  = $(DEMO)/rsna.zip::rsna-intracranial-hemorrhage-detection
 
-.PHONY: install test demo demo-study bench clean
+.PHONY: install test demo demo-study demo-external bench clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,9 +79,22 @@ demo-study: $(STAMP)
 	@echo
 	@echo "demo-study done: $(STUDY)/exp (folds, oof.parquet, metrics.json, seq/, compare.png, study_<uid>.png)"
 
+# External validation: make demo-study's experiment (its operating points fixed on its out-of-fold studies)
+# scored on a CQ500-style archive of another seed, converted with the defaults at the experiment's 64².
+demo-external: $(STAMP)
+	test -f $(STUDY)/exp/seq/seq.pt || $(MAKE) demo-study
+	rm -rf $(EXTERNAL)
+	$(BIN)/ichprep synth $(EXTERNAL)/hospital --layout hospital --studies 60 --seed 21 --size 256 \
+		--lesion-rate 0.9 --min-lesion-pixels 800
+	$(BIN)/ichprep convert $(EXTERNAL)/hospital --study-labels $(EXTERNAL)/hospital/reads.csv \
+		-o $(EXTERNAL)/hospital64.zarr --size 64 --shard-slices 32
+	$(BIN)/ichtrain evaluate $(STUDY)/exp --store $(EXTERNAL)/hospital64.zarr --out $(EXTERNAL)/eval \
+		--workers 1 --device cpu
+	@echo "demo-external done: $(EXTERNAL)/eval (study_metrics.json, study_roc.png, worst_studies.png)"
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --out bench_out/bench.json
 	@echo "table printed above; every figure in bench_out/bench.json (see BENCHMARKS.md)"
 
 clean:
-	rm -rf $(DEMO) $(STUDY) .pytest_cache
+	rm -rf $(DEMO) $(STUDY) $(EXTERNAL) .pytest_cache

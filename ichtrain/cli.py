@@ -508,8 +508,10 @@ def evaluate(model, store, split, out, tta, study_rule, targets, device, batch_s
     if metrics and "stage1" not in metrics:
         click.echo(format_metrics(metrics["final"]))
     click.echo(format_studies(table))
-    wrote = "metrics.json, predictions.parquet, roc.png, calibration.png, " if metrics else ""
-    click.echo(f"wrote {out}: {wrote}study_metrics.json, study_predictions.csv, study_roc.png, worst_studies.png")
+    wrote = "predictions.parquet, roc.png, calibration.png, " if metrics else ""
+    click.echo(
+        f"wrote {out}: metrics.json, {wrote}study_metrics.json, study_predictions.csv, study_roc.png, worst_studies.png"
+    )
 
 
 def _has_slice_labels(store) -> bool:
@@ -533,10 +535,12 @@ def _evaluate_slices(model, store, split, out, tta, device, batch_size, workers)
 
 def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_size, workers) -> dict:
     """The study-level block: from the slice evaluation's predictions where it ran (``scored``), else every slice."""
+    import json
+
     import numpy as np
     import pandas as pd
 
-    from .files import PREDICTIONS
+    from .files import METRICS, PREDICTIONS
     from .study.external import evaluate_studies, slice_table
     from .study.submit import model_probs
 
@@ -550,7 +554,11 @@ def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_
         names = found.names
         slots = np.flatnonzero(~np.isnan(found.probs).any(axis=1))
         probs = found.probs[slots]
-    return evaluate_studies(slice_table(store, slots, probs, names), store, out, names=names, reference=reference)
+    table = evaluate_studies(slice_table(store, slots, probs, names), store, out, names=names, reference=reference)
+    summary = Path(out) / METRICS  # metrics.json holds everything: slice blocks where they exist, then studies
+    merged = json.loads(summary.read_text()) if scored else {}
+    summary.write_text(json.dumps({**merged, "studies": table}, indent=2) + "\n")
+    return table
 
 
 @main.command()

@@ -69,6 +69,7 @@ def test_an_outside_store_with_study_labels_only_is_scored_by_study_at_the_valid
     assert (out / STUDY_ROC_PLOT).stat().st_size > 10_000
     assert (out / WORST_STUDIES_PLOT).stat().st_size > 10_000
     assert not (out / "predictions.parquet").exists()  # no slice labels: no slice evaluation
+    assert json.loads((out / "metrics.json").read_text()) == {"studies": table}
 
 
 def test_predict_writes_one_score_per_study_and_label_the_max_over_its_slices(tiny_run, outside, tmp_path):

@@ -440,6 +440,13 @@ def seq(exp, out, model, inputs, **options) -> None:
 
 
 MODEL = click.Path(exists=True, path_type=Path)  # a checkpoint file or an experiment folder
+_study_rule_option = click.option(
+    "--study-rule",
+    type=click.Choice(config.STUDY_RULES),
+    default=config.STUDY_RULES[0],
+    show_default=True,
+    help="How slice probabilities become a study's score (max measured best on out-of-fold studies: BENCHMARKS.md).",
+)
 
 
 @main.command()
@@ -456,13 +463,7 @@ MODEL = click.Path(exists=True, path_type=Path)  # a checkpoint file or an exper
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tta", type=click.Choice(config.TTAS), default="none", show_default=True)
-@click.option(
-    "--study-rule",
-    type=click.Choice(config.STUDY_RULES),
-    default=config.STUDY_RULES[0],
-    show_default=True,
-    help="How slice probabilities become a study's (max measured best on out-of-fold studies: BENCHMARKS.md).",
-)
+@_study_rule_option
 @click.option(
     "--operating-point",
     "targets",
@@ -607,13 +608,7 @@ def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write one score per study and label (study_uid, label, probability) here, by --study-rule.",
 )
-@click.option(
-    "--study-rule",
-    type=click.Choice(config.STUDY_RULES),
-    default=config.STUDY_RULES[0],
-    show_default=True,
-    help="How slice probabilities become a study's.",
-)
+@_study_rule_option
 def predict(
     models,
     store,

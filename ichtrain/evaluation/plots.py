@@ -177,18 +177,12 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     return _save(fig, out_png)
 
 
-def _reliability_panel(ax, name: str, labelled: _Rows) -> None:
-    t, p = labelled.t, labelled.p
-    calib = calibration(t, p)
-    bins = calib.reliability
-    mean_p = np.array([b["mean_prob"] for b in bins])
-    observed = np.array([b["observed"] for b in bins])
-    counts = np.array([b["n"] for b in bins])
+def unit_square(ax) -> None:
+    """Axes of a rate against a rate: the diagonal, equal scales, quarter ticks, a light grid.
+
+    A little room past [0, 1] so markers at exactly 0 or 1 are not cut by the frame.
+    """
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-    ax.plot(mean_p, observed, color="tab:blue", linewidth=1.2)
-    # Marker area tracks the rows in each bin (deciles: equal unless ties merged bins).
-    ax.scatter(mean_p, observed, s=15 + 100 * counts / counts.max(), color="tab:blue", zorder=3)
-    # A little room past [0, 1] so markers at exactly 0 or 1 are not cut by the frame.
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_aspect("equal")
@@ -196,6 +190,19 @@ def _reliability_panel(ax, name: str, labelled: _Rows) -> None:
     ax.set_xticks(ticks, ["0", "", "0.5", "", "1"])
     ax.set_yticks(ticks, ["0", "", "0.5", "", "1"])
     ax.grid(True, alpha=0.3)
+
+
+def _reliability_panel(ax, name: str, labelled: _Rows) -> None:
+    t, p = labelled.t, labelled.p
+    calib = calibration(t, p)
+    bins = calib.reliability
+    mean_p = np.array([b["mean_prob"] for b in bins])
+    observed = np.array([b["observed"] for b in bins])
+    counts = np.array([b["n"] for b in bins])
+    unit_square(ax)
+    ax.plot(mean_p, observed, color="tab:blue", linewidth=1.2)
+    # Marker area tracks the rows in each bin (deciles: equal unless ties merged bins).
+    ax.scatter(mean_p, observed, s=15 + 100 * counts / counts.max(), color="tab:blue", zorder=3)
     ax.set_title(
         f"{name} (n={t.size}, {len(bins)} bins)\nECE {calib.ece:.3f}, mean p {calib.mean_prob:.3f} "
         f"vs prevalence {t.mean():.3f}",

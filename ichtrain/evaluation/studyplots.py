@@ -40,7 +40,7 @@ from .bootstrap import (
     auc_ap_from_groups,
     percentile_interval,
 )
-from .plots import _STAGES, _new_figure, _positive_runs, _save, _why_skipped
+from .plots import _STAGES, _new_figure, _positive_runs, _save, _why_skipped, unit_square
 
 logger = logging.getLogger(__name__)
 
@@ -230,25 +230,13 @@ def _threshold_text(entry: Mapping) -> str:
     return f" t={value:.2f}" if math.isfinite(value) else ""
 
 
-def _roc_axes(ax) -> None:
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-    # A little room past [0, 1]: readers and operating points often sit on an edge.
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_aspect("equal")
-    ticks = [0, 0.25, 0.5, 0.75, 1]
-    ax.set_xticks(ticks, ["0", "", "0.5", "", "1"])
-    ax.set_yticks(ticks, ["0", "", "0.5", "", "1"])
-    ax.grid(True, alpha=0.3)
-
-
 class _Styles(NamedTuple):
     points: dict[str, tuple[str, str]]  # operating point name -> (marker, colour)
     readers: dict[str, str]  # reader name -> R1, R2, ...
 
 
 def _roc_panel(ax, label: str, t: np.ndarray, p: np.ndarray, marks: tuple[Mapping, Mapping], styles, boot) -> None:
-    _roc_axes(ax)
+    unit_square(ax)
     head = finding(label) if finding(label) == label else f"{finding(label)} ({label})"
     what = _why_skipped(t)
     if what:

@@ -487,12 +487,13 @@ def worst_studies_figure(
     studies: pd.DataFrame,
     *,
     label: str = "any",
-    thresholds: Mapping[str, float] | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
     n: int = 6,
 ) -> Figure:
     """The figure :func:`plot_worst_studies` saves: misses on the top row, false alarms below, ``n // 2`` columns."""
     _require(slices, ["study_uid", f"prob_{label}"], "slices")
-    thresholds = {str(k): float(v) for k, v in (thresholds or {}).items()}
+    # A point a one-class validation could not fix is stored as None and has no line to draw.
+    thresholds = {str(k): float(v) for k, v in (thresholds or {}).items() if v is not None}
     picked = worst_studies(studies, label, n)
     table = _study_table(studies, label).set_index("study_uid")
     shown = set(picked.misses) | set(picked.false_alarms)
@@ -548,7 +549,7 @@ def plot_worst_studies(
     studies: pd.DataFrame,
     *,
     label: str = "any",
-    thresholds: dict[str, float] | None,
+    thresholds: Mapping[str, float | None] | None,
     path,
     n: int = 6,
 ) -> Path:

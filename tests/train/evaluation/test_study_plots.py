@@ -289,6 +289,13 @@ def test_worst_studies_figure_shows_the_picked_studies(tmp_path):
     _read_png(out, size)
 
 
+def test_a_threshold_that_could_not_be_fixed_is_not_drawn():
+    studies, slices = _tables()
+    fig = worst_studies_figure(slices, studies, label="any", thresholds={"sens>=0.95": 0.4, "youden": None}, n=4)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "sens>=0.95 0.40" in legend and not any(t.startswith("youden") for t in legend)
+
+
 def test_worst_studies_without_slice_truth_z_or_misses(tmp_path):
     studies, slices = _tables(n_studies=12, slice_truth=False)
     slices = slices.drop(columns=["z", "true_any"])

@@ -329,6 +329,36 @@ def cluster_options(command):
     )(command)
 
 
+def limit_options(command):
+    """--max-file-mb / --max-volume-mb / --max-ratio (:class:`ichprep.reading.limits.ReadLimits`), for every
+    command that reads a SOURCE."""
+    from .reading.limits import MIB, ReadLimits
+
+    default = ReadLimits()
+    for flag, value, text in (
+        ("--max-ratio", default.max_ratio, "A member of 2 MiB or more declaring more inflated bytes per stored byte"),
+        ("--max-volume-mb", default.max_volume_bytes // MIB, "A NIfTI volume whose voxels take more MiB"),
+        ("--max-file-mb", default.max_file_bytes // MIB, "A DICOM file, zip member or object of more MiB"),
+    ):
+        command = click.option(
+            flag,
+            type=click.FloatRange(min=1, min_open=flag == "--max-ratio"),
+            default=value,
+            show_default=True,
+            help=f"{text} is rejected unread (a hostile or damaged archive).",
+        )(command)
+    return command
+
+
+def _limited(dicom_dir: str, max_file_mb: float, max_volume_mb: float, max_ratio: float):
+    """The SOURCE with the limits its options give."""
+    from .reading.limits import ReadLimits
+    from .reading.source import parse_source
+
+    limits = ReadLimits.from_mib(max_file_mb=max_file_mb, max_volume_mb=max_volume_mb, max_ratio=max_ratio)
+    return parse_source(dicom_dir, limits)
+
+
 def _cluster(workers: int | None, scheduler: str | None):
     """The Dask client of --workers / --scheduler (a context manager); both at once is a usage error."""
     from .cluster import OnDemand
@@ -349,15 +379,19 @@ def _cluster(workers: int | None, scheduler: str | None):
     help="Parquet file to write, e.g. slices.parquet.",
 )
 @cluster_options
-def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | None, scheduler: str | None) -> None:
+@limit_options
+def scan(
+    dicom_dir: str, labels_csv: str | None, output: Path, workers: int | None, scheduler: str | None, **limits
+) -> None:
     """Read every DICOM header of SOURCE in parallel and write one Parquet row per file."""
     from .reading.scan import scan as run_scan
     from .reading.scan import write_scan
 
     cluster = _cluster(workers, scheduler)  # starts nothing until entered
     try:
+        source = _limited(dicom_dir, **limits)
         with cluster as client, _bars() as progress:
-            table, summary = run_scan(dicom_dir, labels_csv, client=client, progress=progress)
+            table, summary = run_scan(source, labels_csv, client=client, progress=progress)
         write_scan(table, output)
     except (IchprepError, OSError) as exc:
         _fail(exc)
@@ -490,6 +524,7 @@ def scan(dicom_dir: str, labels_csv: str | None, output: Path, workers: int | No
     metavar="|".join(READER_RULES) + "|READER",
     help="How reader columns combine: majority (2 of 3), any, or one reader's name (R1).",
 )
+@limit_options
 def convert(
     dicom_dir,
     labels_csv,
@@ -513,6 +548,7 @@ def convert(
     study_key,
     readers,
     volume_ids_csv,
+    **limits,
 ) -> None:
     """Convert every DICOM slice of SOURCE into one sharded Zarr v3 store.
 
@@ -546,9 +582,10 @@ def convert(
             read_study_labels(study_labels_csv, key_column=study_key, readers=readers) if study_labels_csv else None
         )
         volume_ids = read_volume_ids(volume_ids_csv) if volume_ids_csv else None
+        source = _limited(dicom_dir, **limits)
         with cluster as client, _bars() as progress:
             summary = run_convert(
-                dicom_dir,
+                source,
                 store,
                 spec,
                 labels_csv=labels_csv,

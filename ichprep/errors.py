@@ -76,6 +76,30 @@ class ZipMemberError(DicomReadError):
     reason = "bad_zip_member"
 
 
+class TooLargeError(DicomReadError):
+    """A file or zip member declares more bytes than :class:`ichprep.reading.limits.ReadLimits` allows."""
+
+    reason = "too_large"
+
+
+class SuspiciousRatioError(DicomReadError):
+    """A zip member or gzip volume declares far more inflated bytes than a CT image compresses to."""
+
+    reason = "suspicious_ratio"
+
+
+class SizeMismatchError(DicomReadError):
+    """A zip member's data inflate past the size its header declares (a damaged or hostile zip)."""
+
+    reason = "size_mismatch"
+
+
+class HeaderTooLongError(DicomReadError):
+    """No pixel data element within the bytes a header read takes (:data:`ichprep.reading.limits.HEADER_BYTES`)."""
+
+    reason = "header_too_long"
+
+
 class SourceError(IchprepError, FileNotFoundError):
     """A SOURCE (folder, zip, URL) does not exist or cannot be listed; the message says which part."""
 
@@ -90,6 +114,17 @@ class WindowSpecError(IchprepError, ValueError):
 
 class StoreError(IchprepError, ValueError):
     """A path is not an ichkit store, or the store is incomplete or inconsistent."""
+
+
+class DamagedStoreError(StoreError):
+    """A store's shard files do not match its manifest (missing, cut, altered); the message lists them and the fix."""
+
+
+class DamagedShardError(StoreError):
+    """A shard file that should exist is absent or does not decode, found while reading it.
+
+    Built from one message string, so a DataLoader worker's error is raised again in the main process as this type.
+    """
 
 
 class StoreExistsError(IchprepError, FileExistsError):

@@ -42,6 +42,7 @@ from .. import scratch
 from ..errors import (
     DicomReadError,
     EmptyFileError,
+    HeaderTooLongError,
     InvalidHeaderError,
     MissingTagError,
     NoPixelDataError,
@@ -52,6 +53,7 @@ from ..errors import (
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
+from .limits import HEADER_BYTES
 from .plainread import PlainDataset, parse, read_plain
 
 logger = logging.getLogger(__name__)
@@ -247,19 +249,26 @@ def _open(path: str | Path, stop_before_pixels: bool, data: bytes | None = None)
         raise NotDicomError(path, "is a directory") from exc
     except OSError as exc:  # permission denied, symlink loop, I/O error, ...
         raise UnreadableFileError(path, f"cannot open: {exc.strerror or exc}") from exc
+    size = 0
     try:
         with fp:
-            if (len(data) if data is not None else os.fstat(fp.fileno()).st_size) == 0:
+            size = len(data) if data is not None else os.fstat(fp.fileno()).st_size
+            if size == 0:
                 raise EmptyFileError(path, "the file has 0 bytes")
-            ds = _dcmread(fp, stop_before_pixels)
+            stream = io.BytesIO(fp.read(HEADER_BYTES)) if stop_before_pixels and data is None else fp
+            ds = _dcmread(stream, stop_before_pixels)
             if stop_before_pixels:
-                has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
+                has_pixels = stream.read(4) in _PIXEL_TAG_BYTES
+                if not has_pixels and size >= HEADER_BYTES:  # a header read parses at most HEADER_BYTES
+                    raise _too_long(path, "")
             else:
                 has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
             return Opened(ds, has_pixels)
     except DicomReadError:
         raise
     except (EOFError, struct.error) as exc:
+        if stop_before_pixels and size >= HEADER_BYTES:
+            raise _too_long(path, f" ({exc})") from exc
         raise TruncatedFileError(path, f"file ends inside the header ({exc})") from exc
     except InvalidDicomError as exc:
         raise NotDicomError(path, str(exc)) from exc
@@ -267,9 +276,18 @@ def _open(path: str | Path, stop_before_pixels: bool, data: bytes | None = None)
         raise InvalidHeaderError(path, f"header does not parse: {exc}") from exc
 
 
+def _too_long(path: str | Path, why: str) -> HeaderTooLongError:
+    reads = f"no pixel data within the first {HEADER_BYTES} bytes, which a header read takes"
+    return HeaderTooLongError(path, reads + why)
+
+
 def _dcmread(fp, stop_before_pixels: bool) -> pydicom.Dataset:
     """dcmread; a raw dataset without the 128-byte preamble and "DICM" (seen in the wild) is read with force=True."""
-    part10 = fp.read(132)[128:132] == b"DICM"
+    head = fp.read(132)
+    part10 = head[128:132] == b"DICM"
+    if not part10 and head[:4] == bytes(4):
+        # Group 0 at byte 0 is no file's first element; pydicom would walk every zero-length "element" to the end.
+        raise InvalidDicomError("no 'DICM' at byte 128 and zeros where a raw dataset's first tag would be")
     fp.seek(0)
     ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=not part10)
     if not part10 and "TransferSyntaxUID" not in ds.file_meta:

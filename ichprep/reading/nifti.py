@@ -57,6 +57,7 @@ from ..errors import (
     UnsupportedImageError,
 )
 from .dicomio import to_hu
+from .limits import ReadLimits
 from .source import VOLUME_SUFFIXES as VOLUME_SUFFIXES  # re-exported: the suffixes are listed there
 from .source import read_csv
 
@@ -71,6 +72,8 @@ _NIFTI1_MAGIC = b"n+1\x00"  # at offset 344: single-file NIfTI-1
 _NIFTI1_PAIR_MAGIC = b"ni1\x00"  # a .hdr of a .hdr/.img pair
 _NIFTI2_MAGIC = b"n+2\x00"  # at offset 4
 _HEADER_BYTES = 540  # the larger of the two header sizes (NIfTI-2)
+#: What a scan reads of a volume that is not on a local disk: the header, gzip's own header and slack.
+VOLUME_HEAD_BYTES = 1 << 16
 _ERROR_LEVEL = 40  # nibabel's problem level from which a header is refused rather than fixed (its default)
 _SAMPLE = 1 << 16  # bytes of each end of in-memory data hashed into the per-thread cache key
 _FRAME = re.compile(r"^(?P<volume>.+)" + re.escape(FRAME_SEP) + r"(?P<k>[0-9]+)$")
@@ -107,6 +110,11 @@ class VolumeHeader(NamedTuple):
     slope: float
     inter: float
     layout: SliceLayout
+
+    @property
+    def nbytes(self) -> int:
+        """The voxel data's size, inflated."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class _LastVolume:
@@ -302,7 +310,13 @@ def layout_of(affine: np.ndarray, *, path: str = "<affine>") -> SliceLayout:
 # --- scan --------------------------------------------------------------------------------------------
 
 
-def scan_volume(path: str | os.PathLike, data: bytes | None = None) -> list[dict]:
+def scan_volume(
+    path: str | os.PathLike,
+    data: bytes | None = None,
+    *,
+    limits: ReadLimits | None = None,
+    stored: int | None = None,
+) -> list[dict]:
     """One scan row per slice of a volume, from its header alone.
 
     Parameters
@@ -311,6 +325,11 @@ def scan_volume(path: str | os.PathLike, data: bytes | None = None) -> list[dict
         The volume; where ``data`` is given, only its name.
     data : bytes, optional
         The file's bytes (whole, or a prefix holding the header) where they are not at ``path``.
+    limits : ReadLimits, optional
+        The voxel bytes the header announces, and their ratio to ``stored`` (the file's size), are checked
+        against them [default: :class:`ReadLimits`'s defaults].
+    stored : int, optional
+        The file's size in bytes, where known.
 
     Returns
     -------
@@ -323,9 +342,10 @@ def scan_volume(path: str | os.PathLike, data: bytes | None = None) -> list[dict
         If ``path`` does not exist (and no ``data`` is given).
     DicomReadError
         A subclass naming the file and the reason: empty, unreadable, not NIfTI, truncated, a bad header
-        or affine, a 2-D image, several volumes, voxels that are not real numbers.
+        or affine, a 2-D image, several volumes, voxels that are not real numbers, over ``limits``.
     """
     header = read_volume_header(path, data)
+    (limits or ReadLimits()).check_volume(header.path, header.nbytes, stored)
     path, layout, affine = header.path, header.layout, header.affine
     if header.dtype.itemsize == 1 and header.slope == 1 and header.inter == 0:
         # CT values span -1024..3000 HU; one unscaled byte per voxel is a segmentation (CT-ICH's masks/).
@@ -393,7 +413,9 @@ def scan_volume(path: str | os.PathLike, data: bytes | None = None) -> list[dict
 # --- pixels ------------------------------------------------------------------------------------------
 
 
-def read_volume_slice(path_with_frame: str, *, data: bytes | None = None) -> np.ndarray:
+def read_volume_slice(
+    path_with_frame: str, *, data: bytes | None = None, limits: ReadLimits | None = None
+) -> np.ndarray:
     """HU (float32, a new array of shape (rows, cols)) of slice k of ``<volume>#<k>``, oriented as DICOM's.
 
     Row index toward posterior, column index toward the patient's left (see module doc).  ``data``: the
@@ -410,7 +432,7 @@ def read_volume_slice(path_with_frame: str, *, data: bytes | None = None) -> np.
     key = _cache_key(volume_path, data)
     if last.key != key or last.hu is None:
         last.key = last.header = last.hu = None  # drop the old volume before decoding the next
-        header, hu = _decode_volume(volume_path, data)
+        header, hu = _decode_volume(volume_path, data, limits or ReadLimits())
         last.key, last.header, last.hu = key, header, hu
     header, hu = last.header, last.hu
     layout = header.layout
@@ -442,7 +464,7 @@ def _cache_key(path: str, data: bytes | None) -> tuple:
     return ("file", path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def _decode_volume(path: str, data: bytes | None) -> tuple[VolumeHeader, np.ndarray]:
+def _decode_volume(path: str, data: bytes | None, limits: ReadLimits) -> tuple[VolumeHeader, np.ndarray]:
     """The header and the whole volume as float32 HU, in the file's voxel order (one pass over the file)."""
     with _opened(path, data, fast=True) as stream:
         try:
@@ -450,7 +472,8 @@ def _decode_volume(path: str, data: bytes | None) -> tuple[VolumeHeader, np.ndar
         except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error) as exc:
             raise _inflate_error(path, exc) from exc
         header = _parse_header(path, head, checked_size=False)
-        nbytes = math.prod(header.shape) * header.dtype.itemsize
+        nbytes = header.nbytes
+        limits.check_volume(path, nbytes, None)  # the scan checked the ratio; a file changed since is caught here
         try:
             stream.seek(header.offset)
             raw = stream.read(nbytes)

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
 from .. import scratch
+from .limits import HEADER_BYTES
 
 #: Explicit VR codes (PS3.5 table 6.2-1) and those with a 4-byte length after 2 reserved bytes.
 _VRS = frozenset(
@@ -199,7 +200,10 @@ def read_plain(path, want_pixels: bool = True, reuse: bool = False) -> PlainData
                 and (plain is None or not plain.has_pixels)
                 and data[128:132] == b"DICM"
             ):
-                plain = parse(data + f.read(), want_pixels)  # a DICOM header longer than HEAD_BYTES
+                data += f.read(HEADER_BYTES - HEAD_BYTES)  # a header longer than HEAD_BYTES
+                plain = parse(data, want_pixels)
+                if plain is not None and not plain.has_pixels and len(data) == HEADER_BYTES:
+                    return None  # cut inside the header: pydicom's path words it (header_too_long)
             return plain
     except FileNotFoundError:
         raise

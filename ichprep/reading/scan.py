@@ -24,7 +24,8 @@ from ..errors import DicomReadError, ScanTableError
 from ..storage.store import count_patients
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
 from .labels import LABELS, read_labels
-from .nifti import is_volume, scan_volume, volume_id
+from .limits import HEADER_BYTES, ReadLimits
+from .nifti import VOLUME_HEAD_BYTES, is_volume, scan_volume, volume_id
 from .plainread import HEAD_BYTES, parse
 from .series import sort_slices
 from .source import ZIP_COLUMNS, Member, Source, by_path, list_members, parse_source, read_member
@@ -32,6 +33,7 @@ from .source import ZIP_COLUMNS, Member, Source, by_path, list_members, parse_so
 logger = logging.getLogger(__name__)
 
 OK = "ok"
+DEFAULT_LIMITS = ReadLimits()  # plain local paths given without a Source
 _HEADER_COLUMNS = [f.name for f in fields(SliceHeader)]
 #: pandas dtypes of the scan table (nullable, so a table of failures keeps its schema).
 SCAN_DTYPES: dict[str, str] = {
@@ -117,11 +119,16 @@ def list_dicom_files(root: str | Path) -> list[str]:
 def scan_file(path: str, source: Source | None = None, member: Member | None = None) -> dict:
     """One scan row; errors become a status instead of an exception.
 
-    A local file is read by path; a zip member or an object (``source``, ``member``) by its first bytes,
-    and whole only where its header is longer than those or not plain.
+    A file over the source's size limits (:mod:`ichprep.reading.limits`) is rejected unread.  A local file
+    is read by path; a zip member or an object (``source``, ``member``) by its first bytes, and at most
+    :data:`~ichprep.reading.limits.HEADER_BYTES` where its header is longer than those or not plain.
     """
+    local = by_path(source, member)
+    size = member.size if member is not None and member.size is not None else _local_size(path) if local else None
     try:
-        if by_path(source, member):
+        stored = member.csize if member is not None and member.offset is not None else None
+        (source.limits if source is not None else DEFAULT_LIMITS).check_file(path, size, stored)
+        if local:
             header = read_header(path)
         else:
             header = read_header(path, data=_header_bytes(source, member))
@@ -136,42 +143,50 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
             row.update(status=OK, error=None)
         except DicomReadError as exc:
             row.update(status=exc.reason, error=exc.detail)
-    if member is not None and member.size is not None:
-        row["file_size"] = member.size
-    else:
-        try:
-            row["file_size"] = os.stat(path).st_size
-        except OSError:
-            row["file_size"] = None
+    row["file_size"] = size
     if member is not None and member.offset is not None:
         row.update(zip(ZIP_COLUMNS, (member.offset, member.csize, member.method, member.crc)))
     return row
 
 
+def _local_size(path: str) -> int | None:
+    """A local file's size, None where it cannot be stat'ed (the read then says why)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 def _header_bytes(source: Source, member: Member) -> bytes:
-    """The member's first HEAD_BYTES where they hold a plain header and the pixel tag, else all of it."""
+    """The member's first HEAD_BYTES where they hold a plain header and the pixel tag, else its first
+    HEADER_BYTES (pydicom reads the header from them)."""
     head = read_member(source, member, head=HEAD_BYTES)
     plain = parse(head, want_pixels=False)
     if plain is not None and plain.has_pixels:
         return head
-    return read_member(source, member)
+    return read_member(source, member, head=HEADER_BYTES)
 
 
 def scan_volume_file(path: str, source: Source | None = None, member: Member | None = None) -> list[dict]:
     """One scan row per slice of a NIfTI volume (:func:`ichprep.reading.nifti.scan_volume`), or one failure row.
 
-    Each slice's ``file_size`` is its share of the volume's bytes, so a store's source bytes add up.
+    The volume is refused unread over the source's limits (its file size, then the voxel bytes and the gzip
+    ratio its header announces); a volume not on a local disk is read up to its header only.  Each slice's
+    ``file_size`` is its share of the volume's bytes, so a store's source bytes add up.
     """
+    local = by_path(source, member)
+    size = member.size if member is not None and member.size is not None else _local_size(path) if local else None
+    limits = source.limits if source is not None else DEFAULT_LIMITS
     try:
-        data = None if by_path(source, member) else read_member(source, member)
-        rows = scan_volume(path, data=data)
+        limits.check_file(path, size)
+        data = None if local else read_member(source, member, head=VOLUME_HEAD_BYTES)
+        rows = scan_volume(path, data=data, limits=limits, stored=size)
     except DicomReadError as exc:
         return [{"image_id": volume_id(path), "path": str(path), "status": exc.reason, "error": exc.detail}]
     except FileNotFoundError as exc:
         return [{"image_id": volume_id(path), "path": str(path), "status": "missing", "error": str(exc)}]
-    size = member.size if member is not None and member.size is not None else os.stat(path).st_size
     for row in rows:
-        row["file_size"] = size // len(rows)
+        row["file_size"] = None if size is None else size // len(rows)
     return rows
 
 

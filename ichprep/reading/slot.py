@@ -14,6 +14,7 @@ import numpy as np
 from .. import scratch
 from ..errors import UnsupportedImageError
 from .dicomio import read_slice
+from .limits import ReadLimits
 from .nifti import is_volume, read_volume_slice, split_frame
 from .source import Member, Source, by_path, read_member
 
@@ -25,12 +26,15 @@ def member_hu(member: Member, source: Source | None, reuse: bool = False) -> np.
 
     With ``reuse`` the image is valid until the next ``reuse=True`` read in this thread.
     """
+    limits = source.limits if source is not None else ReadLimits()
     if is_volume(member.path):
         volume, _ = split_frame(member.path)
         data = None if by_path(source, member) else read_member(source, member._replace(path=volume))
-        return read_volume_slice(member.path, data=data)
-    data = None if by_path(source, member) else read_member(source, member, reuse=reuse)
-    return read_slice(member.path, reuse=reuse, data=data).hu
+        return read_volume_slice(member.path, data=data, limits=limits)
+    if by_path(source, member):
+        limits.check_file(member.path, member.size)  # its size when scanned: read_member checks the others
+        return read_slice(member.path, reuse=reuse).hu
+    return read_slice(member.path, reuse=reuse, data=read_member(source, member, reuse=reuse)).hu
 
 
 def slot_hu(slot: Slot, source: Source | None, reuse: bool = False) -> np.ndarray:

@@ -20,6 +20,7 @@ GET on an object store) and never parses the central directory itself.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -36,7 +37,8 @@ from fsspec.implementations.local import LocalFileSystem
 from isal import isal_zlib
 
 from .. import scratch
-from ..errors import SourceError, TruncatedFileError, ZipMemberError
+from ..errors import SizeMismatchError, SourceError, TruncatedFileError, ZipMemberError
+from .limits import INFLATE_MARGIN, ReadLimits
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +71,15 @@ class Member(NamedTuple):
 
 @dataclass(frozen=True)
 class Source:
-    """A parsed SOURCE (see the module docstring); local paths are absolute, for workers elsewhere."""
+    """A parsed SOURCE (see the module docstring); local paths are absolute, for workers elsewhere.
+
+    ``limits`` bound what a worker reads of each of its files (:mod:`ichprep.reading.limits`).
+    """
 
     url: str
     inner: str = ""
     is_zip: bool = False
+    limits: ReadLimits = ReadLimits()
 
     def __str__(self) -> str:
         return f"{self.url}{ZIP_SEP}{self.inner}" if self.is_zip else self.url
@@ -135,13 +141,16 @@ def _absolute(url: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else url
 
 
-def parse_source(text: str | os.PathLike | Source) -> Source:
+def parse_source(text: str | os.PathLike | Source, limits: ReadLimits | None = None) -> Source:
     """The :class:`Source` named by ``text`` (see the module docstring for the forms).
 
     Parameters
     ----------
     text : str, PathLike or Source
-        A folder, ``ZIP`` or ``ZIP::FOLDER/IN/ZIP``, or an fsspec URL; a :class:`Source` is returned as is.
+        A folder, ``ZIP`` or ``ZIP::FOLDER/IN/ZIP``, or an fsspec URL; a :class:`Source` is returned as is
+        (with ``limits`` where they are given).
+    limits : ReadLimits, optional
+        What a worker reads of each file [default: :class:`ReadLimits`'s defaults].
 
     Returns
     -------
@@ -155,7 +164,8 @@ def parse_source(text: str | os.PathLike | Source) -> Source:
         Nothing exists at ``text``, or the part before ``::`` is not a file.
     """
     if isinstance(text, Source):
-        return text
+        return text if limits is None else dataclasses.replace(text, limits=limits)
+    limits = limits or ReadLimits()
     text = str(text)
     if ZIP_SEP in text:
         url, inner = text.split(ZIP_SEP, 1)
@@ -163,13 +173,13 @@ def parse_source(text: str | os.PathLike | Source) -> Source:
         fs, path = _filesystem(url)
         if not fs.isfile(path):
             raise SourceError(f"{url} does not exist or is not a file (the part before '{ZIP_SEP}' must be a zip file)")
-        return Source(url, inner, is_zip=True)
+        return Source(url, inner, is_zip=True, limits=limits)
     url = _absolute(text)
     fs, path = _filesystem(url)
     if fs.isdir(path):
-        return Source(url)
+        return Source(url, limits=limits)
     if fs.isfile(path):
-        return Source(url, "", is_zip=True)
+        return Source(url, "", is_zip=True, limits=limits)
     raise SourceError(
         f"{text} does not exist: give a folder, a zip file (ZIP or ZIP{ZIP_SEP}FOLDER) or a URL (s3://bucket/prefix/)"
     )
@@ -220,7 +230,7 @@ def _folder_zip(url: str, size: int | None) -> list[Member]:
     the run goes on with the other zips.
     """
     try:
-        return _zip_members(Source(url, "", is_zip=True))
+        return _zip_members(Source(url, "", is_zip=True))  # listing only: limits apply when members are read
     except SourceError as exc:
         logger.warning("%s: its members are left out: %s", url, exc)
         return [Member(url, size, offset=0)]
@@ -291,15 +301,20 @@ def read_member(source: Source, member: Member, head: int | None = None, reuse: 
     Raises
     ------
     DicomReadError
-        A zip member that cannot be read, each naming the member: :class:`ZipMemberError` (damaged,
-        encrypted, an unsupported compression method, CRC-32 mismatch) or :class:`TruncatedFileError`
-        (the zip ends inside it).
+        Each naming the member: :class:`TooLargeError` or :class:`SuspiciousRatioError` (its declared
+        sizes are over ``source.limits``; nothing is read), :class:`SizeMismatchError` (its data inflate
+        past its declared size), :class:`ZipMemberError` (damaged, encrypted, an unsupported compression
+        method, CRC-32 mismatch) or :class:`TruncatedFileError` (the zip ends inside it).
     FileNotFoundError
         A file or object of a folder or URL source is gone.
     """
+    zipped = member.offset is not None
+    source.limits.check_file(member.path, member.size, member.csize if zipped else None)
+    if head is not None and member.size is not None and head >= member.size:
+        head = None  # the whole member, CRC-checked, for the price of its head
     if source.is_zip:
         return _zip_read(source.url, member, head, reuse)
-    if member.offset is not None:  # a member of one of the folder's zips: that zip is the path before '::'
+    if zipped:  # a member of one of the folder's zips: that zip is the path before '::'
         return _zip_read(member.path.split(ZIP_SEP, 1)[0], member, head, reuse)
     fs, root = _filesystem(source.url)
     path = f"{root.rstrip('/')}/{source.relative(member.path)}"  # the cached root: no URL parse per member
@@ -362,13 +377,18 @@ def _zip_read(url: str, member: Member, head: int | None, reuse: bool) -> bytes 
     if len(data) < want:
         raise TruncatedFileError(path, f"the zip ends inside this member ({len(data)} of {want} bytes)")
     if member.method == DEFLATED:
+        # Never more out than asked for: the declared size plus a margin, or the head.
+        cap = (member.size or 0) + INFLATE_MARGIN if head is None else head
         try:
-            if head is None:
-                data = isal_zlib.decompress(data, -15, bufsize=member.size or 0)
-            else:
-                data = isal_zlib.decompressobj(-15).decompress(data, head)
+            data = isal_zlib.decompressobj(-15).decompress(data, cap)
         except isal_zlib.error as exc:
             raise ZipMemberError(path, f"deflated data does not inflate: {exc}") from exc
+        if head is None and len(data) > (member.size or 0):
+            raise SizeMismatchError(
+                path,
+                f"the member's data inflate past the {member.size} bytes its header declares "
+                "(stopped there; the zip is damaged or hostile)",
+            )
     if head is None:
         if len(data) != member.size or isal_zlib.crc32(data) != member.crc:
             raise ZipMemberError(

@@ -67,6 +67,14 @@ class Location:
             return []
         return sorted(p[len(self.root) + 1 :] for p in self.fs.find(base))
 
+    def sizes(self, under: str = "") -> dict[str, int]:
+        """Relative name -> size of every file below ``under``, from one listing (one request on an object store)."""
+        base = self.path(under)
+        if not self.fs.exists(base):
+            return {}
+        found = self.fs.find(base, detail=True)
+        return {p[len(self.root) + 1 :]: int(info["size"]) for p, info in found.items()}
+
     def entries(self) -> list[str]:
         """Names directly below the root."""
         if not self.fs.exists(self.root):

@@ -229,3 +229,19 @@ def test_study_bench_times_the_table_and_every_rule(capsys):
     assert result["external_table_s"] > 0
     assert set(result["study_scores_s"]) == set(STUDY_RULES)
     assert "external_table, 300 studies" in capsys.readouterr().out
+
+
+def test_limits_bench_quick(tmp_path, capsys):
+    """Limits benchmark at --quick: old and new code timed on one zip; the hostile copy rejected in bounded memory."""
+    from benchmarks import limits_bench
+
+    out = tmp_path / "limits.json"
+    limits_bench.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| + 2 GiB bomb + lying member |" in printed
+    results = json.loads(out.read_text())
+    for op in ("scan", "convert"):
+        assert _positive(results[op]["new_over_old"]), op
+    hostile = results["hostile"]
+    assert hostile["rejected"] == {"size_mismatch": 1, "too_large": 1}
+    assert hostile["hostile_peak_rss_mib"] < hostile["ordinary_peak_rss_mib"] + 100  # never the 2 GiB member

@@ -290,9 +290,9 @@ def test_consecutive_slices_decode_the_volume_once(tmp_path, monkeypatch):
     calls = []
     decode = nifti._decode_volume
 
-    def counting(path, data):
+    def counting(path, data, *rest):
         calls.append(path)
-        return decode(path, data)
+        return decode(path, data, *rest)
 
     monkeypatch.setattr(nifti, "_decode_volume", counting)
     a = _save(tmp_path, "a.nii.gz", PATIENT, STANDARD)

@@ -455,6 +455,7 @@ def scan(
 )
 @cluster_options
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other inputs or options.")
+@click.option("--overwrite-any", is_flag=True, help="Replace the output folder even where it is not an ichprep store.")
 @click.option(
     "--manifest-out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -538,6 +539,7 @@ def convert(
     workers,
     scheduler,
     overwrite,
+    overwrite_any,
     manifest_out,
     pseudonymize_key,
     series_mode,
@@ -592,6 +594,7 @@ def convert(
                 scan_table=scan_table,
                 client=client,
                 overwrite=overwrite,
+                overwrite_any=overwrite_any,
                 progress=progress,
                 pseudonymize_key=pseudonymize_key,
                 manifest_out=manifest_out,
@@ -680,9 +683,10 @@ def verify(store: Path, manifest_path: Path | None) -> None:
 @click.argument("store", type=StoreParam())
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def info(store: Path, as_json: bool) -> None:
-    """Spec, counts, label prevalence and size on disk of STORE."""
+    """Spec, counts, label prevalence and size on disk of STORE; exit 1 where its files do not match its manifest."""
     import json
 
+    from .errors import repair_hint
     from .report import format_info, store_info
 
     try:
@@ -690,6 +694,11 @@ def info(store: Path, as_json: bool) -> None:
     except (IchprepError, ValueError) as exc:
         _fail(exc)
     click.echo(json.dumps(details, indent=2) if as_json else format_info(details))
+    if details["problems"]:
+        raise click.ClickException(
+            f"{len(details['problems'])} file(s) of {store} do not match its manifest (listed above); "
+            f"to repair: {repair_hint(store)}"
+        )
 
 
 @main.command()
@@ -736,15 +745,18 @@ def show(store: Path, study: str | None, slot: int | None, output: Path, max_sli
     default=None,
     help="Re-shard to this many slices per shard [default: as the source].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace DEST if it is not empty.")
-def export(store: Path, dest: Path, studies_file: Path | None, shard_slices: int | None, overwrite: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace DEST where it is an ichprep store.")
+@click.option("--overwrite-any", is_flag=True, help="Replace DEST whatever it holds.")
+def export(
+    store: Path, dest: Path, studies_file: Path | None, shard_slices: int | None, overwrite: bool, overwrite_any: bool
+) -> None:
     """Copy STORE, or a subset of its studies, to DEST as a store with its own manifest."""
     from .storage.export import export_store, read_study_list
 
     try:
         studies = read_study_list(studies_file) if studies_file else None
         with _bar(None, "slice", "export") as progress:
-            summary = export_store(store, dest, studies, shard_slices, overwrite, progress)
+            summary = export_store(store, dest, studies, shard_slices, overwrite, progress, overwrite_any)
     except (IchprepError, OSError) as exc:
         _fail(exc)
     how = "copied byte for byte" if summary.copied_verbatim else f"re-sharded into {summary.n_shards} shards"

@@ -35,6 +35,7 @@ import pandas as pd
 from . import scratch
 from .cluster import map_tasks, resolve_client
 from .errors import DicomReadError, ScanTableError, StoreExistsError
+from .outdir import check_output_folder
 from .privacy import check_key, pseudonymize_scan, scrub
 from .reading.labels import read_labels
 from .reading.nifti import apply_volume_ids
@@ -64,6 +65,7 @@ from .storage.store import (
     build_studies,
     create_images,
     images_layout,
+    is_store,
     marker_path,
     n_shards,
     shard_path,
@@ -188,7 +190,8 @@ def _identity(spec: PreprocessSpec, slots: Slots) -> dict:
 
 
 def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
-    """Make ``root`` ready for this run; True when resuming an earlier run of it."""
+    """Make ``root`` (empty, or a store: :func:`_check_output`) ready for this run; True when resuming it."""
+    entries = [name for name in root.entries() if name != STATE]
     if root.isfile(RUN_FILE):
         previous = root.read_json(RUN_FILE)
         if previous == identity:
@@ -204,8 +207,8 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
                 f"{root} holds a conversion with other inputs or options (differs in: {', '.join(changed)}); "
                 "use --overwrite to replace it, or choose another output path"
             )
-    elif any(name != STATE for name in root.entries()) and not overwrite:
-        raise StoreExistsError(f"{root} exists and is not an ichprep store in progress; use --overwrite to replace it")
+    elif entries and not overwrite:
+        raise StoreExistsError(f"{root} holds a store; use --overwrite to replace it")
     for name in root.entries():
         if name != STATE:
             root.remove(name)
@@ -213,6 +216,12 @@ def _prepare(root: Location, identity: dict, overwrite: bool) -> bool:
         if name != LOCK:  # we hold it
             root.remove(name)
     return False
+
+
+def _check_output(root: Location, overwrite_any: bool) -> None:
+    """``root`` is missing, empty or an ichprep store (finished or interrupted), or the user said ``overwrite_any``."""
+    entries = [name for name in root.entries() if name != STATE]
+    check_output_folder(root, entries, ours=is_store(root), kind="an ichprep store", overwrite_any=overwrite_any)
 
 
 class ShardTask(NamedTuple):
@@ -363,6 +372,7 @@ def convert(
     slab: str | float = "auto",
     study_labels: StudyLabels | None = None,
     volume_ids: pd.DataFrame | None = None,
+    overwrite_any: bool = False,
 ) -> ConvertSummary:
     """Convert every readable slice of ``dicom_dir`` into ``store``; see the module docstring.
 
@@ -387,7 +397,9 @@ def convert(
         Where the shards are converted: None in this process (tests and small jobs), or an
         :class:`ichprep.cluster.OnDemand`, which starts a cluster only for enough files.
     overwrite : bool, optional
-        Replace a store that holds another conversion, or something else.
+        Replace an ichprep store (finished or interrupted) that holds another conversion.
+    overwrite_any : bool, optional
+        Also replace a folder that is not an ichprep store (its contents are deleted).
     progress : callable, optional
         ``progress(stage, total)`` returns a callback given the count of items done ("scan": files,
         "convert": slices).
@@ -422,7 +434,8 @@ def convert(
     ScanTableError
         ``scan_table`` lists files of another SOURCE.
     StoreExistsError
-        ``store`` holds another conversion or other files, and ``overwrite`` is False.
+        ``store`` holds another conversion and ``overwrite`` is False, or files that are not a store and
+        ``overwrite_any`` is False (the message lists them).
     StoreLockedError
         Another converter is writing ``store``.
     DicomReadError
@@ -434,6 +447,7 @@ def convert(
     source, root = parse_source(dicom_dir), as_location(store)
     if pseudonymize_key is not None:
         check_key(pseudonymize_key)  # before the long part
+    _check_output(root, overwrite_any)
     root.makedirs()
     with store_lock(root):
         if scan_table is None:
@@ -462,7 +476,7 @@ def convert(
             )
 
         identity = _identity(spec, slots)
-        resuming = _prepare(root, identity, overwrite)
+        resuming = _prepare(root, identity, overwrite or overwrite_any)
         if not resuming:
             attrs = {"image_ids": id_rule} if id_rule != "file_name" else {}  # absent: Kaggle's file names
             create_images(root, len(plan), spec, attrs=attrs)

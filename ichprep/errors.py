@@ -127,6 +127,14 @@ class DamagedShardError(StoreError):
     """
 
 
+def repair_hint(root) -> str:
+    """What to do about a store file that is missing, cut, altered or does not read."""
+    return (
+        f"run `ichprep verify {root}` to check every file by its sha256, then rerun the same `ichprep convert` "
+        "(it rewrites every shard that does not match its record) or fetch the files again"
+    )
+
+
 class StoreExistsError(IchprepError, FileExistsError):
     """The output store exists and was made with other inputs or options."""
 

@@ -17,14 +17,17 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .errors import StoreError, repair_hint
 from .reading.labels import LABELS
 from .reading.series import SERIES_LEFT_OUT, decision_counts
+from .storage.damage import Problem, check_files
 from .storage.location import as_location
 from .storage.manifest import load_manifest
 from .storage.store import (
     REJECTED,
     SERIES,
     SLABS,
+    SLICES,
     STUDIES,
     Store,
     count_patients,
@@ -47,8 +50,16 @@ def _fraction(part: int, whole: int) -> float | None:
 def store_info(root: str | Path) -> dict:
     """Everything ``ichprep info`` shows, as plain JSON-serialisable Python values."""
     root = as_location(root)
-    store = open_store(root)
     manifest = load_manifest(None, root)
+    problems = check_files(root, manifest["files"], hashes=False).problems + unreadable_tables(root)
+    broken = [p for p in problems if p.kind == "table"]
+    if any(p.path in (SLICES, STUDIES) for p in broken):
+        raise StoreError(
+            f"{root}: its tables do not read:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + f"\nTo repair: {repair_hint(root)}"
+        )
+    store = open_store(root, check_files=False)  # the files' problems are reported below, not raised
     attrs = read_attrs(root)
     slices, spec = store.slices, store.spec
     ok = slices["ok"].to_numpy(bool)
@@ -112,7 +123,7 @@ def store_info(root: str | Path) -> dict:
                 "fraction": _fraction(studies_positive, len(per_study)),
             },
         },
-        "series": _series_info(root, attrs),
+        "series": None if any(p.path in (SERIES, SLABS) for p in broken) else _series_info(root, attrs),
         "size": {
             "store_bytes": store_bytes,
             "bytes_per_slice": store_bytes / len(slices) if len(slices) else None,
@@ -120,7 +131,27 @@ def store_info(root: str | Path) -> dict:
             "source_files": int(manifest["source"]["n_files"]),
             "ratio": _fraction(store_bytes, source_bytes),
         },
+        "files_checked": len(manifest["files"]),
+        "problems": [str(p) for p in problems],
     }
+
+
+def unreadable_tables(root) -> list[Problem]:
+    """Every table of the store (Parquet and rejected.csv) that is present but does not read, with the reason."""
+    problems = []
+    for name in (SLICES, STUDIES, SERIES, SLABS):
+        if root.isfile(name):
+            try:
+                read_parquet(root, name)
+            except StoreError as exc:
+                problems.append(Problem(name, "table", f"does not read ({exc.__cause__ or exc})"))
+    if root.isfile(REJECTED):
+        try:
+            with root.open(REJECTED) as f:
+                pd.read_csv(f, dtype=str)
+        except (OSError, ValueError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
+            problems.append(Problem(REJECTED, "table", f"does not read ({exc})"))
+    return problems
 
 
 def _series_info(root, attrs: dict) -> dict | None:
@@ -189,7 +220,13 @@ def format_info(info: dict) -> str:
         f"  store            {format_bytes(size['store_bytes'])} ({format_bytes(size['bytes_per_slice'])} per slice)",
         f"  source DICOM     {format_bytes(size['source_bytes'])} ({size['source_files']} files)",
         f"  store / source   {ratio}",
+        "",
+        "Files (presence and size against manifest.json; the sha256 of each is `ichprep verify`'s)",
     ]
+    if info["problems"]:
+        lines += [f"  {p}" for p in info["problems"]]
+    else:
+        lines.append(f"  all {info['files_checked']} files present, each of its manifest size")
     return "\n".join(lines)
 
 

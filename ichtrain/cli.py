@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -13,12 +14,16 @@ from ichprep.cli import SourceParam, StoreParam
 from . import config
 from .config import SeqConfig, TrainConfig
 from .errors import IchtrainError
+from .files import check_out_folder
 
 logger = logging.getLogger("ichtrain")
 
 
 def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
+    text = str(exc)
+    if "Original Traceback" in text:  # raised again from a DataLoader worker: its own message is the last line
+        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1])
+    raise click.ClickException(text) from exc
 
 
 def _bar_factory(desc: str, total: int):
@@ -104,6 +109,20 @@ def _inference_options(command):
         command = option(command)
     return command
 
+
+_overwrite_any_option = click.option(
+    "--overwrite-any",
+    is_flag=True,
+    help="Write into --out even where it holds files that are not ichtrain's (a run, experiment or evaluation).",
+)
+
+_skip_damaged_option = click.option(
+    "--skip-damaged",
+    is_flag=True,
+    help="Use the rest of a store whose shard files do not all match its manifest (missing, cut or altered: "
+    "every shard is hashed first), with a warning listing what is left out; without it such a store is "
+    "refused, naming the files and the fix.",
+)
 
 TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume and the fold options
     click.option(
@@ -244,6 +263,7 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         help="After each epoch, recompute BatchNorm statistics over this many training batches with the "
         "epoch's final weights (0: keep the running averages, which lag behind at a high lr).",
     ),
+    _skip_damaged_option,
 )
 
 
@@ -278,13 +298,15 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
     help="Split the patients into K folds (grouped, stratified by bleeding; fixed by --seed) ...",
 )
 @click.option("--fold", type=click.IntRange(min=0), default=None, help="... and validate on fold k (0 .. K-1).")
+@_overwrite_any_option
 @train_options
-def train(store, out, resume, folds, fold, **options) -> None:
+def train(store, out, resume, folds, fold, overwrite_any, **options) -> None:
     """Train a torchvision model on STORE; checkpoints, metrics and plots go to --out."""
     from .evaluation.metrics import format_metrics
     from .train import train as run_train
 
     try:
+        check_out_folder(out, overwrite_any)
         cfg = _train_config(store, out, options, resume=str(resume) if resume else None, folds=folds, fold=fold)
         metrics = run_train(cfg, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
@@ -325,8 +347,9 @@ def train(store, out, resume, folds, fold, **options) -> None:
     show_default=True,
     help="Test-time augmentation for the out-of-fold outputs (flip: average with the mirrored slice).",
 )
+@_overwrite_any_option
 @train_options
-def cv(store, out, folds, tta, **options) -> None:
+def cv(store, out, folds, tta, overwrite_any, **options) -> None:
     """Train every fold of STORE in turn into --out, then export and score the out-of-fold outputs.
 
     A fold whose run finished (fold{k}/metrics.json) is kept and one that was interrupted resumes from its
@@ -336,6 +359,7 @@ def cv(store, out, folds, tta, **options) -> None:
     from .study.experiment import cross_validate
 
     try:
+        check_out_folder(out, overwrite_any)
         summary = cross_validate(_train_config(store, out, options), folds, tta=tta, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)
@@ -411,7 +435,8 @@ def cv(store, out, folds, tta, **options) -> None:
 @click.option("--seed", type=int, default=None, help="Default: the experiment's seed.")
 # Stage 2 runs where stage 1 did (auto); SeqConfig's own default, the CPU, is for deterministic library use.
 @_device_option()
-def seq(exp, out, model, inputs, **options) -> None:
+@_overwrite_any_option
+def seq(exp, out, model, inputs, overwrite_any, **options) -> None:
     """Stage 2: a sequence model over each study's z-ordered slices, cross-fitted on EXP's folds.
 
     Fold k's stage-2 model trains on the out-of-fold stage-1 outputs of the other folds and predicts fold k,
@@ -421,6 +446,8 @@ def seq(exp, out, model, inputs, **options) -> None:
     from .study.stage2 import compare_table, run_seq
 
     try:
+        if out is not None:
+            check_out_folder(out, overwrite_any)
         given = {k: v for k, v in options.items() if v is not None}
         given.setdefault("seed", open_experiment(exp).cfg.seed)
         summary = run_seq(exp, out, SeqConfig(model=model, **given), kind=inputs)
@@ -473,7 +500,11 @@ _study_rule_option = click.option(
     "(repeat); sens>=0.95 and the Youden point are always reported.",
 )
 @_inference_options
-def evaluate(model, store, split, out, tta, study_rule, targets, device, batch_size, workers) -> None:
+@_skip_damaged_option
+@_overwrite_any_option
+def evaluate(
+    model, store, split, out, tta, study_rule, targets, device, batch_size, workers, skip_damaged, overwrite_any
+) -> None:
     """Slice and study-level metrics of MODEL (RUN/best.pt or an experiment) on STORE, with figures.
 
     Slice metrics, predictions, ROC and calibration plots where STORE has slice labels; then per label the
@@ -488,7 +519,8 @@ def evaluate(model, store, split, out, tta, study_rule, targets, device, batch_s
     from .study.external import DEFAULT_TARGETS, format_studies, reference_points
 
     try:
-        opened = open_store(store)
+        check_out_folder(out, overwrite_any)
+        opened = open_store(store, skip_damaged=skip_damaged)
         reference = reference_points(model, rule=study_rule, targets=DEFAULT_TARGETS + tuple(targets))
         if _has_slice_labels(opened):
             metrics = _evaluate_slices(model, opened, split, out, tta, device, batch_size, workers)
@@ -609,6 +641,7 @@ def _evaluate_by_study(model, store, out, reference, scored, tta, device, batch_
     help="Also write one score per study and label (study_uid, label, probability) here, by --study-rule.",
 )
 @_study_rule_option
+@_skip_damaged_option
 def predict(
     models,
     store,
@@ -624,11 +657,14 @@ def predict(
     allow_subtypes_only,
     study_csv,
     study_rule,
+    skip_damaged,
 ) -> None:
     """Write Kaggle-format probabilities (six rows per image) for a store or a DICOM folder.
 
     MODELS are checkpoints (RUN/best.pt) and experiment folders (ichtrain cv [+ seq]); several are averaged.
     """
+    from ichprep.storage.store import open_store
+
     from .study.submit import predict_dicoms, predict_store
 
     if (store is None) == (dicom_dir is None):
@@ -647,7 +683,7 @@ def predict(
     }
     try:
         if store is not None:
-            frame = predict_store(models, store, output, **options)
+            frame = predict_store(models, open_store(store, skip_damaged=skip_damaged), output, **options)
         else:
             frame = predict_dicoms(models, dicom_dir, output, **options)
     except (IchtrainError, ValueError, OSError) as exc:

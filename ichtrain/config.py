@@ -253,6 +253,7 @@ class TrainConfig:
     bn_refresh_batches: int = 20
     buffer_shards: int = BUFFER_SHARDS
     ema_decay: float = 0.999  # > 0: evaluate and save an exponential moving average of the weights (0: off)
+    skip_damaged: bool = False  # leave out the slots of damaged shard files (ichprep.storage.store.open_store)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

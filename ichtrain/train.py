@@ -332,7 +332,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     torch.manual_seed(cfg.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: autotune the convolutions once
-    out, store, names = Path(cfg.out), open_store(cfg.store), TASKS[cfg.task]
+    out, store, names = Path(cfg.out), open_store(cfg.store, skip_damaged=cfg.skip_damaged), TASKS[cfg.task]
     identity = store_identity(store)
     resumed = checkpoint_for_store(cfg.resume, store) if cfg.resume else None
     if resumed is not None:
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         slot_table(store.slices, split=data.split).to_parquet(out / files.SPLIT)
-        (out / files.CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / files.CONFIG).write_text(json.dumps(files.recorded_config(cfg.to_dict(), out), indent=2) + "\n")
         compute = compute_facts(device)
         (out / files.COMPUTE).write_text(json.dumps(compute, indent=2) + "\n")
         logger.info("on %s: %d threads, CPU kernels %s", device, compute["threads"], compute["cpu_capability"])
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
     )
     parts = validation_parts(store, cfg, data.val_slots) if cfg.calibration == "platt" else None
     facts = RunFacts(
-        config=cfg.to_dict(),
+        config=files.recorded_config(cfg.to_dict(), cfg.out),
         spec=store.spec.to_attrs(),
         store_identity=identity,
         names=list(names),

@@ -228,10 +228,11 @@ def order_slices(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([good, bad]).reset_index(drop=True)
 
 
-def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
+def flag_duplicates(table: pd.DataFrame, source: Source | None = None) -> pd.DataFrame:
     """Two files with one SOPInstanceUID are one image: keep the first by path, flag the others.
 
-    (A copy left next to the original would otherwise be trained on twice and could straddle splits.)
+    (A copy left next to the original would otherwise be trained on twice and could straddle splits.)  The
+    reason names the kept file relative to ``source`` where given, as every path a store records is.
     """
     ok = table.index[(table["status"] == OK) & table["sop_uid"].notna()]
     rows = table.loc[ok].sort_values("path", kind="stable")
@@ -241,7 +242,8 @@ def flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
         table = table.copy()
         for index, sop in rows.loc[dup, "sop_uid"].items():
             table.loc[index, "status"] = "duplicate"
-            table.loc[index, "error"] = f"same SOPInstanceUID {sop} as {kept[sop]} (kept)"
+            name = source.relative(kept[sop]) if source is not None else kept[sop]
+            table.loc[index, "error"] = f"same SOPInstanceUID {sop} as {name} (kept)"
         logger.warning("%d files repeat another file's SOPInstanceUID; they are left out", int(dup.sum()))
     return table
 
@@ -354,7 +356,7 @@ def scan(
     batches = list(_batches(members, batch_size))
     parts = map_tasks(resolve_client(client, len(members)), scan_files, batches, progress=advance, source=source)
     table = pd.concat(parts, ignore_index=True) if parts else to_frame([])  # each part has SCAN_DTYPES already
-    table = assign_ids(flag_duplicates(table), source).table
+    table = assign_ids(flag_duplicates(table, source), source).table
     table, labels_without_file = attach_labels(table, labels)
     table = order_slices(table)
     return table, summarize(table, labels_without_file)

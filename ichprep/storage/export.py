@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import StoreError, StoreExistsError
+from ..outdir import check_output_folder
 from ..reading.labels import LABELS
 from .location import Location, as_location
 from .manifest import build_manifest, source_summary, write_manifest
@@ -32,6 +33,7 @@ from .store import (
     build_studies,
     create_images,
     images_layout,
+    is_store,
     open_reader,
     open_store,
     read_attrs,
@@ -62,11 +64,14 @@ def read_study_list(path: str | Path) -> list[str]:
     return studies
 
 
-def _prepare_dest(dest: Location, overwrite: bool) -> None:
-    if dest.entries():
-        if not overwrite:
-            raise StoreExistsError(f"{dest} exists and is not empty; use --overwrite to replace it")
-        for name in dest.entries():
+def _prepare_dest(dest: Location, overwrite: bool, overwrite_any: bool) -> None:
+    """Make ``dest`` an empty folder: it is missing or empty, or a store and ``overwrite``, or ``overwrite_any``."""
+    entries = dest.entries()
+    check_output_folder(dest, entries, ours=is_store(dest), kind="an ichprep store", overwrite_any=overwrite_any)
+    if entries:
+        if not (overwrite or overwrite_any):
+            raise StoreExistsError(f"{dest} holds a store; use --overwrite to replace it")
+        for name in entries:
             dest.remove(name)
     dest.makedirs()
 
@@ -89,6 +94,7 @@ def export_store(
     shard_slices: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    overwrite_any: bool = False,
 ) -> ExportSummary:
     """Write a store, or some of its studies, to ``dest`` as a new store with its own manifest.
 
@@ -97,13 +103,15 @@ def export_store(
     src : str, PathLike or Location
         The store to read (a local folder or an fsspec URL).
     dest : str, PathLike or Location
-        The new store: a missing or empty folder (or URL prefix), unless ``overwrite``.
+        The new store: a missing or empty folder (or URL prefix), or a store with ``overwrite``.
     studies : list of str, optional
         StudyInstanceUIDs to keep (:func:`read_study_list` reads them from a file); all by default.
     shard_slices : int, optional
         Slices per shard of the new store; by default the source's.
     overwrite : bool, optional
-        Empty a non-empty ``dest`` first.
+        Replace ``dest`` where it is an ichprep store.
+    overwrite_any : bool, optional
+        Empty ``dest`` first whatever it holds.
     progress : callable, optional
         Called with the number of slices written after each re-sharded shard.
 
@@ -118,13 +126,13 @@ def export_store(
     StoreError
         ``src`` is not a complete ichkit store, ``dest`` is ``src``, or a study is not in ``src``.
     StoreExistsError
-        ``dest`` is not empty and ``overwrite`` is False.
+        ``dest`` is a store and ``overwrite`` is False, or holds anything else and ``overwrite_any`` is False.
     """
     src, dest = as_location(src), as_location(dest)
     store = open_store(src)
     if dest.url == src.url:
         raise StoreError("export destination is the source store")
-    _prepare_dest(dest, overwrite)
+    _prepare_dest(dest, overwrite, overwrite_any)
     spec = store.spec if shard_slices is None else replace(store.spec, shard_slices=shard_slices)
 
     if studies is None and spec.shard_slices == store.spec.shard_slices:

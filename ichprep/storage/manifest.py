@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
 from ..errors import StoreError
+from .damage import Problem as Problem  # re-exported: verify's problems
+from .damage import check_files
 from .location import Location, as_location, read_any
 from .store import (
     GROUP_META,
@@ -25,7 +27,6 @@ from .store import (
     MANIFEST,
     REJECTED,
     SERIES,
-    SHARD_DIR,
     SLABS,
     SLICES,
     STUDIES,
@@ -130,16 +131,6 @@ def load_manifest(path: str | Path, root: Location | None = None) -> dict:
 
 
 @dataclass(frozen=True)
-class Problem:
-    path: str
-    kind: str  # missing | size | altered | unlisted | unsafe_path | table
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.kind:10s} {self.path}: {self.detail}"
-
-
-@dataclass(frozen=True)
 class VerifyReport:
     root: Location
     files_checked: int
@@ -151,37 +142,9 @@ class VerifyReport:
         return not self.problems
 
 
-def _safe_relative(name: str) -> bool:
-    """Manifest paths must stay inside the store: relative, no '..', no backslashes."""
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
-
-
-def _check_files(root: Location, files: dict) -> tuple[list[Problem], int, int]:
-    problems, checked, nbytes = [], 0, 0
-    for name, expected in sorted(files.items()):
-        if not _safe_relative(name):
-            problems.append(Problem(name, "unsafe_path", "manifest names a path outside the store; refusing"))
-            continue
-        if not root.isfile(name):
-            problems.append(Problem(name, "missing", "file not found"))
-            continue
-        size = root.size(name)
-        checked, nbytes = checked + 1, nbytes + size
-        if size != expected["size"]:  # smaller or larger alike: a rewrite, a cut copy or an append
-            detail = f"differs from the manifest (size {size}, expected {expected['size']})"
-            problems.append(Problem(name, "size", detail))
-        elif root.sha256(name) != expected["sha256"]:
-            problems.append(Problem(name, "altered", "sha256 differs from the manifest"))
-    for name in root.files(SHARD_DIR):
-        if name not in files:
-            problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
-    return problems, checked, nbytes
-
-
 def _check_tables(root: Location, manifest: dict) -> list[Problem]:
     try:
-        store = open_store(root)
+        store = open_store(root, check_files=False)  # verify has checked the files, by hash
     except (StoreError, OSError, KeyError, ValueError) as exc:
         return [Problem(str(root), "table", f"store does not open: {exc}")]
     problems = []
@@ -228,7 +191,7 @@ def verify_store(root: str | Path | Location, manifest_path: str | Path | None =
     """
     root = as_location(root)
     manifest = load_manifest(manifest_path, root)
-    problems, checked, nbytes = _check_files(root, manifest["files"])
+    problems, checked, nbytes = check_files(root, manifest["files"], hashes=True)
     if not any(p.kind in {"unsafe_path"} for p in problems) and all(
         p.path not in (SLICES, STUDIES, GROUP_META, IMAGES_META) for p in problems
     ):

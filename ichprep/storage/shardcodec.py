@@ -16,6 +16,7 @@ ichprep's readers and writers use this module only where it matches, zarr everyw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ import zstandard
 from numcodecs import Zstd
 
 from .. import scratch
-from ..errors import StoreError
+from ..errors import DamagedShardError, repair_hint
 from .location import Location
 
 EMPTY = 0xFFFF_FFFF_FFFF_FFFF
@@ -201,10 +202,11 @@ def encode_shard(buffer: np.ndarray, shard_slices: int, level: int) -> memoryvie
     return out[: sink.pos]
 
 
-def _parse_index(tail: bytes, shard_slices: int, where: str) -> np.ndarray:
+def _parse_index(tail: bytes, shard_slices: int) -> np.ndarray | None:
+    """The shard's (offset, nbytes) pairs; None where the index does not match its crc32c."""
     raw, crc = tail[:-4], int.from_bytes(tail[-4:], "little")
     if len(raw) != _ENTRY * shard_slices or google_crc32c.value(raw) != crc:
-        raise StoreError(f"{where}: shard index is damaged (crc32c mismatch); run `ichprep verify`")
+        return None
     return np.frombuffer(raw, "<u8").reshape(shard_slices, 2)
 
 
@@ -212,11 +214,22 @@ class ShardReader:
     """``reader[a:b]`` -> uint8 (b-a, C, H, W), reading shard files directly (local or object store).
 
     A slot range covering a whole shard reads the file once; a partial range (a 2.5D neighbour in
-    the next shard) reads the index and then only the bytes of the frames it needs.
+    the next shard) reads the index and then only the bytes of the frames it needs.  A shard in
+    ``expected`` (the manifest's shard files) that is absent, or any shard whose index or frames do not
+    decode, raises :class:`DamagedShardError` naming the file, its slots and studies; a shard not in
+    ``expected`` (None: no manifest to tell) that is absent reads as the fill value, as zarr's reader does.
     """
 
-    def __init__(self, root: Location, shape: tuple[int, ...], shard_slices: int):
+    def __init__(
+        self,
+        root: Location,
+        shape: tuple[int, ...],
+        shard_slices: int,
+        expected: frozenset[int] | None = None,
+        studies_of: Callable[[int, int], list[str]] | None = None,
+    ):
         self.root, self.shape, self.shard_slices = root, tuple(shape), shard_slices
+        self.expected, self.studies_of = expected, studies_of  # studies_of(start, stop): the study uids there
         self._codec = Zstd()
 
     def __getitem__(self, key: slice) -> np.ndarray:
@@ -235,25 +248,52 @@ class ShardReader:
         try:
             handle = self.root.open(name)
         except FileNotFoundError:
+            if self.expected is not None and shard in self.expected:
+                raise self._damaged(shard, "the file is missing") from None
             return  # a shard zarr never wrote is all fill value (zeros)
+        span = _index_bytes(self.shard_slices)
         with handle:
             whole = first == 0 and stop >= min(self.shard_slices, self.shape[0] - shard * self.shard_slices)
-            if whole:
+            if whole:  # one read of the file (one GET on an object store)
                 data = handle.read()
-                index = _parse_index(data[-_index_bytes(self.shard_slices) :], self.shard_slices, name)
-                base = 0
+                tail = data[-span:]
             else:
-                size = handle.seek(0, 2)
-                handle.seek(size - _index_bytes(self.shard_slices))
-                index = _parse_index(handle.read(), self.shard_slices, name)
-                used = [int(o) for o, _ in index[first:stop] if o != EMPTY]
+                handle.seek(max(handle.seek(0, 2) - span, 0))
+                tail = handle.read()
+            index = _parse_index(tail, self.shard_slices)
+            if index is None:
+                raise self._damaged(shard, "shard index is damaged (crc32c mismatch: the file is cut or altered)")
+            base = 0
+            if not whole:
+                used = [(int(o), int(o + n)) for o, n in index[first:stop] if o != EMPTY]
                 if not used:
                     return
-                base = min(used)
-                end = max(int(o + n) for o, n in index[first:stop] if o != EMPTY)
+                base, end = min(a for a, _ in used), max(b for _, b in used)
                 handle.seek(base)
                 data = handle.read(end - base)
         for j, (offset, nbytes) in enumerate(index[first:stop].tolist()):
-            if offset != EMPTY:
-                offset -= base
+            if offset == EMPTY:
+                continue
+            offset -= base
+            try:
                 self._codec.decode(data[offset : offset + nbytes], out=out[j])
+            except (RuntimeError, ValueError) as exc:  # numcodecs' zstd errors; a frame cut by a short file
+                slot = shard * self.shard_slices + first + j
+                raise self._damaged(shard, f"slot {slot} does not decode ({exc})") from exc
+
+    def _damaged(self, shard: int, why: str) -> DamagedShardError:
+        """The error for shard ``shard``: the file, why, its slots and (read from the store now) its studies."""
+        start = shard * self.shard_slices
+        stop = min(start + self.shard_slices, self.shape[0])
+        uids = self.studies_of(start, stop) if self.studies_of is not None else []
+        studies = f", studies {name_studies(uids)}" if uids else ""
+        return DamagedShardError(
+            f"{self.root}/{shard_path(shard)} (shard {shard}, slots {start}-{stop - 1}{studies}) is damaged: {why}. "
+            f"To repair: {repair_hint(self.root)}; or pass --skip-damaged to leave the damaged shards out"
+        )
+
+
+def name_studies(uids: list[str], shown: int = 3) -> str:
+    """The first ``shown`` study uids, and how many more, for a message."""
+    more = f" (+{len(uids) - shown} more)" if len(uids) > shown else ""
+    return ", ".join(uids[:shown]) + more

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from ..errors import StoreError
+from ..errors import StoreError, repair_hint
 from ..reading.labels import LABELS
 from ..spec import AXES, PreprocessSpec, warn_if_outdated
+from .damage import damaged_error, find_damaged_shards, shard_number, without_damaged
 from .location import Location, as_location
 from .shardcodec import IMAGES, IMAGES_META, FastLayout, Mismatch, ShardReader, encode_shard, fast_layout, shard_path
 from .shardcodec import SHARD_DIR as SHARD_DIR  # re-exported: ichprep.storage.store names the whole layout
@@ -112,6 +114,20 @@ def _not_ichkit(root: Location) -> StoreError:
     return StoreError(f"{root} is a Zarr group but not an ichkit store (no '{ATTRS_KEY}' attribute)")
 
 
+def is_store(root: str | Path | Location) -> bool:
+    """Whether ``root`` holds an ichprep store, finished or interrupted (its run file, or an ichkit group)."""
+    root = as_location(root)
+    if root.isfile(RUN_FILE):
+        return True
+    if not root.isfile(GROUP_META):
+        return False
+    try:
+        attributes = root.read_json(GROUP_META).get("attributes", {})
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not ours to replace
+        return False
+    return isinstance(attributes, dict) and ATTRS_KEY in attributes
+
+
 def read_attrs(root: str | Path | Location) -> dict:
     """The ichkit attributes of the store's group (the spec as written); StoreError where there are none."""
     root = as_location(root)
@@ -143,15 +159,35 @@ def open_reader(root: str | Path | Location, layout: FastLayout | Mismatch | Non
     layout :mod:`ichprep.storage.shardcodec` implements, zarr for every other valid layout.
 
     The choice is made once per call, from ``images/zarr.json`` (or ``layout``, already read by the caller).
+    A shard file the manifest lists that is absent or does not decode raises
+    :class:`~ichprep.errors.DamagedShardError` on the direct path (zarr reads an absent one as zeros:
+    :func:`open_store`'s check is what finds it there).
     """
     root = as_location(root)
     layout = images_layout(root) if layout is None else layout
     if isinstance(layout, FastLayout):
-        return ShardReader(root, layout.shape, layout.shard_slices)
+        studies_of = functools.partial(studies_between, root)
+        return ShardReader(root, layout.shape, layout.shard_slices, expected_shards(root), studies_of)
     if not layout.zarr_only:
         raise _not_images(root, layout)
     logger.info("%s: reading images through zarr (%s)", root, layout)
     return open_images(root)
+
+
+def studies_between(root: Location, start: int, stop: int) -> list[str]:
+    """The study uids holding slots in [start, stop), for an error message; [] where the studies do not read."""
+    try:
+        studies = read_parquet(root, STUDIES, columns=["study_uid", "start", "stop"])
+    except (StoreError, OSError):
+        return []
+    return studies.loc[(studies["start"] < stop) & (studies["stop"] > start), "study_uid"].astype(str).tolist()
+
+
+def expected_shards(root: Location) -> frozenset[int] | None:
+    """The shards the manifest lists a file for (a reader must find them); None for a store without a manifest."""
+    if not root.isfile(MANIFEST):
+        return None
+    return frozenset(n for n in map(shard_number, read_manifest_files(root)) if n is not None)
 
 
 def _zarr_shard_file(root: Location, spec: PreprocessSpec, shard: int, images: zarr.Array) -> str:
@@ -302,13 +338,19 @@ class Store:
         return n_shards(len(self.slices), self.spec.shard_slices)
 
 
-def open_store(root: str | Path | Location) -> Store:
+def open_store(root: str | Path | Location, *, skip_damaged: bool = False, check_files: bool = True) -> Store:
     """Open a complete ichkit store for reading.
 
     Parameters
     ----------
     root : str, PathLike or Location
         The store: a local folder or an fsspec URL (``s3://bucket/cache.zarr``).
+    skip_damaged : bool, optional
+        Mark every slot of a damaged shard file not ok (readers then leave it out, as a zero-filled slot)
+        and warn, instead of raising; shards are then also checked by their sha256 (every byte read once).
+    check_files : bool, optional
+        Check the shard files against the manifest (presence and size: one listing, no reads).  Only
+        ``ichprep verify`` and ``ichprep info``, which report what they find, turn it off.
 
     Returns
     -------
@@ -319,7 +361,10 @@ def open_store(root: str | Path | Location) -> Store:
     ------
     StoreError
         ``root`` is not a Zarr group, not an ichkit store, or incomplete (a table or the manifest
-        missing: the conversion did not finish), or its tables and array disagree in length.
+        missing: the conversion did not finish), a table does not read, or its tables and array
+        disagree in length.
+    DamagedStoreError
+        A shard file the manifest lists is missing or of another size (unless ``skip_damaged``).
     """
     root = as_location(root)
     if not root.isfile(GROUP_META):
@@ -337,9 +382,47 @@ def open_store(root: str | Path | Location) -> Store:
         raise StoreError(f"{root}: {SLICES} has {len(slices)} rows but {IMAGES} has {images.shape[0]} slices")
     spec = PreprocessSpec.from_attrs(attrs)
     warn_if_outdated(attrs, str(root))
-    return Store(root, spec, images, slices, read_parquet(root, STUDIES))
+    studies = read_parquet(root, STUDIES)
+    if check_files:
+        slices = _undamaged(root, slices, spec.shard_slices, skip_damaged)
+    return Store(root, spec, images, slices, studies)
+
+
+def _undamaged(root: Location, slices: pd.DataFrame, shard_slices: int, skip_damaged: bool) -> pd.DataFrame:
+    """``slices`` where every shard file matches the manifest; else the error, or (skipping) its slots not ok."""
+    files = read_manifest_files(root)
+    damaged = find_damaged_shards(root, files, n_slices=len(slices), shard_slices=shard_slices, hashes=skip_damaged)
+    if not damaged:
+        return slices
+    if not skip_damaged:
+        raise damaged_error(root, damaged, slices)
+    logger.warning(
+        "%s: --skip-damaged leaves out %d shard file(s) and their %d ok slots:\n%s",
+        root,
+        len(damaged),
+        sum(int(slices["ok"].iloc[d.start : d.stop].sum()) for d in damaged),
+        "\n".join(f"  {d.describe(slices)}" for d in damaged),
+    )
+    return without_damaged(slices, damaged)
+
+
+def read_manifest_files(root: Location) -> dict:
+    """The manifest's ``files`` (name -> sha256 and size); StoreError naming the manifest where it does not read."""
+    try:
+        files = root.read_json(MANIFEST).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StoreError(f"{root}/{MANIFEST} cannot be read ({exc}); {repair_hint(root)}") from exc
+    if not isinstance(files, dict):
+        raise StoreError(f"{root}/{MANIFEST} lists no files; {repair_hint(root)}")
+    return files
 
 
 def read_parquet(root: Location, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    with root.open(name) as f:
-        return pd.read_parquet(f, columns=columns)
+    """A table of the store; StoreError naming the file and the reason where it does not read."""
+    try:
+        with root.open(name) as f:
+            return pd.read_parquet(f, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError or ValueError subclasses
+        raise StoreError(f"{root}/{name} cannot be read ({exc}); {repair_hint(root)}") from exc

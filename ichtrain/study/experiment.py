@@ -36,7 +36,19 @@ from ..errors import ConfigError, DataError
 from ..evaluation.evaluate import Loaded, infer_loaded, load_for_store
 from ..evaluation.recalibrate import Platt, cross_fit, cross_fit_parts
 from ..evaluation.report import run_metrics, write_predictions
-from ..files import BEST, CONFIG, EXPERIMENT, FOLDS, LAST, METRICS, OOF, OUTPUTS, fold_dir
+from ..files import (
+    BEST,
+    CONFIG,
+    EXPERIMENT,
+    FOLDS,
+    LAST,
+    METRICS,
+    OOF,
+    OUTPUTS,
+    fold_dir,
+    recorded_config,
+    resolved_path,
+)
 from ..files import is_experiment as is_experiment  # re-exported: callers ask the experiment module
 from ..train import train
 from .external import write_reference
@@ -64,6 +76,7 @@ def open_experiment(exp: Experiment | str | Path) -> Experiment:
         raise ConfigError(f"{path} is not an experiment folder (no {EXPERIMENT}); make one with `ichtrain cv`")
     info = json.loads((path / EXPERIMENT).read_text())
     cfg = TrainConfig.from_dict(info["config"])
+    cfg = dataclasses.replace(cfg, store=resolved_path(cfg.store, path), out=str(path))  # recorded relative to EXP
     table = pd.read_parquet(path / FOLDS)
     return Experiment(
         path=path,
@@ -77,7 +90,7 @@ def open_experiment(exp: Experiment | str | Path) -> Experiment:
 
 def open_training_store(experiment: Experiment) -> Store:
     """The store the folds were made on, refused when its slots are no longer the ones in folds.parquet."""
-    store = open_store(experiment.cfg.store)
+    store = open_store(experiment.cfg.store, skip_damaged=experiment.cfg.skip_damaged)
     if not store.slices["image_id"].astype(str).reset_index(drop=True).equals(experiment.image_ids):
         raise DataError(
             f"{experiment.path / FOLDS} does not list the slots of {experiment.cfg.store}; "
@@ -88,7 +101,7 @@ def open_training_store(experiment: Experiment) -> Store:
 
 def _shared_config(base: TrainConfig, folds: int, identity: str) -> dict:
     return {
-        "config": {**base.to_dict(), "resume": None, "folds": None, "fold": None},
+        "config": recorded_config({**base.to_dict(), "resume": None, "folds": None, "fold": None}, base.out),
         "folds": folds,
         "store_identity": identity,
     }
@@ -133,7 +146,7 @@ def cross_validate(
     Returns EXP/metrics.json's content: the out-of-fold block and each fold's best-epoch metrics.
     """
     exp = Path(base.out)
-    store = open_store(base.store)
+    store = open_store(base.store, skip_damaged=base.skip_damaged)
     shared = _shared_config(base, folds, store_identity(store))
     exp.mkdir(parents=True, exist_ok=True)
     if (exp / EXPERIMENT).exists():

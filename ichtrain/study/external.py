@@ -30,7 +30,7 @@ from ..evaluation.studylevel import (
     study_scores,
 )
 from ..evaluation.studyplots import plot_study_roc, plot_worst_studies
-from ..files import OOF, OPERATING_POINTS, STAGE2_DIR, VAL_PREDICTIONS, is_experiment
+from ..files import OOF, OPERATING_POINTS, STAGE2_DIR, VAL_PREDICTIONS, is_experiment, recorded_path
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def reference_from(path: Path, *, rule: str = DEFAULT_RULE, targets: tuple[str, 
 
 def write_reference(path: Path) -> Path:
     """The default operating points of a validation table, written beside it (``operating_points.json``)."""
-    reference = reference_from(path)
+    reference = reference_from(path)._replace(source=path.name)  # the table beside it, by name alone
     out = path.parent / OPERATING_POINTS
     out.write_text(json.dumps(reference._asdict(), indent=2) + "\n")
     return out
@@ -132,7 +132,7 @@ def evaluate_studies(
     studies = scores[[f"prob_{n}" for n in names]].join(truth, how="left")
     table = external_table(studies, labels=names, thresholds=reference.thresholds, n_boot=n_boot, seed=seed)
     table["rule"] = reference.rule
-    table["operating_points_from"] = {"table": reference.source, "studies": reference.n_studies}
+    table["operating_points_from"] = {"table": recorded_path(reference.source, out), "studies": reference.n_studies}
     (out / STUDY_METRICS).write_text(json.dumps(table, indent=2) + "\n")
     _long(scores, names).to_csv(out / STUDY_PREDICTIONS, index=False)
     points = {  # a point fixed on a one-class validation has no rates to draw

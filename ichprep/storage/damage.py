@@ -50,11 +50,11 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
 
 
-def check_files(root: Location, files: dict, *, hashes: bool) -> FileCheck:
+def check_files(root: Location, files: dict, *, hashes: bool, under: str = "") -> FileCheck:
     """Every file of ``files`` (the manifest's: name -> sha256 and size) present and of its size, from one
-    listing of the store; with ``hashes`` also its sha256 (every byte read).  Shard files the manifest does not
-    list are ``unlisted``."""
-    present = root.sizes()
+    listing of the store (of its folder ``under``, where every name of ``files`` lies); with ``hashes`` also its
+    sha256 (every byte read).  Shard files the manifest does not list are ``unlisted``."""
+    present = root.sizes(under)
     problems, checked, nbytes = [], 0, 0
     for name, expected in sorted(files.items()):
         if not safe_relative(name):
@@ -120,7 +120,7 @@ def find_damaged_shards(
     """Every shard file ``files`` (the manifest's) lists that is absent or of another size; with ``hashes``,
     also every one whose sha256 differs.  One listing of the store; hashes read every shard."""
     shards = {name: entry for name, entry in files.items() if shard_number(name) is not None}
-    problems = check_files(root, shards, hashes=hashes).problems
+    problems = check_files(root, shards, hashes=hashes, under=SHARD_DIR).problems  # not the converter's markers
     return damaged_shards(problems, n_slices=n_slices, shard_slices=shard_slices)
 
 

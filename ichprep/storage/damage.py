@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -46,18 +45,19 @@ class FileCheck(NamedTuple):
 
 def safe_relative(name: str) -> bool:
     """Manifest paths must stay inside the store: relative, no '..', no backslashes."""
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
 
 
 def check_files(root: Location, files: dict, *, hashes: bool, under: str = "") -> FileCheck:
     """Every file of ``files`` (the manifest's: name -> sha256 and size) present and of its size, from one
-    listing of the store (of its folder ``under``, where every name of ``files`` lies); with ``hashes`` also its
-    sha256 (every byte read).  Shard files the manifest does not list are ``unlisted``."""
-    present = root.sizes(under)
+    stat each on a local disk or one listing of ``under`` (where every name of ``files`` lies) on an object store;
+    with ``hashes`` also its sha256 (every byte read), and shard files the manifest does not list are ``unlisted``."""
+    safe = {name for name in files if safe_relative(name)}
+    # verify also looks for shard files the manifest does not list: that needs the listing itself
+    present = root.sizes(under) if hashes else root.sizes_of(safe, under)
     problems, checked, nbytes = [], 0, 0
     for name, expected in sorted(files.items()):
-        if not safe_relative(name):
+        if name not in safe:
             problems.append(Problem(name, "unsafe_path", "manifest names a path outside the store; refusing"))
             continue
         size = present.get(name)
@@ -71,7 +71,7 @@ def check_files(root: Location, files: dict, *, hashes: bool, under: str = "") -
             )
         elif hashes and root.sha256(name) != expected["sha256"]:
             problems.append(Problem(name, "altered", "sha256 differs from the manifest"))
-    for name in sorted(present):
+    for name in sorted(present):  # with the listing (hashes): every shard file on disk
         if shard_number(name) is not None and name not in files:
             problems.append(Problem(name, "unlisted", "shard file not in the manifest"))
     return FileCheck(problems, checked, nbytes)

@@ -67,9 +67,25 @@ class Location:
             return []
         return sorted(p[len(self.root) + 1 :] for p in self.fs.find(base))
 
+    def sizes_of(self, names, under: str = "") -> dict[str, int]:
+        """Size of each of ``names`` that exists (absent ones are left out): a stat each on a local disk, one
+        listing of ``under`` (where they all lie) on an object store."""
+        if not self.is_local:
+            wanted = set(names)
+            return {k: v for k, v in self.sizes(under).items() if k in wanted}
+        found = {}
+        for name in names:
+            try:
+                found[name] = os.stat(self.path(name)).st_size
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return found
+
     def sizes(self, under: str = "") -> dict[str, int]:
         """Relative name -> size of every file below ``under``, from one listing (one request on an object store)."""
         base = self.path(under)
+        if self.is_local:
+            return _local_sizes(Path(base), under.strip("/"))
         if not self.fs.exists(base):
             return {}
         found = self.fs.find(base, detail=True)
@@ -144,6 +160,24 @@ class Location:
         if self.is_local:
             return zarr.storage.LocalStore(self.root, read_only=read_only)
         return zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+
+
+def _local_sizes(folder: Path, prefix: str) -> dict[str, int]:
+    """Relative name -> size below a local folder, by ``os.scandir`` (fsspec's find builds a dict per file)."""
+    sizes, stack = {}, [(str(folder), prefix)]
+    while stack:
+        path, name = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            relative = f"{name}/{entry.name}" if name else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((entry.path, relative))
+            elif entry.is_file():
+                sizes[relative] = entry.stat().st_size
+    return sizes
 
 
 def as_location(value: str | os.PathLike | Location) -> Location:

@@ -51,12 +51,15 @@ class Checkpoint:
     calibration: dict | None = None  # Platt.to_dict(), None: probabilities as trained
     trained_model: dict | None = None  # the raw weights, beside a weight average (what --resume trains on)
     average_updates: int | None = None  # the weight average's update count
+    backbone: dict | None = None  # timm: name, input_size, mean, std (ichtrain.backbones); None: torchvision
 
     def to_state(self) -> dict:
         """The dict ``torch.save`` writes (keys without a value are left out, as ichtrain always wrote them)."""
         state = {"model": self.model}
         if self.trained_model is not None:
             state |= {"trained_model": self.trained_model, "average_updates": self.average_updates}
+        if self.backbone is not None:
+            state |= {"backbone": self.backbone}
         return state | {
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,

@@ -12,6 +12,7 @@ import click
 from ichprep.cli import SourceParam, StoreParam
 
 from . import config
+from .backbones import FIND_NAMES, is_timm, timm_defaults
 from .config import SeqConfig, TrainConfig
 from .errors import IchtrainError
 from .files import check_out_folder
@@ -124,6 +125,20 @@ _skip_damaged_option = click.option(
     "refused, naming the files and the fix.",
 )
 
+
+class ArchParam(click.ParamType):
+    """--arch: one of torchvision's (config.ARCHS) or timm:NAME; a wrong name fails listing what is valid."""
+
+    name = "arch"
+
+    def convert(self, value, param, ctx):
+        try:
+            config.check_arch(value)
+        except IchtrainError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
 TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume and the fold options
     click.option(
         "--task",
@@ -134,14 +149,16 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
     ),
     click.option(
         "--arch",
-        type=click.Choice(config.ARCHS),
+        type=ArchParam(),
         default=TrainConfig.arch,
         show_default=True,
-        metavar="NAME",
+        metavar="NAME|timm:NAME",
         help="Any torchvision classification model that takes a 64+ pixel input: resnet*, resnext*, "
         "wide_resnet*, densenet*, efficientnet_b0-b7/v2_*, convnext_*, regnet_*, swin_*, mobilenet_*, "
-        "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all). Its first "
-        "convolution is widened to the store's channels and its classifier replaced.",
+        "mnasnet*, shufflenet_v2_*, googlenet, alexnet, vgg* (a wrong name lists them all); or any timm "
+        f"model as timm:NAME (e.g. timm:seresnext26d_32x4d; list names with {FIND_NAMES}), at its own "
+        "default input size unless --image-size. Its first convolution is widened to the store's channels "
+        "and its classifier replaced.",
     ),
     click.option(
         "--pretrained", type=FILE, help="Local torchvision state dict (e.g. ImageNet weights); never downloaded."
@@ -149,11 +166,11 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
     click.option(
         "--image-size",
         type=_at_least(config.TRAIN_MINIMUMS, "image_size"),
-        default=TrainConfig.image_size,
-        show_default=True,
+        default=None,
         help="The network's input size, in training and evaluation alike: evaluation resizes the whole "
         "stored image to it; training resizes the same way, then takes a random crop of 80-100% of the "
-        "area (aspect kept) with a flip and a small rotation.",
+        f"area (aspect kept) with a flip and a small rotation [default: {TrainConfig.image_size}; a timm "
+        "model's own default input size].",
     ),
     # No upper bound here: TrainConfig's error says why 8 is the most.
     click.option(
@@ -277,6 +294,9 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
     """A TrainConfig from the shared options' values (click names -> config fields)."""
     options = dict(options)
     pretrained = options.pop("pretrained")
+    if options["image_size"] is None:
+        arch = options["arch"]
+        options["image_size"] = timm_defaults(arch).input_size if is_timm(arch) else TrainConfig.image_size
     return TrainConfig(
         store=str(store),
         out=str(out),

@@ -137,6 +137,16 @@ SELECTION_FORMS = "'all' or 'middle:K' (K >= 1: the K slices around each study's
 # ---------------------------------------------------------------- validation helpers
 
 
+def check_arch(arch: str) -> None:
+    """One of :data:`ARCHS` or ``timm:NAME`` with a NAME timm knows (:mod:`ichtrain.backbones`)."""
+    from .backbones import check_timm, is_timm
+
+    if is_timm(arch):
+        check_timm(arch)
+    else:
+        check_choice("arch", arch, ARCHS)
+
+
 def check_choice(name: str, value, choices) -> None:
     """Refuse a value that is not one of ``choices`` (a tuple, or a dict's keys), listing them."""
     if value not in choices:
@@ -257,7 +267,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
-        check_choice("arch", self.arch, ARCHS)
+        check_arch(self.arch)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_choice("balance", self.balance, BALANCES)

@@ -1,4 +1,4 @@
-"""torchvision classification models with a multi-label head, optional wider input, local pretrained weights.
+"""torchvision and timm classification models with a multi-label head, wider input, local pretrained weights.
 
 Nothing is downloaded: ``pretrained`` is a path to a torchvision state dict the
 user fetched once (see the README), loaded with ``weights_only=True``.  Every
@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .backbones import TimmNet, create_timm, is_timm, timm_defaults, timm_name
 from .checkpoint import safe_load
 from .config import ARCHS, TrainConfig
 from .errors import CheckpointError, ConfigError
@@ -40,13 +41,26 @@ _AUXILIARY = {"googlenet": ("aux1.", "aux2.")}
 
 
 def load_state_dict(path: str | Path) -> dict:
-    """A state dict from a local file; refuses pickles that need code to load."""
+    """A state dict from a local file (``.safetensors``, or a torch pickle: ``.pth``, ``.pt``, ``.bin``);
+    refuses pickles that need code to load."""
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(path)
     state = safe_load(path, "weights file")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # an ichtrain checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return state
+
+
+def _load_safetensors(path: str | Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
 def _head(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -145,7 +159,10 @@ def build_model(
     slices: int = 1,
     pretrained: str | Path | None = None,
 ) -> nn.Module:
-    """torchvision ``arch`` for ``windows`` channels x ``slices`` slices (2*context+1), with ``n_outputs`` logits."""
+    """``arch`` (torchvision's, or ``timm:NAME``) for ``windows`` channels x ``slices`` slices (2*context+1),
+    with ``n_outputs`` logits."""
+    if is_timm(arch):
+        return _build_timm(arch, n_outputs, windows, slices, pretrained)
     if arch in UNSUPPORTED:
         raise ConfigError(f"arch {arch!r} is not supported: it {UNSUPPORTED[arch]}; choose one of {', '.join(ARCHS)}")
     if arch not in ARCHS:
@@ -160,6 +177,18 @@ def build_model(
     return model
 
 
+def _build_timm(arch: str, n_outputs: int, windows: int, slices: int, pretrained: str | Path | None) -> nn.Module:
+    """A timm backbone adapted as torchvision's are: weights loaded at 3 channels, input widened, head reset."""
+    if n_outputs < 1 or windows < 1 or slices < 1:
+        raise ConfigError("n_outputs, windows and slices must be >= 1")
+    model = create_timm(arch)
+    if pretrained is not None:
+        _load_backbone(model, load_state_dict(pretrained), pretrained)
+    widen_input(model, windows, slices)
+    model.reset_classifier(n_outputs)
+    return TimmNet(model, timm_defaults(arch), channels=windows * slices)
+
+
 def classifier(model: nn.Module) -> nn.Linear:
     """The head: the last ``nn.Linear`` in module order; its input is the penultimate feature vector."""
     return _head(model)[1]
@@ -167,6 +196,13 @@ def classifier(model: nn.Module) -> nn.Linear:
 
 def random_init_advice(arch: str) -> str:
     """What to tell a user who trains ``arch`` without ``--pretrained`` (nothing is ever downloaded)."""
+    if is_timm(arch):
+        name = timm_name(arch)
+        return (
+            f"training {arch} from random weights; pretrained weights help on CT. Save them once on a machine with "
+            f"internet: python -c \"import timm, safetensors.torch as s; s.save_file(timm.create_model('{name}', "
+            f"pretrained=True).state_dict(), '{name}.safetensors')\" and pass --pretrained {name}.safetensors"
+        )
     return (
         f"training {arch} from random weights; ImageNet weights help on CT. Save them once on a machine "
         f'with internet: python -c "import torch, torchvision; torch.save(torchvision.models.get_model('

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ichprep.storage.store import Store, open_store
 
 from . import files
+from .backbones import backbone_record
 from .checkpoint import Checkpoint, check_resume, checkpoint_for_store, store_identity
 from .config import TASKS, TrainConfig
 from .data.balance import Rates, epoch_plan, importance_weights, sampling_rates
@@ -278,6 +279,7 @@ class RunFacts(NamedTuple):
     names: list[str]
     in_channels: int
     train_prevalence: list[float]
+    backbone: dict | None  # a timm model's name, default input size and normalisation; None for torchvision
 
 
 def epoch_checkpoint(
@@ -384,6 +386,7 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         names=list(names),
         in_channels=data.train.sample_shape[0],
         train_prevalence=[float(np.nanmean(data.targets[data.train_slots, j])) for j in range(len(names))],
+        backbone=backbone_record(cfg.arch),
     )
 
     for epoch in range(run.next_epoch, cfg.epochs):

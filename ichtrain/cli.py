@@ -307,9 +307,43 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
     )
 
 
+#: train's click parameter names that are not TrainConfig fields, and the field each sets.
+_CLICK_TO_FIELD = {"compile_model": "compile", "config_file": None, "overwrite_any": None}
+
+
+def _rerun_config(ctx, config_file: Path, store, out, options: dict, extra: dict) -> TrainConfig:
+    """RUN/config.json's settings (its paths recorded relative to RUN), with the options given on this
+    command line in their place."""
+    import json
+
+    from click.core import ParameterSource
+
+    from .files import PATH_FIELDS, resolved_path
+
+    saved = json.loads(config_file.read_text())
+    folder = config_file.parent
+    settings = {**saved, **{k: resolved_path(saved.get(k), folder) for k in PATH_FIELDS if k in saved}}
+    given = {**options, **extra, "store": store, "out": out}
+    for name, value in given.items():
+        field = _CLICK_TO_FIELD.get(name, name)
+        if field is not None and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            settings[field] = str(value) if isinstance(value, Path) else value
+    if ctx.get_parameter_source("resume") != ParameterSource.COMMANDLINE:
+        settings["resume"] = None  # a rerun starts afresh unless told to resume
+    return TrainConfig.from_dict(settings)
+
+
 @main.command()
-@click.argument("store", type=STORE)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.argument("store", type=STORE, required=False)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder to write (required unless --config)."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=FILE,
+    help="Rerun a run: every option (STORE and --out too) from its RUN/config.json; any given here overrides it.",
+)
 @click.option("--resume", type=FILE, help="Continue from this checkpoint (e.g. RUN/last.pt).")
 @click.option(
     "--folds",
@@ -320,14 +354,25 @@ def _train_config(store, out, options: dict, **extra) -> TrainConfig:
 @click.option("--fold", type=click.IntRange(min=0), default=None, help="... and validate on fold k (0 .. K-1).")
 @_overwrite_any_option
 @train_options
-def train(store, out, resume, folds, fold, overwrite_any, **options) -> None:
-    """Train a torchvision model on STORE; checkpoints, metrics and plots go to --out."""
+@click.pass_context
+def train(ctx, store, out, config_file, resume, folds, fold, overwrite_any, **options) -> None:
+    """Train a torchvision or timm model on STORE; checkpoints, metrics and plots go to --out.
+
+    `ichtrain train --config RUN/config.json --out RUN2` reruns RUN with every option it had.
+    """
     from .evaluation.metrics import format_metrics
     from .train import train as run_train
 
     try:
+        extra = {"resume": str(resume) if resume else None, "folds": folds, "fold": fold}
+        if config_file is not None:
+            cfg = _rerun_config(ctx, config_file, store, out, options, extra)
+        elif store is None or out is None:
+            raise click.UsageError("give STORE and --out (or --config RUN/config.json)")
+        else:
+            cfg = _train_config(store, out, options, **extra)
+        out = Path(cfg.out)
         check_out_folder(out, overwrite_any)
-        cfg = _train_config(store, out, options, resume=str(resume) if resume else None, folds=folds, fold=fold)
         metrics = run_train(cfg, progress=_bar_factory)
     except (IchtrainError, ValueError, OSError) as exc:
         _fail(exc)

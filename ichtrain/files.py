@@ -15,6 +15,7 @@ COMPUTE = "compute.json"  # threads, CPU kernels and device the run computed wit
 SPLIT = "split.parquet"  # every slot's part: train, val or unused
 METRICS_LOG = "metrics.jsonl"  # one record per epoch, with the full metrics
 METRICS = "metrics.json"  # a run's final/best_epoch/last/history; an experiment's and evaluate's blocks
+HISTORY = "history.csv"  # one row per epoch, the columns people plot (like timm's summary.csv)
 BEST = "best.pt"  # the checkpoint of the lowest validation weighted log loss: what evaluate and predict load
 LAST = "last.pt"  # the checkpoint of the last finished epoch: what --resume continues
 LOSS_PLOT = "loss.png"
@@ -68,7 +69,7 @@ def is_experiment(path: str | Path) -> bool:
 
 
 #: Files only ichtrain writes: a folder holding one of them is a run, an experiment or an evaluation.
-_OURS = (CONFIG, METRICS, METRICS_LOG, EXPERIMENT, STAGE2_MODEL, OPERATING_POINTS)
+_OURS = (CONFIG, METRICS, METRICS_LOG, HISTORY, EXPERIMENT, STAGE2_MODEL, OPERATING_POINTS)
 
 
 def check_out_folder(path: str | Path, overwrite_any: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -319,6 +320,37 @@ def save_epoch(
         )
         write_reference(out / files.VAL_PREDICTIONS)
     plot_loss_curves(checkpoint.history, out / files.LOSS_PLOT)
+    write_history(checkpoint.history, out / files.HISTORY, best_epoch=checkpoint.best_epoch)
+
+
+#: history.csv's columns, in order: the epoch's training figures, its validation headline, the learning rate.
+HISTORY_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_weighted_log_loss",
+    "val_weighted_log_loss_lo",
+    "val_weighted_log_loss_hi",
+    "val_mean_auc",
+    "val_any_auc",
+    "val_study_any_auc",
+    "val_mean_ece",
+    "val_any_mean_prob",
+    "lr",
+    "train_images_per_s",
+    "train_seconds",
+    "best",
+)
+
+
+def write_history(history: list[dict], path: Path, *, best_epoch: int) -> None:
+    """Every epoch so far as one CSV row (rewritten each epoch, so a resumed run's file holds them all)."""
+    frame = pd.DataFrame(history)
+    interval = frame.pop("val_weighted_log_loss_ci95") if "val_weighted_log_loss_ci95" in frame else None
+    if interval is not None:
+        frame["val_weighted_log_loss_lo"] = [ci[0] if ci else None for ci in interval]
+        frame["val_weighted_log_loss_hi"] = [ci[1] if ci else None for ci in interval]
+    frame["best"] = frame["epoch"] == best_epoch
+    frame.reindex(columns=list(HISTORY_COLUMNS)).to_csv(path, index=False, float_format="%.6g")
 
 
 # ---------------------------------------------------------------- the run

@@ -416,3 +416,29 @@ def test_cli_convert_on_dask_and_train_from_s3(s3_env, synth_dataset, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["final"]["n_images"] > 0
+
+
+def test_a_run_reruns_from_its_config_and_keeps_a_history(easy_store, tmp_path):
+    """train --config RUN/config.json gives the run's metrics again; a flag given beside it overrides the file."""
+    from ichtrain.cli import main as train_main
+
+    runner, first = CliRunner(), tmp_path / "first"
+    tiny = ["--arch", "resnet18", "--image-size", "48", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    args = ["train", str(easy_store), "--out", str(first), *tiny, "--epochs", "2", "--max-steps", "2", "--seed", "3"]
+    assert runner.invoke(train_main, args).exit_code == 0
+    again = tmp_path / "again"
+    rerun = runner.invoke(train_main, ["train", "--config", str(first / "config.json"), "--out", str(again)])
+    assert rerun.exit_code == 0, rerun.output
+    a, b = (json.loads((run / "metrics.json").read_text())["final"] for run in (first, again))
+    assert a["weighted_log_loss"] == pytest.approx(b["weighted_log_loss"], rel=1e-5)
+    saved = json.loads((again / "config.json").read_text())
+    assert saved["seed"] == 3 and saved["epochs"] == 2 and saved["image_size"] == 48
+    history = pd.read_csv(first / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] and history["best"].sum() == 1
+    assert {"train_loss", "val_weighted_log_loss", "val_mean_auc", "lr"} <= set(history.columns)
+    changed = runner.invoke(
+        train_main, ["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "c"), "--epochs", "1"]
+    )
+    assert changed.exit_code == 0, changed.output
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["epochs"] == 1
+    assert runner.invoke(train_main, ["train", "--out", str(tmp_path / "d")]).exit_code == 2

@@ -281,6 +281,13 @@ TRAIN_OPTIONS = (  # what `train` and `cv` share; everything but --out, --resume
         "epoch's final weights (0: keep the running averages, which lag behind at a high lr).",
     ),
     _skip_damaged_option,
+    click.option(
+        "--tb/--no-tb",
+        default=TrainConfig.tb,
+        show_default=True,
+        help="Write RUN/tb, a TensorBoard log (tensorboard --logdir RUN): training loss, lr and samples/s; "
+        "each epoch's validation metrics per label with intervals, PR and ROC curves, and validation slices.",
+    ),
 )
 
 

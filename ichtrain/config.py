@@ -264,6 +264,7 @@ class TrainConfig:
     buffer_shards: int = BUFFER_SHARDS
     ema_decay: float = 0.999  # > 0: evaluate and save an exponential moving average of the weights (0: off)
     skip_damaged: bool = False  # leave out the slots of damaged shard files (ichprep.storage.store.open_store)
+    tb: bool = True  # write RUN/tb, a TensorBoard log (ichtrain.tblog)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

@@ -41,6 +41,7 @@ from .evaluation.plots import plot_loss_curves
 from .evaluation.report import Validation, validate_epoch, validation_parts, write_figures
 from .model import build_model, random_init_advice
 from .study.external import write_reference
+from .tblog import RunLog, shown_slices
 
 logger = logging.getLogger(__name__)
 
@@ -421,10 +422,12 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         backbone=backbone_record(cfg.arch),
     )
 
+    log = RunLog(out, enabled=cfg.tb and rank == 0, names=names)
     for epoch in range(run.next_epoch, cfg.epochs):
         setup = start_epoch(data, base, cfg, epoch=epoch, rank=rank)
         steps = min(data.train.batches(cfg.batch_size, cfg.workers), cfg.max_steps or math.inf)
-        on_log = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
+        bar = progress(f"epoch {epoch + 1}/{cfg.epochs}", steps) if progress and rank == 0 else None
+        on_log = log.train_progress(bar, lr=lambda: learner.optimizer.param_groups[0]["lr"])
         loader = batch_loader(data.train, cfg.workers, device)
         stats = train_one_epoch(setup, loader, max_steps=cfg.max_steps, on_log=on_log)
         refresh_evaluated(learner, setup, loader, batches=cfg.bn_refresh_batches, world=world)
@@ -447,6 +450,11 @@ def train(cfg: TrainConfig, progress: Callable[[str, int], Callable] | None = No
         if rank == 0:
             checkpoint = epoch_checkpoint(learner, run, validation, epoch=epoch, facts=facts, device=device)
             save_epoch(out, checkpoint, validation, record=record, improved=improved, store=store)
+            if log.writer is not None:
+                shown = validation.preds.slots[shown_slices(validation.preds)]
+                images = np.stack([np.asarray(store.images[int(slot)]) for slot in shown]) if len(shown) else None
+                log.epoch(epoch, validation.metrics, validation.preds, images)
+    log.close()
     if rank == 0:
         (out / files.METRICS).write_text(json.dumps(run.summary(), indent=2) + "\n")
     if world > 1:

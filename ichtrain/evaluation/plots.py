@@ -136,7 +136,12 @@ def _why_skipped(t: np.ndarray) -> str | None:
 
 
 def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
-    """Per-class ROC curves on one axes, AUC and positives in the legend, chance diagonal.
+    """Per-class ROC curves on one axes, AUC and positives in the legend, chance diagonal (:func:`roc_figure`)."""
+    return _save(roc_figure(y_true, y_prob, names), out_png)
+
+
+def roc_figure(y_true, y_prob, names: Sequence[str]) -> Figure:
+    """The figure :func:`plot_roc_curves` saves (TensorBoard's ``val/roc`` too).
 
     Rows with NaN truth are dropped per class; a class with a single label
     value has no ROC curve and is listed in the legend as skipped.
@@ -174,7 +179,7 @@ def plot_roc_curves(y_true, y_prob, names: Sequence[str], out_png) -> Path:
     ax.set_title("ROC curves per class")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8.5)
-    return _save(fig, out_png)
+    return fig
 
 
 def unit_square(ax) -> None:

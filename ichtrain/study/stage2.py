@@ -27,6 +27,7 @@ from ..evaluation.metrics import weighted_log_loss
 from ..evaluation.plots import plot_compare, plot_study
 from ..evaluation.report import write_predictions
 from ..files import COMPARE_PLOT, METRICS, OOF, STAGE2_DIR, STAGE2_MODEL, study_plot
+from ..tblog import write_stage2_logs
 from .experiment import (
     Inferred,
     calibrated_oof,
@@ -189,6 +190,8 @@ def run_seq(
         "config": {**dataclasses.asdict(cfg), "inputs": kind, "calibrated": calibrated},
     }
     (out / METRICS).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    if experiment.cfg.tb:
+        write_stage2_logs(out, per_fold, stage2)
 
     plot_compare(stage1, stage2, names, experiment.path / COMPARE_PLOT)
     shown = inputs if calibrated else seq_inputs(store, mapped, kind="logits", task=task, slot_fold=experiment.fold)

@@ -106,3 +106,6 @@ def test_cv_and_seq_on_a_timm_backbone(easy_store, tiny_config, tmp_path):
     assert len(summary["folds"]) == 2 and np.isfinite(summary["oof"]["weighted_log_loss"])
     staged = run_seq(tmp_path / "exp", None, SeqConfig(seed=0, epochs=2))
     assert (tmp_path / "exp" / "seq" / "oof.parquet").exists() and staged is not None
+    # one TensorBoard log per fold (each a train run) and per stage-2 fold
+    assert all((tmp_path / "exp" / f"fold{k}" / "tb").is_dir() for k in range(2))
+    assert all(any((tmp_path / "exp" / "seq" / "tb" / f"fold{k}").iterdir()) for k in range(2))

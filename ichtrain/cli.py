@@ -51,6 +51,25 @@ def main(verbose: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WarnOnce())
+
+
+class WarnOnce(logging.Filter):
+    """Lets a warning through the first time its text is seen: a condition that holds every epoch is said once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 STORE = StoreParam()  # a folder or an s3://... URL

@@ -217,15 +217,35 @@ def epoch_record(epoch: int, stats: EpochStats, metrics: dict, *, lr: float, nam
 
 
 def log_epoch(epoch: int, stats: EpochStats, metrics: dict, *, improved: bool) -> None:
+    """The epoch's line, then its per-label table (numbers to 4 significant digits)."""
     logger.info(
-        "epoch %d: train loss %.4f (%.0f img/s), val weighted log loss %.4f, mean AUC %s%s",
+        "epoch %d: train loss %.4g (%.0f img/s), val weighted log loss %.4g, mean AUC %s%s\n%s",
         epoch + 1,
         stats.train_loss,
         stats.train_images_per_s,
         metrics["weighted_log_loss"],
         fmt(metrics["mean_auc"]),
         " (best so far)" if improved else "",
+        label_table(metrics),
     )
+
+
+def label_table(metrics: dict) -> str:
+    """Per label: AUC, log loss, mean predicted probability against prevalence, and positives of n."""
+    lines = [f"  {'label':<18} {'AUC':>7} {'log loss':>9} {'mean p':>8} {'prevalence':>10} {'positives':>11}"]
+    for name, per in metrics["per_class"].items():
+        cells = [_sig(per.get("roc_auc")), _sig(per.get("log_loss")), _pct(per.get("mean_prob"))]
+        cells += [_pct(per.get("prevalence")), f"{per.get('n_pos', 0)}/{per.get('n', 0)}"]
+        lines.append(f"  {name:<18} {cells[0]:>7} {cells[1]:>9} {cells[2]:>8} {cells[3]:>10} {cells[4]:>11}")
+    return "\n".join(lines)
+
+
+def _sig(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.3g}%"
 
 
 @dataclass

@@ -442,3 +442,30 @@ def test_a_run_reruns_from_its_config_and_keeps_a_history(easy_store, tmp_path):
     assert changed.exit_code == 0, changed.output
     assert json.loads((tmp_path / "c" / "config.json").read_text())["epochs"] == 1
     assert runner.invoke(train_main, ["train", "--out", str(tmp_path / "d")]).exit_code == 2
+
+
+def test_the_epoch_log_is_rounded_with_a_label_table_and_a_repeated_warning_is_said_once(easy_store, tmp_path):
+    import logging
+
+    from ichtrain.cli import WarnOnce
+
+    once = WarnOnce()
+    records = [logging.LogRecord("ichtrain", logging.WARNING, __file__, 1, "same thing", None, None) for _ in range(3)]
+    assert [once.filter(r) for r in records] == [True, False, False]
+    info = logging.LogRecord("ichtrain", logging.INFO, __file__, 1, "same thing", None, None)
+    assert once.filter(info) and once.filter(info)  # progress lines are never dropped
+    out = subprocess.run(
+        [str(BIN / "ichtrain"), "train", str(easy_store), "--out", str(tmp_path / "run"), "--arch", "resnet18"]
+        + ["--image-size", "48", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "2"]
+        + ["--max-steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    log = out.stderr
+    assert "  label                  AUC  log loss   mean p prevalence   positives" in log
+    assert log.count("training resnet18 from random weights") == 1
+    epoch_line = next(line for line in log.splitlines() if "epoch 1: train loss" in line)
+    loss = epoch_line.split("val weighted log loss ")[1].split(",")[0]
+    assert len(loss.replace("0.", "").lstrip("0")) <= 4  # 4 significant digits

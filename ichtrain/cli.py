@@ -48,10 +48,11 @@ def _bar_factory(desc: str, total: int):
 def main(verbose: int) -> None:
     """Train hemorrhage detectors from an ichprep Zarr cache."""
     # INFO by default: the per-epoch log line is part of the output.
+    before = set(logging.getLogger().handlers)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for handler in logging.getLogger().handlers:
+    for handler in set(logging.getLogger().handlers) - before:  # only the console handler made here
         handler.addFilter(WarnOnce())
 
 
@@ -149,6 +150,7 @@ class ArchParam(click.ParamType):
     """--arch: one of torchvision's (config.ARCHS) or timm:NAME; a wrong name fails listing what is valid."""
 
     name = "arch"
+    choices = config.ARCHS  # torchvision's; timm:NAME is checked against timm's registry
 
     def convert(self, value, param, ctx):
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
@@ -24,16 +23,25 @@ from ..errors import DicomReadError, ScanTableError
 from ..storage.store import count_patients
 from .dicomio import SliceHeader, check_slice, image_id_of, read_header
 from .labels import LABELS, read_labels
-from .limits import HEADER_BYTES, ReadLimits
+from .limits import HEADER_BYTES
 from .nifti import VOLUME_HEAD_BYTES, is_volume, scan_volume, volume_id
 from .plainread import HEAD_BYTES, parse
 from .series import sort_slices
-from .source import ZIP_COLUMNS, Member, Source, by_path, list_members, parse_source, read_member
+from .source import (
+    ZIP_COLUMNS,
+    Member,
+    Source,
+    by_path,
+    declared_size,
+    limits_of,
+    list_members,
+    parse_source,
+    read_member,
+)
 
 logger = logging.getLogger(__name__)
 
 OK = "ok"
-DEFAULT_LIMITS = ReadLimits()  # plain local paths given without a Source
 _HEADER_COLUMNS = [f.name for f in fields(SliceHeader)]
 #: pandas dtypes of the scan table (nullable, so a table of failures keeps its schema).
 SCAN_DTYPES: dict[str, str] = {
@@ -123,11 +131,10 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
     is read by path; a zip member or an object (``source``, ``member``) by its first bytes, and at most
     :data:`~ichprep.reading.limits.HEADER_BYTES` where its header is longer than those or not plain.
     """
-    local = by_path(source, member)
-    size = member.size if member is not None and member.size is not None else _local_size(path) if local else None
+    local, size = by_path(source, member), declared_size(path, source, member)
     try:
         stored = member.csize if member is not None and member.offset is not None else None
-        (source.limits if source is not None else DEFAULT_LIMITS).check_file(path, size, stored)
+        limits_of(source).check_file(path, size, stored)
         if local:
             header = read_header(path)
         else:
@@ -149,14 +156,6 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
     return row
 
 
-def _local_size(path: str) -> int | None:
-    """A local file's size, None where it cannot be stat'ed (the read then says why)."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
-
-
 def _header_bytes(source: Source, member: Member) -> bytes:
     """The member's first HEAD_BYTES where they hold a plain header and the pixel tag, else its first
     HEADER_BYTES (pydicom reads the header from them)."""
@@ -174,9 +173,7 @@ def scan_volume_file(path: str, source: Source | None = None, member: Member | N
     ratio its header announces); a volume not on a local disk is read up to its header only.  Each slice's
     ``file_size`` is its share of the volume's bytes, so a store's source bytes add up.
     """
-    local = by_path(source, member)
-    size = member.size if member is not None and member.size is not None else _local_size(path) if local else None
-    limits = source.limits if source is not None else DEFAULT_LIMITS
+    local, size, limits = by_path(source, member), declared_size(path, source, member), limits_of(source)
     try:
         limits.check_file(path, size)
         data = None if local else read_member(source, member, head=VOLUME_HEAD_BYTES)

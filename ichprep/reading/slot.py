@@ -14,9 +14,8 @@ import numpy as np
 from .. import scratch
 from ..errors import UnsupportedImageError
 from .dicomio import read_slice
-from .limits import ReadLimits
 from .nifti import is_volume, read_volume_slice, split_frame
-from .source import Member, Source, by_path, read_member
+from .source import Member, Source, by_path, limits_of, read_member
 
 Slot = Member | tuple[Member, ...]
 
@@ -26,7 +25,7 @@ def member_hu(member: Member, source: Source | None, reuse: bool = False) -> np.
 
     With ``reuse`` the image is valid until the next ``reuse=True`` read in this thread.
     """
-    limits = source.limits if source is not None else ReadLimits()
+    limits = limits_of(source)
     if is_volume(member.path):
         volume, _ = split_frame(member.path)
         data = None if by_path(source, member) else read_member(source, member._replace(path=volume))

@@ -114,6 +114,28 @@ class Source:
         return [p[n:] if p.startswith(prefix) else self.relative(p) for p in paths]
 
 
+#: The limits of plain local paths given without a Source.
+DEFAULT_LIMITS = ReadLimits()
+
+
+def limits_of(source: Source | None) -> ReadLimits:
+    """What a worker reads of each file of ``source`` (None: plain local paths, the defaults)."""
+    return source.limits if source is not None else DEFAULT_LIMITS
+
+
+def declared_size(path: str, source: Source | None, member: Member | None) -> int | None:
+    """A member's size before reading it: from the listing (zip, bucket), else a local file's stat; None when
+    neither tells (the read then says why)."""
+    if member is not None and member.size is not None:
+        return member.size
+    if not by_path(source, member):
+        return None
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 def by_path(source: Source | None, member: Member | None) -> bool:
     """Whether a worker reads ``member`` by its path (a loose file of a local folder) or by :func:`read_member`.
 

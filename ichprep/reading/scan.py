@@ -133,9 +133,8 @@ def scan_file(path: str, source: Source | None = None, member: Member | None = N
     """
     local, size = by_path(source, member), declared_size(path, source, member)
     try:
-        stored = member.csize if member is not None and member.offset is not None else None
-        limits_of(source).check_file(path, size, stored)
         if local:
+            limits_of(source).check_file(path, size)  # read_member checks every other member's declared sizes
             header = read_header(path)
         else:
             header = read_header(path, data=_header_bytes(source, member))

@@ -1,6 +1,6 @@
 """How much of one file ichprep will read: every size limit, stated once.
 
-A CT slice is about half a megabyte (a 512x512 int16 frame and its header) and deflates by 1.5-3x; a NIfTI
+A CT slice is about half a megabyte (a 512x512 int16 frame and its header) and deflates a few times; a NIfTI
 volume is a few hundred of them.  A file, zip member or object that declares far more, or a zip member that
 declares a ratio no CT image reaches, is rejected from its declared sizes before a byte of it is read
 (``too_large``, ``suspicious_ratio``); a zip member is inflated to at most its declared size plus a margin,
@@ -94,7 +94,8 @@ class ReadLimits:
             raise SuspiciousRatioError(
                 path,
                 f"suspicious compression ratio: {_mib(size)} from {stored} bytes is {ratio:.0f}:1, above "
-                f"{self.max_ratio:g}:1 (CT deflates about 2:1; not read; raise --max-ratio if it is a real image)",
+                f"{self.max_ratio:g}:1 (CT deflates a few times at most; not read; raise --max-ratio if it is a "
+                "real image)",
             )
 
 
